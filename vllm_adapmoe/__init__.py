@@ -1,0 +1,135 @@
+"""vllm-adapmoe: AdapMoE expert offloading for Mixture-of-Experts models inside vLLM.
+
+``register()`` is the ``vllm.general_plugins`` entry point and the only place that hooks vLLM:
+
+* the model registry maps supported architectures to the plugin's classes when (and only when)
+  ``model_impl == "adapmoe"``; any other architecture with that flag is a start-up error;
+* ``EngineArgs.create_engine_config`` validates ``additional_config["adapmoe"]`` in the main
+  process, so bad settings fail before any worker starts;
+* workers get ``adapmoe_stats`` / ``adapmoe_reset_stats`` methods for ``collective_rpc``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from vllm_adapmoe.config import CONFIG_KEY, MODEL_IMPL, AdapMoEConfig, AdapMoEConfigError
+from vllm_adapmoe.metrics import summarise
+
+__all__ = ["register", "stats", "reset_stats", "AdapMoEConfig", "AdapMoEConfigError",
+           "bundled_model_path"]
+
+logger = logging.getLogger("vllm.adapmoe")  # child of "vllm": uses its handlers
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    _hook_model_registry()
+    _hook_engine_config()
+    _hook_worker()
+
+
+def bundled_model_path() -> str:
+    """Directory of the small trained Shakespeare MoE shipped with the package."""
+    from pathlib import Path
+
+    return str(Path(__file__).parent / "bundled" / "shakespeare_moe")
+
+
+def stats(llm: Any) -> dict[str, Any]:
+    """Counters of every MoE layer (``{"total": ..., "layers": [...]}``) for an ``LLM``."""
+    per_worker = llm.collective_rpc("adapmoe_stats")
+    return summarise(per_worker[0])
+
+
+def reset_stats(llm: Any) -> None:
+    llm.collective_rpc("adapmoe_reset_stats")
+
+
+# -- hooks -----------------------------------------------------------------------------------
+def _adapmoe_architectures(architectures: str | list[str]) -> list[str]:
+    from vllm_adapmoe.models import SUPPORTED
+
+    archs = [architectures] if isinstance(architectures, str) else list(architectures)
+    mapped = [SUPPORTED[a][0] for a in archs if a in SUPPORTED]
+    if not mapped:
+        raise ValueError(
+            f"--model-impl {MODEL_IMPL} supports the architectures {sorted(SUPPORTED)}, but this "
+            f"model is {archs}. Drop --model-impl {MODEL_IMPL} (model_impl=\"{MODEL_IMPL}\") to "
+            "serve it with stock vLLM."
+        )
+    return mapped
+
+
+def _hook_model_registry() -> None:
+    from vllm.model_executor.models.registry import ModelRegistry, _ModelRegistry
+
+    from vllm_adapmoe.models import SUPPORTED
+
+    for arch, (name, target) in SUPPORTED.items():
+        if name not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(name, target)
+
+    def wrap(method):
+        @functools.wraps(method)
+        def wrapper(self, architectures, model_config, *args, **kwargs):
+            if getattr(model_config, "model_impl", None) == MODEL_IMPL:
+                architectures = _adapmoe_architectures(architectures)
+            return method(self, architectures, model_config, *args, **kwargs)
+        return wrapper
+
+    _ModelRegistry.inspect_model_cls = wrap(_ModelRegistry.inspect_model_cls)
+    _ModelRegistry.resolve_model_cls = wrap(_ModelRegistry.resolve_model_cls)
+
+
+def _hook_engine_config() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        validate_engine_args(self.model_impl, self.additional_config)
+        return original(self, *args, **kwargs)
+
+    EngineArgs.create_engine_config = create_engine_config
+
+
+def validate_engine_args(model_impl: Any, additional_config: dict[str, Any] | None) -> None:
+    """Main-process check: config well-formed, and never an adapmoe config without the impl."""
+    if model_impl == MODEL_IMPL:
+        AdapMoEConfig.from_additional_config(additional_config)
+    elif additional_config and CONFIG_KEY in additional_config:
+        raise AdapMoEConfigError(
+            f'additional_config has "{CONFIG_KEY}" settings but model_impl is {model_impl!r}; '
+            f"add --model-impl {MODEL_IMPL} (model_impl=\"{MODEL_IMPL}\") to use them"
+        )
+
+
+def _hook_worker() -> None:
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    def adapmoe_stats(self) -> list[dict[str, float]]:
+        return [block.stats_dict() for block in _blocks(self.get_model())]
+
+    def adapmoe_reset_stats(self) -> None:
+        for block in _blocks(self.get_model()):
+            block.stats.reset()
+
+    WorkerBase.adapmoe_stats = adapmoe_stats
+    WorkerBase.adapmoe_reset_stats = adapmoe_reset_stats
+
+
+def _blocks(model: Any) -> list[Any]:
+    if not hasattr(model, "moe_blocks"):
+        raise RuntimeError(
+            f"this engine does not run an AdapMoE model ({type(model).__name__}); "
+            f'start it with model_impl="{MODEL_IMPL}"'
+        )
+    return model.moe_blocks()

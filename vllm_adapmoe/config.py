@@ -1,0 +1,202 @@
+"""Plugin settings: ``additional_config={"adapmoe": {...}}`` validated into one typed object.
+
+Every key and value is checked once, at engine start-up, in the main process (see
+``vllm_adapmoe.__init__``) so a typo fails fast with a message that names the fix, instead of
+silently serving stock behaviour.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+CONFIG_KEY = "adapmoe"
+MODEL_IMPL = "adapmoe"
+
+
+class AdapMoEConfigError(ValueError):
+    """A bad ``adapmoe`` setting; the message says which key and how to fix it."""
+
+
+@dataclass(frozen=True)
+class AdapMoEConfig:
+    # Budget: at most one of the three (none = every expert resident, no offload).
+    cache_slots: int | tuple[int, ...] | None = None
+    cache_gib: float | None = None
+    cache_total_slots: int | None = None
+    plan: str = "uniform"
+    eviction: str = "lru"
+    profile: str | None = None
+    threshold: float = 0.0
+    gate_prefill: bool = False
+    prefetch: bool = False
+    link_gbps: float | None = None
+    # Not in DESIGN §6's table: an extension. Compute path for the experts resident in slots:
+    # "auto" = the fused kernel where the platform has one, else the per-expert reference loop.
+    kernel: str = "auto"
+    _extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_additional_config(cls, additional_config: dict[str, Any] | None) -> AdapMoEConfig:
+        raw = (additional_config or {}).get(CONFIG_KEY) or {}
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> AdapMoEConfig:
+        if not isinstance(raw, dict):
+            raise AdapMoEConfigError(
+                f'additional_config["{CONFIG_KEY}"] must be a JSON object, got {type(raw).__name__}: '
+                f'{raw!r}. Example: --additional-config \'{{"{CONFIG_KEY}": {{"cache_slots": 4}}}}\''
+            )
+        known = {f.name for f in fields(cls) if not f.name.startswith("_")}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise AdapMoEConfigError(
+                f"unknown adapmoe setting(s) {unknown}; valid keys are {sorted(known)}"
+            )
+        cfg = cls(**{k: _normalise(k, v) for k, v in raw.items()})
+        cfg._validate()
+        return cfg
+
+    @property
+    def budget_key(self) -> str | None:
+        given = [k for k in ("cache_slots", "cache_gib", "cache_total_slots")
+                 if getattr(self, k) is not None]
+        return given[0] if given else None
+
+    def _validate(self) -> None:
+        given = [k for k in ("cache_slots", "cache_gib", "cache_total_slots")
+                 if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise AdapMoEConfigError(
+                f"adapmoe: set at most one of cache_slots, cache_gib, cache_total_slots (got {given})"
+            )
+        if self.plan not in ("uniform", "dp"):
+            raise AdapMoEConfigError(f'adapmoe: plan must be "uniform" or "dp", got {self.plan!r}')
+        if self.plan == "dp":
+            raise AdapMoEConfigError(
+                'adapmoe: plan="dp" is not implemented in this version; use plan="uniform"'
+            )
+        if self.eviction not in ("lru", "lfu"):
+            raise AdapMoEConfigError(
+                f'adapmoe: eviction must be "lru" or "lfu", got {self.eviction!r}'
+            )
+        if self.kernel not in ("auto", "fused", "reference"):
+            raise AdapMoEConfigError(
+                f'adapmoe: kernel must be "auto", "fused" or "reference", got {self.kernel!r}'
+            )
+        if self.threshold < 0 or not math.isfinite(self.threshold):
+            raise AdapMoEConfigError(f"adapmoe: threshold must be a finite number >= 0, got {self.threshold}")
+        if self.threshold > 0 or self.gate_prefill or self.profile is not None:
+            raise AdapMoEConfigError(
+                "adapmoe: adaptive gating (threshold > 0, gate_prefill, profile) is not implemented "
+                "in this version; remove those keys (threshold 0 = stock top-k)"
+            )
+        if self.prefetch:
+            raise AdapMoEConfigError(
+                "adapmoe: prefetch is not implemented in this version; remove the key or set false"
+            )
+        if self.link_gbps is not None and not (self.link_gbps > 0 and math.isfinite(self.link_gbps)):
+            raise AdapMoEConfigError(f"adapmoe: link_gbps must be a number > 0, got {self.link_gbps}")
+        if self.cache_gib is not None and not (self.cache_gib > 0 and math.isfinite(self.cache_gib)):
+            raise AdapMoEConfigError(f"adapmoe: cache_gib must be a number > 0, got {self.cache_gib}")
+        if self.cache_total_slots is not None and self.cache_total_slots < 1:
+            raise AdapMoEConfigError(
+                f"adapmoe: cache_total_slots must be >= 1, got {self.cache_total_slots}"
+            )
+        slots = self.cache_slots
+        if isinstance(slots, int) and slots < 1:
+            raise AdapMoEConfigError(
+                f"adapmoe: cache_slots must be >= 1 (one device slot per MoE layer at least), got {slots}"
+            )
+        if isinstance(slots, tuple) and (not slots or any(s < 1 for s in slots)):
+            raise AdapMoEConfigError(
+                f"adapmoe: cache_slots as a list needs one integer >= 1 per MoE layer, got {list(slots)}"
+            )
+
+    def slots_per_layer(self, num_layers: int, num_experts: int, expert_bytes: int) -> list[int]:
+        """Device slots for each MoE layer under this budget (model shape known only here)."""
+        if self.cache_slots is None and self.cache_gib is None and self.cache_total_slots is None:
+            return [num_experts] * num_layers
+        if isinstance(self.cache_slots, tuple):
+            if len(self.cache_slots) != num_layers:
+                raise AdapMoEConfigError(
+                    f"adapmoe: cache_slots lists {len(self.cache_slots)} values but the model has "
+                    f"{num_layers} MoE layers; give one per layer or a single integer"
+                )
+            return [_check_le_experts(s, num_experts) for s in self.cache_slots]
+        if isinstance(self.cache_slots, int):
+            return [_check_le_experts(self.cache_slots, num_experts)] * num_layers
+        if self.cache_gib is not None:
+            total = int(self.cache_gib * 2**30 // expert_bytes)
+            model_gib = num_layers * num_experts * expert_bytes / 2**30
+            if total > num_layers * num_experts:
+                raise AdapMoEConfigError(
+                    f"adapmoe: cache_gib={self.cache_gib} is more than all experts need "
+                    f"({model_gib:.4f} GiB); omit the budget to keep every expert resident"
+                )
+            budget_name = f"cache_gib={self.cache_gib} ({total} slots of {expert_bytes} bytes)"
+        else:
+            total = int(self.cache_total_slots)
+            if total > num_layers * num_experts:
+                raise AdapMoEConfigError(
+                    f"adapmoe: cache_total_slots={total} is more than the model's "
+                    f"{num_layers} x {num_experts} experts; omit the budget to keep all resident"
+                )
+            budget_name = f"cache_total_slots={total}"
+        if total < num_layers:
+            raise AdapMoEConfigError(
+                f"adapmoe: {budget_name} gives fewer than one slot per MoE layer "
+                f"({num_layers} layers); raise the budget"
+            )
+        return uniform_split(total, num_layers)
+
+
+def uniform_split(total: int, num_layers: int) -> list[int]:
+    """Split ``total`` slots over layers as evenly as possible (earlier layers get the remainder)."""
+    base, rest = divmod(total, num_layers)
+    return [base + (1 if i < rest else 0) for i in range(num_layers)]
+
+
+def _check_le_experts(slots: int, num_experts: int) -> int:
+    if slots > num_experts:
+        raise AdapMoEConfigError(
+            f"adapmoe: cache_slots={slots} is more than the {num_experts} experts per layer; "
+            f"use at most {num_experts}"
+        )
+    return slots
+
+
+def _normalise(key: str, value: Any) -> Any:
+    """Type-check one raw JSON value; the error names the key and the expected type."""
+    def bad(expected: str) -> AdapMoEConfigError:
+        return AdapMoEConfigError(f"adapmoe: {key} must be {expected}, got {value!r}")
+
+    if key == "cache_slots":
+        if isinstance(value, bool):
+            raise bad("an integer or a list of integers (one per MoE layer)")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            return tuple(value)
+        raise bad("an integer or a list of integers (one per MoE layer)")
+    if key == "cache_total_slots":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if key in ("cache_gib", "threshold", "link_gbps"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if key in ("gate_prefill", "prefetch"):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if key in ("plan", "eviction", "profile", "kernel"):
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    return value

@@ -1,0 +1,141 @@
+"""Per-layer device cache: a few expert "slots", an expert→slot map and an eviction policy.
+
+The slots are one stacked tensor per weight (``[S, 2I, H]`` and ``[S, H, I]`` in the kernel's
+layout) so a layer computes every resident expert with a single fused-kernel call on slot ids.
+Experts the current wave needs are never evicted. Loads are synchronous copies here; with
+``link_gbps`` each copy is stretched to what it would cost over that link (an *emulated* link
+for CPU experiments).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import torch
+
+from vllm_adapmoe.expert_store import HostExpertStore
+from vllm_adapmoe.metrics import LayerStats
+
+
+class LRUPolicy:
+    """Evict the resident expert used longest ago."""
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[int, None] = OrderedDict()
+
+    def touch(self, expert: int) -> None:
+        self._order[expert] = None
+        self._order.move_to_end(expert)
+
+    def forget(self, expert: int) -> None:
+        self._order.pop(expert, None)
+
+    def victim(self, resident: Iterable[int], protected: set[int]) -> int:
+        for expert in self._order:
+            if expert not in protected:
+                return expert
+        raise RuntimeError("every slot holds an expert the current wave needs")
+
+
+class LFUPolicy:
+    """Evict the resident expert used least often (ties: least recently used)."""
+
+    def __init__(self) -> None:
+        self._count: dict[int, int] = {}
+        self._lru = LRUPolicy()
+
+    def touch(self, expert: int) -> None:
+        self._count[expert] = self._count.get(expert, 0) + 1
+        self._lru.touch(expert)
+
+    def forget(self, expert: int) -> None:
+        self._lru.forget(expert)  # keep the count: frequency is a property of the expert
+
+    def victim(self, resident: Iterable[int], protected: set[int]) -> int:
+        order = {e: i for i, e in enumerate(self._lru._order)}
+        candidates = [e for e in resident if e not in protected]
+        if not candidates:
+            raise RuntimeError("every slot holds an expert the current wave needs")
+        return min(candidates, key=lambda e: (self._count.get(e, 0), order.get(e, -1)))
+
+
+def make_policy(name: str) -> LRUPolicy | LFUPolicy:
+    return {"lru": LRUPolicy, "lfu": LFUPolicy}[name]()
+
+
+class ExpertCache:
+    def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device,
+                 policy: str, stats: LayerStats, link_gbps: float | None = None) -> None:
+        self.store = store
+        self.num_slots = num_slots
+        self.device = device
+        self.stats = stats
+        self.link_bytes_per_s = link_gbps * 1e9 if link_gbps else None  # GB/s
+        self.policy = make_policy(policy)
+        # Allocated at construction so vLLM's memory profiling counts them before sizing KV.
+        self.w13 = torch.zeros((num_slots, *store.w13.shape[1:]), dtype=store.w13.dtype, device=device)
+        self.w2 = torch.zeros((num_slots, *store.w2.shape[1:]), dtype=store.w2.dtype, device=device)
+        self.expert_in_slot: list[int] = [-1] * num_slots
+        self.slot_of: dict[int, int] = {}
+        self._slot_map = torch.zeros(store.num_experts, dtype=torch.int32, device=device)
+
+    # -- what the MoE layer calls -------------------------------------------------------------
+    def count_step(self, needed: list[int]) -> None:
+        """Hits/misses for one step: each distinct needed expert once (DESIGN §6)."""
+        hits = sum(1 for e in needed if e in self.slot_of)
+        self.stats.hits += hits
+        self.stats.misses += len(needed) - hits
+
+    def ensure(self, experts: list[int]) -> torch.Tensor:
+        """Make ``experts`` resident (hits first, then loads) and return the expert→slot map."""
+        protected = set(experts)
+        for e in experts:
+            if e not in self.slot_of:
+                self._load(e, self._free_slot(protected))
+            self.policy.touch(e)
+        return self._slot_map
+
+    def warm(self, experts: Iterable[int]) -> None:
+        """Fill empty slots at start-up (not counted as loads)."""
+        for e in experts:
+            if len(self.slot_of) == self.num_slots:
+                break
+            self._copy_in(e, self.expert_in_slot.index(-1))
+            self.policy.touch(e)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _free_slot(self, protected: set[int]) -> int:
+        if -1 in self.expert_in_slot:
+            return self.expert_in_slot.index(-1)
+        victim = self.policy.victim(self.slot_of.keys(), protected)
+        slot = self.slot_of.pop(victim)
+        self.policy.forget(victim)
+        self.expert_in_slot[slot] = -1
+        self.stats.evictions += 1
+        return slot
+
+    def _load(self, expert: int, slot: int) -> None:
+        start = time.perf_counter()
+        self._copy_in(expert, slot)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        if self.link_bytes_per_s:
+            _sleep_until(start + self.store.expert_bytes / self.link_bytes_per_s)
+        self.stats.stall_s += time.perf_counter() - start
+        self.stats.loads += 1
+        self.stats.bytes_loaded += self.store.expert_bytes
+
+    def _copy_in(self, expert: int, slot: int) -> None:
+        self.w13[slot].copy_(self.store.w13[expert], non_blocking=True)
+        self.w2[slot].copy_(self.store.w2[expert], non_blocking=True)
+        self.expert_in_slot[slot] = expert
+        self.slot_of[expert] = slot
+        self._slot_map[expert] = slot
+
+
+def _sleep_until(deadline: float) -> None:
+    remaining = deadline - time.perf_counter()
+    if remaining > 0:
+        time.sleep(remaining)

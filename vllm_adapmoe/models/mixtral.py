@@ -1,0 +1,173 @@
+"""Mixtral with the AdapMoE block: vLLM's own attention, norms and embeddings, our MoE block.
+
+Mirrors vLLM 0.32's ``model_executor/models/mixtral.py``; the only change is
+``block_sparse_moe`` (an ``AdapMoEBlock`` that keeps experts in host memory and computes them
+from a per-layer device cache). Not torch.compiled: a step's expert set decides which copies run,
+which is data-dependent control flow (see README, "Compilation").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.mixtral import MixtralAttention, MixtralModel
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
+from vllm.sequence import IntermediateTensors
+
+from vllm_adapmoe.config import AdapMoEConfig, AdapMoEConfigError
+from vllm_adapmoe.moe_layer import AdapMoEBlock, StepInfo
+
+logger = logging.getLogger("vllm.adapmoe")  # child of "vllm": uses its handlers
+
+
+class AdapMoEMixtralDecoderLayer(nn.Module):
+    def __init__(self, config, cache_config, quant_config, prefix: str, moe: AdapMoEBlock) -> None:
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = MixtralAttention(
+            config=config, hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads, max_position=config.max_position_embeddings,
+            num_kv_heads=config.num_key_value_heads, cache_config=cache_config,
+            quant_config=quant_config, prefix=f"{prefix}.self_attn")
+        self.block_sparse_moe = moe
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.block_sparse_moe(hidden_states), residual
+
+
+class AdapMoEMixtralModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, adapmoe: AdapMoEConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.step = StepInfo()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        dtype = vllm_config.model_config.dtype
+        expert_bytes = 3 * config.hidden_size * config.intermediate_size * dtype.itemsize
+        slots = adapmoe.slots_per_layer(config.num_hidden_layers, config.num_local_experts,
+                                        expert_bytes)
+
+        def layer(prefix: str) -> AdapMoEMixtralDecoderLayer:
+            idx = int(prefix.rsplit(".", 1)[1])
+            moe = AdapMoEBlock(
+                layer_idx=idx, num_experts=config.num_local_experts,
+                top_k=config.num_experts_per_tok, hidden_size=config.hidden_size,
+                intermediate_size=config.intermediate_size, num_slots=slots[idx],
+                config=adapmoe, step=self.step, params_dtype=dtype,
+                prefix=f"{prefix}.block_sparse_moe")
+            return AdapMoEMixtralDecoderLayer(config, vllm_config.cache_config,
+                                              vllm_config.quant_config, prefix, moe)
+
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers, layer, prefix=f"{prefix}.layers")
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states", "residual"], config.hidden_size)
+
+    def moe_blocks(self) -> list[AdapMoEBlock]:
+        return [layer.block_sparse_moe for layer in self.layers[self.start_layer:self.end_layer]]
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors, inputs_embeds=None):
+        self._describe_step()
+        if get_pp_group().is_first_rank:
+            hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+            residual = None
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
+            residual = intermediate_tensors["residual"]
+        for layer in self.layers[self.start_layer:self.end_layer]:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+    def _describe_step(self) -> None:
+        """Decode-token count for the stats; dummy/profiling runs carry no attention metadata."""
+        metadata = get_forward_context().attn_metadata if is_forward_context_available() else None
+        if not metadata:
+            self.step.counted, self.step.decode_tokens = False, 0
+            return
+        first = next(iter(metadata.values()))
+        first = first[0] if isinstance(first, list) else first
+        qsl = first.query_start_loc
+        self.step.counted = True
+        self.step.decode_tokens = int(((qsl[1:] - qsl[:-1]) == 1).sum())
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = AutoWeightsLoader(self).load_weights(weights, mapper=MixtralModel.hf_to_vllm_mapper)
+        for block in self.moe_blocks():
+            block.check_loaded()
+        return loaded
+
+
+class AdapMoEMixtralForCausalLM(nn.Module, SupportsPP):
+    """``--model-impl adapmoe`` for ``MixtralForCausalLM`` checkpoints."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        if get_tensor_model_parallel_world_size() != 1:
+            raise AdapMoEConfigError(
+                "adapmoe: tensor parallelism is not supported yet; run with tensor_parallel_size=1")
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.adapmoe = AdapMoEConfig.from_additional_config(vllm_config.additional_config)
+        self.model = AdapMoEMixtralModel(vllm_config=vllm_config, adapmoe=self.adapmoe,
+                                         prefix=maybe_prefix(prefix, "model"))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                      quant_config=vllm_config.quant_config,
+                                      prefix=maybe_prefix(prefix, "lm_head"))
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+        blocks = self.model.moe_blocks()
+        logger.info(
+            "AdapMoE active: %s with %d MoE layers x %d experts (top-%d); device slots per layer "
+            "%s (%s kernel, %s eviction%s)", type(self).__name__, len(blocks),
+            config.num_local_experts, config.num_experts_per_tok,
+            [b.cache.num_slots for b in blocks], blocks[0].kernel.name, self.adapmoe.eviction,
+            f", emulated link {self.adapmoe.link_gbps} GB/s" if self.adapmoe.link_gbps else "")
+
+    def moe_blocks(self) -> list[AdapMoEBlock]:
+        return self.model.moe_blocks()
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return AutoWeightsLoader(self).load_weights(weights)

@@ -1,0 +1,169 @@
+"""The AdapMoE MoE block: route → make resident → compute on slots → combine.
+
+Architecture-agnostic: a router (``gate``), ``num_experts`` SwiGLU experts given as gate/up/down
+weights, softmax top-k with renormalisation. Per-architecture model files build one block per
+MoE layer and feed it checkpoint weights through ``load_weights``.
+
+One step through one layer, top to bottom (``forward``):
+  1. router logits → top-k experts and weights per token (same ops as stock vLLM);
+  2. distinct experts needed this step → hits/misses;
+  3. waves: if every needed expert fits in the slots, one wave; otherwise tokens are grouped so
+     each wave's experts fit (a token's experts always travel together: the fused kernel sums a
+     token's experts internally, and splitting that sum would change the rounding);
+  4. per wave: make its experts resident (hits first, then loads), remap expert ids → slot ids,
+     run the kernel on the slot tensors for the wave's tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vllm_adapmoe.config import AdapMoEConfig
+from vllm_adapmoe.expert_cache import ExpertCache
+from vllm_adapmoe.expert_kernels import make_kernel
+from vllm_adapmoe.expert_store import HostExpertStore
+from vllm_adapmoe.metrics import LayerStats
+
+logger = logging.getLogger(__name__)
+
+_EXPERT_WEIGHTS = {"w1": "w1", "w2": "w2", "w3": "w3",
+                   "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+@dataclass
+class StepInfo:
+    """What the model knows about the current forward pass, shared by all its MoE blocks."""
+
+    decode_tokens: int = 0
+    counted: bool = False  # False for vLLM's dummy/profiling runs: they do not touch the stats
+
+
+class AdapMoEBlock(nn.Module):
+    def __init__(self, *, layer_idx: int, num_experts: int, top_k: int, hidden_size: int,
+                 intermediate_size: int, num_slots: int, config: AdapMoEConfig, step: StepInfo,
+                 params_dtype: torch.dtype | None = None, prefix: str = "") -> None:
+        from vllm.model_executor.layers.fused_moe import GateLinear
+        from vllm.platforms import current_platform
+
+        super().__init__()
+        dtype = params_dtype or torch.get_default_dtype()
+        device = torch.device(current_platform.device_type)
+        self.layer_idx = layer_idx
+        self.num_experts, self.top_k, self.hidden_size = num_experts, top_k, hidden_size
+        self.step = step
+        self.gate = GateLinear(hidden_size, num_experts, params_dtype=params_dtype,
+                               prefix=f"{prefix}.gate")
+        self.kernel = make_kernel(config.kernel, device, dtype, hidden_size, intermediate_size)
+        self.store = HostExpertStore(num_experts, hidden_size, intermediate_size,
+                                     self.kernel.padded_intermediate(intermediate_size), dtype,
+                                     self.kernel.pack, pin=device.type == "cuda")
+        self.stats = LayerStats()
+        # A token's top-k experts must be co-resident for one kernel call: below top_k slots the
+        # extra rows act as staging (documented in README) and are counted in `slots`.
+        self.cache = ExpertCache(self.store, max(num_slots, top_k), device, config.eviction,
+                                 self.stats, config.link_gbps)
+
+    # -- vLLM model-interface attributes (MixtralForCausalLM reads these from its MoE block) -----
+    @property
+    def n_routed_experts(self) -> int:
+        return self.num_experts
+
+    # -- weights ----------------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Checkpoint names relative to the block: ``gate.weight``, ``experts.E.w{1,2,3}.weight``."""
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name == "gate.weight":
+                self.gate.weight_loader(self.gate.weight, tensor)
+                loaded.add(name)
+                continue
+            parts = name.split(".")
+            if len(parts) != 4 or parts[0] != "experts" or parts[2] not in _EXPERT_WEIGHTS:
+                raise ValueError(f"adapmoe: unexpected MoE weight {name!r} in the checkpoint")
+            self.store.put(int(parts[1]), _EXPERT_WEIGHTS[parts[2]], tensor)
+        if self.store.complete and not self.cache.slot_of:
+            self.cache.warm(range(self.num_experts))
+        return loaded
+
+    def check_loaded(self) -> None:
+        if not self.store.complete:
+            raise ValueError(f"adapmoe: layer {self.layer_idx} is missing experts "
+                             f"{self.store.missing()} in the checkpoint")
+
+    # -- the step -----------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        orig_shape = hidden_states.shape
+        x = hidden_states.view(-1, self.hidden_size)
+        router_logits, _ = self.gate(x)
+        topk_weights, topk_ids = route(router_logits, self.top_k)
+
+        needed = topk_ids.unique().tolist()
+        out = torch.empty_like(x)
+        if self.step.counted:
+            self._count(x.shape[0], topk_ids.numel(), needed)
+        for rows, experts in plan_waves(topk_ids, needed, self.cache.num_slots, self.cache.slot_of):
+            slot_map = self.cache.ensure(experts)
+            ids = slot_map[topk_ids if rows is None else topk_ids[rows]]
+            if rows is None:
+                self.kernel(out, x, self.cache.w13, self.cache.w2, topk_weights, ids)
+            else:
+                part = torch.empty((rows.numel(), self.hidden_size), dtype=x.dtype, device=x.device)
+                self.kernel(part, x[rows], self.cache.w13, self.cache.w2, topk_weights[rows], ids)
+                out[rows] = part
+            self.stats.waves += self.step.counted
+        return out.view(orig_shape)
+
+    def _count(self, num_tokens: int, pairs: int, needed: list[int]) -> None:
+        self.stats.steps += 1
+        self.stats.tokens += num_tokens
+        self.stats.decode_tokens += self.step.decode_tokens
+        self.stats.activated_experts += pairs
+        self.cache.count_step(needed)
+
+    def stats_dict(self) -> dict[str, float]:
+        return {"layer": self.layer_idx, "slots": self.cache.num_slots,
+                "expert_bytes": self.store.expert_bytes, **self.stats.as_dict()}
+
+
+def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax top-k with renormalisation, exactly as vLLM's CPU router computes it."""
+    logits, ids = torch.topk(router_logits, k=top_k, dim=-1, sorted=False)
+    weights = torch.softmax(logits, dim=-1)
+    return weights.to(torch.float32), ids.to(torch.int32)
+
+
+def plan_waves(topk_ids: torch.Tensor, needed: list[int], capacity: int,
+               resident: dict[int, int]) -> list[tuple[torch.Tensor | None, list[int]]]:
+    """Group tokens into waves whose experts fit in ``capacity`` slots.
+
+    Returns ``[(token_rows or None for all tokens, experts)]``. Resident experts come first in
+    each wave (hits before loads); tokens sharing an expert set are kept together. Greedy: the
+    expert-set groups that overlap most with what is resident, then the most common, join a wave
+    while its union still fits.
+    """
+    if len(needed) <= capacity:
+        return [(None, sorted(needed, key=lambda e: e not in resident))]
+    sets, inverse = torch.unique(topk_ids.sort(dim=1).values, dim=0, return_inverse=True)
+    counts = torch.bincount(inverse, minlength=sets.shape[0]).tolist()
+    groups = [set(row) for row in sets.tolist()]
+    remaining = list(range(len(groups)))
+    present = set(resident)
+    waves: list[tuple[torch.Tensor | None, list[int]]] = []
+    while remaining:
+        remaining.sort(key=lambda g: (-len(groups[g] & present), -counts[g]))
+        wave: set[int] = set()
+        chosen = []
+        for g in remaining:
+            if len(wave | groups[g]) <= capacity:
+                wave |= groups[g]
+                chosen.append(g)
+        remaining = [g for g in remaining if g not in set(chosen)]
+        rows = torch.isin(inverse, torch.tensor(chosen, device=inverse.device)).nonzero().squeeze(1)
+        waves.append((rows, sorted(wave, key=lambda e: e not in present)))
+        present = wave
+    return waves
