@@ -44,8 +44,11 @@ def bundled_model_path() -> str:
 
 def stats(llm: Any) -> dict[str, Any]:
     """Counters of every MoE layer (``{"total": ..., "layers": [...]}``) for an ``LLM``."""
-    per_worker = llm.collective_rpc("adapmoe_stats")
-    return summarise(per_worker[0])
+    layers = llm.collective_rpc("adapmoe_stats")[0]
+    if layers is None:
+        raise RuntimeError(
+            f'this LLM does not run an AdapMoE model; start it with model_impl="{MODEL_IMPL}"')
+    return summarise(layers)
 
 
 def reset_stats(llm: Any) -> None:
@@ -57,7 +60,7 @@ def _adapmoe_architectures(architectures: str | list[str]) -> list[str]:
     from vllm_adapmoe.models import SUPPORTED
 
     archs = [architectures] if isinstance(architectures, str) else list(architectures)
-    mapped = [SUPPORTED[a][0] for a in archs if a in SUPPORTED]
+    mapped = [SUPPORTED[a].class_name for a in archs if a in SUPPORTED]
     if not mapped:
         raise ValueError(
             f"--model-impl {MODEL_IMPL} supports the architectures {sorted(SUPPORTED)}, but this "
@@ -72,9 +75,9 @@ def _hook_model_registry() -> None:
 
     from vllm_adapmoe.models import SUPPORTED
 
-    for arch, (name, target) in SUPPORTED.items():
-        if name not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(name, target)
+    for entry in SUPPORTED.values():
+        if entry.class_name not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(entry.class_name, entry.target)
 
     def wrap(method):
         @functools.wraps(method)
@@ -96,7 +99,10 @@ def _hook_engine_config() -> None:
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
         validate_engine_args(self.model_impl, self.additional_config)
-        return original(self, *args, **kwargs)
+        vllm_config = original(self, *args, **kwargs)
+        if self.model_impl == MODEL_IMPL:
+            validate_budget(vllm_config)
+        return vllm_config
 
     EngineArgs.create_engine_config = create_engine_config
 
@@ -112,24 +118,30 @@ def validate_engine_args(model_impl: Any, additional_config: dict[str, Any] | No
         )
 
 
+def validate_budget(vllm_config: Any) -> list[int]:
+    """Resolve the slot budget against the model's shape here, so errors surface before workers."""
+    from vllm_adapmoe.models import SUPPORTED
+
+    model_config = vllm_config.model_config
+    arch = next(a for a in model_config.architectures if a in SUPPORTED)
+    shape = SUPPORTED[arch].shape(model_config.hf_config)
+    cfg = AdapMoEConfig.from_additional_config(vllm_config.additional_config)
+    return cfg.slots_per_layer(shape.num_layers, shape.num_experts,
+                               shape.expert_bytes(model_config.dtype.itemsize))
+
+
 def _hook_worker() -> None:
     from vllm.v1.worker.worker_base import WorkerBase
 
-    def adapmoe_stats(self) -> list[dict[str, float]]:
-        return [block.stats_dict() for block in _blocks(self.get_model())]
+    def adapmoe_stats(self) -> list[dict[str, float]] | None:
+        model = self.get_model()
+        return [b.stats_dict() for b in model.moe_blocks()] if hasattr(model, "moe_blocks") else None
 
     def adapmoe_reset_stats(self) -> None:
-        for block in _blocks(self.get_model()):
+        model = self.get_model()
+        for block in model.moe_blocks() if hasattr(model, "moe_blocks") else []:
             block.stats.reset()
 
     WorkerBase.adapmoe_stats = adapmoe_stats
     WorkerBase.adapmoe_reset_stats = adapmoe_reset_stats
 
-
-def _blocks(model: Any) -> list[Any]:
-    if not hasattr(model, "moe_blocks"):
-        raise RuntimeError(
-            f"this engine does not run an AdapMoE model ({type(model).__name__}); "
-            f'start it with model_impl="{MODEL_IMPL}"'
-        )
-    return model.moe_blocks()

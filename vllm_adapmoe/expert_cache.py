@@ -81,6 +81,10 @@ class ExpertCache:
         self.slot_of: dict[int, int] = {}
         self._slot_map = torch.zeros(store.num_experts, dtype=torch.int32, device=device)
 
+    @property
+    def device_bytes(self) -> int:
+        return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
+
     # -- what the MoE layer calls -------------------------------------------------------------
     def count_step(self, needed: list[int]) -> None:
         """Hits/misses for one step: each distinct needed expert once (DESIGN §6)."""

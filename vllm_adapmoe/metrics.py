@@ -34,10 +34,9 @@ def summarise(layers: list[dict[str, float]]) -> dict[str, object]:
     total: dict[str, float] = {}
     for layer in layers:
         for key, value in layer.items():
-            if key in ("slots", "layer", "expert_bytes"):
+            if key in ("layer", "expert_bytes"):
                 continue
             total[key] = total.get(key, 0) + value
-    total["slots"] = sum(layer.get("slots", 0) for layer in layers)
     needed = total.get("hits", 0) + total.get("misses", 0)
     total["hit_rate"] = total.get("hits", 0) / needed if needed else 0.0
     return {"total": total, "layers": layers}

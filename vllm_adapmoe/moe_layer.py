@@ -127,7 +127,8 @@ class AdapMoEBlock(nn.Module):
 
     def stats_dict(self) -> dict[str, float]:
         return {"layer": self.layer_idx, "slots": self.cache.num_slots,
-                "expert_bytes": self.store.expert_bytes, **self.stats.as_dict()}
+                "expert_bytes": self.store.expert_bytes, "slot_bytes": self.cache.device_bytes,
+                **self.stats.as_dict()}
 
 
 def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

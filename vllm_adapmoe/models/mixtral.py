@@ -30,6 +30,7 @@ from vllm.model_executor.models.utils import (
 from vllm.sequence import IntermediateTensors
 
 from vllm_adapmoe.config import AdapMoEConfig, AdapMoEConfigError
+from vllm_adapmoe.models import mixtral_shape
 from vllm_adapmoe.moe_layer import AdapMoEBlock, StepInfo
 
 logger = logging.getLogger("vllm.adapmoe")  # child of "vllm": uses its handlers
@@ -68,9 +69,9 @@ class AdapMoEMixtralModel(nn.Module):
         self.step = StepInfo()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         dtype = vllm_config.model_config.dtype
-        expert_bytes = 3 * config.hidden_size * config.intermediate_size * dtype.itemsize
-        slots = adapmoe.slots_per_layer(config.num_hidden_layers, config.num_local_experts,
-                                        expert_bytes)
+        shape = mixtral_shape(config)
+        slots = adapmoe.slots_per_layer(shape.num_layers, shape.num_experts,
+                                        shape.expert_bytes(dtype.itemsize))
 
         def layer(prefix: str) -> AdapMoEMixtralDecoderLayer:
             idx = int(prefix.rsplit(".", 1)[1])

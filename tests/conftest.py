@@ -1,0 +1,88 @@
+"""Shared engines: each distinct (model, impl, settings) starts one ``LLM`` per session.
+
+Starting an engine costs ~20 s on CPU, so tests ask ``engines.get(...)`` and share the result;
+all engines are shut down at the end of the session (else vLLM logs errors after pytest exits).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny_model import build_tiny_mixtral  # noqa: E402
+
+import vllm_adapmoe  # noqa: E402
+
+BUNDLED = Path(vllm_adapmoe.bundled_model_path())
+
+# ≥ 8 prompts of clearly different lengths (1 to ~40 tokens).
+PROMPTS = [
+    "the",
+    "experts route tokens",
+    "the quick brown fox jumps over the lazy dog",
+    "caches keep the hot ones resident while",
+    "a mixture of",
+    "layers of a mixture and caches keep the hot ones resident the quick brown fox jumps "
+    "over the lazy dog while experts route tokens through layers",
+    "fox",
+    "the lazy dog while experts route",
+    "ROMEO: what light through yonder",
+    "O",
+]
+
+
+class Engines:
+    def __init__(self) -> None:
+        self._engines: dict[str, object] = {}
+
+    def get(self, model: str | Path, impl: str = "auto", **adapmoe) -> object:
+        from vllm import LLM
+
+        key = json.dumps([str(model), impl, adapmoe], sort_keys=True)
+        if key not in self._engines:
+            kwargs = {"additional_config": {"adapmoe": adapmoe}} if adapmoe else {}
+            self._engines[key] = LLM(model=str(model), model_impl=impl, enforce_eager=True,
+                                     max_model_len=512, seed=0, max_num_seqs=32, **kwargs)
+        return self._engines[key]
+
+    def close(self) -> None:
+        for llm in self._engines.values():
+            llm.llm_engine.engine_core.shutdown()
+        self._engines.clear()
+
+
+@pytest.fixture(scope="session")
+def engines():
+    e = Engines()
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_mixtral(tmp_path_factory.mktemp("tiny_mixtral"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def bundled_model() -> Path:
+    if not (BUNDLED / "model.safetensors").exists():
+        pytest.fail(f"bundled model missing at {BUNDLED}")
+    return BUNDLED
+
+
+def greedy(llm, prompts=PROMPTS, max_tokens: int = 32):
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    logprobs = [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+                for o in outs]
+    return tokens, logprobs

@@ -1,0 +1,41 @@
+"""AdapMoEConfig: typed parsing, budgets → slots per layer."""
+
+import pytest
+
+from vllm_adapmoe.config import AdapMoEConfig, AdapMoEConfigError, uniform_split
+
+
+def test_defaults_keep_every_expert_resident():
+    cfg = AdapMoEConfig.from_additional_config(None)
+    assert cfg.slots_per_layer(4, 8, 1000) == [8, 8, 8, 8]
+    assert cfg.threshold == 0 and cfg.eviction == "lru" and not cfg.prefetch
+
+
+def test_budget_forms():
+    assert AdapMoEConfig.from_dict({"cache_slots": 3}).slots_per_layer(4, 8, 10) == [3] * 4
+    assert AdapMoEConfig.from_dict({"cache_slots": [8, 4, 2, 1]}).slots_per_layer(4, 8, 10) == [8, 4, 2, 1]
+    assert AdapMoEConfig.from_dict({"cache_total_slots": 10}).slots_per_layer(4, 8, 10) == [3, 3, 2, 2]
+    gib = 10 * 1000 / 2**30  # room for exactly 10 experts of 1000 bytes
+    assert AdapMoEConfig.from_dict({"cache_gib": gib}).slots_per_layer(4, 8, 1000) == [3, 3, 2, 2]
+
+
+def test_uniform_split_sums_to_total():
+    for total in range(4, 33):
+        split = uniform_split(total, 4)
+        assert sum(split) == total and max(split) - min(split) <= 1
+
+
+@pytest.mark.parametrize("raw", [
+    [], {"cache_slots": True}, {"cache_slots": [1, 0]}, {"cache_slots": []}, {"link_gbps": 0},
+    {"threshold": -1}, {"plan": "greedy"}, {"gate_prefill": "yes"}, {"kernel": "cuda"},
+    {"cache_total_slots": 0}, {"cache_gib": -2},
+])
+def test_bad_values_raise(raw):
+    with pytest.raises(AdapMoEConfigError, match="adapmoe"):
+        AdapMoEConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("raw", [{"threshold": 0.01}, {"prefetch": True}, {"plan": "dp"}])
+def test_features_of_later_versions_are_refused_not_ignored(raw):
+    with pytest.raises(AdapMoEConfigError, match="not implemented"):
+        AdapMoEConfig.from_dict(raw)
