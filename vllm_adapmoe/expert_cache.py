@@ -2,9 +2,13 @@
 
 The slots are one stacked tensor per weight (``[S, 2I, H]`` and ``[S, H, I]`` in the kernel's
 layout) so a layer computes every resident expert with a single fused-kernel call on slot ids.
-Experts the current wave needs are never evicted. Loads are synchronous copies here; with
-``link_gbps`` each copy is stretched to what it would cost over that link (an *emulated* link
-for CPU experiments).
+Experts the current wave needs are never evicted.
+
+Loads are asynchronous: ``start_loads`` books slots (evicting in the caller's thread, so the
+bookkeeping is never racy) and hands the copies to one loader thread (CPU) or a side copy stream
+(CUDA, pinned host memory); ``wait`` blocks until they land and counts that time as stall.
+One loader = one link: with ``link_gbps`` (GB/s) each copy is stretched to what it would take
+over that link, so back-to-back loads queue like they would on PCIe (an *emulated* link).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -80,6 +85,8 @@ class ExpertCache:
         self.expert_in_slot: list[int] = [-1] * num_slots
         self.slot_of: dict[int, int] = {}
         self._slot_map = torch.zeros(store.num_experts, dtype=torch.int32, device=device)
+        self._executor: ThreadPoolExecutor | None = None
+        self._stream = None  # CUDA copy stream, created with the loader
 
     @property
     def device_bytes(self) -> int:
@@ -92,13 +99,29 @@ class ExpertCache:
         self.stats.hits += hits
         self.stats.misses += len(needed) - hits
 
-    def ensure(self, experts: list[int]) -> torch.Tensor:
-        """Make ``experts`` resident (hits first, then loads) and return the expert→slot map."""
+    def start_loads(self, experts: list[int]) -> list[Future]:
+        """Book a slot for every non-resident expert of ``experts`` and start copying it in."""
         protected = set(experts)
+        pending = []
         for e in experts:
             if e not in self.slot_of:
-                self._load(e, self._free_slot(protected))
+                slot = self._free_slot(protected)
+                self._assign(e, slot)
+                pending.append(self._loader().submit(self._copy, e, slot))
             self.policy.touch(e)
+        return pending
+
+    def wait(self, pending: list[Future]) -> None:
+        if not pending:
+            return
+        start = time.perf_counter()
+        for future in pending:
+            future.result()
+        self.stats.stall_s += time.perf_counter() - start
+
+    @property
+    def slot_map(self) -> torch.Tensor:
+        """expert id → slot id (int32); valid for resident experts."""
         return self._slot_map
 
     def warm(self, experts: Iterable[int]) -> None:
@@ -106,7 +129,10 @@ class ExpertCache:
         for e in experts:
             if len(self.slot_of) == self.num_slots:
                 break
-            self._copy_in(e, self.expert_in_slot.index(-1))
+            slot = self.expert_in_slot.index(-1)
+            self._assign(e, slot)
+            self.w13[slot].copy_(self.store.w13[e])
+            self.w2[slot].copy_(self.store.w2[e])
             self.policy.touch(e)
 
     # -- internals ----------------------------------------------------------------------------
@@ -120,23 +146,33 @@ class ExpertCache:
         self.stats.evictions += 1
         return slot
 
-    def _load(self, expert: int, slot: int) -> None:
-        start = time.perf_counter()
-        self._copy_in(expert, slot)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        if self.link_bytes_per_s:
-            _sleep_until(start + self.store.expert_bytes / self.link_bytes_per_s)
-        self.stats.stall_s += time.perf_counter() - start
-        self.stats.loads += 1
-        self.stats.bytes_loaded += self.store.expert_bytes
-
-    def _copy_in(self, expert: int, slot: int) -> None:
-        self.w13[slot].copy_(self.store.w13[expert], non_blocking=True)
-        self.w2[slot].copy_(self.store.w2[expert], non_blocking=True)
+    def _assign(self, expert: int, slot: int) -> None:
         self.expert_in_slot[slot] = expert
         self.slot_of[expert] = slot
         self._slot_map[expert] = slot
+
+    def _loader(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapmoe-load")
+            if self.device.type == "cuda":
+                self._stream = torch.cuda.Stream(self.device)
+        return self._executor
+
+    def _copy(self, expert: int, slot: int) -> None:
+        """Runs on the loader thread: one expert host → slot (the GIL is released in copy_)."""
+        start = time.perf_counter()
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                self.w13[slot].copy_(self.store.w13[expert], non_blocking=True)
+                self.w2[slot].copy_(self.store.w2[expert], non_blocking=True)
+            self._stream.synchronize()
+        else:
+            self.w13[slot].copy_(self.store.w13[expert])
+            self.w2[slot].copy_(self.store.w2[expert])
+        if self.link_bytes_per_s:
+            _sleep_until(start + self.store.expert_bytes / self.link_bytes_per_s)
+        self.stats.loads += 1
+        self.stats.bytes_loaded += self.store.expert_bytes
 
 
 def _sleep_until(deadline: float) -> None:

@@ -18,7 +18,7 @@ class LayerStats:
     stall_s: float = 0.0         # time compute waited for copies
     prefetch_issued: int = 0
     prefetch_correct: int = 0
-    waves: int = 0               # kernel launches per layer (>1 per step when needed > slots)
+    waves: int = 0               # kernel launches (>1 per step when loads overlap or needed > slots)
     steps: int = 0
 
     def reset(self) -> None:

@@ -10,8 +10,9 @@ One step through one layer, top to bottom (``forward``):
   3. waves: if every needed expert fits in the slots, one wave; otherwise tokens are grouped so
      each wave's experts fit (a token's experts always travel together: the fused kernel sums a
      token's experts internally, and splitting that sum would change the rounding);
-  4. per wave: make its experts resident (hits first, then loads), remap expert ids → slot ids,
-     run the kernel on the slot tensors for the wave's tokens.
+  4. per wave: book slots for its misses and start their copies; compute the tokens whose
+     experts are all resident while the copies run; wait; compute the rest — always by remapping
+     expert ids → slot ids and running the kernel once on the slot tensors.
 """
 
 from __future__ import annotations
@@ -107,16 +108,30 @@ class AdapMoEBlock(nn.Module):
         if self.step.counted:
             self._count(x.shape[0], topk_ids.numel(), needed)
         for rows, experts in plan_waves(topk_ids, needed, self.cache.num_slots, self.cache.slot_of):
-            slot_map = self.cache.ensure(experts)
-            ids = slot_map[topk_ids if rows is None else topk_ids[rows]]
-            if rows is None:
-                self.kernel(out, x, self.cache.w13, self.cache.w2, topk_weights, ids)
-            else:
-                part = torch.empty((rows.numel(), self.hidden_size), dtype=x.dtype, device=x.device)
-                self.kernel(part, x[rows], self.cache.w13, self.cache.w2, topk_weights[rows], ids)
-                out[rows] = part
-            self.stats.waves += self.step.counted
+            rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
+            resident = [e for e in experts if e in self.cache.slot_of]
+            pending = self.cache.start_loads(experts)
+            if pending and resident:  # compute the all-hit tokens while the misses copy in
+                hit = torch.isin(topk_ids[rows], torch.tensor(resident, device=x.device)).all(1)
+                self._compute(out, x, topk_weights, topk_ids, rows[hit])
+                rows = rows[~hit]
+            self.cache.wait(pending)
+            self._compute(out, x, topk_weights, topk_ids, rows)
         return out.view(orig_shape)
+
+    def _compute(self, out: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor,
+                 topk_ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Run the kernel for ``rows`` (all their experts resident) on the slot tensors."""
+        if rows.numel() == 0:
+            return
+        self.stats.waves += self.step.counted
+        slot_ids = self.cache.slot_map[topk_ids[rows]]
+        if rows.numel() == x.shape[0]:
+            self.kernel(out, x, self.cache.w13, self.cache.w2, topk_weights, slot_ids)
+            return
+        part = torch.empty((rows.numel(), self.hidden_size), dtype=x.dtype, device=x.device)
+        self.kernel(part, x[rows], self.cache.w13, self.cache.w2, topk_weights[rows], slot_ids)
+        out[rows] = part
 
     def _count(self, num_tokens: int, pairs: int, needed: list[int]) -> None:
         self.stats.steps += 1
