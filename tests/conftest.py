@@ -42,14 +42,16 @@ class Engines:
     def __init__(self) -> None:
         self._engines: dict[str, object] = {}
 
-    def get(self, model: str | Path, impl: str = "auto", eager: bool = True, **adapmoe) -> object:
+    def get(self, model: str | Path, impl: str = "auto", eager: bool = True, dtype: str = "auto",
+            **adapmoe) -> object:
         from vllm import LLM
 
-        key = json.dumps([str(model), impl, eager, adapmoe], sort_keys=True)
+        key = json.dumps([str(model), impl, eager, dtype, adapmoe], sort_keys=True)
         if key not in self._engines:
             kwargs = {"additional_config": {"adapmoe": adapmoe}} if adapmoe else {}
             self._engines[key] = LLM(model=str(model), model_impl=impl, enforce_eager=eager,
-                                     max_model_len=512, seed=0, max_num_seqs=32, **kwargs)
+                                     max_model_len=512, seed=0, max_num_seqs=32, dtype=dtype,
+                                     **kwargs)
         return self._engines[key]
 
     def close(self) -> None:

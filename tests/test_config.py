@@ -35,7 +35,16 @@ def test_bad_values_raise(raw):
         AdapMoEConfig.from_dict(raw)
 
 
-@pytest.mark.parametrize("raw", [{"threshold": 0.01}, {"prefetch": True}, {"plan": "dp"}])
+@pytest.mark.parametrize("raw", [{"prefetch": True}, {"plan": "dp"}])
 def test_features_of_later_versions_are_refused_not_ignored(raw):
     with pytest.raises(AdapMoEConfigError, match="not implemented"):
         AdapMoEConfig.from_dict(raw)
+
+
+def test_threshold_needs_sensitivities():
+    with pytest.raises(AdapMoEConfigError, match="adapmoe calibrate"):
+        AdapMoEConfig.from_dict({"threshold": 0.01})
+    cfg = AdapMoEConfig.from_dict({"threshold": 0.01, "sensitivity": [1, 2, 3]})
+    assert cfg.sensitivities(3, None) == [1.0, 2.0, 3.0]
+    with pytest.raises(AdapMoEConfigError, match="one per layer"):
+        cfg.sensitivities(4, None)

@@ -126,6 +126,7 @@ def validate_budget(vllm_config: Any) -> list[int]:
     arch = next(a for a in model_config.architectures if a in SUPPORTED)
     shape = SUPPORTED[arch].shape(model_config.hf_config)
     cfg = AdapMoEConfig.from_additional_config(vllm_config.additional_config)
+    cfg.sensitivities(shape.num_layers, model_config.hf_config)
     return cfg.slots_per_layer(shape.num_layers, shape.num_experts,
                                shape.expert_bytes(model_config.dtype.itemsize))
 

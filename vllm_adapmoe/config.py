@@ -8,7 +8,7 @@ silently serving stock behaviour.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 CONFIG_KEY = "adapmoe"
@@ -35,7 +35,9 @@ class AdapMoEConfig:
     # Not in DESIGN §6's table: an extension. Compute path for the experts resident in slots:
     # "auto" = the fused kernel where the platform has one, else the per-expert reference loop.
     kernel: str = "auto"
-    _extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Extension: per-layer sensitivities given directly instead of a profile (e.g. all 1.0 for
+    # the naive "fixed w2 threshold" baseline: drop expert 2 when w2 < sqrt(threshold)).
+    sensitivity: tuple[float, ...] | None = None
 
     @classmethod
     def from_additional_config(cls, additional_config: dict[str, Any] | None) -> AdapMoEConfig:
@@ -49,7 +51,7 @@ class AdapMoEConfig:
                 f'additional_config["{CONFIG_KEY}"] must be a JSON object, got {type(raw).__name__}: '
                 f'{raw!r}. Example: --additional-config \'{{"{CONFIG_KEY}": {{"cache_slots": 4}}}}\''
             )
-        known = {f.name for f in fields(cls) if not f.name.startswith("_")}
+        known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise AdapMoEConfigError(
@@ -88,11 +90,17 @@ class AdapMoEConfig:
             )
         if self.threshold < 0 or not math.isfinite(self.threshold):
             raise AdapMoEConfigError(f"adapmoe: threshold must be a finite number >= 0, got {self.threshold}")
-        if self.threshold > 0 or self.gate_prefill or self.profile is not None:
+        if self.threshold > 0 and self.profile is None and self.sensitivity is None:
             raise AdapMoEConfigError(
-                "adapmoe: adaptive gating (threshold > 0, gate_prefill, profile) is not implemented "
-                "in this version; remove those keys (threshold 0 = stock top-k)"
+                "adapmoe: threshold > 0 needs per-layer sensitivities: run `adapmoe calibrate "
+                "MODEL_DIR --out PROFILE.json` and set \"profile\": \"PROFILE.json\""
             )
+        if self.profile is not None and self.sensitivity is not None:
+            raise AdapMoEConfigError("adapmoe: set profile or sensitivity, not both")
+        if self.sensitivity is not None and any(
+                not (math.isfinite(v) and v >= 0) for v in self.sensitivity):
+            raise AdapMoEConfigError(
+                f"adapmoe: sensitivity must be finite numbers >= 0, got {list(self.sensitivity)}")
         if self.prefetch:
             raise AdapMoEConfigError(
                 "adapmoe: prefetch is not implemented in this version; remove the key or set false"
@@ -114,6 +122,22 @@ class AdapMoEConfig:
             raise AdapMoEConfigError(
                 f"adapmoe: cache_slots as a list needs one integer >= 1 per MoE layer, got {list(slots)}"
             )
+
+    def sensitivities(self, num_layers: int, hf_config: Any) -> list[float]:
+        """Per-layer S_l from ``sensitivity`` or the profile (checked against the model)."""
+        if self.sensitivity is not None:
+            values = list(self.sensitivity)
+        elif self.profile is not None:
+            from vllm_adapmoe.profile import load_profile
+
+            values = list(load_profile(self.profile, hf_config).sensitivity)
+        else:
+            return [0.0] * num_layers
+        if len(values) != num_layers:
+            raise AdapMoEConfigError(
+                f"adapmoe: {len(values)} sensitivities for {num_layers} MoE layers; "
+                "give one per layer (or recalibrate the profile for this model)")
+        return values
 
     def slots_per_layer(self, num_layers: int, num_experts: int, expert_bytes: int) -> list[int]:
         """Device slots for each MoE layer under this budget (model shape known only here)."""
@@ -195,6 +219,11 @@ def _normalise(key: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise bad("true or false")
         return value
+    if key == "sensitivity":
+        if isinstance(value, (list, tuple)) and value and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return tuple(float(v) for v in value)
+        raise bad("a non-empty list of numbers, one per MoE layer")
     if key in ("plan", "eviction", "profile", "kernel"):
         if not isinstance(value, str):
             raise bad("a string")

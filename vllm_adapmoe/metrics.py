@@ -10,6 +10,7 @@ class LayerStats:
     tokens: int = 0              # tokens through the layer
     decode_tokens: int = 0       # of which decode tokens (query length 1)
     activated_experts: int = 0   # token-expert pairs computed
+    top1_tokens: int = 0         # tokens computed with a single expert (adaptive gating)
     hits: int = 0                # distinct needed experts already resident, per step
     misses: int = 0              # distinct needed experts that had to be loaded on demand
     loads: int = 0               # host→device expert copies (every copy)

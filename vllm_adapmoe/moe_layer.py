@@ -5,7 +5,8 @@ weights, softmax top-k with renormalisation. Per-architecture model files build 
 MoE layer and feed it checkpoint weights through ``load_weights``.
 
 One step through one layer, top to bottom (``forward``):
-  1. router logits → top-k experts and weights per token (same ops as stock vLLM);
+  1. router logits → top-k experts and weights per token (same ops as stock vLLM), then
+     adaptive gating (``gating.py``) may drop trailing experts of some tokens;
   2. distinct experts needed this step → hits/misses;
   3. waves: if every needed expert fits in the slots, one wave; otherwise tokens are grouped so
      each wave's experts fit (a token's experts always travel together: the fused kernel sums a
@@ -28,6 +29,7 @@ from vllm_adapmoe.config import AdapMoEConfig
 from vllm_adapmoe.expert_cache import ExpertCache
 from vllm_adapmoe.expert_kernels import make_kernel
 from vllm_adapmoe.expert_store import HostExpertStore
+from vllm_adapmoe.gating import AdaptiveGate
 from vllm_adapmoe.metrics import LayerStats
 
 logger = logging.getLogger(__name__)
@@ -41,13 +43,14 @@ class StepInfo:
     """What the model knows about the current forward pass, shared by all its MoE blocks."""
 
     decode_tokens: int = 0
+    decode_mask: torch.Tensor | None = None  # [T] True for decode tokens (query length 1)
     counted: bool = False  # False for vLLM's dummy/profiling runs: they do not touch the stats
 
 
 class AdapMoEBlock(nn.Module):
     def __init__(self, *, layer_idx: int, num_experts: int, top_k: int, hidden_size: int,
                  intermediate_size: int, num_slots: int, config: AdapMoEConfig, step: StepInfo,
-                 params_dtype: torch.dtype | None = None, prefix: str = "") -> None:
+                 sensitivity: float = 0.0, params_dtype: torch.dtype | None = None, prefix: str = "") -> None:
         from vllm.model_executor.layers.fused_moe import GateLinear
         from vllm.platforms import current_platform
 
@@ -63,6 +66,7 @@ class AdapMoEBlock(nn.Module):
         self.store = HostExpertStore(num_experts, hidden_size, intermediate_size,
                                      self.kernel.padded_intermediate(intermediate_size), dtype,
                                      self.kernel.pack, pin=device.type == "cuda")
+        self.gating = AdaptiveGate(config.threshold, sensitivity, config.gate_prefill)
         self.stats = LayerStats()
         # A token's top-k experts must be co-resident for one kernel call: below top_k slots the
         # extra rows act as staging (documented in README) and are counted in `slots`.
@@ -101,43 +105,50 @@ class AdapMoEBlock(nn.Module):
         orig_shape = hidden_states.shape
         x = hidden_states.view(-1, self.hidden_size)
         router_logits, _ = self.gate(x)
-        topk_weights, topk_ids = route(router_logits, self.top_k)
-
-        needed = topk_ids.unique().tolist()
-        out = torch.empty_like(x)
+        weights, ids = route(router_logits, self.top_k)
+        routing = (Routing.gated(ids, weights, self.gating, self.step.decode_mask)
+                   if self.gating.active else Routing(ids, weights))
+        expert_sets = routing.expert_sets
+        needed = [e for e in expert_sets.unique().tolist() if e >= 0]
         if self.step.counted:
-            self._count(x.shape[0], topk_ids.numel(), needed)
-        for rows, experts in plan_waves(topk_ids, needed, self.cache.num_slots, self.cache.slot_of):
+            self._count(routing, needed)
+
+        out = torch.empty_like(x)
+        for rows, experts in plan_waves(expert_sets, needed, self.cache.num_slots, self.cache.slot_of):
             rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
             resident = [e for e in experts if e in self.cache.slot_of]
             pending = self.cache.start_loads(experts)
             if pending and resident:  # compute the all-hit tokens while the misses copy in
-                hit = torch.isin(topk_ids[rows], torch.tensor(resident, device=x.device)).all(1)
-                self._compute(out, x, topk_weights, topk_ids, rows[hit])
+                sets = expert_sets[rows]
+                hit = (torch.isin(sets, torch.tensor(resident, device=x.device)) | (sets < 0)).all(1)
+                self._compute(out, x, routing, rows[hit])
                 rows = rows[~hit]
             self.cache.wait(pending)
-            self._compute(out, x, topk_weights, topk_ids, rows)
+            self._compute(out, x, routing, rows)
         return out.view(orig_shape)
 
-    def _compute(self, out: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor,
-                 topk_ids: torch.Tensor, rows: torch.Tensor) -> None:
+    def _compute(self, out: torch.Tensor, x: torch.Tensor, routing: Routing,
+                 rows: torch.Tensor) -> None:
         """Run the kernel for ``rows`` (all their experts resident) on the slot tensors."""
-        if rows.numel() == 0:
-            return
-        self.stats.waves += self.step.counted
-        slot_ids = self.cache.slot_map[topk_ids[rows]]
-        if rows.numel() == x.shape[0]:
-            self.kernel(out, x, self.cache.w13, self.cache.w2, topk_weights, slot_ids)
-            return
-        part = torch.empty((rows.numel(), self.hidden_size), dtype=x.dtype, device=x.device)
-        self.kernel(part, x[rows], self.cache.w13, self.cache.w2, topk_weights[rows], slot_ids)
-        out[rows] = part
+        for sub, ids, weights in routing.groups(rows) if rows.numel() else ():
+            self.stats.waves += self.step.counted
+            slot_ids = self.cache.slot_map[ids]
+            if sub.numel() == x.shape[0]:
+                self.kernel(out, x, self.cache.w13, self.cache.w2, weights, slot_ids)
+                continue
+            part = torch.empty((sub.numel(), self.hidden_size), dtype=x.dtype, device=x.device)
+            self.kernel(part, x[sub], self.cache.w13, self.cache.w2, weights, slot_ids)
+            out[sub] = part
 
-    def _count(self, num_tokens: int, pairs: int, needed: list[int]) -> None:
+    def _count(self, routing: Routing, needed: list[int]) -> None:
         self.stats.steps += 1
-        self.stats.tokens += num_tokens
+        self.stats.tokens += routing.ids.shape[0]
         self.stats.decode_tokens += self.step.decode_tokens
-        self.stats.activated_experts += pairs
+        self.stats.activated_experts += routing.activated()
+        if routing.keep is not None:
+            self.stats.top1_tokens += int((routing.keep == 1).sum())
+        elif self.top_k == 1:
+            self.stats.top1_tokens += routing.ids.shape[0]
         self.cache.count_step(needed)
 
     def stats_dict(self) -> dict[str, float]:
@@ -153,10 +164,62 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     return weights.to(torch.float32), ids.to(torch.int32)
 
 
-def plan_waves(topk_ids: torch.Tensor, needed: list[int], capacity: int,
+@dataclass
+class Routing:
+    """One step's routing for one layer, after adaptive gating.
+
+    Tokens that keep all top-k experts use ``ids``/``weights`` in the router's own order (so
+    the kernel sums them exactly as stock does); gated tokens use the leading ``keep`` experts
+    of the weight-sorted order, with weights renormalised.
+    """
+
+    ids: torch.Tensor                       # [T, k] int32, router order
+    weights: torch.Tensor                   # [T, k] float32
+    keep: torch.Tensor | None = None        # [T] experts kept per token; None = all k
+    sorted_ids: torch.Tensor | None = None  # [T, k] by descending weight (gated steps only)
+    sorted_weights: torch.Tensor | None = None
+
+    @classmethod
+    def gated(cls, ids: torch.Tensor, weights: torch.Tensor, gate: AdaptiveGate,
+              decode_mask: torch.Tensor | None) -> Routing:
+        sorted_weights, order = weights.sort(dim=1, descending=True)
+        keep = gate.experts_per_token(sorted_weights, decode_mask)
+        if bool((keep == ids.shape[1]).all()):
+            return cls(ids, weights)
+        return cls(ids, weights, keep, ids.gather(1, order), sorted_weights)
+
+    @property
+    def expert_sets(self) -> torch.Tensor:
+        """[T, k] experts each token needs, −1 where gating dropped one (for planning only)."""
+        if self.keep is None:
+            return self.ids
+        dropped = torch.arange(self.ids.shape[1], device=self.ids.device) >= self.keep[:, None]
+        return self.sorted_ids.masked_fill(dropped, -1)
+
+    def activated(self) -> int:
+        return self.ids.numel() if self.keep is None else int(self.keep.sum())
+
+    def groups(self, rows: torch.Tensor):
+        """(rows, ids, weights) per distinct number of kept experts among ``rows``."""
+        k = self.ids.shape[1]
+        if self.keep is None:
+            yield rows, self.ids[rows], self.weights[rows]
+            return
+        keep = self.keep[rows]
+        for n in keep.unique().tolist():
+            sub = rows[keep == n]
+            if n == k:
+                yield sub, self.ids[sub], self.weights[sub]
+            else:
+                w = self.sorted_weights[sub, :n]
+                yield sub, self.sorted_ids[sub, :n].contiguous(), w / w.sum(1, keepdim=True)
+
+
+def plan_waves(expert_sets: torch.Tensor, needed: list[int], capacity: int,
                resident: dict[int, int]) -> list[tuple[torch.Tensor | None, list[int]]]:
     """Group tokens into waves whose experts fit in ``capacity`` slots.
 
+    ``expert_sets`` is [T, k] with −1 for experts gating dropped.
     Returns ``[(token_rows or None for all tokens, experts)]``. Resident experts come first in
     each wave (hits before loads); tokens sharing an expert set are kept together. Greedy: the
     expert-set groups that overlap most with what is resident, then the most common, join a wave
@@ -164,9 +227,9 @@ def plan_waves(topk_ids: torch.Tensor, needed: list[int], capacity: int,
     """
     if len(needed) <= capacity:
         return [(None, sorted(needed, key=lambda e: e not in resident))]
-    sets, inverse = torch.unique(topk_ids.sort(dim=1).values, dim=0, return_inverse=True)
+    sets, inverse = torch.unique(expert_sets.sort(dim=1).values, dim=0, return_inverse=True)
     counts = torch.bincount(inverse, minlength=sets.shape[0]).tolist()
-    groups = [set(row) for row in sets.tolist()]
+    groups = [set(row) - {-1} for row in sets.tolist()]
     remaining = list(range(len(groups)))
     present = set(resident)
     waves: list[tuple[torch.Tensor | None, list[int]]] = []

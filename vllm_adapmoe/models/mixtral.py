@@ -72,6 +72,7 @@ class AdapMoEMixtralModel(nn.Module):
         shape = mixtral_shape(config)
         slots = adapmoe.slots_per_layer(shape.num_layers, shape.num_experts,
                                         shape.expert_bytes(dtype.itemsize))
+        sensitivity = adapmoe.sensitivities(shape.num_layers, config)
 
         def layer(prefix: str) -> AdapMoEMixtralDecoderLayer:
             idx = int(prefix.rsplit(".", 1)[1])
@@ -79,7 +80,7 @@ class AdapMoEMixtralModel(nn.Module):
                 layer_idx=idx, num_experts=config.num_local_experts,
                 top_k=config.num_experts_per_tok, hidden_size=config.hidden_size,
                 intermediate_size=config.intermediate_size, num_slots=slots[idx],
-                config=adapmoe, step=self.step, params_dtype=dtype,
+                config=adapmoe, step=self.step, sensitivity=sensitivity[idx], params_dtype=dtype,
                 prefix=f"{prefix}.block_sparse_moe")
             return AdapMoEMixtralDecoderLayer(config, vllm_config.cache_config,
                                               vllm_config.quant_config, prefix, moe)
@@ -97,7 +98,7 @@ class AdapMoEMixtralModel(nn.Module):
         return self.embed_tokens(input_ids)
 
     def forward(self, input_ids, positions, intermediate_tensors, inputs_embeds=None):
-        self._describe_step()
+        self._describe_step(positions.shape[-1])
         if get_pp_group().is_first_rank:
             hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
             residual = None
@@ -111,17 +112,22 @@ class AdapMoEMixtralModel(nn.Module):
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
-    def _describe_step(self) -> None:
+    def _describe_step(self, num_tokens: int) -> None:
         """Decode-token count for the stats; dummy/profiling runs carry no attention metadata."""
         metadata = get_forward_context().attn_metadata if is_forward_context_available() else None
         if not metadata:
-            self.step.counted, self.step.decode_tokens = False, 0
+            self.step.counted, self.step.decode_tokens, self.step.decode_mask = False, 0, None
             return
         first = next(iter(metadata.values()))
         first = first[0] if isinstance(first, list) else first
         qsl = first.query_start_loc
+        lens = qsl[1:] - qsl[:-1]
+        mask = torch.repeat_interleave(lens == 1, lens)
+        # tokens beyond the scheduled ones (padding) count as prefill: never gated
+        pad = num_tokens - mask.numel()
+        self.step.decode_mask = torch.cat([mask, mask.new_zeros(pad)]) if pad > 0 else mask
         self.step.counted = True
-        self.step.decode_tokens = int(((qsl[1:] - qsl[:-1]) == 1).sum())
+        self.step.decode_tokens = int((lens == 1).sum())
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = AutoWeightsLoader(self).load_weights(weights, mapper=MixtralModel.hf_to_vllm_mapper)
