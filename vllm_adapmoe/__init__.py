@@ -18,7 +18,7 @@ from typing import Any
 from vllm_adapmoe.config import CONFIG_KEY, MODEL_IMPL, AdapMoEConfig, AdapMoEConfigError
 from vllm_adapmoe.metrics import summarise
 
-__all__ = ["register", "stats", "reset_stats", "AdapMoEConfig", "AdapMoEConfigError",
+__all__ = ["register", "stats", "reset_stats", "set_gating", "AdapMoEConfig", "AdapMoEConfigError",
            "bundled_model_path"]
 
 logger = logging.getLogger("vllm.adapmoe")  # child of "vllm": uses its handlers
@@ -53,6 +53,18 @@ def stats(llm: Any) -> dict[str, Any]:
 
 def reset_stats(llm: Any) -> None:
     llm.collective_rpc("adapmoe_reset_stats")
+
+
+def set_gating(llm: Any, threshold: float, sensitivity: list[float] | None = None,
+               gate_prefill: bool | None = None) -> None:
+    """Change the gating budget T (and optionally S_l, gate_prefill) of a running engine.
+
+    For sweeps and experiments: one engine serves many settings. ``sensitivity`` None keeps the
+    per-layer values the engine started with.
+    """
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    llm.collective_rpc("adapmoe_set_gating", args=(threshold, sensitivity, gate_prefill))
 
 
 # -- hooks -----------------------------------------------------------------------------------
@@ -143,6 +155,19 @@ def _hook_worker() -> None:
         for block in model.moe_blocks() if hasattr(model, "moe_blocks") else []:
             block.stats.reset()
 
+    def adapmoe_set_gating(self, threshold: float, sensitivity: list[float] | None,
+                           gate_prefill: bool | None) -> None:
+        blocks = self.get_model().moe_blocks()
+        if sensitivity is not None and len(sensitivity) != len(blocks):
+            raise ValueError(f"{len(sensitivity)} sensitivities for {len(blocks)} MoE layers")
+        for i, block in enumerate(blocks):
+            block.gating.threshold = threshold
+            if sensitivity is not None:
+                block.gating.sensitivity = float(sensitivity[i])
+            if gate_prefill is not None:
+                block.gating.gate_prefill = gate_prefill
+
     WorkerBase.adapmoe_stats = adapmoe_stats
+    WorkerBase.adapmoe_set_gating = adapmoe_set_gating
     WorkerBase.adapmoe_reset_stats = adapmoe_reset_stats
 
