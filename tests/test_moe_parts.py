@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from vllm_adapmoe.expert_cache import ExpertCache, LFUPolicy, LRUPolicy
+from vllm_adapmoe.expert_cache import ExpertCache
+from vllm_adapmoe.slot_table import LFUPolicy, LRUPolicy
 from vllm_adapmoe.expert_kernels import FusedCpuKernel, ReferenceKernel
 from vllm_adapmoe.expert_store import HostExpertStore
 from vllm_adapmoe.metrics import LayerStats

@@ -18,7 +18,7 @@ from typing import Any
 from vllm_adapmoe.config import CONFIG_KEY, MODEL_IMPL, AdapMoEConfig, AdapMoEConfigError
 from vllm_adapmoe.metrics import summarise
 
-__all__ = ["register", "stats", "reset_stats", "set_gating", "AdapMoEConfig", "AdapMoEConfigError",
+__all__ = ["register", "stats", "reset_stats", "set_gating", "start_trace", "stop_trace", "AdapMoEConfig", "AdapMoEConfigError",
            "bundled_model_path"]
 
 logger = logging.getLogger("vllm.adapmoe")  # child of "vllm": uses its handlers
@@ -53,6 +53,16 @@ def stats(llm: Any) -> dict[str, Any]:
 
 def reset_stats(llm: Any) -> None:
     llm.collective_rpc("adapmoe_reset_stats")
+
+
+def start_trace(llm: Any) -> None:
+    """Start recording routing of every step (see ``vllm_adapmoe.trace`` for the format)."""
+    llm.collective_rpc("adapmoe_trace_start")
+
+
+def stop_trace(llm: Any, path: str) -> str:
+    """Stop recording and write the trace to ``path`` (.npz); returns the path."""
+    return llm.collective_rpc("adapmoe_trace_stop", args=(str(path),))[0]
 
 
 def set_gating(llm: Any, threshold: float, sensitivity: list[float] | None = None,
@@ -167,6 +177,29 @@ def _hook_worker() -> None:
             if gate_prefill is not None:
                 block.gating.gate_prefill = gate_prefill
 
+    def adapmoe_trace_start(self) -> None:
+        from vllm_adapmoe.trace import TraceRecorder
+
+        model = self.get_model()
+        blocks = model.moe_blocks()
+        b = blocks[0]
+        meta = {"model": str(self.vllm_config.model_config.model), "num_layers": len(blocks),
+                "num_experts": b.num_experts, "top_k": b.top_k,
+                "expert_bytes": b.store.expert_bytes, "slots": [x.cache.num_slots for x in blocks],
+                "eviction": b.cache.table.policy.name,
+                "additional_config": self.vllm_config.additional_config,
+                "cache_state": [x.cache.table.state() for x in blocks]}
+        model.model.step.trace = TraceRecorder(meta, getattr(self, "model_runner", None))
+
+    def adapmoe_trace_stop(self, path: str) -> str:
+        step = self.get_model().model.step
+        if step.trace is None:
+            raise RuntimeError("no trace is being recorded; call vllm_adapmoe.start_trace first")
+        recorder, step.trace = step.trace, None
+        return str(recorder.save(path))
+
+    WorkerBase.adapmoe_trace_start = adapmoe_trace_start
+    WorkerBase.adapmoe_trace_stop = adapmoe_trace_stop
     WorkerBase.adapmoe_stats = adapmoe_stats
     WorkerBase.adapmoe_set_gating = adapmoe_set_gating
     WorkerBase.adapmoe_reset_stats = adapmoe_reset_stats

@@ -14,7 +14,6 @@ over that link, so back-to-back loads queue like they would on PCIe (an *emulate
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -22,52 +21,7 @@ import torch
 
 from vllm_adapmoe.expert_store import HostExpertStore
 from vllm_adapmoe.metrics import LayerStats
-
-
-class LRUPolicy:
-    """Evict the resident expert used longest ago."""
-
-    def __init__(self) -> None:
-        self._order: OrderedDict[int, None] = OrderedDict()
-
-    def touch(self, expert: int) -> None:
-        self._order[expert] = None
-        self._order.move_to_end(expert)
-
-    def forget(self, expert: int) -> None:
-        self._order.pop(expert, None)
-
-    def victim(self, resident: Iterable[int], protected: set[int]) -> int:
-        for expert in self._order:
-            if expert not in protected:
-                return expert
-        raise RuntimeError("every slot holds an expert the current wave needs")
-
-
-class LFUPolicy:
-    """Evict the resident expert used least often (ties: least recently used)."""
-
-    def __init__(self) -> None:
-        self._count: dict[int, int] = {}
-        self._lru = LRUPolicy()
-
-    def touch(self, expert: int) -> None:
-        self._count[expert] = self._count.get(expert, 0) + 1
-        self._lru.touch(expert)
-
-    def forget(self, expert: int) -> None:
-        self._lru.forget(expert)  # keep the count: frequency is a property of the expert
-
-    def victim(self, resident: Iterable[int], protected: set[int]) -> int:
-        order = {e: i for i, e in enumerate(self._lru._order)}
-        candidates = [e for e in resident if e not in protected]
-        if not candidates:
-            raise RuntimeError("every slot holds an expert the current wave needs")
-        return min(candidates, key=lambda e: (self._count.get(e, 0), order.get(e, -1)))
-
-
-def make_policy(name: str) -> LRUPolicy | LFUPolicy:
-    return {"lru": LRUPolicy, "lfu": LFUPolicy}[name]()
+from vllm_adapmoe.slot_table import SlotTable, make_policy
 
 
 class ExpertCache:
@@ -78,15 +32,22 @@ class ExpertCache:
         self.device = device
         self.stats = stats
         self.link_bytes_per_s = link_gbps * 1e9 if link_gbps else None  # GB/s
-        self.policy = make_policy(policy)
+        self.table = SlotTable(num_slots, make_policy(policy), stats)
         # Allocated at construction so vLLM's memory profiling counts them before sizing KV.
         self.w13 = torch.zeros((num_slots, *store.w13.shape[1:]), dtype=store.w13.dtype, device=device)
         self.w2 = torch.zeros((num_slots, *store.w2.shape[1:]), dtype=store.w2.dtype, device=device)
-        self.expert_in_slot: list[int] = [-1] * num_slots
-        self.slot_of: dict[int, int] = {}
         self._slot_map = torch.zeros(store.num_experts, dtype=torch.int32, device=device)
         self._executor: ThreadPoolExecutor | None = None
         self._stream = None  # CUDA copy stream, created with the loader
+
+    @property
+    def slot_of(self) -> dict[int, int]:
+        return self.table.slot_of
+
+    @property
+    def slot_map(self) -> torch.Tensor:
+        """expert id → slot id (int32); valid for resident experts."""
+        return self._slot_map
 
     @property
     def device_bytes(self) -> int:
@@ -94,21 +55,14 @@ class ExpertCache:
 
     # -- what the MoE layer calls -------------------------------------------------------------
     def count_step(self, needed: list[int]) -> None:
-        """Hits/misses for one step: each distinct needed expert once (DESIGN §6)."""
-        hits = sum(1 for e in needed if e in self.slot_of)
-        self.stats.hits += hits
-        self.stats.misses += len(needed) - hits
+        self.table.count_step(needed)
 
     def start_loads(self, experts: list[int]) -> list[Future]:
         """Book a slot for every non-resident expert of ``experts`` and start copying it in."""
-        protected = set(experts)
         pending = []
-        for e in experts:
-            if e not in self.slot_of:
-                slot = self._free_slot(protected)
-                self._assign(e, slot)
-                pending.append(self._loader().submit(self._copy, e, slot))
-            self.policy.touch(e)
+        for expert, slot in self.table.admit(experts):
+            self._slot_map[expert] = slot
+            pending.append(self._loader().submit(self._copy, expert, slot))
         return pending
 
     def wait(self, pending: list[Future]) -> None:
@@ -119,38 +73,16 @@ class ExpertCache:
             future.result()
         self.stats.stall_s += time.perf_counter() - start
 
-    @property
-    def slot_map(self) -> torch.Tensor:
-        """expert id → slot id (int32); valid for resident experts."""
-        return self._slot_map
-
     def warm(self, experts: Iterable[int]) -> None:
         """Fill empty slots at start-up (not counted as loads)."""
-        for e in experts:
-            if len(self.slot_of) == self.num_slots:
-                break
-            slot = self.expert_in_slot.index(-1)
-            self._assign(e, slot)
+        for slot, e in zip(range(self.num_slots), experts):
+            self.table.place(e, slot)
+            self.table.policy.touch(e)
+            self._slot_map[e] = slot
             self.w13[slot].copy_(self.store.w13[e])
             self.w2[slot].copy_(self.store.w2[e])
-            self.policy.touch(e)
 
-    # -- internals ----------------------------------------------------------------------------
-    def _free_slot(self, protected: set[int]) -> int:
-        if -1 in self.expert_in_slot:
-            return self.expert_in_slot.index(-1)
-        victim = self.policy.victim(self.slot_of.keys(), protected)
-        slot = self.slot_of.pop(victim)
-        self.policy.forget(victim)
-        self.expert_in_slot[slot] = -1
-        self.stats.evictions += 1
-        return slot
-
-    def _assign(self, expert: int, slot: int) -> None:
-        self.expert_in_slot[slot] = expert
-        self.slot_of[expert] = slot
-        self._slot_map[expert] = slot
-
+    # -- the loader ---------------------------------------------------------------------------
     def _loader(self) -> ThreadPoolExecutor:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapmoe-load")

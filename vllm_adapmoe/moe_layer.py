@@ -31,6 +31,7 @@ from vllm_adapmoe.expert_kernels import make_kernel
 from vllm_adapmoe.expert_store import HostExpertStore
 from vllm_adapmoe.gating import AdaptiveGate
 from vllm_adapmoe.metrics import LayerStats
+from vllm_adapmoe.trace import TraceRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class StepInfo:
 
     decode_tokens: int = 0
     decode_mask: torch.Tensor | None = None  # [T] True for decode tokens (query length 1)
-    counted: bool = False  # False for vLLM's dummy/profiling runs: they do not touch the stats
+    counted: bool = False
+    trace: TraceRecorder | None = None  # set while a routing trace is being recorded  # False for vLLM's dummy/profiling runs: they do not touch the stats
 
 
 class AdapMoEBlock(nn.Module):
@@ -106,6 +108,8 @@ class AdapMoEBlock(nn.Module):
         x = hidden_states.view(-1, self.hidden_size)
         router_logits, _ = self.gate(x)
         weights, ids = route(router_logits, self.top_k)
+        if self.step.trace is not None and self.step.counted:
+            self.step.trace.record(self.layer_idx, ids, weights, self.step.decode_mask)
         routing = (Routing.gated(ids, weights, self.gating, self.step.decode_mask)
                    if self.gating.active else Routing(ids, weights))
         expert_sets = routing.expert_sets

@@ -128,6 +128,8 @@ class AdapMoEMixtralModel(nn.Module):
         self.step.decode_mask = torch.cat([mask, mask.new_zeros(pad)]) if pad > 0 else mask
         self.step.counted = True
         self.step.decode_tokens = int((lens == 1).sum())
+        if self.step.trace is not None:
+            self.step.trace.begin_step(lens)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = AutoWeightsLoader(self).load_weights(weights, mapper=MixtralModel.hf_to_vllm_mapper)

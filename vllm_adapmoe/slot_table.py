@@ -1,0 +1,154 @@
+"""Which expert sits in which device slot, and whom to evict — bookkeeping only, no tensors.
+
+The live cache (``expert_cache.py``) and the trace simulator (``simulator.py``) both run this
+exact code, which is why a replayed trace reproduces the live hit/miss/load counters exactly.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+from vllm_adapmoe.metrics import LayerStats
+
+
+class LRUPolicy:
+    """Evict the resident expert used longest ago."""
+
+    name = "lru"
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[int, None] = OrderedDict()
+
+    def touch(self, expert: int) -> None:
+        self._order[expert] = None
+        self._order.move_to_end(expert)
+
+    def forget(self, expert: int) -> None:
+        self._order.pop(expert, None)
+
+    def victim(self, resident: Iterable[int], protected: set[int]) -> int:
+        for expert in self._order:
+            if expert not in protected:
+                return expert
+        raise RuntimeError("every slot holds an expert the current wave needs")
+
+    def state(self) -> dict[str, Any]:
+        return {"order": list(self._order)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self._order = OrderedDict((int(e), None) for e in state["order"])
+
+
+class LFUPolicy(LRUPolicy):
+    """Evict the resident expert used least often (ties: least recently used).
+
+    Counts survive eviction: frequency is a property of the expert, not of its residency.
+    """
+
+    name = "lfu"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._count: dict[int, int] = {}
+
+    def touch(self, expert: int) -> None:
+        self._count[expert] = self._count.get(expert, 0) + 1
+        super().touch(expert)
+
+    def victim(self, resident: Iterable[int], protected: set[int]) -> int:
+        recency = {e: i for i, e in enumerate(self._order)}
+        candidates = [e for e in resident if e not in protected]
+        if not candidates:
+            raise RuntimeError("every slot holds an expert the current wave needs")
+        return min(candidates, key=lambda e: (self._count.get(e, 0), recency.get(e, -1)))
+
+    def state(self) -> dict[str, Any]:
+        return {"order": list(self._order), "count": {str(e): c for e, c in self._count.items()}}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        self._count = {int(e): int(c) for e, c in state.get("count", {}).items()}
+
+
+class BeladyPolicy(LRUPolicy):
+    """Offline optimum (for the simulator): evict the expert whose next use is furthest away.
+
+    ``uses[e]`` are the sorted step indices at which expert e is needed; the simulator sets
+    ``now`` before each step. Ties (never used again) fall back to LRU order.
+    """
+
+    name = "belady"
+
+    def __init__(self, uses: dict[int, list[int]]) -> None:
+        super().__init__()
+        self.uses = uses
+        self.now = -1
+
+    def _next_use(self, expert: int) -> float:
+        steps = self.uses.get(expert, [])
+        i = bisect.bisect_right(steps, self.now)
+        return steps[i] if i < len(steps) else float("inf")
+
+    def victim(self, resident: Iterable[int], protected: set[int]) -> int:
+        recency = {e: i for i, e in enumerate(self._order)}
+        candidates = [e for e in resident if e not in protected]
+        if not candidates:
+            raise RuntimeError("every slot holds an expert the current wave needs")
+        return max(candidates, key=lambda e: (self._next_use(e), -recency.get(e, -1)))
+
+
+def make_policy(name: str) -> LRUPolicy:
+    return {"lru": LRUPolicy, "lfu": LFUPolicy}[name]()
+
+
+class SlotTable:
+    def __init__(self, num_slots: int, policy: LRUPolicy, stats: LayerStats) -> None:
+        self.num_slots = num_slots
+        self.policy = policy
+        self.stats = stats
+        self.expert_in_slot: list[int] = [-1] * num_slots
+        self.slot_of: dict[int, int] = {}
+
+    def count_step(self, needed: list[int]) -> None:
+        """Hits/misses for one step: each distinct needed expert once (DESIGN §6)."""
+        hits = sum(1 for e in needed if e in self.slot_of)
+        self.stats.hits += hits
+        self.stats.misses += len(needed) - hits
+
+    def admit(self, experts: list[int]) -> list[tuple[int, int]]:
+        """Make room for every non-resident expert of ``experts`` (never evicting one of them);
+        returns the new (expert, slot) placements, i.e. the loads to perform."""
+        protected = set(experts)
+        placed = []
+        for e in experts:
+            if e not in self.slot_of:
+                slot = self._free_slot(protected)
+                self.place(e, slot)
+                placed.append((e, slot))
+            self.policy.touch(e)
+        return placed
+
+    def place(self, expert: int, slot: int) -> None:
+        self.expert_in_slot[slot] = expert
+        self.slot_of[expert] = slot
+
+    def _free_slot(self, protected: set[int]) -> int:
+        if -1 in self.expert_in_slot:
+            return self.expert_in_slot.index(-1)
+        victim = self.policy.victim(self.slot_of.keys(), protected)
+        slot = self.slot_of.pop(victim)
+        self.policy.forget(victim)
+        self.expert_in_slot[slot] = -1
+        self.stats.evictions += 1
+        return slot
+
+    def state(self) -> dict[str, Any]:
+        return {"expert_in_slot": list(self.expert_in_slot), "policy": self.policy.state()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.expert_in_slot = [int(e) for e in state["expert_in_slot"]]
+        self.slot_of = {e: s for s, e in enumerate(self.expert_in_slot) if e >= 0}
+        self.policy.load_state(state["policy"])
