@@ -35,7 +35,7 @@ def test_bad_values_raise(raw):
         AdapMoEConfig.from_dict(raw)
 
 
-@pytest.mark.parametrize("raw", [{"prefetch": True}, {"plan": "dp"}])
+@pytest.mark.parametrize("raw", [{"plan": "dp"}])
 def test_features_of_later_versions_are_refused_not_ignored(raw):
     with pytest.raises(AdapMoEConfigError, match="not implemented"):
         AdapMoEConfig.from_dict(raw)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vllm_adapmoe.expert_cache import ExpertCache
+from vllm_adapmoe.expert_cache import ExpertCache, Link
 from vllm_adapmoe.slot_table import LFUPolicy, LRUPolicy
 from vllm_adapmoe.expert_kernels import FusedCpuKernel, ReferenceKernel
 from vllm_adapmoe.expert_store import HostExpertStore
@@ -103,6 +103,6 @@ def test_emulated_link_makes_loads_take_bytes_over_bandwidth():
     stats = LayerStats()
     store = _store(kernel)
     gbps = store.expert_bytes * 20 / 1e9  # one expert = 50 ms
-    cache = ExpertCache(store, 2, torch.device("cpu"), "lru", stats, link_gbps=gbps)
+    cache = ExpertCache(store, 2, torch.device("cpu"), "lru", stats, Link(torch.device("cpu"), gbps))
     cache.wait(cache.start_loads([0, 1]))  # two loads queue on one link
     assert stats.stall_s >= 0.095

@@ -31,6 +31,7 @@ class AdapMoEConfig:
     threshold: float = 0.0
     gate_prefill: bool = False
     prefetch: bool = False
+    prefetch_lookahead: int = 1  # extension: how many layers ahead the prefetcher guesses
     link_gbps: float | None = None
     # Not in DESIGN §6's table: an extension. Compute path for the experts resident in slots:
     # "auto" = the fused kernel where the platform has one, else the per-expert reference loop.
@@ -101,10 +102,9 @@ class AdapMoEConfig:
                 not (math.isfinite(v) and v >= 0) for v in self.sensitivity):
             raise AdapMoEConfigError(
                 f"adapmoe: sensitivity must be finite numbers >= 0, got {list(self.sensitivity)}")
-        if self.prefetch:
+        if self.prefetch_lookahead < 1:
             raise AdapMoEConfigError(
-                "adapmoe: prefetch is not implemented in this version; remove the key or set false"
-            )
+                f"adapmoe: prefetch_lookahead must be >= 1, got {self.prefetch_lookahead}")
         if self.link_gbps is not None and not (self.link_gbps > 0 and math.isfinite(self.link_gbps)):
             raise AdapMoEConfigError(f"adapmoe: link_gbps must be a number > 0, got {self.link_gbps}")
         if self.cache_gib is not None and not (self.cache_gib > 0 and math.isfinite(self.cache_gib)):
@@ -207,7 +207,7 @@ def _normalise(key: str, value: Any) -> Any:
         ):
             return tuple(value)
         raise bad("an integer or a list of integers (one per MoE layer)")
-    if key == "cache_total_slots":
+    if key in ("cache_total_slots", "prefetch_lookahead"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
         return value

@@ -2,19 +2,21 @@
 
 The slots are one stacked tensor per weight (``[S, 2I, H]`` and ``[S, H, I]`` in the kernel's
 layout) so a layer computes every resident expert with a single fused-kernel call on slot ids.
-Experts the current wave needs are never evicted.
+Residency and eviction are decided by ``SlotTable`` (shared with the simulator); experts the
+current wave needs are never evicted.
 
-Loads are asynchronous: ``start_loads`` books slots (evicting in the caller's thread, so the
-bookkeeping is never racy) and hands the copies to one loader thread (CPU) or a side copy stream
-(CUDA, pinned host memory); ``wait`` blocks until they land and counts that time as stall.
-One loader = one link: with ``link_gbps`` (GB/s) each copy is stretched to what it would take
-over that link, so back-to-back loads queue like they would on PCIe (an *emulated* link).
+Loads are asynchronous and all go through one ``Link`` per model — one loader thread (CPU) or
+one copy stream over pinned memory (CUDA) — so on-demand loads and prefetches queue in order
+like they would on one PCIe link. With ``link_gbps`` (GB/s) each copy is stretched to what it
+would take over that link (an *emulated* link for CPU experiments). A slot can be re-booked
+while an earlier copy into it is still queued: copies run in order, and compute always waits
+for the latest copy of the experts it uses.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -24,21 +26,51 @@ from vllm_adapmoe.metrics import LayerStats
 from vllm_adapmoe.slot_table import SlotTable, make_policy
 
 
+class Link:
+    """The host→device link of one model: copies run one at a time, in submission order."""
+
+    def __init__(self, device: torch.device, link_gbps: float | None = None) -> None:
+        self.device = device
+        self.bytes_per_s = link_gbps * 1e9 if link_gbps else None
+        self._executor: ThreadPoolExecutor | None = None
+        self._stream = None
+
+    def submit(self, copy: Callable[[], None], nbytes: int) -> Future:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapmoe-link")
+            if self.device.type == "cuda":
+                self._stream = torch.cuda.Stream(self.device)
+        # CUDA: the slot may still be read by kernels queued on the compute stream
+        after = torch.cuda.current_stream(self.device).record_event() if self._stream else None
+        return self._executor.submit(self._run, copy, nbytes, after)
+
+    def _run(self, copy: Callable[[], None], nbytes: int, after=None) -> None:
+        start = time.perf_counter()
+        if self._stream is not None:
+            self._stream.wait_event(after)
+            with torch.cuda.stream(self._stream):
+                copy()
+            self._stream.synchronize()
+        else:
+            copy()  # torch releases the GIL inside copy_, so this overlaps compute
+        if self.bytes_per_s:
+            _sleep_until(start + nbytes / self.bytes_per_s)
+
+
 class ExpertCache:
     def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device,
-                 policy: str, stats: LayerStats, link_gbps: float | None = None) -> None:
+                 policy: str, stats: LayerStats, link: Link | None = None) -> None:
         self.store = store
         self.num_slots = num_slots
         self.device = device
         self.stats = stats
-        self.link_bytes_per_s = link_gbps * 1e9 if link_gbps else None  # GB/s
+        self.link = link or Link(device)
         self.table = SlotTable(num_slots, make_policy(policy), stats)
         # Allocated at construction so vLLM's memory profiling counts them before sizing KV.
         self.w13 = torch.zeros((num_slots, *store.w13.shape[1:]), dtype=store.w13.dtype, device=device)
         self.w2 = torch.zeros((num_slots, *store.w2.shape[1:]), dtype=store.w2.dtype, device=device)
         self._slot_map = torch.zeros(store.num_experts, dtype=torch.int32, device=device)
-        self._executor: ThreadPoolExecutor | None = None
-        self._stream = None  # CUDA copy stream, created with the loader
+        self._pending: dict[int, Future] = {}  # expert → its latest queued copy
 
     @property
     def slot_of(self) -> dict[int, int]:
@@ -53,25 +85,34 @@ class ExpertCache:
     def device_bytes(self) -> int:
         return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
 
+    def ready(self, expert: int) -> bool:
+        """Resident and its data has landed (no copy still queued)."""
+        f = self._pending.get(expert)
+        return expert in self.table.slot_of and (f is None or f.done())
+
     # -- what the MoE layer calls -------------------------------------------------------------
     def count_step(self, needed: list[int]) -> None:
         self.table.count_step(needed)
 
     def start_loads(self, experts: list[int]) -> list[Future]:
-        """Book a slot for every non-resident expert of ``experts`` and start copying it in."""
-        pending = []
+        """Book slots for the non-resident ``experts``, queue their copies; returns the copies
+        (new or already queued, e.g. by a prefetch) that compute must wait for."""
         for expert, slot in self.table.admit(experts):
-            self._slot_map[expert] = slot
-            pending.append(self._loader().submit(self._copy, expert, slot))
-        return pending
+            self._queue(expert, slot)
+        return [self._pending[e] for e in experts if e in self._pending]
+
+    def prefetch(self, experts: list[int]) -> None:
+        """Book and queue ``experts`` ahead of need (the layer has not run yet this step)."""
+        for expert, slot in self.table.prefetch(experts):
+            self._queue(expert, slot)
 
     def wait(self, pending: list[Future]) -> None:
-        if not pending:
-            return
-        start = time.perf_counter()
-        for future in pending:
-            future.result()
-        self.stats.stall_s += time.perf_counter() - start
+        if pending:
+            start = time.perf_counter()
+            for future in pending:
+                future.result()
+            self.stats.stall_s += time.perf_counter() - start
+        self._pending = {e: f for e, f in self._pending.items() if not f.done()}
 
     def warm(self, experts: Iterable[int]) -> None:
         """Fill empty slots at start-up (not counted as loads)."""
@@ -79,32 +120,18 @@ class ExpertCache:
             self.table.place(e, slot)
             self.table.policy.touch(e)
             self._slot_map[e] = slot
-            self.w13[slot].copy_(self.store.w13[e])
-            self.w2[slot].copy_(self.store.w2[e])
+            self._copy(e, slot)
 
-    # -- the loader ---------------------------------------------------------------------------
-    def _loader(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapmoe-load")
-            if self.device.type == "cuda":
-                self._stream = torch.cuda.Stream(self.device)
-        return self._executor
+    # -- internals ----------------------------------------------------------------------------
+    def _queue(self, expert: int, slot: int) -> None:
+        self._slot_map[expert] = slot
+        self.stats.bytes_loaded += self.store.expert_bytes
+        self._pending[expert] = self.link.submit(lambda: self._copy(expert, slot),
+                                                 self.store.expert_bytes)
 
     def _copy(self, expert: int, slot: int) -> None:
-        """Runs on the loader thread: one expert host → slot (the GIL is released in copy_)."""
-        start = time.perf_counter()
-        if self._stream is not None:
-            with torch.cuda.stream(self._stream):
-                self.w13[slot].copy_(self.store.w13[expert], non_blocking=True)
-                self.w2[slot].copy_(self.store.w2[expert], non_blocking=True)
-            self._stream.synchronize()
-        else:
-            self.w13[slot].copy_(self.store.w13[expert])
-            self.w2[slot].copy_(self.store.w2[expert])
-        if self.link_bytes_per_s:
-            _sleep_until(start + self.store.expert_bytes / self.link_bytes_per_s)
-        self.stats.loads += 1
-        self.stats.bytes_loaded += self.store.expert_bytes
+        self.w13[slot].copy_(self.store.w13[expert], non_blocking=True)
+        self.w2[slot].copy_(self.store.w2[expert], non_blocking=True)
 
 
 def _sleep_until(deadline: float) -> None:

@@ -11,9 +11,10 @@ One step through one layer, top to bottom (``forward``):
   3. waves: if every needed expert fits in the slots, one wave; otherwise tokens are grouped so
      each wave's experts fit (a token's experts always travel together: the fused kernel sums a
      token's experts internally, and splitting that sum would change the rounding);
-  4. per wave: book slots for its misses and start their copies; compute the tokens whose
-     experts are all resident while the copies run; wait; compute the rest — always by remapping
-     expert ids → slot ids and running the kernel once on the slot tensors.
+  4. per wave: book slots for its misses and queue their copies; (first wave) guess the next
+     layer's experts and queue those too (``prefetch.py``); compute the tokens whose experts
+     have landed while the copies run; wait; compute the rest — always by remapping expert ids
+     → slot ids and running the kernel once on the slot tensors.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import torch
 from torch import nn
 
 from vllm_adapmoe.config import AdapMoEConfig
-from vllm_adapmoe.expert_cache import ExpertCache
+from vllm_adapmoe.expert_cache import ExpertCache, Link
 from vllm_adapmoe.expert_kernels import make_kernel
 from vllm_adapmoe.expert_store import HostExpertStore
 from vllm_adapmoe.gating import AdaptiveGate
 from vllm_adapmoe.metrics import LayerStats
+from vllm_adapmoe.prefetch import predicted_expert_sets, select_prefetch
 from vllm_adapmoe.trace import TraceRecorder
 
 logger = logging.getLogger(__name__)
@@ -52,7 +54,8 @@ class StepInfo:
 class AdapMoEBlock(nn.Module):
     def __init__(self, *, layer_idx: int, num_experts: int, top_k: int, hidden_size: int,
                  intermediate_size: int, num_slots: int, config: AdapMoEConfig, step: StepInfo,
-                 sensitivity: float = 0.0, params_dtype: torch.dtype | None = None, prefix: str = "") -> None:
+                 sensitivity: float = 0.0, link: Link | None = None,
+                 params_dtype: torch.dtype | None = None, prefix: str = "") -> None:
         from vllm.model_executor.layers.fused_moe import GateLinear
         from vllm.platforms import current_platform
 
@@ -73,7 +76,9 @@ class AdapMoEBlock(nn.Module):
         # A token's top-k experts must be co-resident for one kernel call: below top_k slots the
         # extra rows act as staging (documented in README) and are counted in `slots`.
         self.cache = ExpertCache(self.store, max(num_slots, top_k), device, config.eviction,
-                                 self.stats, config.link_gbps)
+                                 self.stats, link)
+        self.prefetch_enabled = config.prefetch
+        self.next_blocks: list[AdapMoEBlock] = []  # the look-ahead layers, wired by the model
 
     # -- vLLM model-interface attributes (MixtralForCausalLM reads these from its MoE block) -----
     @property
@@ -118,18 +123,39 @@ class AdapMoEBlock(nn.Module):
             self._count(routing, needed)
 
         out = torch.empty_like(x)
-        for rows, experts in plan_waves(expert_sets, needed, self.cache.num_slots, self.cache.slot_of):
+        waves = plan_waves(expert_sets, needed, self.cache.num_slots, self.cache.slot_of)
+        for i, (rows, experts) in enumerate(waves):
             rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
-            resident = [e for e in experts if e in self.cache.slot_of]
             pending = self.cache.start_loads(experts)
-            if pending and resident:  # compute the all-hit tokens while the misses copy in
+            if i == 0:  # our own first loads go on the link first, then the guesses for l+1
+                self._prefetch_next(x)
+            ready = [e for e in experts if self.cache.ready(e)]
+            if pending and ready:  # compute the tokens whose experts have landed meanwhile
                 sets = expert_sets[rows]
-                hit = (torch.isin(sets, torch.tensor(resident, device=x.device)) | (sets < 0)).all(1)
+                hit = (torch.isin(sets, torch.tensor(ready, device=x.device)) | (sets < 0)).all(1)
                 self._compute(out, x, routing, rows[hit])
                 rows = rows[~hit]
             self.cache.wait(pending)
             self._compute(out, x, routing, rows)
         return out.view(orig_shape)
+
+    def _prefetch_next(self, x: torch.Tensor) -> None:
+        """Apply the next layers' routers to this layer's input; book their decode tokens'
+        experts. Also records the raw next-layer prediction when a trace is on."""
+        tracing = self.step.trace is not None
+        if not self.step.counted or not self.next_blocks or not (self.prefetch_enabled or tracing):
+            return
+        decode = self.step.decode_mask[: x.shape[0]]
+        for depth, target in enumerate(self.next_blocks):
+            if depth > 0 and not self.prefetch_enabled:
+                break
+            # the router on all rows, then the decode rows: same GEMM shape as the real routing
+            weights, ids = route(target.gate(x)[0], target.top_k)
+            if tracing and depth == 0:
+                self.step.trace.record_prediction(target.layer_idx, weights, ids)
+            if self.prefetch_enabled and bool(decode.any()):
+                sets = predicted_expert_sets(weights[decode], ids[decode], target.gating)
+                target.cache.prefetch(select_prefetch(sets, target.cache.num_slots))
 
     def _compute(self, out: torch.Tensor, x: torch.Tensor, routing: Routing,
                  rows: torch.Tensor) -> None:

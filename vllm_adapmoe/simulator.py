@@ -17,6 +17,7 @@ import torch
 from vllm_adapmoe.gating import AdaptiveGate
 from vllm_adapmoe.metrics import LayerStats, summarise
 from vllm_adapmoe.moe_layer import Routing, plan_waves
+from vllm_adapmoe.prefetch import predicted_expert_sets, select_prefetch
 from vllm_adapmoe.slot_table import BeladyPolicy, SlotTable, make_policy
 from vllm_adapmoe.trace import StepLayer, Trace
 
@@ -25,12 +26,13 @@ POLICIES = ("lru", "lfu", "belady")
 
 def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
              threshold: float = 0.0, sensitivity: list[float] | None = None,
-             gate_prefill: bool = False, warm_start: bool = True,
+             gate_prefill: bool = False, prefetch: bool = False, warm_start: bool = True,
              expert_bytes: int | None = None) -> dict[str, Any]:
     """Replay ``trace``; returns the ``vllm_adapmoe.stats`` shape (plus per-token ratios).
 
     ``warm_start`` starts each layer from the cache state recorded at trace start (needed for
-    exact agreement with the engine); otherwise caches start empty.
+    exact agreement with the engine); otherwise caches start empty. ``prefetch`` replays the
+    one-layer-ahead prefetcher from the predictions recorded in the trace.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -57,6 +59,9 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
         table, st = tables[block.layer], stats[block.layer]
         if isinstance(table.policy, BeladyPolicy):
             table.policy.now = block.step
+        if prefetch:  # what the previous layer booked for this one, in the live order
+            guess = predicted_prefetch(block, gates[block.layer], table.num_slots)
+            table.prefetch(guess)
         sets = routing.expert_sets
         needed = [e for e in sets.unique().tolist() if e >= 0]
         st.steps += 1
@@ -67,7 +72,7 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
             len(block.ids) if k == 1 else 0)
         table.count_step(needed)
         for _, experts in plan_waves(sets, needed, table.num_slots, table.slot_of):
-            st.loads += len(table.admit(experts))
+            table.admit(experts)
 
     size = expert_bytes or int(trace.meta.get("expert_bytes", 0))
     layers = []
@@ -87,6 +92,16 @@ def _routing(block: StepLayer, gate: AdaptiveGate) -> Routing:
     if not gate.active:
         return Routing(ids, weights)
     return Routing.gated(ids, weights, gate, torch.from_numpy(block.decode))
+
+
+def predicted_prefetch(block: StepLayer, gate: AdaptiveGate, capacity: int) -> list[int]:
+    """The experts the live prefetcher would have booked for this (step, layer)."""
+    decode = torch.from_numpy(block.decode) & torch.from_numpy(block.pred_ids[:, 0] >= 0)
+    if block.layer == 0 or not bool(decode.any()):
+        return []
+    ids = torch.from_numpy(block.pred_ids.astype("int32"))[decode]
+    weights = torch.from_numpy(block.pred_weights)[decode]
+    return select_prefetch(predicted_expert_sets(weights, ids, gate), capacity)
 
 
 def _future_uses(blocks: list[tuple[StepLayer, Routing]]) -> dict[int, dict[int, list[int]]]:

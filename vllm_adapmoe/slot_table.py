@@ -111,16 +111,29 @@ class SlotTable:
         self.stats = stats
         self.expert_in_slot: list[int] = [-1] * num_slots
         self.slot_of: dict[int, int] = {}
+        self.prefetched: set[int] = set()  # prefetched, not yet checked against real routing
 
     def count_step(self, needed: list[int]) -> None:
-        """Hits/misses for one step: each distinct needed expert once (DESIGN §6)."""
+        """One step of this layer: hits/misses, each distinct needed expert once (DESIGN §6;
+        a booked prefetch is a hit), and which prefetches turned out right."""
         hits = sum(1 for e in needed if e in self.slot_of)
         self.stats.hits += hits
         self.stats.misses += len(needed) - hits
+        correct = len(self.prefetched.intersection(needed))
+        self.stats.prefetch_correct += correct
+        self.stats.prefetch_wasted += len(self.prefetched) - correct
+        self.prefetched.clear()
+
+    def prefetch(self, experts: list[int]) -> list[tuple[int, int]]:
+        """Book ``experts`` ahead of need; returns the placements (loads) this issues."""
+        placed = self.admit(experts)
+        self.prefetched.update(e for e, _ in placed)
+        self.stats.prefetch_issued += len(placed)
+        return placed
 
     def admit(self, experts: list[int]) -> list[tuple[int, int]]:
         """Make room for every non-resident expert of ``experts`` (never evicting one of them);
-        returns the new (expert, slot) placements, i.e. the loads to perform."""
+        returns the new (expert, slot) placements, i.e. the loads to perform (counted here)."""
         protected = set(experts)
         placed = []
         for e in experts:
@@ -129,6 +142,7 @@ class SlotTable:
                 self.place(e, slot)
                 placed.append((e, slot))
             self.policy.touch(e)
+        self.stats.loads += len(placed)
         return placed
 
     def place(self, expert: int, slot: int) -> None:

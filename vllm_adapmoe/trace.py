@@ -13,6 +13,9 @@ array          dtype / shape      meaning
 ``step``       int32  [R]         engine step (forward pass) index, from 0
 ``decode``     bool   [R]         token is a decode token (its request has query length 1)
 ``segment``    int32  [R]         position of the token's request within the step's batch
+``pred_ids``   int16  [R, k]      this layer's top-k as predicted during the previous layer
+                                  (its router on the previous layer's MoE input); −1 for layer 0
+``pred_weights`` float32 [R, k]   the predicted weights (0 where no prediction)
 ``meta``       str (JSON)         format, model shape, settings, per-step request ids, and the
                                   cache state (slots + eviction order) of every layer at start
 =============  =================  ===================================================
@@ -41,8 +44,9 @@ class TraceRecorder:
         self.runner = runner
         self.step = -1
         self.step_req_ids: list[list[str]] = []
-        self._rows: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._rows: list[tuple] = []
         self._segments: np.ndarray | None = None
+        self._predictions: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def begin_step(self, query_lens: torch.Tensor) -> None:
         self.step += 1
@@ -52,16 +56,24 @@ class TraceRecorder:
         lens = query_lens.cpu().numpy()
         self._segments = np.repeat(np.arange(len(lens), dtype=np.int32), lens)
 
+    def record_prediction(self, layer: int, weights: torch.Tensor, ids: torch.Tensor) -> None:
+        """Routing of ``layer`` as guessed during the layer before it (same step, same tokens)."""
+        self._predictions[layer] = (ids.cpu().numpy().astype(np.int16),
+                                    weights.cpu().numpy().astype(np.float32))
+
     def record(self, layer: int, ids: torch.Tensor, weights: torch.Tensor,
                decode_mask: torch.Tensor | None) -> None:
         n = ids.shape[0]
+        pred = self._predictions.pop(layer, None)
+        if pred is None or len(pred[0]) != n:
+            pred = (np.full(tuple(ids.shape), -1, np.int16), np.zeros(tuple(ids.shape), np.float32))
         decode = (decode_mask.cpu().numpy()[:n] if decode_mask is not None
                   else np.zeros(n, dtype=bool))
         seg = self._segments[:n] if self._segments is not None else np.zeros(n, np.int32)
         if len(seg) < n:  # padded tokens beyond the scheduled ones
             seg = np.concatenate([seg, np.full(n - len(seg), -1, np.int32)])
         self._rows.append((self.step, layer, ids.cpu().numpy().astype(np.int16),
-                           weights.cpu().numpy().astype(np.float32), decode, seg))
+                           weights.cpu().numpy().astype(np.float32), decode, seg, *pred))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -76,7 +88,9 @@ class TraceRecorder:
             path, ids=cat(2, np.int16, (0, k)), weights=cat(3, np.float32, (0, k)),
             layer=np.concatenate([np.full(len(r[2]), r[1], np.int16) for r in rows]) if rows else np.zeros(0, np.int16),
             step=np.concatenate([np.full(len(r[2]), r[0], np.int32) for r in rows]) if rows else np.zeros(0, np.int32),
-            decode=cat(4, bool, (0,)), segment=cat(5, np.int32, (0,)), meta=np.array(json.dumps(meta)))
+            decode=cat(4, bool, (0,)), segment=cat(5, np.int32, (0,)),
+            pred_ids=cat(6, np.int16, (0, k)), pred_weights=cat(7, np.float32, (0, k)),
+            meta=np.array(json.dumps(meta)))
         return path
 
 
@@ -87,6 +101,8 @@ class StepLayer:
     ids: np.ndarray      # [T, k]
     weights: np.ndarray  # [T, k]
     decode: np.ndarray   # [T]
+    pred_ids: np.ndarray  # [T, k], −1 = no prediction
+    pred_weights: np.ndarray
 
 
 @dataclass
@@ -98,12 +114,15 @@ class Trace:
     step: np.ndarray
     decode: np.ndarray
     segment: np.ndarray
+    pred_ids: np.ndarray
+    pred_weights: np.ndarray
 
     @classmethod
     def load(cls, path: str | Path) -> Trace:
         try:
             with np.load(path, allow_pickle=False) as f:
-                data = {k: f[k] for k in ("ids", "weights", "layer", "step", "decode", "segment", "meta")}
+                data = {k: f[k] for k in ("ids", "weights", "layer", "step", "decode", "segment",
+                                          "pred_ids", "pred_weights", "meta")}
         except (OSError, KeyError, ValueError) as e:
             raise ValueError(f"{path} is not an adapmoe trace ({e}); record one with "
                              "vllm_adapmoe.start_trace / stop_trace") from e
@@ -112,7 +131,8 @@ class Trace:
             raise ValueError(f"{path}: trace format {meta.get('format')!r}, expected {FORMAT!r}")
         trace = cls(meta=meta, **data)
         n = len(trace.ids)
-        if not all(len(a) == n for a in (trace.weights, trace.layer, trace.step, trace.decode, trace.segment)):
+        if not all(len(a) == n for a in (trace.weights, trace.layer, trace.step, trace.decode,
+                                         trace.segment, trace.pred_ids, trace.pred_weights)):
             raise ValueError(f"{path}: trace arrays have different lengths")
         return trace
 
@@ -128,4 +148,5 @@ class Trace:
         bounds = np.flatnonzero(np.diff(key)) + 1
         for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(key)]):
             yield StepLayer(int(self.step[lo]), int(self.layer[lo]), self.ids[lo:hi],
-                            self.weights[lo:hi], self.decode[lo:hi])
+                            self.weights[lo:hi], self.decode[lo:hi], self.pred_ids[lo:hi],
+                            self.pred_weights[lo:hi])

@@ -21,6 +21,7 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.interfaces import SupportsPP
 from vllm.model_executor.models.mixtral import MixtralAttention, MixtralModel
+from vllm.platforms import current_platform
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
     make_empty_intermediate_tensors_factory,
@@ -31,6 +32,7 @@ from vllm.sequence import IntermediateTensors
 
 from vllm_adapmoe.config import AdapMoEConfig, AdapMoEConfigError
 from vllm_adapmoe.models import mixtral_shape
+from vllm_adapmoe.expert_cache import Link
 from vllm_adapmoe.moe_layer import AdapMoEBlock, StepInfo
 
 logger = logging.getLogger("vllm.adapmoe")  # child of "vllm": uses its handlers
@@ -73,6 +75,7 @@ class AdapMoEMixtralModel(nn.Module):
         slots = adapmoe.slots_per_layer(shape.num_layers, shape.num_experts,
                                         shape.expert_bytes(dtype.itemsize))
         sensitivity = adapmoe.sensitivities(shape.num_layers, config)
+        self.link = Link(torch.device(current_platform.device_type), adapmoe.link_gbps)
 
         def layer(prefix: str) -> AdapMoEMixtralDecoderLayer:
             idx = int(prefix.rsplit(".", 1)[1])
@@ -80,7 +83,8 @@ class AdapMoEMixtralModel(nn.Module):
                 layer_idx=idx, num_experts=config.num_local_experts,
                 top_k=config.num_experts_per_tok, hidden_size=config.hidden_size,
                 intermediate_size=config.intermediate_size, num_slots=slots[idx],
-                config=adapmoe, step=self.step, sensitivity=sensitivity[idx], params_dtype=dtype,
+                config=adapmoe, step=self.step, sensitivity=sensitivity[idx], link=self.link,
+                params_dtype=dtype,
                 prefix=f"{prefix}.block_sparse_moe")
             return AdapMoEMixtralDecoderLayer(config, vllm_config.cache_config,
                                               vllm_config.quant_config, prefix, moe)
@@ -88,6 +92,9 @@ class AdapMoEMixtralModel(nn.Module):
         self.start_layer, self.end_layer, self.layers = make_layers(
             config.num_hidden_layers, layer, prefix=f"{prefix}.layers")
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        blocks = self.moe_blocks()
+        for i, block in enumerate(blocks):
+            block.next_blocks = blocks[i + 1:i + 1 + adapmoe.prefetch_lookahead]
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states", "residual"], config.hidden_size)
 
@@ -161,10 +168,12 @@ class AdapMoEMixtralForCausalLM(nn.Module, SupportsPP):
         blocks = self.model.moe_blocks()
         logger.info(
             "AdapMoE active: %s with %d MoE layers x %d experts (top-%d); device slots per layer "
-            "%s (%s kernel, %s eviction%s)", type(self).__name__, len(blocks),
+            "%s (%s kernel, %s eviction%s%s%s)", type(self).__name__, len(blocks),
             config.num_local_experts, config.num_experts_per_tok,
             [b.cache.num_slots for b in blocks], blocks[0].kernel.name, self.adapmoe.eviction,
-            f", emulated link {self.adapmoe.link_gbps} GB/s" if self.adapmoe.link_gbps else "")
+            f", emulated link {self.adapmoe.link_gbps} GB/s" if self.adapmoe.link_gbps else "",
+            f", gating T={self.adapmoe.threshold}" if self.adapmoe.threshold else "",
+            f", prefetch {self.adapmoe.prefetch_lookahead} layer(s) ahead" if self.adapmoe.prefetch else "")
 
     def moe_blocks(self) -> list[AdapMoEBlock]:
         return self.model.moe_blocks()

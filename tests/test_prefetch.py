@@ -1,0 +1,50 @@
+"""Cross-layer prefetch: exact outputs, consistent accounting, simulator agreement."""
+
+import pytest
+
+import vllm_adapmoe
+from conftest import PROMPTS, greedy
+from test_exactness import assert_same
+from test_trace_sim import _assert_counters_equal
+from vllm_adapmoe.simulator import simulate
+from vllm_adapmoe.trace import Trace
+
+
+@pytest.fixture(scope="module")
+def prefetching(engines, tiny_model):
+    return engines.get(tiny_model, "adapmoe", cache_slots=2, prefetch=True)
+
+
+def test_prefetch_is_exact_batched(engines, tiny_model, prefetching):
+    assert_same(greedy(engines.get(tiny_model)), greedy(prefetching))
+
+
+def test_prefetch_is_exact_batch_of_one(engines, tiny_model, prefetching):
+    for i in (2, 8):
+        assert greedy(prefetching, [PROMPTS[i]]) == greedy(engines.get(tiny_model), [PROMPTS[i]])
+
+
+def test_prefetch_accounting(prefetching):
+    vllm_adapmoe.reset_stats(prefetching)
+    greedy(prefetching, PROMPTS, max_tokens=12)
+    s = vllm_adapmoe.stats(prefetching)
+    assert s["layers"][0]["prefetch_issued"] == 0  # nothing predicts layer 0
+    assert s["total"]["prefetch_issued"] > 0
+    for layer in s["layers"]:
+        assert 0 <= layer["prefetch_correct"] <= layer["prefetch_issued"] <= layer["loads"]
+        assert layer["prefetch_correct"] + layer["prefetch_wasted"] == layer["prefetch_issued"]
+
+
+def test_simulator_reproduces_live_prefetch(prefetching, tmp_path):
+    vllm_adapmoe.reset_stats(prefetching)
+    vllm_adapmoe.start_trace(prefetching)
+    greedy(prefetching, PROMPTS, max_tokens=10)
+    trace = Trace.load(vllm_adapmoe.stop_trace(prefetching, tmp_path / "pf.npz"))
+    assert (trace.pred_ids[trace.layer == 0] == -1).all()
+    assert (trace.pred_ids[trace.layer > 0] >= 0).all()
+    live = vllm_adapmoe.stats(prefetching)
+    sim = simulate(trace, trace.meta["slots"], "lru", prefetch=True)
+    _assert_counters_equal(live, sim)
+    for l_live, l_sim in zip(live["layers"], sim["layers"]):
+        assert (l_live["prefetch_issued"], l_live["prefetch_correct"]) == (
+            l_sim["prefetch_issued"], l_sim["prefetch_correct"])

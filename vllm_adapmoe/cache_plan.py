@@ -1,0 +1,321 @@
+"""Per-layer cache sizing: how many device expert slots each MoE layer gets under a total budget.
+
+AdapMoE (ICCAD'24) sizes the per-layer caches with a dynamic programme: given a total of ``C``
+slots over ``L`` MoE layers, pick ``s_l`` with ``sum(s_l) == C`` and ``lo <= s_l <= E_l`` that
+minimises ``sum_l f_l(s_l)``, where ``f_l(k)`` is the expected number of on-demand expert loads
+(misses) per decoded token of layer ``l`` when it has ``k`` slots -- its *miss curve*.  Miss curves
+come from replaying routing traces through the cache simulator (``profile["miss_curves"]``) or,
+without a trace, from the closed-form model in :func:`closed_form_curve`.
+
+Functions:
+
+* :func:`plan_dp` -- the exact DP, ``dp[i][j] = min_k dp[i-1][j-k] + f_i(k)``;
+* :func:`plan_uniform` -- the even split used when no curves are available;
+* :func:`closed_form_curve` -- the uniform-routing miss model;
+* :func:`miss_curves_from_profile` -- the measured curves from a profile dict;
+* :func:`plan_table`, :func:`save_plan`, :func:`load_plan`, :func:`plot_plan` -- reporting and I/O.
+
+Miss curves are indexed from one slot: ``curves[l][k - 1] == f_l(k)`` for ``k = 1 .. E_l`` with
+``E_l = len(curves[l])`` (layers may have different expert counts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vllm_adapmoe.config import uniform_split
+
+__all__ = ["plan_dp", "plan_uniform", "plan_cost", "closed_form_curve",
+           "miss_curves_from_profile", "plan_table", "save_plan", "load_plan", "plot_plan"]
+
+
+# -- validation helpers ------------------------------------------------------------------------
+def _check_curves(curves: Sequence[Sequence[float]]) -> list[list[float]]:
+    if isinstance(curves, (str, bytes)) or not isinstance(curves, Sequence) or len(curves) == 0:
+        raise ValueError("miss curves must be a non-empty list with one list of floats per MoE layer")
+    out = []
+    for layer, curve in enumerate(curves):
+        if isinstance(curve, (str, bytes)) or not isinstance(curve, Sequence) or len(curve) == 0:
+            raise ValueError(f"miss curve of layer {layer} must be a non-empty list of floats "
+                             f"(f(k) for k = 1..E), got {curve!r}")
+        values = []
+        for k, v in enumerate(curve, start=1):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"miss curve of layer {layer}: f({k}) must be a finite number, got {v!r}")
+            values.append(float(v))
+        out.append(values)
+    return out
+
+
+def _check_budget(caps: Sequence[int], total: int, lo: int) -> None:
+    """ValueError unless some ``s`` with ``lo <= s_l <= caps[l]`` sums to ``total``."""
+    if isinstance(total, bool) or not isinstance(total, int):
+        raise ValueError(f"total slots must be an integer, got {total!r}")
+    if isinstance(lo, bool) or not isinstance(lo, int) or lo < 1:
+        raise ValueError(f"lo (minimum slots per layer) must be an integer >= 1, got {lo!r}")
+    num_layers = len(caps)
+    if lo > min(caps):
+        raise ValueError(f"lo={lo} slots per layer is more than layer {list(caps).index(min(caps))} "
+                         f"has experts ({min(caps)}); lower lo")
+    if total < lo * num_layers:
+        raise ValueError(f"total={total} slots is too small: {num_layers} MoE layers need at least "
+                         f"lo={lo} slot(s) each ({lo * num_layers} in all); raise the budget")
+    if total > sum(caps):
+        raise ValueError(f"total={total} slots is more than the {sum(caps)} experts of all "
+                         f"{num_layers} MoE layers together; lower the budget (or keep every expert "
+                         "resident)")
+
+
+# -- planners ----------------------------------------------------------------------------------
+def plan_dp(curves: Sequence[Sequence[float]], total: int, lo: int = 1) -> list[int]:
+    """Slots per layer minimising ``sum_l f_l(s_l)`` exactly, with ``sum(s) == total``.
+
+    ``curves[l][k - 1] = f_l(k)`` for ``k = 1 .. E_l``; each layer gets ``lo <= s_l <= E_l``.
+    Curves need not be monotone.  Cost O(L * total * max E).
+
+    Tie-breaking (deterministic): among all optimal allocations the **lexicographically largest**
+    slot vector is returned, i.e. earlier layers get the extra slots -- the same convention as
+    :func:`vllm_adapmoe.config.uniform_split`.  Ties are exact float equality of the costs the DP
+    computes (e.g. flat curves, or integer-valued ones), not a tolerance.
+
+    Raises ``ValueError`` when no allocation is feasible (``total < lo * L``,
+    ``total > sum(E_l)``, ``lo > min(E_l)``) or a curve is malformed.
+    """
+    f = _check_curves(curves)
+    caps = [len(c) for c in f]
+    _check_budget(caps, total, lo)
+    num_layers = len(f)
+
+    # best[i][j]: minimal cost of layers i..L-1 using exactly j slots (inf if infeasible).
+    # Built from the back so that the forward reconstruction can take the largest k first.
+    inf = math.inf
+    best = [[inf] * (total + 1) for _ in range(num_layers + 1)]
+    best[num_layers][0] = 0.0
+    for i in range(num_layers - 1, -1, -1):
+        row, nxt, curve = best[i], best[i + 1], f[i]
+        for j in range(total + 1):
+            m = inf
+            for k in range(lo, min(caps[i], j) + 1):
+                rest = nxt[j - k]
+                if rest < inf:
+                    c = curve[k - 1] + rest
+                    if c < m:
+                        m = c
+            row[j] = m
+    if best[0][total] == inf:  # unreachable after _check_budget, kept as a guard
+        raise ValueError(f"no allocation of {total} slots satisfies lo={lo} <= s_l <= E_l")
+
+    slots, j = [], total
+    for i in range(num_layers):
+        target, nxt, curve = best[i][j], best[i + 1], f[i]
+        for k in range(min(caps[i], j), lo - 1, -1):  # largest k first -> lexicographically largest
+            rest = nxt[j - k]
+            if rest < inf and curve[k - 1] + rest == target:  # same float ops as above: exact
+                break
+        else:  # pragma: no cover - the DP guarantees a match
+            raise AssertionError("plan_dp: reconstruction failed")
+        slots.append(k)
+        j -= k
+    return slots
+
+
+def plan_uniform(num_layers: int, experts: int | Sequence[int], total: int, lo: int = 1) -> list[int]:
+    """``total`` slots split as evenly as possible over ``num_layers``; earlier layers get the remainder.
+
+    ``experts`` is the expert count per layer (one int for all, or one per layer).  With equal
+    counts this is exactly :func:`vllm_adapmoe.config.uniform_split`; when per-layer counts differ
+    and a layer's share exceeds its experts, the excess is split again (same rule) over the layers
+    that still have room.  Raises ``ValueError`` for an infeasible budget.
+    """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
+    if isinstance(experts, int) and not isinstance(experts, bool):
+        caps = [experts] * num_layers
+    else:
+        caps = list(experts)
+        if len(caps) != num_layers:
+            raise ValueError(f"experts lists {len(caps)} counts for {num_layers} layers; give one per layer")
+    if any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in caps):
+        raise ValueError(f"expert counts must be integers >= 1, got {caps}")
+    _check_budget(caps, total, lo)
+
+    slots = uniform_split(total, num_layers)
+    while True:
+        excess = sum(max(0, s - c) for s, c in zip(slots, caps))
+        if excess == 0:
+            return slots
+        slots = [min(s, c) for s, c in zip(slots, caps)]
+        open_layers = [i for i in range(num_layers) if slots[i] < caps[i]]
+        for i, extra in zip(open_layers, uniform_split(excess, len(open_layers))):
+            slots[i] += extra
+
+
+def plan_cost(slots: Sequence[int], curves: Sequence[Sequence[float]]) -> float:
+    """``sum_l f_l(s_l)``: expected misses per decoded token of an allocation."""
+    return sum(_layer_costs(slots, curves))
+
+
+def _layer_costs(slots: Sequence[int], curves: Sequence[Sequence[float]]) -> list[float]:
+    f = _check_curves(curves)
+    if len(slots) != len(f):
+        raise ValueError(f"{len(slots)} slot counts for {len(f)} miss curves; give one per layer")
+    out = []
+    for layer, (s, curve) in enumerate(zip(slots, f)):
+        if not 1 <= s <= len(curve):
+            raise ValueError(f"layer {layer}: {s} slots is outside 1..{len(curve)} (its miss curve)")
+        out.append(curve[s - 1])
+    return out
+
+
+# -- miss curves -------------------------------------------------------------------------------
+def closed_form_curve(num_experts: int, top_k: int, top1_ratio: float,
+                      prefetch_accuracy: float) -> list[float]:
+    """Expected misses per token ``f(k)``, ``k = 1 .. num_experts``, assuming uniform routing.
+
+    With ``E = num_experts``:
+
+    * a token activates on average ``a = top1_ratio * 1 + (1 - top1_ratio) * top_k`` experts
+      (``top1_ratio`` = fraction of tokens whose second..k-th experts were gated off);
+    * with ``k`` of the ``E`` experts resident and experts chosen uniformly at random, each needed
+      expert hits with probability ``k / E``, so misses per token are ``a * (1 - k/E)``;
+    * prefetching loads at most one expert per token ahead of time and is right with probability
+      ``prefetch_accuracy``, turning that fraction of the first expert's misses into hits:
+      subtract ``prefetch_accuracy * (1 - k/E)``.
+
+    ``f(k) = max(0, (a - prefetch_accuracy) * (1 - k/E))``; non-increasing in ``k`` and
+    ``f(E) == 0``.  This is our reading of the assumptions behind the public AdapMoE code
+    (uniform expert choice, mixing the top-1 ratio and the prefetch accuracy), not a copy of it;
+    measured curves (:func:`miss_curves_from_profile`) should be preferred when a trace exists.
+    """
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an integer in 1..{num_experts}, got {top_k!r}")
+    for name, v in (("top1_ratio", top1_ratio), ("prefetch_accuracy", prefetch_accuracy)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
+    active = top1_ratio * 1.0 + (1.0 - top1_ratio) * top_k
+    out = []
+    for k in range(1, num_experts + 1):
+        miss = 1.0 - k / num_experts
+        out.append(max(0.0, active * miss - prefetch_accuracy * miss))
+    return out
+
+
+def miss_curves_from_profile(profile: Any) -> list[list[float]]:
+    """The measured per-layer miss curves, ``profile["miss_curves"][l][k - 1] = f_l(k)``.
+
+    ``profile`` is a profile dict (or an object with ``to_dict()``, e.g. ``Profile``).
+    """
+    if hasattr(profile, "to_dict") and not isinstance(profile, dict):
+        profile = profile.to_dict()
+    if not isinstance(profile, dict):
+        raise ValueError(f"profile must be a dict (the loaded profile JSON), got {type(profile).__name__}")
+    curves = profile.get("miss_curves")
+    if curves is None:
+        raise ValueError("the profile has no \"miss_curves\" (expected misses per token for each "
+                         "layer and slot count); run `adapmoe profile` / calibrate with a trace "
+                         "first, or use closed_form_curve() / plan=\"uniform\"")
+    return _check_curves(curves)
+
+
+# -- reporting and files -----------------------------------------------------------------------
+def plan_table(slots: Sequence[int], curves: Sequence[Sequence[float]] | None = None) -> str:
+    """A printable table: layer, slots, expected misses/token at that allocation, and a total row."""
+    slots = [int(s) for s in slots]
+    costs = _layer_costs(slots, curves) if curves is not None else None
+    head = f"{'layer':>5}  {'slots':>5}  {'misses/token':>12}"
+    lines = [head, "-" * len(head)]
+    for layer, s in enumerate(slots):
+        miss = f"{costs[layer]:12.4f}" if costs is not None else f"{'-':>12}"
+        lines.append(f"{layer:>5}  {s:>5}  {miss}")
+    lines.append("-" * len(head))
+    miss = f"{sum(costs):12.4f}" if costs is not None else f"{'-':>12}"
+    lines.append(f"{'total':>5}  {sum(slots):>5}  {miss}")
+    return "\n".join(lines)
+
+
+def save_plan(path: str | Path, slots: Sequence[int], method: str, total: int,
+              curves: Sequence[Sequence[float]] | None = None,
+              extra: dict[str, Any] | None = None) -> Path:
+    """Write the plan as JSON; returns the path.
+
+    Keys: ``method``, ``total_slots``, ``slots``, ``expected_misses_per_token`` (float, or null
+    without curves), ``expected_misses_per_layer`` (list or null), then any ``extra`` keys
+    (which may not replace the ones above).
+    """
+    slots = [int(s) for s in slots]
+    if sum(slots) != total:
+        raise ValueError(f"slots sum to {sum(slots)}, not total={total}")
+    costs = _layer_costs(slots, curves) if curves is not None else None
+    data: dict[str, Any] = {
+        "method": method,
+        "total_slots": int(total),
+        "slots": slots,
+        "expected_misses_per_token": float(sum(costs)) if costs is not None else None,
+        "expected_misses_per_layer": costs,
+    }
+    for key, value in (extra or {}).items():
+        if key in data:
+            raise ValueError(f"extra key {key!r} would overwrite a plan field")
+        data[key] = value
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def load_plan(path: str | Path) -> list[int]:
+    """The ``slots`` list of a plan written by :func:`save_plan` (checked to be integers >= 1)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read cache plan {path}: {exc}") from exc
+    slots = data.get("slots") if isinstance(data, dict) else None
+    if (not isinstance(slots, list) or not slots
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in slots)):
+        raise ValueError(f"cache plan {path}: \"slots\" must be a non-empty list of integers >= 1, "
+                         f"got {slots!r}")
+    total = data.get("total_slots")
+    if total is not None and total != sum(slots):
+        raise ValueError(f"cache plan {path}: slots sum to {sum(slots)} but total_slots is {total}")
+    return slots
+
+
+def plot_plan(slots: Sequence[int], curves: Sequence[Sequence[float]] | None,
+              path: str | Path) -> bool:
+    """PNG of slots per layer (bars) and, with curves, each layer's misses/token at that allocation.
+
+    Returns ``True`` when the file was written, ``False`` (silently) when matplotlib is missing.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    slots = [int(s) for s in slots]
+    costs = _layer_costs(slots, curves) if curves is not None else None
+    layers = list(range(len(slots)))
+    fig = Figure(figsize=(max(4.0, 0.4 * len(slots) + 2.0), 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(layers, slots, color="tab:blue", label="slots")
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("device slots", color="tab:blue")
+    ax.set_title(f"cache plan: {sum(slots)} slots"
+                 + (f", {sum(costs):.3f} expected misses/token" if costs is not None else ""))
+    if costs is not None:
+        ax2 = ax.twinx()
+        ax2.plot(layers, costs, "o-", color="tab:red", label="misses/token")
+        ax2.set_ylabel("expected misses/token", color="tab:red")
+        ax2.set_ylim(bottom=0)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(str(path), format="png")
+    return True

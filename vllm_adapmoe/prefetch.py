@@ -1,0 +1,35 @@
+"""Cross-layer prefetch: guess layer l+1's experts during layer l and start loading them.
+
+While layer l runs, layer l+1's router is applied to layer l's MoE input for every decode token
+of the step (hidden states change little between adjacent layers, so the guess is usually
+right). The guessed routing goes through layer l+1's own gating rule; the experts it needs —
+most-requested first, at most as many as layer l+1 has slots — are booked in layer l+1's cache
+and copied in behind layer l's own loads on the same link. Layer l+1's real routing stays
+authoritative: a wrong guess costs bandwidth and maybe an eviction, never correctness.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from vllm_adapmoe.gating import AdaptiveGate
+
+
+def predicted_expert_sets(weights: torch.Tensor, ids: torch.Tensor, gate: AdaptiveGate) -> torch.Tensor:
+    """[T, k] experts the target layer would need for these predicted decode-token routings
+    (top-k ``weights``/``ids`` from its router); −1 where its gating would drop one."""
+    from vllm_adapmoe.moe_layer import Routing
+
+    if not gate.active:
+        return ids
+    decode = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    return Routing.gated(ids, weights, gate, decode).expert_sets
+
+
+def select_prefetch(expert_sets: torch.Tensor, capacity: int) -> list[int]:
+    """Experts to prefetch: most requested first (ties: lower id), at most ``capacity``."""
+    counts = Counter(e for e in expert_sets.flatten().tolist() if e >= 0)
+    ranked = sorted(counts, key=lambda e: (-counts[e], e))
+    return ranked[:capacity]
