@@ -35,9 +35,10 @@ def test_bad_values_raise(raw):
         AdapMoEConfig.from_dict(raw)
 
 
-@pytest.mark.parametrize("raw", [{"plan": "dp"}])
-def test_features_of_later_versions_are_refused_not_ignored(raw):
-    with pytest.raises(AdapMoEConfigError, match="not implemented"):
+@pytest.mark.parametrize("raw", [{"plan": "dp"}, {"plan": "dp", "cache_total_slots": 8},
+                                 {"plan": "dp", "profile": "p.json", "cache_slots": 2}])
+def test_dp_plan_needs_a_profile_and_a_total_budget(raw):
+    with pytest.raises(AdapMoEConfigError, match="miss curves of a profile"):
         AdapMoEConfig.from_dict(raw)
 
 

@@ -150,7 +150,8 @@ def validate_budget(vllm_config: Any) -> list[int]:
     cfg = AdapMoEConfig.from_additional_config(vllm_config.additional_config)
     cfg.sensitivities(shape.num_layers, model_config.hf_config)
     return cfg.slots_per_layer(shape.num_layers, shape.num_experts,
-                               shape.expert_bytes(model_config.dtype.itemsize))
+                               shape.expert_bytes(model_config.dtype.itemsize),
+                               model_config.hf_config)
 
 
 def _hook_worker() -> None:

@@ -77,9 +77,11 @@ class AdapMoEConfig:
             )
         if self.plan not in ("uniform", "dp"):
             raise AdapMoEConfigError(f'adapmoe: plan must be "uniform" or "dp", got {self.plan!r}')
-        if self.plan == "dp":
+        if self.plan == "dp" and (self.profile is None or self.cache_slots is not None
+                                  or (self.cache_total_slots is None and self.cache_gib is None)):
             raise AdapMoEConfigError(
-                'adapmoe: plan="dp" is not implemented in this version; use plan="uniform"'
+                'adapmoe: plan="dp" splits a total budget using the miss curves of a profile: '
+                'set "profile" and one of "cache_total_slots" / "cache_gib" (not "cache_slots")'
             )
         if self.eviction not in ("lru", "lfu"):
             raise AdapMoEConfigError(
@@ -139,7 +141,8 @@ class AdapMoEConfig:
                 "give one per layer (or recalibrate the profile for this model)")
         return values
 
-    def slots_per_layer(self, num_layers: int, num_experts: int, expert_bytes: int) -> list[int]:
+    def slots_per_layer(self, num_layers: int, num_experts: int, expert_bytes: int,
+                        hf_config: Any = None) -> list[int]:
         """Device slots for each MoE layer under this budget (model shape known only here)."""
         if self.cache_slots is None and self.cache_gib is None and self.cache_total_slots is None:
             return [num_experts] * num_layers
@@ -174,7 +177,21 @@ class AdapMoEConfig:
                 f"adapmoe: {budget_name} gives fewer than one slot per MoE layer "
                 f"({num_layers} layers); raise the budget"
             )
+        if self.plan == "dp":
+            return self._dp_split(total, num_layers, hf_config)
         return uniform_split(total, num_layers)
+
+    def _dp_split(self, total: int, num_layers: int, hf_config: Any) -> list[int]:
+        from vllm_adapmoe.cache_plan import plan_dp
+        from vllm_adapmoe.profile import load_profile
+
+        profile = load_profile(self.profile, hf_config)
+        curves = getattr(profile, "miss_curves", None)
+        if not curves or len(curves) != num_layers:
+            raise AdapMoEConfigError(
+                f'adapmoe: plan="dp" needs miss curves in {self.profile}; record a trace with '
+                "`adapmoe trace` and add them with `adapmoe profile PROFILE.json --trace T.npz`")
+        return plan_dp(curves, total)
 
 
 def uniform_split(total: int, num_layers: int) -> list[int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
 import torch
 
 from vllm_adapmoe.gating import AdaptiveGate
@@ -46,6 +47,7 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
     uses = _future_uses(blocks) if policy == "belady" else None
 
     stats = [LayerStats() for _ in range(L)]
+    decode_step_misses, decode_step_tokens = [0] * L, [0] * L  # steps with only decode tokens
     tables = []
     for layer in range(L):
         pol = BeladyPolicy(uses[layer]) if uses is not None else make_policy(policy)
@@ -70,7 +72,11 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
         st.activated_experts += routing.activated()
         st.top1_tokens += int((routing.keep == 1).sum()) if routing.keep is not None else (
             len(block.ids) if k == 1 else 0)
+        misses_before = st.misses
         table.count_step(needed)
+        if block.decode.all():
+            decode_step_misses[block.layer] += st.misses - misses_before
+            decode_step_tokens[block.layer] += len(block.ids)
         for _, experts in plan_waves(sets, needed, table.num_slots, table.slot_of):
             table.admit(experts)
 
@@ -79,10 +85,42 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
     for layer, st in enumerate(stats):
         st.bytes_loaded = st.loads * size
         layers.append({"layer": layer, "slots": tables[layer].num_slots, "expert_bytes": size,
-                       **st.as_dict()})
+                       **st.as_dict(), "decode_step_misses": decode_step_misses[layer],
+                       "decode_step_tokens": decode_step_tokens[layer]})
     out = summarise(layers)
     decoded = max(stats[0].decode_tokens, 1)
     out["total"]["loads_per_decoded_token"] = out["total"]["loads"] / decoded
+    return out
+
+
+def miss_curves(trace: Trace, policy: str = "lru", **settings: Any) -> list[list[float]]:
+    """f_l(k) for k = 1..E: on-demand misses per decoded token of layer l with k slots,
+    over the trace's pure-decode steps (prefill needs every expert whatever the budget).
+    Layers are independent (per-layer caches), so one replay per k serves all layers."""
+    E, L = int(trace.meta["num_experts"]), trace.num_layers
+    curves: list[list[float]] = [[] for _ in range(L)]
+    for k in range(1, E + 1):
+        result = simulate(trace, k, policy, **settings)
+        for layer, st in enumerate(result["layers"]):
+            curves[layer].append(st["decode_step_misses"] / max(st["decode_step_tokens"], 1))
+    return curves
+
+
+def prediction_accuracy(trace: Trace) -> list[dict[str, float]]:
+    """Per layer, for decode tokens: how often the router of layer l applied to layer l−1's
+    input got layer l's top-1 expert right, and the share of its top-k it recovered."""
+    out = []
+    for layer in range(trace.num_layers):
+        rows = (trace.layer == layer) & trace.decode & (trace.pred_ids[:, 0] >= 0)
+        if layer == 0 or not rows.any():
+            out.append({"layer": layer, "tokens": int(rows.sum()), "top1": None, "recall": None})
+            continue
+        ids, pred = trace.ids[rows], trace.pred_ids[rows]
+        w, pw = trace.weights[rows], trace.pred_weights[rows]
+        top1 = ids[np.arange(len(ids)), w.argmax(1)] == pred[np.arange(len(pred)), pw.argmax(1)]
+        recall = np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(ids.tolist(), pred.tolist())])
+        out.append({"layer": layer, "tokens": int(rows.sum()), "top1": float(top1.mean()),
+                    "recall": float(recall)})
     return out
 
 
