@@ -4,12 +4,16 @@ For each batch size, every configuration generates the same greedy batch; rounds
 configurations (A B C A B C ...) so machine noise hits all alike; medians are reported.
 Decode tokens/s = batch × (N−1) / (t(N new tokens) − t(1 new token)), i.e. prefill removed.
 
+Configurations: stock vLLM; adapmoe with every expert resident ("100%"); for each budget below
+100%: uniform LRU slots, and with `--profile` the full AdapMoE setting (DP plan from the
+profile's miss curves + prefetch + gating at `--threshold`).
+
 Link emulation (`--link`): the emulated host→device bandwidth is derived from this machine's own
 all-resident batch-1 decode so that one expert load costs about `--link-layers` (10) layers of
-decode compute; results taken with it are labelled "emulated".
+decode compute; those configurations are repeated with it and labelled "emulated-link".
 
     python benchmarks/bench_decode.py [--model DIR] [--batches 1 16] [--budgets 1.0 0.5 0.25]
-                                      [--link] [--rounds 3] [--out benchmarks/results/decode.json]
+        [--profile P.json --threshold 0.01] [--link] [--rounds 3] [--out benchmarks/results/decode.json]
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def make_prompts(model: str, n: int) -> list[str]:
@@ -39,10 +43,25 @@ def timed(llm, prompts, max_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
-def decode_rate(llm, prompts, new_tokens: int) -> float:
-    t_full = timed(llm, prompts, new_tokens)
-    t_prefill = timed(llm, prompts, 1)
-    return len(prompts) * (new_tokens - 1) / max(t_full - t_prefill, 1e-9)
+def decode_rate(llm, prompts, new_tokens: int, adapmoe: bool = False) -> tuple[float, dict | None]:
+    """Decode tokens/s, and (adapmoe) the counters of the decode part: the full run's minus
+    the prefill-only run's."""
+    import vllm_adapmoe
+
+    def run(n: int) -> tuple[float, dict | None]:
+        if adapmoe:
+            vllm_adapmoe.reset_stats(llm)
+        t = timed(llm, prompts, n)
+        return t, vllm_adapmoe.stats(llm)["total"] if adapmoe else None
+
+    (t_full, full), (t_prefill, prefill) = run(new_tokens), run(1)
+    rate = len(prompts) * (new_tokens - 1) / max(t_full - t_prefill, 1e-9)
+    if not adapmoe:
+        return rate, None
+    decode = {k: full[k] - prefill[k] for k in full if isinstance(full[k], (int, float))}
+    decode["decoded_tokens"] = len(prompts) * (new_tokens - 1)
+    decode["hit_rate"] = decode["hits"] / max(decode["hits"] + decode["misses"], 1)
+    return rate, decode
 
 
 def main() -> None:
@@ -59,72 +78,86 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--eviction", default="lru")
+    ap.add_argument("--profile", default=None, help="enables the full AdapMoE configurations")
+    ap.add_argument("--threshold", type=float, default=0.01)
     ap.add_argument("--out", default="benchmarks/results/decode.json")
     args = ap.parse_args()
 
     cfg = json.loads((Path(args.model) / "config.json").read_text())
     E, L = cfg["num_local_experts"], cfg["num_hidden_layers"]
-    common = dict(model=args.model, enforce_eager=True, max_model_len=1024, seed=0,
+    common = dict(model=args.model, enforce_eager=True, max_model_len=512, seed=0,
+                  kv_cache_memory_bytes=256 * 2**20,
                   max_num_seqs=max(args.batches))
     engines = {"stock": LLM(**common)}
 
-    def adapmoe_engine(budget: float, link: float | None):
-        settings = {"cache_slots": max(1, round(E * budget)), "eviction": args.eviction}
-        if link:
-            settings["link_gbps"] = link
+    def variants(budget: float) -> dict[str, dict]:
+        if budget >= 1.0:
+            return {"100%": {}}
+        out = {f"LRU {budget:.0%}": {"cache_slots": max(1, round(E * budget)), "eviction": args.eviction}}
+        if args.profile:
+            out[f"AdapMoE {budget:.0%}"] = {
+                "cache_total_slots": max(L, round(E * L * budget)), "plan": "dp", "prefetch": True,
+                "threshold": args.threshold, "profile": args.profile}
+        return out
+
+    def engine(settings: dict):
         return LLM(**common, model_impl="adapmoe", additional_config={"adapmoe": settings})
 
-    for b in args.budgets:
-        engines[f"adapmoe {b:.0%}"] = adapmoe_engine(b, None)
+    configs = {name: cfg for b in args.budgets for name, cfg in variants(b).items()}
+    for name, settings in configs.items():
+        engines[name] = engine(settings)
     prompts_by_batch = {b: make_prompts(args.model, b) for b in args.batches}
 
     link_gbps = None
     if args.link:
-        ref = engines[f"adapmoe {1.0:.0%}"] if 1.0 in args.budgets else engines["stock"]
-        rate = statistics.median(decode_rate(ref, prompts_by_batch[1][:1], args.new_tokens)
+        ref = engines.get("100%", engines["stock"])
+        rate = statistics.median(decode_rate(ref, prompts_by_batch[1][:1], args.new_tokens)[0]
                                  for _ in range(3))
         layer_s = 1.0 / rate / L
-        expert_bytes = vllm_adapmoe.stats(engines[f"adapmoe {args.budgets[0]:.0%}"])["layers"][0]["expert_bytes"]
+        expert_bytes = vllm_adapmoe.stats(engines[next(iter(configs))])["layers"][0]["expert_bytes"]
         link_gbps = expert_bytes / (args.link_layers * layer_s) / 1e9
         print(f"decode layer time {layer_s * 1e3:.3f} ms; expert {expert_bytes} B; "
               f"emulated link {link_gbps:.4f} GB/s (1 load ≈ {args.link_layers:g} layers)")
-        for b in args.budgets:
-            if b < 1.0:
-                engines[f"adapmoe {b:.0%} emulated-link"] = adapmoe_engine(b, link_gbps)
+        for name, settings in configs.items():
+            if name != "100%":
+                engines[f"{name} emulated-link"] = engine({**settings, "link_gbps": link_gbps})
 
     rows = []
     for batch, prompts in prompts_by_batch.items():
         rates: dict[str, list[float]] = {name: [] for name in engines}
         traffic: dict[str, dict] = {}
         for name, llm in engines.items():  # warm-up round (fills caches, JIT, allocator)
-            decode_rate(llm, prompts, 8)
+            decode_rate(llm, prompts, 8, name != "stock")
         for _ in range(args.rounds):
             for name, llm in engines.items():
-                if name != "stock":
-                    vllm_adapmoe.reset_stats(llm)
-                rates[name].append(decode_rate(llm, prompts, args.new_tokens))
-                if name != "stock":
-                    traffic[name] = vllm_adapmoe.stats(llm)
+                rate, counters = decode_rate(llm, prompts, args.new_tokens, name != "stock")
+                rates[name].append(rate)
+                if counters:
+                    traffic[name] = counters  # last round's (caches warm)
         stock = statistics.median(rates["stock"])
-        resident = statistics.median(rates.get(f"adapmoe {1.0:.0%}", rates["stock"]))
+        resident = statistics.median(rates.get("100%", rates["stock"]))
         for name, r in rates.items():
             med = statistics.median(r)
             row = {"batch": batch, "config": name, "decode_tok_s": med,
                    "vs_stock": med / stock, "vs_all_resident": med / resident, "samples": r}
             if name in traffic:
-                t = traffic[name]["total"]
-                decoded = traffic[name]["layers"][0]["decode_tokens"]
-                row.update(slots_per_layer=traffic[name]["layers"][0]["slots"],
+                t = traffic[name]
+                decoded = t["decoded_tokens"]
+                row.update(slots=[x["slots"] for x in vllm_adapmoe.stats(engines[name])["layers"]],
+                           activated_per_token_layer=t["activated_experts"] / max(t["tokens"], 1),
+                           prefetch_accuracy=t["prefetch_correct"] / t["prefetch_issued"]
+                           if t["prefetch_issued"] else None,
                            hit_rate=t["hit_rate"],
-                           loads_per_decoded_token=t["loads"] / max(decoded, 1),
-                           bytes_per_decoded_token=t["bytes_loaded"] / max(decoded, 1),
+                           misses_per_decoded_token=t["misses"] / decoded,
+                           loads_per_decoded_token=t["loads"] / decoded,
+                           bytes_per_decoded_token=t["bytes_loaded"] / decoded,
                            stall_s=t["stall_s"], decoded_tokens=decoded)
             rows.append(row)
 
-    print(f"\n{'batch':>5} {'config':<28} {'tok/s':>8} {'vs stock':>8} {'vs 100%':>8} "
+    print(f"\n{'batch':>5} {'config':<32} {'tok/s':>8} {'vs stock':>8} {'vs 100%':>8} "
           f"{'hit rate':>8} {'loads/tok':>9}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['config']:<28} {r['decode_tok_s']:>8.1f} {r['vs_stock']:>8.2f} "
+        print(f"{r['batch']:>5} {r['config']:<32} {r['decode_tok_s']:>8.1f} {r['vs_stock']:>8.2f} "
               f"{r['vs_all_resident']:>8.2f} {r.get('hit_rate', float('nan')):>8.3f} "
               f"{r.get('loads_per_decoded_token', float('nan')):>9.2f}")
     out = Path(args.out)
