@@ -1,0 +1,362 @@
+"""``adapmoe calibrate``: per-layer sensitivity S_l for AdapMoE's adaptive gating.
+
+Method. A Mixtral MoE layer routes token x to its top-k experts with weights renormalised over
+the top k (top-2: w1 >= w2, w1 + w2 = 1) and outputs y = sum_i w_i E_i(x). Dropping the last
+(k-th) expert and renormalising the rest gives y' = sum_{i<k} w_i/(1-w_k) E_i(x); the change is
+
+    dy = y' - y = w_k * (y' - E_k(x))        (top-2: dy = w2 * (E1(x) - E2(x)))
+
+Second-order Taylor of the loss with the Hessian replaced by the empirical Fisher F = E[g g^T],
+g = dL/dy_l (gradient of the loss wrt layer l's MoE output at that token):
+
+    dL ~= 1/2 dy^T F dy ~= 1/2 w_k^2 (g^T (y' - E_k(x)))^2
+
+so S_l = mean over calibration tokens of (g_t^T (y'_t - E_k(x_t)))^2, i.e. (g^T dy / w_k)^2;
+for top-2 that is (g^T (E1 - E2))^2. The gating rule (in the serving layer) keeps only expert 1
+when w2^2 * S_l < T.
+
+Loss and scale. L is the *sum* (not the mean) of next-token cross-entropies (nats) over a
+window, so g_t = dL/dy_t carries the effect of token t's MoE output on its own prediction and,
+through attention, on the later predictions in the window; S_l is then a per-token quantity that
+does not shrink with the window length. The last position of each window has no target (g = 0)
+and is left out of S_l; the routing statistics use every position.
+
+Routing is recomputed from the router weights exactly as Mixtral does (softmax over all experts,
+top-k, renormalise) and the expert outputs from the layer's own fused weights; the weighted sum
+is checked against the block's real output on every window, so a layout change in transformers
+fails loudly instead of giving wrong numbers.
+
+Data: a text file or a directory of ``*.txt`` files (default: the bundled calibration text),
+tokenised with the model's tokenizer (BOS before each file), cut into non-overlapping windows of
+``window`` tokens; ``max_tokens // window`` windows are drawn at random (``seed``) from the first
+~8 x ``max_tokens`` tokens. One window at a time goes through forward + backward (fp32).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vllm_adapmoe.profile import Profile, architecture_of, config_hash
+
+__all__ = ["calibrate", "load_windows", "DEFAULT_DATA", "DEFAULT_THRESHOLDS", "W2_BINS"]
+
+DEFAULT_DATA = Path(__file__).parent / "bundled" / "calibration.txt"
+DEFAULT_THRESHOLDS = (0.001, 0.005, 0.01, 0.05)
+W2_BINS = 20
+_READ_CHUNK = 1 << 20       # characters of text tokenised at a time
+_STREAM_FACTOR = 8          # read at most this many times max_tokens tokens
+
+
+# -- data ------------------------------------------------------------------------------------
+def _text_files(data: str | Path) -> list[Path]:
+    path = Path(data)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise FileNotFoundError(f"no .txt files under the data directory {path}")
+        return files
+    raise FileNotFoundError(f"calibration data {path} does not exist (give a text file or a "
+                            "directory of .txt files)")
+
+
+def _read_pieces(path: Path):
+    """The file's text in pieces of ~_READ_CHUNK characters, cut after a newline."""
+    carry = ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while True:
+            block = f.read(_READ_CHUNK)
+            if not block:
+                break
+            text = carry + block
+            if len(block) < _READ_CHUNK:  # end of file: a small file is one piece
+                carry = text
+                break
+            cut = text.rfind("\n") + 1
+            if cut == 0:
+                carry = text
+                continue
+            carry = text[cut:]
+            yield text[:cut]
+    if carry:
+        yield carry
+
+
+def _token_stream(tokenizer: Any, files: list[Path], limit: int) -> list[int]:
+    ids: list[int] = []
+    bos = getattr(tokenizer, "bos_token_id", None)
+    for path in files:
+        if bos is not None:
+            ids.append(bos)
+        for piece in _read_pieces(path):
+            ids.extend(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"])
+            if len(ids) >= limit:
+                return ids[:limit]
+    return ids
+
+
+def load_windows(tokenizer: Any, data: str | Path, window: int, max_tokens: int, seed: int):
+    """The calibration windows, an int64 tensor (n_windows, window), as ``calibrate`` uses them."""
+    stream = _token_stream(tokenizer, _text_files(data), _STREAM_FACTOR * max_tokens)
+    return _windows(stream, window, max_tokens, seed)
+
+
+def _windows(stream: list[int], window: int, max_tokens: int, seed: int):
+    import torch
+
+    n_avail = len(stream) // window
+    if n_avail == 0:
+        if len(stream) < 2:
+            raise ValueError(f"calibration data has {len(stream)} tokens; need at least 2")
+        return torch.tensor(stream, dtype=torch.long)[None]
+    want = max(1, max_tokens // window)
+    gen = torch.Generator().manual_seed(seed)
+    spare = len(stream) - n_avail * window
+    offset = int(torch.randint(0, spare + 1, (1,), generator=gen)) if spare else 0
+    tokens = torch.tensor(stream[offset: offset + n_avail * window], dtype=torch.long)
+    wins = tokens.view(n_avail, window)
+    if n_avail > want:
+        pick = torch.randperm(n_avail, generator=gen)[:want].sort().values
+        wins = wins[pick]
+    return wins
+
+
+# -- MoE blocks ------------------------------------------------------------------------------
+def _moe_blocks(model: Any) -> list[Any]:
+    blocks = []
+    for m in model.modules():
+        experts = getattr(m, "experts", None)
+        if (hasattr(m, "gate") and hasattr(getattr(m, "gate"), "weight")
+                and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj")):
+            blocks.append(m)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no Mixtral-style MoE blocks (a module "
+                         "with a router `gate` and fused `experts.gate_up_proj/down_proj`)")
+    return blocks
+
+
+def _route(block: Any, x, top_k: int):
+    """Mixtral routing: softmax over all experts, top-k, renormalise over the k."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = F.linear(x, block.gate.weight)
+    probs = torch.softmax(logits.float(), dim=-1)
+    w, idx = torch.topk(probs, top_k, dim=-1)
+    w = w / w.sum(dim=-1, keepdim=True)
+    return w, idx
+
+
+def _expert_outputs(experts: Any, x, idx):
+    """E_{idx[t, i]}(x_t) for every token t and slot i: shape (T, k, H)."""
+    import torch
+    import torch.nn.functional as F
+
+    if getattr(experts, "has_bias", False):
+        raise NotImplementedError("experts with biases are not supported by calibrate")
+    transposed = getattr(experts, "is_transposed", False)
+    concatenated = getattr(experts, "is_concatenated", True)
+    act = experts.act_fn
+    out = x.new_zeros(idx.shape[0], idx.shape[1], x.shape[-1])
+    for e in torch.unique(idx).tolist():
+        tok, slot = torch.where(idx == e)
+        xs = x[tok]
+        gu_w, down_w = experts.gate_up_proj[e], experts.down_proj[e]
+        gu = xs @ gu_w if transposed else F.linear(xs, gu_w)
+        gate, up = gu.chunk(2, dim=-1) if concatenated else (gu[..., 0::2], gu[..., 1::2])
+        h = act(gate) * up
+        out[tok, slot] = (h @ down_w if transposed else F.linear(h, down_w)).to(out.dtype)
+    return out
+
+
+@dataclass
+class _LayerAcc:
+    num_experts: int
+    s_sum: float = 0.0
+    s_sq: float = 0.0
+    s_count: int = 0
+    top1: Any = None
+    topk: Any = None
+    wk: list = field(default_factory=list)
+    # per-window scratch
+    diff: Any = None
+    n_pred: int = 0
+
+
+class _Recorder:
+    """Forward hooks on the MoE blocks: routing stats + (g . (y' - E_k))^2 after backward."""
+
+    def __init__(self, blocks: list[Any], top_k: int, num_experts: int) -> None:
+        import torch
+
+        self.top_k = top_k
+        self.acc = [_LayerAcc(num_experts, top1=torch.zeros(num_experts, dtype=torch.float64),
+                              topk=torch.zeros(num_experts, dtype=torch.float64))
+                    for _ in blocks]
+        self.n_pred = 0
+        self.handles = [b.register_forward_hook(self._hook(i, b)) for i, b in enumerate(blocks)]
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _hook(self, i: int, block: Any):
+        import torch
+
+        def hook(_module, inputs, output):
+            y = output[0] if isinstance(output, tuple) else output
+            x = inputs[0]
+            hidden = x.shape[-1]
+            with torch.no_grad():
+                x2 = x.detach().reshape(-1, hidden)
+                w, idx = _route(block, x2, self.top_k)
+                outs = _expert_outputs(block.experts, x2, idx).float()
+                y_rec = (w[..., None] * outs).sum(1)
+                y_real = y.detach().reshape(-1, hidden).float()
+                err = (y_rec - y_real).abs().max().item()
+                scale = y_real.abs().max().item()
+                if not err <= 1e-3 * scale + 1e-5:
+                    raise RuntimeError(
+                        f"calibrate: recomputed MoE output of layer {i} differs from the model's "
+                        f"({err:.3g} vs scale {scale:.3g}); this transformers version's MoE "
+                        "layout is not what calibrate expects")
+                wk = w[:, -1]
+                keep = w[:, :-1] / (1.0 - wk)[:, None]
+                y_drop = (keep[..., None] * outs[:, :-1]).sum(1)
+                a = self.acc[i]
+                a.diff = y_drop - outs[:, -1]          # dy / w_k, shape (T, H)
+                a.top1 += torch.bincount(idx[:, 0].cpu(), minlength=a.num_experts).double()
+                a.topk += torch.bincount(idx.reshape(-1).cpu(), minlength=a.num_experts).double()
+                a.wk.append(wk.cpu())
+            if y.requires_grad:
+                y.register_hook(self._grad_hook(i))
+            return None
+
+        return hook
+
+    def _grad_hook(self, i: int):
+        import torch
+
+        def on_grad(g):
+            a = self.acc[i]
+            with torch.no_grad():
+                g2 = g.detach().reshape(-1, g.shape[-1]).float()
+                s = ((g2 * a.diff).sum(-1) ** 2)[: self.n_pred].double()
+                a.s_sum += s.sum().item()
+                a.s_sq += (s * s).sum().item()
+                a.s_count += s.numel()
+            a.diff = None
+            return None
+
+        return on_grad
+
+
+# -- main entry ------------------------------------------------------------------------------
+def _entropy_bits(p) -> float:
+    return float(-sum(x * math.log2(x) for x in p if x > 0))
+
+
+def calibrate(model_dir: str | Path, data: str | Path | None = None, *, window: int = 256,
+              max_tokens: int = 32768, seed: int = 0, device: str | None = None,
+              thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
+              progress: bool = True) -> Profile:
+    """Measure S_l (and routing statistics) for the model in ``model_dir``; returns a Profile."""
+    import torch
+    import torch.nn.functional as F
+    import transformers
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if window < 2:
+        raise ValueError("window must be at least 2 tokens")
+    if max_tokens < 2:
+        raise ValueError("max_tokens must be at least 2")
+    t0 = time.perf_counter()
+    data_path = Path(data) if data is not None else DEFAULT_DATA
+    files = _text_files(data_path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    cfg = model.config
+    top_k = int(cfg.num_experts_per_tok)
+    num_experts = int(cfg.num_local_experts)
+    if top_k < 2:
+        raise ValueError(f"the model routes to top-{top_k}; adaptive gating needs top-k >= 2")
+
+    wins = load_windows(tokenizer, data_path, window, max_tokens, seed)
+
+    blocks = _moe_blocks(model)
+    rec = _Recorder(blocks, top_k, num_experts)
+    embed = model.get_input_embeddings()
+    loss_sum, n_pred_total = 0.0, 0
+    try:
+        bar = tqdm(range(wins.shape[0]), desc="calibrate", unit="window", disable=not progress)
+        for w_i in bar:
+            ids = wins[w_i: w_i + 1].to(device)
+            rec.n_pred = ids.shape[1] - 1
+            emb = embed(ids).detach().requires_grad_(True)
+            logits = model(inputs_embeds=emb, use_cache=False).logits
+            loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+            loss.backward()
+            loss_sum += loss.item()
+            n_pred_total += rec.n_pred
+            bar.set_postfix(loss=f"{loss_sum / n_pred_total:.3f}")
+            del logits, loss, emb
+    finally:
+        rec.close()
+
+    sensitivity: list[float] = []
+    routing: list[dict[str, Any]] = []
+    hi = 1.0 / top_k          # the k-th of k renormalised weights is at most 1/k
+    for layer, a in enumerate(rec.acc):
+        if a.s_count == 0:
+            raise RuntimeError(f"no gradient reached MoE layer {layer}")
+        s_mean = a.s_sum / a.s_count
+        s_var = max(a.s_sq / a.s_count - s_mean * s_mean, 0.0)
+        sensitivity.append(s_mean)
+        wk = torch.cat(a.wk).double()
+        hist = torch.histc(wk.clamp(0, hi), bins=W2_BINS, min=0.0, max=hi)
+        top1 = (a.top1 / a.top1.sum()).tolist()
+        topk = (a.topk / a.topk.sum()).tolist()
+        routing.append({
+            "layer": layer,
+            "tokens": int(wk.numel()),
+            "top1_freq": top1,
+            "topk_freq": topk,
+            "top1_entropy_bits": _entropy_bits(top1),
+            "w2_mean": float(wk.mean()),
+            "w2_hist": (hist / hist.sum()).tolist(),
+            "w2_hist_range": [0.0, hi],
+            "s_stderr": math.sqrt(s_var / a.s_count),
+            "top1_fraction": {f"{t:g}": float((wk * wk * s_mean < t).double().mean())
+                              for t in thresholds},
+        })
+
+    seconds = time.perf_counter() - t0
+    return Profile(
+        model={"architecture": architecture_of(cfg), "config_hash": config_hash(cfg),
+               "model_dir": str(model_dir)},
+        sensitivity=sensitivity,
+        calibration={
+            "data": str(data_path), "files": len(files),
+            "tokens": int(wins.numel()), "predicted_tokens": n_pred_total,
+            "windows": int(wins.shape[0]), "window": int(wins.shape[1]),
+            "max_tokens": max_tokens, "seed": seed, "seconds": round(seconds, 2),
+            "mean_loss": loss_sum / max(n_pred_total, 1),
+            "loss": "sum-reduced next-token cross-entropy (nats) per window; "
+                    "S_l = mean_t (g_t . (y'_t - E_k(x_t)))^2, g_t = dL/dy_t",
+            "w2": "weight of the k-th (dropped) expert after renormalisation over the top k",
+            "top_k": top_k, "num_experts": num_experts, "device": str(device),
+            "dtype": "float32", "torch": torch.__version__,
+            "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+        },
+        routing=routing,
+    )

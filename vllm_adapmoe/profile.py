@@ -1,0 +1,173 @@
+"""Calibration profile: the JSON file written by ``adapmoe calibrate`` and read by the plugin.
+
+A profile holds one sensitivity ``S_l`` per MoE layer (see ``vllm_adapmoe.calibrate``), the
+routing statistics gathered in the same pass, and the identity of the model it was measured on.
+``load_profile`` refuses a profile whose ``config_hash`` differs from the model being served.
+
+Layout (``format_version`` 1)::
+
+    {"format_version": 1,
+     "model": {"architecture": str, "config_hash": str (sha256 hex), "model_dir": str},
+     "sensitivity": [S_0, S_1, ...],                      # one float per MoE layer
+     "calibration": {"data": str, "tokens": int, "windows": int, "window": int,
+                     "max_tokens": int, "seed": int, "seconds": float, "loss": str, ...},
+     "routing": [{...per-layer statistics...}, ...]}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FORMAT_VERSION", "CONFIG_HASH_FIELDS", "Profile", "ProfileError", "config_hash",
+           "architecture_of", "save_profile", "load_profile"]
+
+FORMAT_VERSION = 1
+
+#: Config fields that define the MoE shape; a profile is only valid for a model that matches them.
+CONFIG_HASH_FIELDS = ("num_hidden_layers", "num_local_experts", "num_experts_per_tok",
+                      "hidden_size", "intermediate_size", "vocab_size")
+
+
+class ProfileError(ValueError):
+    """A profile file cannot be used (missing, unreadable, malformed or for another model)."""
+
+
+@dataclass
+class Profile:
+    model: dict[str, Any]                 # {"architecture", "config_hash", "model_dir"}
+    sensitivity: list[float]              # S_l, one per MoE layer
+    calibration: dict[str, Any] = field(default_factory=dict)
+    routing: list[dict[str, Any]] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.sensitivity)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {"format_version": d.pop("format_version"), **d}
+
+
+# -- model identity --------------------------------------------------------------------------
+def _as_config_dict(hf_config: Any) -> dict[str, Any]:
+    """A plain dict of the (text) config from a transformers config object, a dict or a model dir."""
+    if isinstance(hf_config, (str, Path)):
+        cfg_path = Path(hf_config)
+        if cfg_path.is_dir():
+            cfg_path = cfg_path / "config.json"
+        try:
+            hf_config = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ProfileError(f"cannot read the model config {cfg_path}: {e}") from e
+    if isinstance(hf_config, dict):
+        cfg = hf_config
+        if not any(k in cfg for k in CONFIG_HASH_FIELDS) and isinstance(cfg.get("text_config"), dict):
+            cfg = {**cfg["text_config"], "architectures": cfg.get("architectures")}
+        return cfg
+    if hasattr(hf_config, "get_text_config"):  # multimodal wrappers keep the LM config inside
+        text = hf_config.get_text_config()
+        d = {k: getattr(text, k, None) for k in CONFIG_HASH_FIELDS}
+        d["architectures"] = getattr(hf_config, "architectures", None)
+        return d
+    d = {k: getattr(hf_config, k, None) for k in CONFIG_HASH_FIELDS}
+    d["architectures"] = getattr(hf_config, "architectures", None)
+    return d
+
+
+def config_hash(hf_config: Any) -> str:
+    """sha256 over the MoE-relevant config fields (``CONFIG_HASH_FIELDS``).
+
+    ``hf_config`` may be a transformers config object, a ``config.json`` dict, or a model dir.
+    """
+    cfg = _as_config_dict(hf_config)
+    payload = {k: cfg.get(k) for k in CONFIG_HASH_FIELDS}
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def architecture_of(hf_config: Any) -> str:
+    archs = _as_config_dict(hf_config).get("architectures") or ["unknown"]
+    return str(archs[0])
+
+
+def _describe(hf_config: Any) -> str:
+    cfg = _as_config_dict(hf_config)
+    return ", ".join(f"{k}={cfg.get(k)}" for k in CONFIG_HASH_FIELDS)
+
+
+# -- save / load -----------------------------------------------------------------------------
+def save_profile(profile: Profile, path: str | Path) -> Path:
+    """Write ``profile`` as JSON (atomically: a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(profile.to_dict(), indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _fix(path: Path, model: str = "MODEL_DIR") -> str:
+    return f"run `adapmoe calibrate {model} --out {path}` to (re)create it"
+
+
+def load_profile(path: str | Path, hf_config_or_model_dir: Any = None) -> Profile:
+    """Read and validate a profile; with ``hf_config_or_model_dir``, also check it fits that model.
+
+    Raises ``ProfileError`` (a ``ValueError``) with the fix in the message when the file is
+    missing, not JSON, lacks fields, has another format version, or was calibrated for a model
+    whose MoE config differs.
+    """
+    path = Path(path)
+    model_arg = (str(hf_config_or_model_dir) if isinstance(hf_config_or_model_dir, (str, Path))
+                 else "MODEL_DIR")
+    if not path.is_file():
+        raise ProfileError(f"profile file {path} does not exist; {_fix(path, model_arg)}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ProfileError(f"profile file {path} is not valid JSON ({e}); "
+                           f"{_fix(path, model_arg)}") from e
+    if not isinstance(data, dict):
+        raise ProfileError(f"profile file {path} is not a JSON object; {_fix(path, model_arg)}")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ProfileError(f"profile file {path} has format_version {version!r}, this version of "
+                           f"vllm-adapmoe reads {FORMAT_VERSION}; {_fix(path, model_arg)}")
+    missing = [k for k in ("model", "sensitivity", "calibration", "routing") if k not in data]
+    model = data.get("model")
+    if isinstance(model, dict):
+        missing += [f"model.{k}" for k in ("architecture", "config_hash") if k not in model]
+    elif "model" not in missing:
+        missing.append("model (not an object)")
+    if missing:
+        raise ProfileError(f"profile file {path} lacks the fields {missing}; "
+                           f"{_fix(path, model_arg)}")
+    sens = data["sensitivity"]
+    if (not isinstance(sens, list) or not sens
+            or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
+                       and s >= 0 for s in sens)):
+        raise ProfileError(f"profile file {path}: 'sensitivity' must be a non-empty list of "
+                           f"finite non-negative numbers; {_fix(path, model_arg)}")
+    profile = Profile(model=model, sensitivity=[float(s) for s in sens],
+                      calibration=data["calibration"], routing=data["routing"],
+                      format_version=version)
+    if hf_config_or_model_dir is not None:
+        want = config_hash(hf_config_or_model_dir)
+        if model["config_hash"] != want:
+            raise ProfileError(
+                f"profile {path} was calibrated for a different model "
+                f"({model.get('architecture')} at {model.get('model_dir')!r}, "
+                f"config_hash {str(model['config_hash'])[:12]}…) than the one being served "
+                f"({_describe(hf_config_or_model_dir)}, config_hash {want[:12]}…); "
+                f"run `adapmoe calibrate {model_arg} --out {path}`")
+        n_layers = _as_config_dict(hf_config_or_model_dir).get("num_hidden_layers")
+        if isinstance(n_layers, int) and n_layers != len(profile.sensitivity):
+            raise ProfileError(f"profile {path} has {len(profile.sensitivity)} sensitivities but "
+                               f"the model has {n_layers} MoE layers; {_fix(path, model_arg)}")
+    return profile
