@@ -76,9 +76,167 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- trace -----------------------------------------------------------------------------------
+def _add_trace(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "trace", help="record a routing trace from a live vLLM run of the plugin",
+        description="Serve prompts cut from a text file through LLM(..., model_impl='adapmoe') "
+                    "with continuous batching and record every step's routing (and next-layer "
+                    "predictions) to an .npz trace (format: vllm_adapmoe/trace.py).")
+    p.add_argument("model_dir")
+    p.add_argument("--out", required=True, help="trace file to write (.npz)")
+    p.add_argument("--data", default=None, help="text file (default: bundled calibration text)")
+    p.add_argument("--prompts", type=int, default=64, help="number of requests (default 64)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt (default 64)")
+    p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default 64)")
+    p.add_argument("--batch", type=int, default=16, help="max concurrent requests (default 16)")
+    p.add_argument("--settings", default="{}", help='adapmoe settings (JSON), default all resident')
+    return p
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    import vllm_adapmoe
+    from vllm_adapmoe.calibrate import DEFAULT_DATA
+
+    text = open(args.data or DEFAULT_DATA, encoding="utf-8").read()
+    llm = LLM(model=args.model_dir, model_impl="adapmoe", enforce_eager=True, seed=0,
+              max_model_len=args.prompt_tokens + args.max_tokens + 8, max_num_seqs=args.batch,
+              additional_config={"adapmoe": json.loads(args.settings)})
+    ids = llm.get_tokenizer().encode(text, add_special_tokens=False)
+    n = args.prompt_tokens
+    if len(ids) < n * args.prompts:
+        raise ValueError(f"{args.data or DEFAULT_DATA} has {len(ids)} tokens; need "
+                         f"{n * args.prompts} for {args.prompts} prompts of {n}")
+    prompts = [TokensPrompt(prompt_token_ids=ids[i * n:(i + 1) * n]) for i in range(args.prompts)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    vllm_adapmoe.start_trace(llm)
+    llm.generate(prompts, params)
+    path = vllm_adapmoe.stop_trace(llm, args.out)
+    total = vllm_adapmoe.stats(llm)["total"]
+    print(f"wrote {path}: {args.prompts} requests, {total['steps'] // len(vllm_adapmoe.stats(llm)['layers'])} "
+          f"steps")
+    llm.llm_engine.engine_core.shutdown()
+    return 0
+
+
+# -- profile (miss curves + prediction accuracy from a trace) --------------------------------
+def _add_profile(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "profile", help="add miss curves and prefetch accuracy from a trace to a profile",
+        description="Replay a routing trace through the cache simulator for every per-layer "
+                    "slot count k = 1..E (live policy + prefetcher + gating) and store each "
+                    "layer's miss curve f_l(k) — on-demand misses per decoded token — and the "
+                    "next-layer prediction accuracy in the profile (used by plan='dp').")
+    p.add_argument("profile")
+    p.add_argument("--trace", required=True)
+    p.add_argument("--out", default=None, help="write here instead of updating PROFILE")
+    p.add_argument("--policy", default="lru", choices=["lru", "lfu"])
+    p.add_argument("--no-prefetch", action="store_true", help="curves without the prefetcher")
+    p.add_argument("--threshold", type=float, default=0.0,
+                   help="gating budget T the curves assume (default 0: no gating)")
+    return p
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from vllm_adapmoe.profile import load_profile, save_profile
+    from vllm_adapmoe.simulator import miss_curves, prediction_accuracy
+    from vllm_adapmoe.trace import Trace
+
+    profile = load_profile(args.profile)
+    trace = Trace.load(args.trace)
+    if trace.num_layers != profile.num_layers:
+        raise ValueError(f"trace has {trace.num_layers} layers, profile {profile.num_layers}")
+    settings = {"prefetch": not args.no_prefetch, "threshold": args.threshold,
+                "sensitivity": profile.sensitivity}
+    profile.miss_curves = miss_curves(trace, args.policy, **settings)
+    profile.prediction = prediction_accuracy(trace)
+    profile.trace_settings = {"trace": str(args.trace), "policy": args.policy,
+                              "prefetch": settings["prefetch"], "threshold": args.threshold,
+                              "steps": trace.meta["steps"]}
+    print(f"{'layer':>5}  {'pred top-1':>10}  {'pred recall':>11}  misses/decoded token for k = 1..E")
+    for layer, curve in enumerate(profile.miss_curves):
+        acc = profile.prediction[layer]
+        fmt = (lambda v: "-" if v is None else f"{v:.1%}")
+        print(f"{layer:>5}  {fmt(acc['top1']):>10}  {fmt(acc['recall']):>11}  "
+              + " ".join(f"{v:.2f}" for v in curve))
+    print(f"wrote {save_profile(profile, args.out or args.profile)}")
+    return 0
+
+
+# -- plan ------------------------------------------------------------------------------------
+def _add_plan(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "plan", help="split a total slot budget over layers (DP on measured miss curves)",
+        description="Choose slots per MoE layer for a total budget: 'dp' minimises the sum of "
+                    "the profile's measured miss curves; 'closed-form' uses the paper-style "
+                    "uniform-choice cost (top-1 ratio, prefetch accuracy); 'uniform' splits "
+                    "evenly. Prints the plan and its expected misses under the measured curves.")
+    p.add_argument("profile")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--total-slots", type=int)
+    budget.add_argument("--fraction", type=float, help="share of all experts, e.g. 0.25")
+    p.add_argument("--method", default="dp", choices=["dp", "closed-form", "uniform"])
+    p.add_argument("--threshold", type=float, default=0.005,
+                   help="gating T for the closed form's top-1 ratio (default 0.005)")
+    p.add_argument("--out", default=None, help="plan JSON (default: PROFILE with .plan.json)")
+    p.add_argument("--plot", default=None, help="also write a PNG of the plan")
+    return p
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vllm_adapmoe.cache_plan import (closed_form_curve, plan_cost, plan_dp, plan_table,
+                                         plan_uniform, plot_plan, save_plan)
+    from vllm_adapmoe.profile import load_profile
+
+    profile = load_profile(args.profile)
+    L = profile.num_layers
+    E = len(profile.miss_curves[0]) if profile.miss_curves else len(profile.routing[0]["top1_freq"])
+    total = args.total_slots if args.total_slots is not None else max(L, round(args.fraction * E * L))
+    curves = profile.miss_curves
+    if args.method == "dp":
+        if not curves:
+            raise ValueError(f"{args.profile} has no miss curves; run `adapmoe profile "
+                             f"{args.profile} --trace TRACE.npz` (or use --method closed-form)")
+        slots = plan_dp(curves, total)
+    elif args.method == "closed-form":
+        key = f"{args.threshold:g}"
+        top_k = int(profile.calibration.get("top_k", 2))
+        form = []
+        for layer in range(L):
+            top1 = (profile.routing[layer].get("top1_fraction") or {}).get(key, 0.0)
+            acc = ((profile.prediction or [{}] * L)[layer] or {}).get("recall") or 0.0
+            form.append(closed_form_curve(E, top_k, top1, acc))
+        slots = plan_dp(form, total)
+    else:
+        slots = plan_uniform(L, E, total)
+    print(f"{args.method} plan for {total} slots over {L} layers x {E} experts")
+    print(plan_table(slots, curves))
+    if curves:
+        uniform = plan_uniform(L, E, total)
+        print(f"expected misses per decoded token: this plan {plan_cost(slots, curves):.3f}, "
+              f"uniform {plan_cost(uniform, curves):.3f}")
+    out = Path(args.out or Path(args.profile).with_suffix(".plan.json"))
+    save_plan(out, slots, args.method, total, curves=curves)
+    if args.plot:
+        plot_plan(slots, curves, args.plot)
+    print(f"wrote {out}")
+    return 0
+
+
 # -- dispatch --------------------------------------------------------------------------------
 _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "calibrate": (_add_calibrate, _cmd_calibrate),
+    "trace": (_add_trace, _cmd_trace),
+    "profile": (_add_profile, _cmd_profile),
+    "plan": (_add_plan, _cmd_plan),
 }
 
 

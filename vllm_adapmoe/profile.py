@@ -11,7 +11,10 @@ Layout (``format_version`` 1)::
      "sensitivity": [S_0, S_1, ...],                      # one float per MoE layer
      "calibration": {"data": str, "tokens": int, "windows": int, "window": int,
                      "max_tokens": int, "seed": int, "seconds": float, "loss": str, ...},
-     "routing": [{...per-layer statistics...}, ...]}
+     "routing": [{...per-layer statistics...}, ...],
+     # optional, from `adapmoe profile PROFILE --trace T.npz`:
+     "miss_curves": [[f_0(1), ..., f_0(E)], ...], "prediction": [{...}, ...],
+     "trace_settings": {...}}
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ class Profile:
     calibration: dict[str, Any] = field(default_factory=dict)
     routing: list[dict[str, Any]] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
+    # Added by `adapmoe profile PROFILE --trace T.npz` (optional):
+    miss_curves: list[list[float]] | None = None    # f_l(k), k = 1..E, misses per decoded token
+    prediction: list[dict[str, Any]] | None = None  # next-layer prediction accuracy per layer
+    trace_settings: dict[str, Any] | None = None    # trace and simulator settings behind them
 
     @property
     def num_layers(self) -> int:
@@ -154,9 +161,15 @@ def load_profile(path: str | Path, hf_config_or_model_dir: Any = None) -> Profil
                        and s >= 0 for s in sens)):
         raise ProfileError(f"profile file {path}: 'sensitivity' must be a non-empty list of "
                            f"finite non-negative numbers; {_fix(path, model_arg)}")
+    curves = data.get("miss_curves")
+    if curves is not None and (not isinstance(curves, list) or len(curves) != len(sens) or not all(
+            isinstance(c, list) and c and all(isinstance(v, (int, float)) for v in c) for c in curves)):
+        raise ProfileError(f"profile file {path}: 'miss_curves' must hold one list of numbers per "
+                           f"layer; rerun `adapmoe profile {path} --trace TRACE.npz`")
     profile = Profile(model=model, sensitivity=[float(s) for s in sens],
                       calibration=data["calibration"], routing=data["routing"],
-                      format_version=version)
+                      format_version=version, miss_curves=curves,
+                      prediction=data.get("prediction"), trace_settings=data.get("trace_settings"))
     if hf_config_or_model_dir is not None:
         want = config_hash(hf_config_or_model_dir)
         if model["config_hash"] != want:
