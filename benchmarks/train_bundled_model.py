@@ -35,8 +35,12 @@ Model / training
 ``MixtralForCausalLM`` (8 experts, top-2), trained from scratch with AdamW,
 linear warmup + cosine decay over ``--steps`` steps, on random windows of
 ``--seq-len`` tokens drawn (seeded) from the concatenated train token stream
-(each document is wrapped as <s> doc </s>).  The Mixtral load-balancing loss
-(``router_aux_loss_coef``) is added so that routing does not collapse.
+(each document is wrapped as <s> doc </s>).  The Mixtral/Switch load-balancing
+loss is added with weight ``--aux-coef`` so that routing does not collapse.  It is
+computed PER LAYER and averaged over layers: transformers' built-in
+``load_balancing_loss_func`` over all layers at once concatenates the layers'
+router logits, which only balances expert *indices* summed over layers and
+lets individual layers leave experts dead.
 ``--minutes`` is a safety wall-clock budget: if it runs out before ``--steps``,
 training stops early (and the run is then no longer step-for-step
 reproducible on a slower machine; the report records the steps reached).
@@ -329,7 +333,7 @@ def write_model_card(out_dir: Path, report: dict):
         ("max_position_embeddings", c["max_position_embeddings"]),
         ("rope_theta", c.get("rope_theta") or c.get("rope_parameters", {}).get("rope_theta")), ("sliding_window", c["sliding_window"]),
         ("tie_word_embeddings", c["tie_word_embeddings"]),
-        ("router_aux_loss_coef (training)", c["router_aux_loss_coef"]),
+        ("load-balancing loss weight (training, per-layer)", c["router_aux_loss_coef"]),
         ("parameters", f'{report["parameters"]:,}'),
         ("dtype / checkpoint size", f'float32 / {report["checkpoint_mb"]:.2f} MB (model.safetensors)'),
     ]
@@ -368,6 +372,7 @@ def write_model_card(out_dir: Path, report: dict):
         "| | |", "|---|---|",
         f'| optimizer | AdamW (betas 0.9/0.95, weight decay {t["weight_decay"]} on matrices), grad clip {t["grad_clip"]} |',
         f'| schedule | lr {t["lr"]}, linear warmup {t["warmup"]} steps, cosine to {t["lr"] * t["min_lr_ratio"]:g} at step {t["steps_planned"]} |',
+        f'| load balancing | per-layer Switch loss (mean over layers), weight {t["aux_coef"]} |',
         f'| batch | {t["batch_size"]} random windows x {t["seq_len"]} tokens (seed {t["seed"]}) |',
         f'| steps | {t["steps_done"]} (planned {t["steps_planned"]}) |',
         f'| tokens seen | {t["tokens_seen"]:,} (~{t["tokens_seen"] / report["data"]["train_tokens"]:.1f} epochs) |',
@@ -456,7 +461,9 @@ def main(argv=None):
     import tokenizers
     import torch
     import transformers
+    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, MixtralForCausalLM
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -500,13 +507,16 @@ def main(argv=None):
             g["lr"] = lr_at(step, args)
         starts = torch.randint(0, max_start, (args.batch_size,), generator=gen)
         x = torch.stack([train_stream[s: s + args.seq_len] for s in starts.tolist()])
-        out = model(input_ids=x, labels=x, output_router_logits=True, use_cache=False)
+        out = model(input_ids=x, output_router_logits=True, use_cache=False)
+        logits = out.logits[:, :-1]
+        lm = F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+        aux = torch.stack([load_balancing_loss_func((rl,), config.num_local_experts, config.num_experts_per_tok)
+                           for rl in out.router_logits]).mean()  # per-layer Switch loss; 2.0 = balanced top-2
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        (lm + args.aux_coef * aux).backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
-        aux = out.aux_loss.item()
-        return out.loss.item() - args.aux_coef * aux, aux, gnorm.item()
+        return lm.item(), aux.item(), gnorm.item()
 
     model.train()
     tokens_per_step = args.batch_size * args.seq_len
@@ -562,7 +572,7 @@ def main(argv=None):
     model.config.use_cache = True
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id, max_length=2048)
+        pad_token_id=config.pad_token_id)
     model.save_pretrained(args.out_dir, safe_serialization=True)
     ckpt = args.out_dir / "model.safetensors"
     ckpt.chmod(0o644)
@@ -595,7 +605,9 @@ def main(argv=None):
             "seed": args.seed, "threads": args.threads, "batch_size": args.batch_size,
             "seq_len": args.seq_len, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio,
             "warmup": args.warmup, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
-            "aux_coef": args.aux_coef, "steps_planned": args.steps, "steps_done": step,
+            "aux_coef": args.aux_coef,
+            "aux_loss": "Switch/Mixtral load-balancing loss computed per layer, mean over layers",
+            "steps_planned": args.steps, "steps_done": step,
             "stopped_by": stopped_by, "minutes_budget": args.minutes,
             "tokens_seen": step * tokens_per_step, "train_seconds": round(train_seconds, 1),
             "hardware": f"{platform.processor() or platform.machine()}, {args.threads} torch thread(s)",
