@@ -36,11 +36,12 @@ def main() -> None:
     curves = miss_curves_from_profile(profile)
     sens = profile["sensitivity"]
     E, L = int(trace.meta["num_experts"]), trace.num_layers
+    k = int(trace.meta["top_k"])
     gating = dict(threshold=args.threshold, sensitivity=sens)
     rows = []
     for budget in args.budgets:
         total = max(L, round(budget * E * L))
-        uniform, dp = uniform_split(total, L), plan_dp(curves, total)
+        uniform, dp = uniform_split(total, L), plan_dp(curves, total, lo=min(k, E))
         variants = [
             ("uniform LRU", uniform, "lru", {}),
             ("uniform LFU", uniform, "lfu", {}),

@@ -151,7 +151,7 @@ def validate_budget(vllm_config: Any) -> list[int]:
     cfg.sensitivities(shape.num_layers, model_config.hf_config)
     return cfg.slots_per_layer(shape.num_layers, shape.num_experts,
                                shape.expert_bytes(model_config.dtype.itemsize),
-                               model_config.hf_config)
+                               model_config.hf_config, shape.top_k)
 
 
 def _hook_worker() -> None:

@@ -201,20 +201,20 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     E = len(profile.miss_curves[0]) if profile.miss_curves else len(profile.routing[0]["top1_freq"])
     total = args.total_slots if args.total_slots is not None else max(L, round(args.fraction * E * L))
     curves = profile.miss_curves
+    top_k = int(profile.calibration.get("top_k", 2))
     if args.method == "dp":
         if not curves:
             raise ValueError(f"{args.profile} has no miss curves; run `adapmoe profile "
                              f"{args.profile} --trace TRACE.npz` (or use --method closed-form)")
-        slots = plan_dp(curves, total)
+        slots = plan_dp(curves, total, lo=min(top_k, E))
     elif args.method == "closed-form":
         key = f"{args.threshold:g}"
-        top_k = int(profile.calibration.get("top_k", 2))
         form = []
         for layer in range(L):
             top1 = (profile.routing[layer].get("top1_fraction") or {}).get(key, 0.0)
             acc = ((profile.prediction or [{}] * L)[layer] or {}).get("recall") or 0.0
             form.append(closed_form_curve(E, top_k, top1, acc))
-        slots = plan_dp(form, total)
+        slots = plan_dp(form, total, lo=min(top_k, E))
     else:
         slots = plan_uniform(L, E, total)
     print(f"{args.method} plan for {total} slots over {L} layers x {E} experts")

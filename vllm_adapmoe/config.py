@@ -142,7 +142,7 @@ class AdapMoEConfig:
         return values
 
     def slots_per_layer(self, num_layers: int, num_experts: int, expert_bytes: int,
-                        hf_config: Any = None) -> list[int]:
+                        hf_config: Any = None, top_k: int = 1) -> list[int]:
         """Device slots for each MoE layer under this budget (model shape known only here)."""
         if self.cache_slots is None and self.cache_gib is None and self.cache_total_slots is None:
             return [num_experts] * num_layers
@@ -178,10 +178,13 @@ class AdapMoEConfig:
                 f"({num_layers} layers); raise the budget"
             )
         if self.plan == "dp":
-            return self._dp_split(total, num_layers, hf_config)
+            return self._dp_split(total, num_layers, hf_config, min(top_k, num_experts))
         return uniform_split(total, num_layers)
 
-    def _dp_split(self, total: int, num_layers: int, hf_config: Any) -> list[int]:
+    def _dp_split(self, total: int, num_layers: int, hf_config: Any, lo: int) -> list[int]:
+        """DP over the profile's miss curves; each layer gets at least ``lo`` = top_k slots (a
+        layer computes a token's top-k experts together, so fewer would be staging rows that
+        the budget does not count)."""
         from vllm_adapmoe.cache_plan import plan_dp
         from vllm_adapmoe.profile import load_profile
 
@@ -191,7 +194,11 @@ class AdapMoEConfig:
             raise AdapMoEConfigError(
                 f'adapmoe: plan="dp" needs miss curves in {self.profile}; record a trace with '
                 "`adapmoe trace` and add them with `adapmoe profile PROFILE.json --trace T.npz`")
-        return plan_dp(curves, total)
+        if total < lo * num_layers:
+            raise AdapMoEConfigError(
+                f'adapmoe: plan="dp" needs at least top_k={lo} slots per layer '
+                f"({lo * num_layers} in all); the budget gives {total}")
+        return plan_dp(curves, total, lo=lo)
 
 
 def uniform_split(total: int, num_layers: int) -> list[int]:

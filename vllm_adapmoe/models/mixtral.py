@@ -73,7 +73,7 @@ class AdapMoEMixtralModel(nn.Module):
         dtype = vllm_config.model_config.dtype
         shape = mixtral_shape(config)
         slots = adapmoe.slots_per_layer(shape.num_layers, shape.num_experts,
-                                        shape.expert_bytes(dtype.itemsize), config)
+                                        shape.expert_bytes(dtype.itemsize), config, shape.top_k)
         sensitivity = adapmoe.sensitivities(shape.num_layers, config)
         self.link = Link(torch.device(current_platform.device_type), adapmoe.link_gbps)
 

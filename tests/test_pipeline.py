@@ -1,0 +1,40 @@
+"""The whole AdapMoE workflow from the command line, then serving with its result:
+calibrate → trace → profile (miss curves) → plan → LLM(plan="dp", prefetch) — still exact."""
+
+import json
+
+import vllm_adapmoe
+from conftest import greedy
+from test_exactness import assert_same
+from vllm_adapmoe.cli import main
+from vllm_adapmoe.profile import load_profile
+
+
+def test_cli_workflow_and_dp_prefetch_engine_is_exact(engines, tiny_model, tmp_path):
+    prof, trace, plan = tmp_path / "p.json", tmp_path / "t.npz", tmp_path / "plan.json"
+    assert main(["calibrate", str(tiny_model), "--out", str(prof), "--window", "64",
+                 "--max-tokens", "512", "--quiet"]) == 0
+    assert main(["trace", str(tiny_model), "--out", str(trace), "--prompts", "6",
+                 "--prompt-tokens", "16", "--max-tokens", "24", "--batch", "1"]) == 0
+    assert main(["profile", str(prof), "--trace", str(trace)]) == 0
+    profile = load_profile(prof, tiny_model)
+    assert len(profile.miss_curves) == 3 and all(len(c) == 8 for c in profile.miss_curves)
+    assert all(c[-1] <= c[0] for c in profile.miss_curves)  # all 8 resident: fewest misses
+    assert profile.prediction[0]["top1"] is None and profile.prediction[1]["top1"] is not None
+
+    assert main(["plan", str(prof), "--total-slots", "9", "--out", str(plan)]) == 0
+    slots = json.loads(plan.read_text())["slots"]
+    assert sum(slots) == 9 and min(slots) >= 2  # at least top_k per layer
+
+    llm = engines.get(tiny_model, "adapmoe", cache_total_slots=9, plan="dp", profile=str(prof),
+                      prefetch=True)
+    assert [layer["slots"] for layer in vllm_adapmoe.stats(llm)["layers"]] == slots
+    assert_same(greedy(engines.get(tiny_model)), greedy(llm))
+
+
+def test_plan_without_miss_curves_is_a_clear_error(tiny_model, tmp_path, capsys):
+    prof = tmp_path / "p.json"
+    assert main(["calibrate", str(tiny_model), "--out", str(prof), "--window", "64",
+                 "--max-tokens", "256", "--quiet"]) == 0
+    assert main(["plan", str(prof), "--total-slots", "9"]) == 2
+    assert "adapmoe profile" in capsys.readouterr().err
