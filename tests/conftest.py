@@ -1,7 +1,10 @@
 """Shared engines: each distinct (model, impl, settings) starts one ``LLM`` per session.
 
-Starting an engine costs ~20 s on CPU, so tests ask ``engines.get(...)`` and share the result;
-all engines are shut down at the end of the session (else vLLM logs errors after pytest exits).
+Starting an engine costs ~20 s on CPU, so tests ask ``engines.get(...)`` and share the result.
+Each engine holds ~0.5 GB of RAM in its worker (64 MiB of it KV cache), so at most
+``MAX_ALIVE`` stay up: the least recently used one is shut down first (tests are grouped by
+file, so reuse is local). All are shut down at the end of the session (else vLLM logs errors
+after pytest exits).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import vllm_adapmoe  # noqa: E402
 
 BUNDLED = Path(vllm_adapmoe.bundled_model_path())
 
-# ≥ 8 prompts of clearly different lengths (1 to ~40 tokens).
+# 16 prompts of clearly different lengths (1 to ~40 tokens).
 PROMPTS = [
     "the",
     "experts route tokens",
@@ -35,23 +38,37 @@ PROMPTS = [
     "the lazy dog while experts route",
     "ROMEO: what light through yonder",
     "O",
+    "Enter the KING and his train",
+    "to be or not to be, that is the question: whether",
+    "my",
+    "the hot ones",
+    "JULIET: wherefore art thou, and why do the experts of the layers keep their caches",
+    "now is the winter of our discontent made glorious summer",
 ]
+
+
+MAX_ALIVE = 5
 
 
 class Engines:
     def __init__(self) -> None:
-        self._engines: dict[str, object] = {}
+        self._engines: dict[str, object] = {}  # insertion order = least recently used first
 
     def get(self, model: str | Path, impl: str = "auto", eager: bool = True, dtype: str = "auto",
             **adapmoe) -> object:
         from vllm import LLM
 
         key = json.dumps([str(model), impl, eager, dtype, adapmoe], sort_keys=True)
-        if key not in self._engines:
+        if key in self._engines:
+            self._engines[key] = self._engines.pop(key)
+        else:
+            while len(self._engines) >= MAX_ALIVE:
+                oldest = next(iter(self._engines))
+                self._engines.pop(oldest).llm_engine.engine_core.shutdown()
             kwargs = {"additional_config": {"adapmoe": adapmoe}} if adapmoe else {}
             self._engines[key] = LLM(model=str(model), model_impl=impl, enforce_eager=eager,
                                      max_model_len=512, seed=0, max_num_seqs=32, dtype=dtype,
-                                     **kwargs)
+                                     kv_cache_memory_bytes=64 * 2**20, **kwargs)
         return self._engines[key]
 
     def close(self) -> None:

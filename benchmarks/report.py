@@ -1,0 +1,108 @@
+"""Render benchmarks/results/*.json as the README's results section.
+
+    python benchmarks/report.py            # print markdown
+    python benchmarks/report.py --readme   # replace the block between the results markers in README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _fmt(v, spec: str = ".2f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def decode_section(data: dict) -> list[str]:
+    link = data.get("link_gbps_emulated")
+    out = [f"**Decode throughput** (`benchmarks/bench_decode.py`, {data['rounds']} alternating rounds, "
+           f"medians; {data['new_tokens']} new tokens; emulated link "
+           f"{'%.4f GB/s' % link if link else 'off'}: one expert load ≈ 10 decode layers):", "",
+           "| batch | config | decode tok/s | vs stock | vs all-resident | hit rate | misses / decoded token | loads / decoded token | slots |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        out.append(f"| {r['batch']} | {r['config']} | {r['decode_tok_s']:.1f} | {r['vs_stock']:.2f} | "
+                   f"{r['vs_all_resident']:.2f} | {_fmt(r.get('hit_rate'), '.3f')} | "
+                   f"{_fmt(r.get('misses_per_decoded_token'))} | {_fmt(r.get('loads_per_decoded_token'))} | "
+                   f"{r.get('slots', '–')} |")
+    return out
+
+
+def policies_section(data: dict, title: str) -> list[str]:
+    out = [f"**{title}** (`benchmarks/bench_policies.py --trace {Path(data['trace']).name}`; summed "
+           "over layers, pure-decode steps):", "",
+           "| budget | config | on-demand misses / decoded token | loads / decoded token | hit rate | slots |",
+           "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        out.append(f"| {r['budget']:.0%} | {r['config']} | {r['misses_per_decoded_token']:.3f} | "
+                   f"{r['loads_per_decoded_token']:.3f} | {r['hit_rate']:.3f} | {r['slots']} |")
+    return out
+
+
+def gating_section(data: dict) -> list[str]:
+    out = [f"**Adaptive gating** (`benchmarks/sweep_threshold.py`, {data['tokens']} held-out tokens, "
+           "every token gated):", "",
+           "| rule | T | w2 threshold | perplexity | Δ ppl | experts / token / layer | Δ experts | top-1 share |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        out.append(f"| {r['rule']} | {r['threshold']:.4g} | {_fmt(r.get('w2_threshold'), '.2f')} | "
+                   f"{r['ppl']:.3f} | {r['ppl_increase']:+.2%} | {r['activated_per_token_layer']:.3f} | "
+                   f"{-r['activated_reduction']:+.1%} | {r['top1_fraction']:.1%} |")
+    return out
+
+
+def serve_section(data: dict) -> list[str]:
+    out = ["**Serving** (`benchmarks/bench_serve.py`, OpenAI /v1/completions, alternating servers):", "",
+           "| concurrency | config | output tok/s | vs stock | mean latency (s) |", "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        out.append(f"| {r['concurrency']} | {r['config']} | {r['tok_s']:.1f} | {r['vs_stock']:.2f} | "
+                   f"{r['mean_latency_s']:.2f} |")
+    return out
+
+
+def render() -> str:
+    parts: list[list[str]] = []
+    for name, fn in (("decode.json", decode_section), ("gating_sweep.json", gating_section),
+                     ("serve.json", serve_section)):
+        data = _load(name)
+        if data:
+            parts.append(fn(data))
+    for name, title in (("policies_b1.json", "Cache policies, batch-1 trace"),
+                        ("policies_b16.json", "Cache policies, batch-16 trace")):
+        data = _load(name)
+        if data:
+            parts.append(policies_section(data, title))
+    return "\n\n".join("\n".join(p) for p in parts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--readme", action="store_true")
+    args = ap.parse_args()
+    text = render()
+    if not args.readme:
+        print(text)
+        return
+    readme = ROOT / "README.md"
+    body = readme.read_text()
+    if START not in body:
+        raise SystemExit(f"README.md has no {START} … {END} block")
+    head, rest = body.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    print("README.md results updated")
+
+
+if __name__ == "__main__":
+    main()
