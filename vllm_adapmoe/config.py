@@ -62,12 +62,6 @@ class AdapMoEConfig:
         cfg._validate()
         return cfg
 
-    @property
-    def budget_key(self) -> str | None:
-        given = [k for k in ("cache_slots", "cache_gib", "cache_total_slots")
-                 if getattr(self, k) is not None]
-        return given[0] if given else None
-
     def _validate(self) -> None:
         given = [k for k in ("cache_slots", "cache_gib", "cache_total_slots")
                  if getattr(self, k) is not None]

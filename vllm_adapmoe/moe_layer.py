@@ -19,7 +19,6 @@ One step through one layer, top to bottom (``forward``):
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -35,8 +34,6 @@ from vllm_adapmoe.metrics import LayerStats
 from vllm_adapmoe.prefetch import predicted_expert_sets, select_prefetch
 from vllm_adapmoe.trace import TraceRecorder
 
-logger = logging.getLogger(__name__)
-
 _EXPERT_WEIGHTS = {"w1": "w1", "w2": "w2", "w3": "w3",
                    "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 
@@ -47,8 +44,8 @@ class StepInfo:
 
     decode_tokens: int = 0
     decode_mask: torch.Tensor | None = None  # [T] True for decode tokens (query length 1)
-    counted: bool = False
-    trace: TraceRecorder | None = None  # set while a routing trace is being recorded  # False for vLLM's dummy/profiling runs: they do not touch the stats
+    counted: bool = False  # False for vLLM's dummy/profiling runs: they do not touch the stats
+    trace: TraceRecorder | None = None  # set while a routing trace is being recorded
 
 
 class AdapMoEBlock(nn.Module):
@@ -79,11 +76,6 @@ class AdapMoEBlock(nn.Module):
                                  self.stats, link)
         self.prefetch_enabled = config.prefetch
         self.next_blocks: list[AdapMoEBlock] = []  # the look-ahead layers, wired by the model
-
-    # -- vLLM model-interface attributes (MixtralForCausalLM reads these from its MoE block) -----
-    @property
-    def n_routed_experts(self) -> int:
-        return self.num_experts
 
     # -- weights ----------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
