@@ -26,13 +26,17 @@ def server(tiny_model, tmp_path_factory):
     import requests
 
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "serve.log"
+    workdir = tmp_path_factory.mktemp("server")
+    log = workdir / "serve.log"
+    prom = workdir / "prometheus"
+    prom.mkdir()
     vllm_cmd = Path(sys.executable).with_name("vllm")
     cmd = [str(vllm_cmd), "serve", str(tiny_model), "--model-impl", "adapmoe",
            "--additional-config", json.dumps(SETTINGS), "--host", "127.0.0.1",
            "--port", str(port), "--max-model-len", "512", "--seed", "0"]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prom)}  # worker counters → /metrics
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     try:
@@ -78,3 +82,26 @@ def test_server_completions_match_offline_llm(server, engines, tiny_model):
     text = log.read_text()
     assert "Resolved architecture: AdapMoEMixtralForCausalLM" in text
     assert text.count("AdapMoE active") == 1, "the plugin should say once that it is active"
+
+
+def test_metrics_endpoint_exports_adapmoe_counters(server, tiny_model):
+    import re
+
+    import requests
+
+    base, _ = server
+    requests.post(f"{base}/v1/completions", json={"model": str(tiny_model), "prompt": PROMPTS[2],
+                                                  "max_tokens": 8, "temperature": 0.0}).raise_for_status()
+    text = requests.get(f"{base}/metrics").text
+
+    def value(name: str, layer: int) -> float:
+        m = re.search(rf'^adapmoe_{name}_total{{layer="{layer}"}} ([0-9.e+]+)$', text, re.M)
+        assert m, f"adapmoe_{name}_total for layer {layer} missing from /metrics"
+        return float(m.group(1))
+
+    for layer in range(3):
+        tokens, decode = value("tokens", layer), value("decode_tokens", layer)
+        assert tokens > decode >= 7
+        assert value("activated_experts", layer) == 2 * tokens
+        assert value("hits", layer) + value("misses", layer) > 0
+        assert value("loads", layer) >= value("misses", layer)  # every miss is loaded

@@ -33,6 +33,7 @@ from vllm.sequence import IntermediateTensors
 from vllm_adapmoe.config import AdapMoEConfig, AdapMoEConfigError
 from vllm_adapmoe.models import mixtral_shape
 from vllm_adapmoe.expert_cache import Link
+from vllm_adapmoe.metrics import PrometheusExporter
 from vllm_adapmoe.moe_layer import AdapMoEBlock, StepInfo
 
 logger = logging.getLogger("vllm.adapmoe")  # child of "vllm": uses its handlers
@@ -95,6 +96,7 @@ class AdapMoEMixtralModel(nn.Module):
         blocks = self.moe_blocks()
         for i, block in enumerate(blocks):
             block.next_blocks = blocks[i + 1:i + 1 + adapmoe.prefetch_lookahead]
+        self.exporter = PrometheusExporter.if_enabled([b.stats for b in blocks])
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states", "residual"], config.hidden_size)
 
@@ -114,6 +116,8 @@ class AdapMoEMixtralModel(nn.Module):
             residual = intermediate_tensors["residual"]
         for layer in self.layers[self.start_layer:self.end_layer]:
             hidden_states, residual = layer(positions, hidden_states, residual)
+        if self.exporter is not None and self.step.counted:
+            self.exporter.sync()
         if not get_pp_group().is_last_rank:
             return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
         hidden_states, _ = self.norm(hidden_states, residual)
