@@ -163,14 +163,7 @@ class AdapMoEBlock(nn.Module):
             out[sub] = part
 
     def _count(self, routing: Routing, needed: list[int]) -> None:
-        self.stats.steps += 1
-        self.stats.tokens += routing.ids.shape[0]
-        self.stats.decode_tokens += self.step.decode_tokens
-        self.stats.activated_experts += routing.activated()
-        if routing.keep is not None:
-            self.stats.top1_tokens += int((routing.keep == 1).sum())
-        elif self.top_k == 1:
-            self.stats.top1_tokens += routing.ids.shape[0]
+        count_routing(self.stats, routing, self.step.decode_tokens)
         self.cache.count_step(needed)
 
     def stats_dict(self) -> dict[str, float]:
@@ -221,6 +214,11 @@ class Routing:
     def activated(self) -> int:
         return self.ids.numel() if self.keep is None else int(self.keep.sum())
 
+    def single_expert_tokens(self) -> int:
+        if self.keep is None:
+            return self.ids.shape[0] if self.ids.shape[1] == 1 else 0
+        return int((self.keep == 1).sum())
+
     def groups(self, rows: torch.Tensor):
         """(rows, ids, weights) per distinct number of kept experts among ``rows``."""
         k = self.ids.shape[1]
@@ -235,6 +233,15 @@ class Routing:
             else:
                 w = self.sorted_weights[sub, :n]
                 yield sub, self.sorted_ids[sub, :n].contiguous(), w / w.sum(1, keepdim=True)
+
+
+def count_routing(stats: LayerStats, routing: Routing, decode_tokens: int) -> None:
+    """One step's token counters for a layer (the simulator calls this too, so replays match)."""
+    stats.steps += 1
+    stats.tokens += routing.ids.shape[0]
+    stats.decode_tokens += decode_tokens
+    stats.activated_experts += routing.activated()
+    stats.top1_tokens += routing.single_expert_tokens()
 
 
 def plan_waves(expert_sets: torch.Tensor, needed: list[int], capacity: int,

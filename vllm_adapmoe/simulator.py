@@ -17,7 +17,7 @@ import torch
 
 from vllm_adapmoe.gating import AdaptiveGate
 from vllm_adapmoe.metrics import LayerStats, summarise
-from vllm_adapmoe.moe_layer import Routing, plan_waves
+from vllm_adapmoe.moe_layer import Routing, count_routing, plan_waves
 from vllm_adapmoe.prefetch import predicted_expert_sets, select_prefetch
 from vllm_adapmoe.slot_table import BeladyPolicy, SlotTable, make_policy
 from vllm_adapmoe.trace import StepLayer, Trace
@@ -66,12 +66,7 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
             table.prefetch(guess)
         sets = routing.expert_sets
         needed = [e for e in sets.unique().tolist() if e >= 0]
-        st.steps += 1
-        st.tokens += len(block.ids)
-        st.decode_tokens += int(block.decode.sum())
-        st.activated_experts += routing.activated()
-        st.top1_tokens += int((routing.keep == 1).sum()) if routing.keep is not None else (
-            len(block.ids) if k == 1 else 0)
+        count_routing(st, routing, int(block.decode.sum()))
         misses_before = st.misses
         table.count_step(needed)
         if block.decode.all():
