@@ -121,6 +121,8 @@ def _hook_engine_config() -> None:
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
         validate_engine_args(self.model_impl, self.additional_config)
+        if self.model_impl == MODEL_IMPL:
+            self.compilation_config = compile_around_block(self.compilation_config)
         vllm_config = original(self, *args, **kwargs)
         if self.model_impl == MODEL_IMPL:
             validate_budget(vllm_config)
@@ -138,6 +140,41 @@ def validate_engine_args(model_impl: Any, additional_config: dict[str, Any] | No
             f'additional_config has "{CONFIG_KEY}" settings but model_impl is {model_impl!r}; '
             f"add --model-impl {MODEL_IMPL} (model_impl=\"{MODEL_IMPL}\") to use them"
         )
+
+
+def compile_around_block(compilation_config: Any) -> Any:
+    """Split vLLM's compiled graph at the AdapMoE block, and never capture it in a full CUDA
+    graph: its host-side work (which experts to copy) changes every step.
+
+    Returns a copy of the user's ``CompilationConfig`` (or dict) with ``vllm::adapmoe_block``
+    added to ``splitting_ops`` (after the attention ops when the user set none) and
+    ``cudagraph_mode`` PIECEWISE when unset. A full-graph mode set by the user is an error.
+    On CPU vLLM compiles with inductor alone (no CUDA graphs, no splitting), so this only
+    matters on GPU.
+    """
+    import copy
+
+    from vllm.config import CompilationConfig, CUDAGraphMode
+
+    from vllm_adapmoe.models import BLOCK_OP
+
+    cc = copy.deepcopy(compilation_config)
+    if isinstance(cc, dict):
+        cc = CompilationConfig(**cc)
+    mode = cc.cudagraph_mode
+    if mode is None:
+        cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    elif mode not in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE):
+        raise AdapMoEConfigError(
+            f"--model-impl {MODEL_IMPL} cannot run inside a full CUDA graph (cudagraph_mode "
+            f"{mode.name}): the block decides per step which experts to copy. Use "
+            '--compilation-config \'{"cudagraph_mode": "PIECEWISE"}\' (the default with this plugin)')
+    splitting = (list(CompilationConfig._attention_ops) if cc.splitting_ops is None
+                 else list(cc.splitting_ops))
+    if BLOCK_OP not in splitting:
+        splitting.append(BLOCK_OP)
+    cc.splitting_ops = splitting
+    return cc
 
 
 def validate_budget(vllm_config: Any) -> list[int]:

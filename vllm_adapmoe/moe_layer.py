@@ -19,7 +19,7 @@ One step through one layer, top to bottom (``forward``):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +46,11 @@ class StepInfo:
     decode_mask: torch.Tensor | None = None  # [T] True for decode tokens (query length 1)
     counted: bool = False  # False for vLLM's dummy/profiling runs: they do not touch the stats
     trace: TraceRecorder | None = None  # set while a routing trace is being recorded
+    # Set by the model: refreshes the fields above at the first block of each forward pass
+    # (the model's own Python forward does not run per step once vLLM compiles it).
+    describe: Callable[[int], None] | None = None
+    # Set by the model: called by its last block after a counted step (e.g. export counters).
+    on_step_end: Callable[[], None] | None = None
 
 
 class AdapMoEBlock(nn.Module):
@@ -76,6 +81,10 @@ class AdapMoEBlock(nn.Module):
                                  self.stats, link)
         self.prefetch_enabled = config.prefetch
         self.next_blocks: list[AdapMoEBlock] = []  # the look-ahead layers, wired by the model
+        self.last = False  # the model's last MoE block (ends the step), wired by the model
+        self.name = prefix
+        # Set by the vLLM side: calls this block through the opaque op the compiled graph keeps.
+        self.call_op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     # -- weights ----------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -101,9 +110,20 @@ class AdapMoEBlock(nn.Module):
 
     # -- the step -----------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The router GEMM (traceable, in the compiled graph as in stock), then the step."""
         orig_shape = hidden_states.shape
         x = hidden_states.view(-1, self.hidden_size)
         router_logits, _ = self.gate(x)
+        if self.call_op is not None and torch.compiler.is_compiling():
+            out = self.call_op(x, router_logits)  # opaque to the compiler; runs forward_impl
+        else:
+            out = self.forward_impl(x, router_logits)
+        return out.view(orig_shape)
+
+    def forward_impl(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """One step through this layer: ``x`` [T, H], ``router_logits`` [T, E] → [T, H]."""
+        if self.step.describe is not None:
+            self.step.describe(x.shape[0])
         weights, ids = route(router_logits, self.top_k)
         if self.step.trace is not None and self.step.counted:
             self.step.trace.record(self.layer_idx, ids, weights, self.step.decode_mask)
@@ -129,7 +149,9 @@ class AdapMoEBlock(nn.Module):
                 rows = rows[~hit]
             self.cache.wait(pending)
             self._compute(out, x, routing, rows)
-        return out.view(orig_shape)
+        if self.last and self.step.counted and self.step.on_step_end is not None:
+            self.step.on_step_end()
+        return out
 
     def _prefetch_next(self, x: torch.Tensor) -> None:
         """Apply the next layers' routers to this layer's input; book their decode tokens'

@@ -10,6 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+# The custom op the block runs in (registered by ``moe_op.py``); vLLM splits its compiled
+# graph there, so piecewise CUDA graphs never capture the block's data-dependent host work.
+BLOCK_OP = "vllm::adapmoe_block"
+
 
 @dataclass(frozen=True)
 class MoEShape:

@@ -2,8 +2,8 @@
 
 Mirrors vLLM 0.32's ``model_executor/models/mixtral.py``; the only change is
 ``block_sparse_moe`` (an ``AdapMoEBlock`` that keeps experts in host memory and computes them
-from a per-layer device cache). Not torch.compiled: a step's expert set decides which copies run,
-which is data-dependent control flow (see README, "Compilation").
+from a per-layer device cache). Compiled like stock (``@support_torch_compile``): the block's
+step runs inside the opaque op ``vllm::adapmoe_block`` (``moe_op.py``), everything else is traced.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
-from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
@@ -34,6 +34,7 @@ from vllm_adapmoe.config import AdapMoEConfig, AdapMoEConfigError
 from vllm_adapmoe.models import mixtral_shape
 from vllm_adapmoe.expert_cache import Link
 from vllm_adapmoe.metrics import PrometheusExporter
+from vllm_adapmoe.models.moe_op import StepDescriber, register_blocks
 from vllm_adapmoe.moe_layer import AdapMoEBlock, StepInfo
 
 logger = logging.getLogger("vllm.adapmoe")  # child of "vllm": uses its handlers
@@ -64,12 +65,17 @@ class AdapMoEMixtralDecoderLayer(nn.Module):
         return self.block_sparse_moe(hidden_states), residual
 
 
+# Same dynamic dims as stock infers from its annotations (ours are strings: future annotations).
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0,
+                                         "intermediate_tensors": 0, "inputs_embeds": 0})
 class AdapMoEMixtralModel(nn.Module):
-    def __init__(self, *, vllm_config: VllmConfig, adapmoe: AdapMoEConfig, prefix: str = ""):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
         self.config = config
+        self.adapmoe = adapmoe = AdapMoEConfig.from_additional_config(vllm_config.additional_config)
         self.step = StepInfo()
+        self.step.describe = StepDescriber(self.step)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         dtype = vllm_config.model_config.dtype
         shape = mixtral_shape(config)
@@ -96,7 +102,10 @@ class AdapMoEMixtralModel(nn.Module):
         blocks = self.moe_blocks()
         for i, block in enumerate(blocks):
             block.next_blocks = blocks[i + 1:i + 1 + adapmoe.prefetch_lookahead]
-        self.exporter = PrometheusExporter.if_enabled([b.stats for b in blocks])
+        blocks[-1].last = True
+        register_blocks(vllm_config, blocks)
+        exporter = PrometheusExporter.if_enabled([b.stats for b in blocks])
+        self.step.on_step_end = exporter.sync if exporter is not None else None
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states", "residual"], config.hidden_size)
 
@@ -106,8 +115,9 @@ class AdapMoEMixtralModel(nn.Module):
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
-    def forward(self, input_ids, positions, intermediate_tensors, inputs_embeds=None):
-        self._describe_step(positions.shape[-1])
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
         if get_pp_group().is_first_rank:
             hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
             residual = None
@@ -116,31 +126,10 @@ class AdapMoEMixtralModel(nn.Module):
             residual = intermediate_tensors["residual"]
         for layer in self.layers[self.start_layer:self.end_layer]:
             hidden_states, residual = layer(positions, hidden_states, residual)
-        if self.exporter is not None and self.step.counted:
-            self.exporter.sync()
         if not get_pp_group().is_last_rank:
             return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
-
-    def _describe_step(self, num_tokens: int) -> None:
-        """Decode-token count for the stats; dummy/profiling runs carry no attention metadata."""
-        metadata = get_forward_context().attn_metadata if is_forward_context_available() else None
-        if not metadata:
-            self.step.counted, self.step.decode_tokens, self.step.decode_mask = False, 0, None
-            return
-        first = next(iter(metadata.values()))
-        first = first[0] if isinstance(first, list) else first
-        qsl = first.query_start_loc
-        lens = qsl[1:] - qsl[:-1]
-        mask = torch.repeat_interleave(lens == 1, lens)
-        # tokens beyond the scheduled ones (padding) count as prefill: never gated
-        pad = num_tokens - mask.numel()
-        self.step.decode_mask = torch.cat([mask, mask.new_zeros(pad)]) if pad > 0 else mask
-        self.step.counted = True
-        self.step.decode_tokens = int((lens == 1).sum())
-        if self.step.trace is not None:
-            self.step.trace.begin_step(lens)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = AutoWeightsLoader(self).load_weights(weights, mapper=MixtralModel.hf_to_vllm_mapper)
@@ -159,9 +148,9 @@ class AdapMoEMixtralForCausalLM(nn.Module, SupportsPP):
                 "adapmoe: tensor parallelism is not supported yet; run with tensor_parallel_size=1")
         config = vllm_config.model_config.hf_config
         self.config = config
-        self.adapmoe = AdapMoEConfig.from_additional_config(vllm_config.additional_config)
-        self.model = AdapMoEMixtralModel(vllm_config=vllm_config, adapmoe=self.adapmoe,
+        self.model = AdapMoEMixtralModel(vllm_config=vllm_config,
                                          prefix=maybe_prefix(prefix, "model"))
+        self.adapmoe = self.model.adapmoe
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
                                       quant_config=vllm_config.quant_config,
                                       prefix=maybe_prefix(prefix, "lm_head"))

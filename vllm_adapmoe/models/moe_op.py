@@ -1,0 +1,85 @@
+"""The AdapMoE block as one opaque op inside vLLM's compiled graph (vLLM side only).
+
+vLLM compiles a model's forward with torch.compile (inductor on CPU, piecewise CUDA graphs on
+GPU). The block cannot be traced: which copies run depends on the step's routing. So, like
+vLLM's own ``vllm::moe_forward``, the block is registered as a custom op ``vllm::adapmoe_block``
+whose fake implementation only gives the output's shape; at run time the op finds the block by
+its name in the forward context and runs its step eagerly. The router GEMM stays in the graph,
+exactly where stock Mixtral computes it, so compiled numerics match stock.
+
+Everything per step that the model's Python ``forward`` used to do (read the batch's query
+lengths, flush Prometheus counters) must happen inside the op too: with a compiled graph that
+Python runs once, at trace time. ``describe_step`` does it lazily, on the first block of a step.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.forward_context import ForwardContext, get_forward_context, is_forward_context_available
+from vllm.utils.torch_utils import direct_register_custom_op
+
+from vllm_adapmoe.models import BLOCK_OP
+from vllm_adapmoe.moe_layer import AdapMoEBlock, StepInfo
+
+OP_NAME = BLOCK_OP.split("::")[1]
+
+
+def _adapmoe_block(hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                   layer_name: str) -> torch.Tensor:
+    block = get_forward_context().no_compile_layers[layer_name]
+    return block.forward_impl(hidden_states, router_logits)
+
+
+def _adapmoe_block_fake(hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                        layer_name: str) -> torch.Tensor:
+    return torch.empty_like(hidden_states)
+
+
+direct_register_custom_op(op_name=OP_NAME, op_func=_adapmoe_block, fake_impl=_adapmoe_block_fake,
+                          tags=(torch.Tag.needs_fixed_stride_order,))
+
+
+def register_blocks(vllm_config, blocks: list[AdapMoEBlock]) -> None:
+    """Make the blocks findable by name from the op (vLLM's static forward context)."""
+    context = vllm_config.compilation_config.static_forward_context
+    for block in blocks:
+        if block.name in context:
+            raise ValueError(f"adapmoe: duplicate layer name {block.name}")
+        context[block.name] = block
+        block.call_op = lambda x, logits, name=block.name: torch.ops.vllm.adapmoe_block(x, logits, name)
+
+
+class StepDescriber:
+    """``StepInfo.describe`` for vLLM: decode mask and counting from the forward context.
+
+    Runs at the first block of each forward pass (a new ``ForwardContext`` object each step);
+    the other blocks of the same pass return at the identity check.
+    """
+
+    def __init__(self, step: StepInfo) -> None:
+        self.step = step
+        self._context: ForwardContext | None = None
+
+    def __call__(self, num_tokens: int) -> None:
+        context = get_forward_context() if is_forward_context_available() else None
+        if context is not None and context is self._context:
+            return
+        self._context = context
+        step = self.step
+        metadata = context.attn_metadata if context is not None else None
+        if not metadata:  # dummy/profiling runs carry no attention metadata: not counted
+            step.counted, step.decode_tokens, step.decode_mask = False, 0, None
+            return
+        first = next(iter(metadata.values()))
+        first = first[0] if isinstance(first, list) else first
+        qsl = first.query_start_loc
+        lens = qsl[1:] - qsl[:-1]
+        is_decode = lens == 1
+        mask = torch.repeat_interleave(is_decode, lens)
+        # tokens beyond the scheduled ones (padding) count as prefill: never gated
+        pad = num_tokens - mask.numel()
+        step.decode_mask = torch.cat([mask, mask.new_zeros(pad)]) if pad > 0 else mask
+        step.counted = True
+        step.decode_tokens = int(is_decode.sum())
+        if step.trace is not None:
+            step.trace.begin_step(lens)
