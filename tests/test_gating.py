@@ -42,11 +42,19 @@ def test_gated_routing_renormalises_kept_weights():
     r = Routing.gated(ids, weights, AdaptiveGate(0.05, 1.0, True), None)
     assert r.keep.tolist() == [1, 2]
     assert r.expert_sets.tolist() == [[5, -1], [2, 6]]
-    groups = {tuple(rows.tolist()): (i.tolist(), w.tolist()) for rows, i, w in r.groups(torch.arange(2))}
-    assert groups[(0,)] == ([[5]], [[1.0]])  # top-1, weight renormalised to 1
-    assert groups[(1,)][0] == [[2, 6]]  # full top-2 keeps the router's order and weights
-    assert groups[(1,)][1][0] == pytest.approx([0.6, 0.4])
-    assert r.activated() == 3
+    ids_k, w_k = r.kernel_args(None)
+    # top-1: weight renormalised to 1; the dropped position repeats expert 5 with weight 0
+    assert ids_k[0].tolist() == [5, 5] and w_k[0].tolist() == [1.0, 0.0]
+    assert ids_k[1].tolist() == [2, 6]  # full top-2 keeps the router's order and weights
+    assert w_k[1].tolist() == pytest.approx([0.6, 0.4])
+    assert r.activated() == 3 and r.single_expert_tokens() == 1 and r.needed_experts() == [2, 5, 6]
+
+
+def test_all_top1_step_runs_the_kernel_on_one_column():
+    ids = torch.tensor([[3, 5], [2, 6]], dtype=torch.int32)
+    r = Routing.gated(ids, torch.tensor([[0.2, 0.8], [0.9, 0.1]]), AdaptiveGate(1.0, 1.0, True), None)
+    ids_k, w_k = r.kernel_args(None)
+    assert ids_k.tolist() == [[5], [2]] and w_k.tolist() == [[1.0], [1.0]]
 
 
 SENS = [1.0, 1.0, 1.0]

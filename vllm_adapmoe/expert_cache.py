@@ -112,7 +112,8 @@ class ExpertCache:
             for future in pending:
                 future.result()
             self.stats.stall_s += time.perf_counter() - start
-        self._pending = {e: f for e, f in self._pending.items() if not f.done()}
+        if self._pending:
+            self._pending = {e: f for e, f in self._pending.items() if not f.done()}
 
     def warm(self, experts: Iterable[int]) -> None:
         """Fill empty slots at start-up (not counted as loads)."""

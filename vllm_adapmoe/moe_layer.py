@@ -19,6 +19,7 @@ One step through one layer, top to bottom (``forward``):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -44,6 +45,8 @@ class StepInfo:
 
     decode_tokens: int = 0
     decode_mask: torch.Tensor | None = None  # [T] True for decode tokens (query length 1)
+    all_decode: bool = False  # every token of the step is a decode token
+    decode_rows: torch.Tensor | None = None  # indices of the decode tokens
     counted: bool = False  # False for vLLM's dummy/profiling runs: they do not touch the stats
     trace: TraceRecorder | None = None  # set while a routing trace is being recorded
     # Set by the model: refreshes the fields above at the first block of each forward pass
@@ -83,6 +86,7 @@ class AdapMoEBlock(nn.Module):
         self.next_blocks: list[AdapMoEBlock] = []  # the look-ahead layers, wired by the model
         self.last = False  # the model's last MoE block (ends the step), wired by the model
         self.name = prefix
+        self.clock: PhaseClock | None = None  # set by benchmarks to time the step's phases
         # Set by the vLLM side: calls this block through the opaque op the compiled graph keeps.
         self.call_op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
@@ -122,67 +126,92 @@ class AdapMoEBlock(nn.Module):
 
     def forward_impl(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """One step through this layer: ``x`` [T, H], ``router_logits`` [T, E] → [T, H]."""
-        if self.step.describe is not None:
-            self.step.describe(x.shape[0])
+        step, clock = self.step, self.clock
+        if step.describe is not None:
+            step.describe(x.shape[0])
         weights, ids = route(router_logits, self.top_k)
-        if self.step.trace is not None and self.step.counted:
-            self.step.trace.record(self.layer_idx, ids, weights, self.step.decode_mask)
-        routing = (Routing.gated(ids, weights, self.gating, self.step.decode_mask)
+        if step.trace is not None and step.counted:
+            step.trace.record(self.layer_idx, ids, weights, step.decode_mask)
+        clock and clock.mark("router")
+        routing = (Routing.gated(ids, weights, self.gating, None if step.all_decode else step.decode_mask)
                    if self.gating.active else Routing(ids, weights))
-        expert_sets = routing.expert_sets
-        needed = [e for e in expert_sets.unique().tolist() if e >= 0]
-        if self.step.counted:
+        clock and clock.mark("gating")
+        needed = routing.needed_experts()  # the step's one device→host transfer of routing
+        if step.counted:
             self._count(routing, needed)
-
         out = torch.empty_like(x)
-        waves = plan_waves(expert_sets, needed, self.cache.num_slots, self.cache.slot_of)
-        for i, (rows, experts) in enumerate(waves):
-            rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
-            pending = self.cache.start_loads(experts)
+        for i, (rows, experts) in enumerate(
+                plan_waves(routing.expert_sets, needed, self.cache.num_slots, self.cache.slot_of)):
+            pending = self.cache.start_loads(experts)  # hits first, then misses booked + queued
+            clock and clock.mark("residency")
             if i == 0:  # our own first loads go on the link first, then the guesses for l+1
                 self._prefetch_next(x)
-            ready = [e for e in experts if self.cache.ready(e)]
-            if pending and ready:  # compute the tokens whose experts have landed meanwhile
-                sets = expert_sets[rows]
-                hit = (torch.isin(sets, torch.tensor(ready, device=x.device)) | (sets < 0)).all(1)
-                self._compute(out, x, routing, rows[hit])
-                rows = rows[~hit]
-            self.cache.wait(pending)
-            self._compute(out, x, routing, rows)
-        if self.last and self.step.counted and self.step.on_step_end is not None:
-            self.step.on_step_end()
+                clock and clock.mark("prefetch")
+            self._compute_wave(out, x, routing, rows, experts, pending)
+        if self.last and step.counted and step.on_step_end is not None:
+            step.on_step_end()
         return out
 
+    def _compute_wave(self, out: torch.Tensor, x: torch.Tensor, routing: Routing,
+                      rows: torch.Tensor | None, experts: list[int], pending: list) -> None:
+        """Compute ``rows`` (None: all); while copies are pending, first the rows whose experts
+        have landed, then wait for the copies and compute the rest."""
+        clock = self.clock
+        if pending:
+            ready = [e for e in experts if self.cache.ready(e)]
+            if ready:
+                sets = routing.expert_sets if rows is None else routing.expert_sets[rows]
+                landed = torch.tensor(ready, dtype=sets.dtype, device=sets.device)
+                hit = (torch.isin(sets, landed) | (sets < 0)).all(1)
+                rows = (torch.arange(sets.shape[0], device=sets.device) if rows is None else rows)
+                self._compute(out, x, routing, rows[hit])
+                rows = rows[~hit]
+                clock and clock.mark("compute")
+            self.cache.wait(pending)
+            clock and clock.mark("stall")
+        self._compute(out, x, routing, rows)
+        clock and clock.mark("compute")
+
     def _prefetch_next(self, x: torch.Tensor) -> None:
-        """Apply the next layers' routers to this layer's input; book their decode tokens'
-        experts. Also records the raw next-layer prediction when a trace is on."""
-        tracing = self.step.trace is not None
-        if not self.step.counted or not self.next_blocks or not (self.prefetch_enabled or tracing):
+        """Apply the next layers' routers to this layer's decode rows and book the experts they
+        would need. While a trace is recorded, the router runs on every row (the trace stores
+        the prediction of every token) and the decode rows are taken from that."""
+        step = self.step
+        tracing = step.trace is not None
+        if not step.counted or not self.next_blocks or not (self.prefetch_enabled or tracing):
             return
-        decode = self.step.decode_mask[: x.shape[0]]
+        decode = None if step.all_decode else step.decode_rows
+        if not tracing and decode is not None and decode.numel() == 0:
+            return  # no decode token this step: prefill needs every expert anyway
+        rows = x if tracing or decode is None else x[decode]
         for depth, target in enumerate(self.next_blocks):
             if depth > 0 and not self.prefetch_enabled:
                 break
-            # the router on all rows, then the decode rows: same GEMM shape as the real routing
-            weights, ids = route(target.gate(x)[0], target.top_k)
+            weights, ids = route(target.gate(rows)[0], target.top_k)
             if tracing and depth == 0:
-                self.step.trace.record_prediction(target.layer_idx, weights, ids)
-            if self.prefetch_enabled and bool(decode.any()):
-                sets = predicted_expert_sets(weights[decode], ids[decode], target.gating)
+                step.trace.record_prediction(target.layer_idx, weights, ids)
+            if tracing and decode is not None:
+                if decode.numel() == 0:
+                    continue
+                weights, ids = weights[decode], ids[decode]
+            if self.prefetch_enabled:
+                sets = predicted_expert_sets(weights, ids, target.gating)
                 target.cache.prefetch(select_prefetch(sets, target.cache.num_slots))
 
     def _compute(self, out: torch.Tensor, x: torch.Tensor, routing: Routing,
-                 rows: torch.Tensor) -> None:
-        """Run the kernel for ``rows`` (all their experts resident) on the slot tensors."""
-        for sub, ids, weights in routing.groups(rows) if rows.numel() else ():
-            self.stats.waves += self.step.counted
-            slot_ids = self.cache.slot_map[ids]
-            if sub.numel() == x.shape[0]:
-                self.kernel(out, x, self.cache.w13, self.cache.w2, weights, slot_ids)
-                continue
-            part = torch.empty((sub.numel(), self.hidden_size), dtype=x.dtype, device=x.device)
-            self.kernel(part, x[sub], self.cache.w13, self.cache.w2, weights, slot_ids)
-            out[sub] = part
+                 rows: torch.Tensor | None) -> None:
+        """Run the kernel once for ``rows`` (None: all; their experts resident) on the slots."""
+        if rows is not None and rows.numel() == 0:
+            return
+        self.stats.waves += self.step.counted
+        ids, weights = routing.kernel_args(rows)
+        slot_ids = self.cache.slot_map[ids]
+        if rows is None:
+            self.kernel(out, x, self.cache.w13, self.cache.w2, weights, slot_ids)
+            return
+        part = torch.empty((rows.numel(), self.hidden_size), dtype=x.dtype, device=x.device)
+        self.kernel(part, x[rows], self.cache.w13, self.cache.w2, weights, slot_ids)
+        out[rows] = part
 
     def _count(self, routing: Routing, needed: list[int]) -> None:
         count_routing(self.stats, routing, self.step.decode_tokens)
@@ -203,58 +232,93 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
 
 @dataclass
 class Routing:
-    """One step's routing for one layer, after adaptive gating.
+    """One step's routing for one layer, after adaptive gating, in the form the kernel takes.
 
-    Tokens that keep all top-k experts use ``ids``/``weights`` in the router's own order (so
-    the kernel sums them exactly as stock does); gated tokens use the leading ``keep`` experts
-    of the weight-sorted order, with weights renormalised.
+    Tokens that keep all top-k experts keep the router's ids and weights in the router's order
+    (so the kernel sums them exactly as stock does). A gated token keeps its leading ``keep``
+    experts by weight, renormalised; its dropped positions repeat its first expert with weight 0,
+    so one kernel call serves every token and a top-1 token still reads one expert's weights.
+    When every token is top-1 the kernel gets one column.
     """
 
-    ids: torch.Tensor                       # [T, k] int32, router order
-    weights: torch.Tensor                   # [T, k] float32
-    keep: torch.Tensor | None = None        # [T] experts kept per token; None = all k
-    sorted_ids: torch.Tensor | None = None  # [T, k] by descending weight (gated steps only)
-    sorted_weights: torch.Tensor | None = None
+    ids: torch.Tensor                  # [T, k] int32
+    weights: torch.Tensor              # [T, k] float32
+    keep: torch.Tensor | None = None   # [T] experts kept per token; None = all k
+    _summary: tuple[list[int], int, int] | None = None
 
     @classmethod
     def gated(cls, ids: torch.Tensor, weights: torch.Tensor, gate: AdaptiveGate,
               decode_mask: torch.Tensor | None) -> Routing:
+        k = ids.shape[1]
         sorted_weights, order = weights.sort(dim=1, descending=True)
         keep = gate.experts_per_token(sorted_weights, decode_mask)
-        if bool((keep == ids.shape[1]).all()):
-            return cls(ids, weights)
-        return cls(ids, weights, keep, ids.gather(1, order), sorted_weights)
+        kept = torch.arange(k, device=ids.device) < keep[:, None]
+        sorted_ids = ids.gather(1, order)
+        kept_weights = sorted_weights * kept
+        kept_weights = kept_weights / kept_weights.sum(1, keepdim=True)
+        full = (keep == k)[:, None]
+        return cls(torch.where(full, ids, torch.where(kept, sorted_ids, sorted_ids[:, :1])),
+                   torch.where(full, weights, kept_weights), keep)
 
     @property
     def expert_sets(self) -> torch.Tensor:
-        """[T, k] experts each token needs, −1 where gating dropped one (for planning only)."""
+        """[T, k] experts each token needs, −1 where gating dropped one (for planning)."""
         if self.keep is None:
             return self.ids
         dropped = torch.arange(self.ids.shape[1], device=self.ids.device) >= self.keep[:, None]
-        return self.sorted_ids.masked_fill(dropped, -1)
+        return self.ids.masked_fill(dropped, -1)
+
+    def needed_experts(self) -> list[int]:
+        """Distinct experts needed this step, ascending (one device→host transfer, cached)."""
+        return self._summarise()[0]
 
     def activated(self) -> int:
-        return self.ids.numel() if self.keep is None else int(self.keep.sum())
+        return self._summarise()[1]
 
     def single_expert_tokens(self) -> int:
-        if self.keep is None:
-            return self.ids.shape[0] if self.ids.shape[1] == 1 else 0
-        return int((self.keep == 1).sum())
+        return self._summarise()[2]
 
-    def groups(self, rows: torch.Tensor):
-        """(rows, ids, weights) per distinct number of kept experts among ``rows``."""
-        k = self.ids.shape[1]
-        if self.keep is None:
-            yield rows, self.ids[rows], self.weights[rows]
-            return
-        keep = self.keep[rows]
-        for n in keep.unique().tolist():
-            sub = rows[keep == n]
-            if n == k:
-                yield sub, self.ids[sub], self.weights[sub]
+    def _summarise(self) -> tuple[list[int], int, int]:
+        if self._summary is None:
+            tokens, k = self.ids.shape
+            counts = torch.bincount(self.expert_sets.flatten() + 1)  # bin 0: dropped
+            if self.keep is None:
+                host, activated, single = counts.tolist(), tokens * k, tokens if k == 1 else 0
             else:
-                w = self.sorted_weights[sub, :n]
-                yield sub, self.sorted_ids[sub, :n].contiguous(), w / w.sum(1, keepdim=True)
+                extra = torch.stack([self.keep.sum(), (self.keep == 1).sum()]).to(counts.dtype)
+                *host, activated, single = torch.cat([counts, extra]).tolist()
+            needed = [e - 1 for e, c in enumerate(host) if c and e > 0]
+            self._summary = (needed, activated, single)
+        return self._summary
+
+    def kernel_args(self, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, weights) for the kernel on ``rows`` (None: all tokens)."""
+        ids, weights = (self.ids, self.weights) if rows is None else (self.ids[rows], self.weights[rows])
+        if self.keep is not None and self.single_expert_tokens() == self.ids.shape[0]:
+            return ids[:, :1].contiguous(), weights[:, :1].contiguous()
+        return ids, weights
+
+
+class PhaseClock:
+    """Attributes wall time between successive ``mark(phase)`` calls to the named phase
+    (``benchmarks/bench_layer.py``). On CUDA it synchronises at every mark, so only for timing."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sync = device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+        self.start()
+
+    def start(self) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
 
 
 def count_routing(stats: LayerStats, routing: Routing, decode_tokens: int) -> None:

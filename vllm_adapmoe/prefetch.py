@@ -10,8 +10,6 @@ authoritative: a wrong guess costs bandwidth and maybe an eviction, never correc
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 
 from vllm_adapmoe.gating import AdaptiveGate
@@ -30,6 +28,6 @@ def predicted_expert_sets(weights: torch.Tensor, ids: torch.Tensor, gate: Adapti
 
 def select_prefetch(expert_sets: torch.Tensor, capacity: int) -> list[int]:
     """Experts to prefetch: most requested first (ties: lower id), at most ``capacity``."""
-    counts = Counter(e for e in expert_sets.flatten().tolist() if e >= 0)
-    ranked = sorted(counts, key=lambda e: (-counts[e], e))
+    counts = torch.bincount(expert_sets.flatten() + 1).tolist()[1:]  # bin 0: dropped (−1)
+    ranked = sorted((e for e, c in enumerate(counts) if c), key=lambda e: (-counts[e], e))
     return ranked[:capacity]

@@ -64,15 +64,14 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
         if prefetch:  # what the previous layer booked for this one, in the live order
             guess = predicted_prefetch(block, gates[block.layer], table.num_slots)
             table.prefetch(guess)
-        sets = routing.expert_sets
-        needed = [e for e in sets.unique().tolist() if e >= 0]
+        needed = routing.needed_experts()
         count_routing(st, routing, int(block.decode.sum()))
         misses_before = st.misses
         table.count_step(needed)
         if block.decode.all():
             decode_step_misses[block.layer] += st.misses - misses_before
             decode_step_tokens[block.layer] += len(block.ids)
-        for _, experts in plan_waves(sets, needed, table.num_slots, table.slot_of):
+        for _, experts in plan_waves(routing.expert_sets, needed, table.num_slots, table.slot_of):
             table.admit(experts)
 
     size = expert_bytes or int(trace.meta.get("expert_bytes", 0))
@@ -140,7 +139,7 @@ def predicted_prefetch(block: StepLayer, gate: AdaptiveGate, capacity: int) -> l
 def _future_uses(blocks: list[tuple[StepLayer, Routing]]) -> dict[int, dict[int, list[int]]]:
     uses: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
     for block, routing in blocks:
-        for e in routing.expert_sets.unique().tolist():
+        for e in routing.needed_experts():
             if e >= 0:
                 uses[block.layer][e].append(block.step)
     return uses

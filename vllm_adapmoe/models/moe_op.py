@@ -69,6 +69,7 @@ class StepDescriber:
         metadata = context.attn_metadata if context is not None else None
         if not metadata:  # dummy/profiling runs carry no attention metadata: not counted
             step.counted, step.decode_tokens, step.decode_mask = False, 0, None
+            step.all_decode, step.decode_rows = False, None
             return
         first = next(iter(metadata.values()))
         first = first[0] if isinstance(first, list) else first
@@ -81,5 +82,7 @@ class StepDescriber:
         step.decode_mask = torch.cat([mask, mask.new_zeros(pad)]) if pad > 0 else mask
         step.counted = True
         step.decode_tokens = int(is_decode.sum())
+        step.all_decode = step.decode_tokens == num_tokens
+        step.decode_rows = None if step.all_decode else step.decode_mask.nonzero().squeeze(1)
         if step.trace is not None:
             step.trace.begin_step(lens)
