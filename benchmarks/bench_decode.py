@@ -4,16 +4,19 @@ For each batch size, every configuration generates the same greedy batch; rounds
 configurations (A B C A B C ...) so machine noise hits all alike; medians are reported.
 Decode tokens/s = batch × (N−1) / (t(N new tokens) − t(1 new token)), i.e. prefill removed.
 
-Configurations: stock vLLM; adapmoe with every expert resident ("100%"); for each budget below
-100%: uniform LRU slots, and with `--profile` the full AdapMoE setting (DP plan from the
-profile's miss curves + prefetch + gating at `--threshold`).
+Configurations: stock vLLM with default flags (compiled: the baseline users run); adapmoe
+with every expert resident ("100%"); for each budget below 100%: uniform LRU slots, and with
+`--profile` the full AdapMoE setting (DP plan from the profile's miss curves + prefetch + gating
+at `--threshold`). All compiled (vLLM's default); `--eager` adds "stock eager" and "100% eager"
+(`enforce_eager=True`) as a second, labelled baseline.
 
 Link emulation (`--link`): the emulated host→device bandwidth is derived from this machine's own
 all-resident batch-1 decode so that one expert load costs about `--link-layers` (10) layers of
 decode compute; those configurations are repeated with it and labelled "emulated-link".
 
     python benchmarks/bench_decode.py [--model DIR] [--batches 1 16] [--budgets 1.0 0.5 0.25]
-        [--profile P.json --threshold 0.01] [--link] [--rounds 3] [--out benchmarks/results/decode.json]
+        [--profile P.json --threshold 0.01] [--link] [--eager] [--rounds 3]
+        [--out benchmarks/results/decode.json]
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.25],
                     help="fraction of each layer's experts held on device")
     ap.add_argument("--link", action="store_true", help="also run with an emulated slow link")
+    ap.add_argument("--eager", action="store_true",
+                    help="add enforce_eager stock and all-resident runs as a second baseline")
     ap.add_argument("--link-layers", type=float, default=10.0)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
@@ -85,10 +90,11 @@ def main() -> None:
 
     cfg = json.loads((Path(args.model) / "config.json").read_text())
     E, L = cfg["num_local_experts"], cfg["num_hidden_layers"]
-    common = dict(model=args.model, enforce_eager=True, max_model_len=512, seed=0,
-                  kv_cache_memory_bytes=256 * 2**20,
+    common = dict(model=args.model, max_model_len=512, seed=0, kv_cache_memory_bytes=256 * 2**20,
                   max_num_seqs=max(args.batches))
-    engines = {"stock": LLM(**common)}
+    engines = {"stock": LLM(**common)}  # default flags: compiled
+    if args.eager:
+        engines["stock eager"] = LLM(**common, enforce_eager=True)
 
     def variants(budget: float) -> dict[str, dict]:
         if budget >= 1.0:
@@ -100,12 +106,15 @@ def main() -> None:
                 "threshold": args.threshold, "profile": args.profile}
         return out
 
-    def engine(settings: dict):
-        return LLM(**common, model_impl="adapmoe", additional_config={"adapmoe": settings})
+    def engine(settings: dict, eager: bool = False):
+        return LLM(**common, model_impl="adapmoe", additional_config={"adapmoe": settings},
+                   enforce_eager=eager)
 
     configs = {name: cfg for b in args.budgets for name, cfg in variants(b).items()}
     for name, settings in configs.items():
         engines[name] = engine(settings)
+    if args.eager and "100%" in configs:
+        engines["100% eager"] = engine({}, eager=True)
     prompts_by_batch = {b: make_prompts(args.model, b) for b in args.batches}
 
     link_gbps = None
@@ -127,10 +136,10 @@ def main() -> None:
         rates: dict[str, list[float]] = {name: [] for name in engines}
         traffic: dict[str, dict] = {}
         for name, llm in engines.items():  # warm-up round (fills caches, JIT, allocator)
-            decode_rate(llm, prompts, 8, name != "stock")
+            decode_rate(llm, prompts, 8, not name.startswith("stock"))
         for _ in range(args.rounds):
             for name, llm in engines.items():
-                rate, counters = decode_rate(llm, prompts, args.new_tokens, name != "stock")
+                rate, counters = decode_rate(llm, prompts, args.new_tokens, not name.startswith("stock"))
                 rates[name].append(rate)
                 if counters:
                     traffic[name] = counters  # last round's (caches warm)
@@ -163,6 +172,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "experts_per_layer": E, "moe_layers": L,
+                               "baseline": "stock vLLM, default flags (compiled)",
                                "link_gbps_emulated": link_gbps, "new_tokens": args.new_tokens,
                                "rounds": args.rounds, "rows": rows}, indent=1))
     print(f"\nwrote {out}")

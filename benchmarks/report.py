@@ -26,9 +26,11 @@ def _fmt(v, spec: str = ".2f") -> str:
 
 def decode_section(data: dict) -> list[str]:
     link = data.get("link_gbps_emulated")
+    baseline = data.get("baseline", "stock vLLM with enforce_eager (older run)")
     out = [f"**Decode throughput** (`benchmarks/bench_decode.py`, {data['rounds']} alternating rounds, "
-           f"medians; {data['new_tokens']} new tokens; emulated link "
-           f"{'%.4f GB/s' % link if link else 'off'}: one expert load ≈ 10 decode layers):", "",
+           f"medians; {data['new_tokens']} new tokens; \"vs stock\" = {baseline}; rows marked eager use "
+           "`enforce_eager=True`; emulated link "
+           f"{'%.4f GB/s (one expert load ≈ 10 decode layers)' % link if link else 'off'}):", "",
            "| batch | config | decode tok/s | vs stock | vs all-resident | hit rate | misses / decoded token | loads / decoded token | slots |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -62,8 +64,31 @@ def gating_section(data: dict) -> list[str]:
     return out
 
 
+def layer_section(data: dict) -> list[str]:
+    out = [f"**One MoE layer, {data['shape']}** (`benchmarks/bench_layer.py --shape {data['shape']}`: hidden "
+           f"{data['hidden']}, intermediate {data['intermediate']}, {data['experts']} experts, top-{data['top_k']}, "
+           f"bf16 random weights, routing replayed from `{data['trace']}`, every expert resident, "
+           f"{data['rounds']} alternating rounds × {data['iters']} calls, medians; host = router top-k + "
+           "gating + residency + prefetch; µs per call):", "",
+           "| batch | config | µs | vs stock | host µs | host share | experts / token | phases (µs) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for row in data["results"]:
+        for name, e in row["configs"].items():
+            phases = ", ".join(f"{p} {v:.0f}" for p, v in e.get("phases_us", {}).items())
+            out.append(f"| {row['batch']} | {name} | {e['median_us']:.0f} | {e['vs_stock']:.2f} | "
+                       f"{_fmt(e.get('host_us'), '.0f')} | {_fmt(e.get('host_share'), '.0%')} | "
+                       f"{_fmt(e.get('experts_per_token'), '.3f')} | {phases or '–'} |")
+    gated = [(row["batch"], e) for row in data["results"] for e in row["configs"].values()
+             if "time_vs_ungated" in e]
+    out += ["", "Gating (vs the same step ungated, with prefetch): " + "; ".join(
+        f"batch {b}: time ×{e['time_vs_ungated']:.2f} at activated experts ×{e['activated_ratio']:.2f}"
+        for b, e in gated) + "."]
+    return out
+
+
 def serve_section(data: dict) -> list[str]:
-    out = ["**Serving** (`benchmarks/bench_serve.py`, OpenAI /v1/completions, alternating servers):", "",
+    out = ["**Serving** (`benchmarks/bench_serve.py`, OpenAI /v1/completions, alternating servers"
+           f"{'; ' + data['note'] if data.get('note') else ''}):", "",
            "| concurrency | config | output tok/s | vs stock | mean latency (s) |", "|---|---|---|---|---|"]
     for r in data["rows"]:
         out.append(f"| {r['concurrency']} | {r['config']} | {r['tok_s']:.1f} | {r['vs_stock']:.2f} | "
@@ -78,6 +103,10 @@ def render() -> str:
         data = _load(name)
         if data:
             parts.append(fn(data))
+    for name in ("layer_mixtral-8x7b.json", "layer_bundled.json"):
+        data = _load(name)
+        if data:
+            parts.append(layer_section(data))
     for name, title in (("policies_b1.json", "Cache policies, batch-1 trace"),
                         ("policies_b16.json", "Cache policies, batch-16 trace")):
         data = _load(name)

@@ -32,7 +32,8 @@ class AdaptiveGate:
         k = sorted_weights.shape[1]
         # tail[:, j] = weight of experts j..k-1, for j = 1..k-1 (shrinks as j grows, so the
         # droppable positions form a suffix and their count is how many experts to drop)
-        tail = sorted_weights.flip(1).cumsum(1).flip(1)[:, 1:]
+        tail = (sorted_weights[:, 1:] if k == 2  # one trailing expert: its tail is itself
+                else sorted_weights.flip(1).cumsum(1).flip(1)[:, 1:])
         droppable = tail.square() * self.sensitivity < self.threshold
         keep = k - droppable.sum(1)
         if decode_mask is not None and not self.gate_prefill:

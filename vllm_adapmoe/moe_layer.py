@@ -279,16 +279,17 @@ class Routing:
         return self._summarise()[2]
 
     def _summarise(self) -> tuple[list[int], int, int]:
+        """(needed experts, activated token-expert pairs, single-expert tokens) from one copy of
+        the [T, k] expert sets to the host (zero-copy on CPU); a few ints, so plain Python."""
         if self._summary is None:
             tokens, k = self.ids.shape
-            counts = torch.bincount(self.expert_sets.flatten() + 1)  # bin 0: dropped
+            sets = self.expert_sets.cpu().numpy()
+            needed = sorted(set(sets.ravel().tolist()) - {-1})
             if self.keep is None:
-                host, activated, single = counts.tolist(), tokens * k, tokens if k == 1 else 0
+                self._summary = (needed, tokens * k, tokens if k == 1 else 0)
             else:
-                extra = torch.stack([self.keep.sum(), (self.keep == 1).sum()]).to(counts.dtype)
-                *host, activated, single = torch.cat([counts, extra]).tolist()
-            needed = [e - 1 for e, c in enumerate(host) if c and e > 0]
-            self._summary = (needed, activated, single)
+                kept = (sets >= 0).sum(1)
+                self._summary = (needed, int(kept.sum()), int((kept == 1).sum()))
         return self._summary
 
     def kernel_args(self, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,13 +17,14 @@ from vllm_adapmoe.gating import AdaptiveGate
 
 def predicted_expert_sets(weights: torch.Tensor, ids: torch.Tensor, gate: AdaptiveGate) -> torch.Tensor:
     """[T, k] experts the target layer would need for these predicted decode-token routings
-    (top-k ``weights``/``ids`` from its router); −1 where its gating would drop one."""
-    from vllm_adapmoe.moe_layer import Routing
-
+    (top-k ``weights``/``ids`` from its router); −1 where its gating would drop one. The same
+    sets as ``Routing.gated(...).expert_sets``, without building the kernel's arguments."""
     if not gate.active:
         return ids
-    decode = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-    return Routing.gated(ids, weights, gate, decode).expert_sets
+    sorted_weights, order = weights.sort(dim=1, descending=True)
+    keep = gate.experts_per_token(sorted_weights, None)
+    dropped = torch.arange(ids.shape[1], device=ids.device) >= keep[:, None]
+    return ids.gather(1, order).masked_fill(dropped, -1)
 
 
 def select_prefetch(expert_sets: torch.Tensor, capacity: int) -> list[int]:

@@ -1,0 +1,117 @@
+"""Default flags (no enforce_eager): vLLM compiles the model and the AdapMoE block runs as the
+opaque op ``vllm::adapmoe_block``. Greedy tokens must equal stock vLLM compiled, strictly.
+
+Eager mode against eager stock is covered by test_exactness.py / test_prefetch.py.
+"""
+
+import pytest
+import torch
+
+from conftest import greedy
+from test_exactness import assert_same
+
+import vllm_adapmoe
+from vllm_adapmoe.models import BLOCK_OP
+
+
+@pytest.fixture(scope="module")
+def tiny_stock_compiled(engines, tiny_model):
+    return greedy(engines.get(tiny_model, eager=False))
+
+
+@pytest.mark.parametrize("settings", [{}, {"cache_slots": 2}, {"cache_slots": 1, "prefetch": True}],
+                         ids=["all-resident", "2-slots", "1-slot-prefetch"])
+def test_tiny_compiled_matches_stock_compiled(engines, tiny_model, tiny_stock_compiled, settings):
+    llm = engines.get(tiny_model, "adapmoe", eager=False, **settings)
+    vllm_adapmoe.reset_stats(llm)
+    assert_same(tiny_stock_compiled, greedy(llm))
+    total = vllm_adapmoe.stats(llm)["total"]  # the op ran the block every step, counting it
+    assert total["decode_tokens"] > 0 and total["hits"] + total["misses"] > 0
+    if settings:
+        assert total["loads"] > 0
+
+
+def test_bundled_compiled_matches_stock_compiled(engines, bundled_model):
+    stock = greedy(engines.get(bundled_model, eager=False))
+    assert_same(stock, greedy(engines.get(bundled_model, "adapmoe", eager=False)))
+    offloaded = engines.get(bundled_model, "adapmoe", eager=False, cache_slots=2, prefetch=True)
+    assert_same(stock, greedy(offloaded))
+
+
+def test_block_op_fake_impl_gives_shape_and_dtype():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import vllm_adapmoe.models.moe_op  # noqa: F401  (registers the op)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        with FakeTensorMode():
+            x, logits = torch.empty(7, 64, dtype=dtype), torch.empty(7, 8, dtype=dtype)
+            y = torch.ops.vllm.adapmoe_block(x, logits, "model.layers.0.block_sparse_moe")
+        assert y.shape == (7, 64) and y.dtype == dtype
+
+
+class _RecordingBlock:
+    """Stands in for an AdapMoEBlock in the forward context: y = 2x, and counts its calls."""
+
+    calls = 0
+
+    def forward_impl(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return 2 * x
+
+
+def test_block_op_stays_one_opaque_node_under_torch_compile():
+    """fullgraph compile (no graph break) keeps the op as a node and runs the real block."""
+    from vllm.config import VllmConfig
+    from vllm.forward_context import set_forward_context
+
+    import vllm_adapmoe.models.moe_op  # noqa: F401
+
+    config = VllmConfig()
+    block = _RecordingBlock()
+    config.compilation_config.static_forward_context["blk"] = block
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    w = torch.randn(16, 8)
+
+    @torch.compile(fullgraph=True, backend=backend, dynamic=True)
+    def layer(x):
+        return torch.ops.vllm.adapmoe_block(x, x @ w, "blk") + 1
+
+    x = torch.randn(5, 16)
+    with set_forward_context(None, config):
+        y = layer(x)
+        y3 = layer(torch.randn(3, 16))
+    assert torch.equal(y, 2 * x + 1) and y3.shape == (3, 16)
+    assert block.calls == 2 and len(graphs) == 1  # one graph for both sizes; the op ran twice
+    ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.ops.vllm.adapmoe_block.default in ops or torch.ops.vllm.adapmoe_block in ops
+
+
+def test_engine_config_splits_the_graph_at_the_block_only_for_adapmoe(tiny_model):
+    from vllm.engine.arg_utils import EngineArgs
+
+    def splitting(impl):
+        args = EngineArgs(model=str(tiny_model), model_impl=impl, max_model_len=512)
+        return args.create_engine_config().compilation_config.splitting_ops or []
+
+    assert BLOCK_OP in splitting("adapmoe")
+    assert BLOCK_OP not in splitting("auto")
+
+
+def test_full_cuda_graph_mode_is_a_clear_error():
+    from vllm.config import CompilationConfig
+
+    from vllm_adapmoe import AdapMoEConfigError, compile_around_block
+
+    cc = compile_around_block(CompilationConfig())
+    assert cc.cudagraph_mode.name == "PIECEWISE"
+    assert cc.splitting_ops[-1] == BLOCK_OP and len(cc.splitting_ops) > 1  # after attention
+    kept = compile_around_block({"splitting_ops": ["vllm::unified_attention_with_output"]})
+    assert kept.splitting_ops == ["vllm::unified_attention_with_output", BLOCK_OP]
+    with pytest.raises(AdapMoEConfigError, match="PIECEWISE"):
+        compile_around_block({"cudagraph_mode": "FULL_AND_PIECEWISE"})
