@@ -88,14 +88,20 @@ def our_block(config, w: dict[str, torch.Tensor], top_k: int, idx: int, step, **
     from vllm.config import set_current_vllm_config
 
     from vllm_adapmoe.config import AdapMoEConfig
-    from vllm_adapmoe.moe_layer import AdapMoEBlock
+    from vllm.model_executor.layers.fused_moe import GateLinear
+
+    from vllm_adapmoe.engine.block import AdapMoEBlock
+    from vllm_adapmoe.models import kernels  # noqa: F401  (vLLM's fused kernels)
 
     E, inter, hidden = w["w1"].shape
     cfg = AdapMoEConfig(**settings)
     with set_current_vllm_config(config):
         block = AdapMoEBlock(layer_idx=idx, num_experts=E, top_k=top_k, hidden_size=hidden,
                              intermediate_size=inter, num_slots=E, config=cfg, step=step,
-                             params_dtype=torch.bfloat16, prefix=f"ours.layers.{idx}")
+                             gate=GateLinear(hidden, E, params_dtype=torch.bfloat16,
+                                             prefix=f"ours.layers.{idx}.gate"),
+                             device=torch.device("cpu"), params_dtype=torch.bfloat16,
+                             prefix=f"ours.layers.{idx}")
     names = [("gate.weight", w["gate"])]
     for e in range(E):
         names += [(f"experts.{e}.{n}.weight", w[n][e]) for n in ("w1", "w2", "w3")]
@@ -106,7 +112,7 @@ def our_block(config, w: dict[str, torch.Tensor], top_k: int, idx: int, step, **
 def replayed_routing(trace_path: Path, batch: int, count: int, experts: int):
     """``count`` batches of ``batch`` decode rows from the trace, one layer per batch in turn:
     (layer, router logits [batch, E]) whose softmax top-k reproduces the traced weights."""
-    from vllm_adapmoe.trace import Trace
+    from vllm_adapmoe.offline.trace import Trace
 
     trace = Trace.load(trace_path)
     by_layer = {}
@@ -130,7 +136,7 @@ def replayed_routing(trace_path: Path, batch: int, count: int, experts: int):
 def run(args) -> dict:
     from vllm.forward_context import set_forward_context
 
-    from vllm_adapmoe.moe_layer import PhaseClock, StepInfo
+    from vllm_adapmoe.engine.block import PhaseClock, StepInfo
 
     torch.manual_seed(0)
     hidden, inter, E, k = SHAPES[args.shape]

@@ -18,10 +18,10 @@ from pathlib import Path
 
 
 def main() -> None:
-    from vllm_adapmoe.cache_plan import miss_curves_from_profile, plan_dp
+    from vllm_adapmoe.engine.cache_plan import miss_curves_from_profile, plan_dp
     from vllm_adapmoe.config import uniform_split
-    from vllm_adapmoe.simulator import simulate
-    from vllm_adapmoe.trace import Trace
+    from vllm_adapmoe.offline.simulator import simulate
+    from vllm_adapmoe.offline.trace import Trace
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", required=True)

@@ -20,7 +20,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 def main() -> None:
     import vllm_adapmoe
     from vllm import LLM
-    from vllm_adapmoe.evaluation import heldout_text, perplexity, token_windows
+    from vllm_adapmoe.offline.evaluation import heldout_text, perplexity, token_windows
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=vllm_adapmoe.bundled_model_path())

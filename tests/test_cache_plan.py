@@ -1,4 +1,4 @@
-"""Cache-size planning (``vllm_adapmoe.cache_plan``): DP vs brute force, bounds, files. Pure Python."""
+"""Cache-size planning (``vllm_adapmoe.engine.cache_plan``): DP vs brute force, bounds, files. Pure Python."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from vllm_adapmoe.cache_plan import (closed_form_curve, load_plan, miss_curves_from_profile,
+from vllm_adapmoe.engine.cache_plan import (closed_form_curve, load_plan, miss_curves_from_profile,
                                      plan_cost, plan_dp, plan_table, plan_uniform, plot_plan,
                                      save_plan)
 from vllm_adapmoe.config import uniform_split

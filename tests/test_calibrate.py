@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tiny_model import _TEXT, build_tiny_mixtral
-from vllm_adapmoe.calibrate import calibrate, load_windows
+from vllm_adapmoe.offline.calibrate import calibrate, load_windows
 from vllm_adapmoe.cli import main
-from vllm_adapmoe.profile import (FORMAT_VERSION, Profile, ProfileError, config_hash,
+from vllm_adapmoe.offline.profile import (FORMAT_VERSION, Profile, ProfileError, config_hash,
                                   load_profile, save_profile)
 
 torch.set_num_threads(1)

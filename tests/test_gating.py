@@ -5,8 +5,8 @@ import torch
 
 import vllm_adapmoe
 from conftest import PROMPTS, greedy
-from vllm_adapmoe.gating import AdaptiveGate
-from vllm_adapmoe.moe_layer import Routing
+from vllm_adapmoe.engine.gating import AdaptiveGate
+from vllm_adapmoe.engine.block import Routing
 
 
 def keep(weights, threshold, sensitivity, decode=None, gate_prefill=False):

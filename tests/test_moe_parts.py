@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from vllm_adapmoe.expert_cache import ExpertCache, Link
-from vllm_adapmoe.slot_table import LFUPolicy, LRUPolicy
-from vllm_adapmoe.expert_kernels import FusedCpuKernel, ReferenceKernel
-from vllm_adapmoe.expert_store import HostExpertStore
-from vllm_adapmoe.metrics import LayerStats
-from vllm_adapmoe.moe_layer import plan_waves, route
+from vllm_adapmoe.engine.cache import ExpertCache, Link
+from vllm_adapmoe.engine.slot_table import LFUPolicy, LRUPolicy
+from vllm_adapmoe.engine.kernels import GroupedKernel, ReferenceKernel
+from vllm_adapmoe.models.kernels import FusedCpuKernel
+from vllm_adapmoe.engine.store import HostExpertStore
+from vllm_adapmoe.engine.stats import LayerStats
+from vllm_adapmoe.engine.block import plan_waves, route
 
 
 def test_route_is_renormalised_top_k():
@@ -76,7 +77,7 @@ def test_fused_kernel_on_slots_matches_reference_loop():
     x = torch.randn(9, 64)
     w, ids = route(torch.randn(9, 4), 2)
     outs = {}
-    for kernel in (FusedCpuKernel(torch.float32, 64, 80), ReferenceKernel()):
+    for kernel in (FusedCpuKernel(torch.float32, 64, 80), GroupedKernel(), ReferenceKernel()):
         store = _store(kernel)
         cache = ExpertCache(store, 4, torch.device("cpu"), "lru", LayerStats())
         cache.warm(range(4))
@@ -84,6 +85,7 @@ def test_fused_kernel_on_slots_matches_reference_loop():
         kernel(out, x, cache.w13, cache.w2, w, cache.slot_map[ids])
         outs[kernel.name] = out
     torch.testing.assert_close(outs["fused-cpu"], outs["reference"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outs["grouped"], outs["reference"], atol=1e-5, rtol=1e-4)
 
 
 def test_cache_loads_count_bytes_and_never_evict_protected():

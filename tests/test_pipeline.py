@@ -7,7 +7,7 @@ import vllm_adapmoe
 from conftest import greedy
 from test_exactness import assert_same
 from vllm_adapmoe.cli import main
-from vllm_adapmoe.profile import load_profile
+from vllm_adapmoe.offline.profile import load_profile
 
 
 def test_cli_workflow_and_dp_prefetch_engine_is_exact(engines, tiny_model, tmp_path):

@@ -6,8 +6,8 @@ import vllm_adapmoe
 from conftest import PROMPTS, greedy
 from test_exactness import assert_same
 from test_trace_sim import _assert_counters_equal
-from vllm_adapmoe.simulator import simulate
-from vllm_adapmoe.trace import Trace
+from vllm_adapmoe.offline.simulator import simulate
+from vllm_adapmoe.offline.trace import Trace
 
 
 @pytest.fixture(scope="module")

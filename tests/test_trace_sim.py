@@ -9,8 +9,8 @@ import torch
 
 import vllm_adapmoe
 from conftest import PROMPTS, greedy
-from vllm_adapmoe.simulator import simulate
-from vllm_adapmoe.trace import Trace, TraceRecorder
+from vllm_adapmoe.offline.simulator import simulate
+from vllm_adapmoe.offline.trace import Trace, TraceRecorder
 
 COUNTERS = ("tokens", "decode_tokens", "activated_experts", "top1_tokens", "hits", "misses",
             "loads", "evictions", "steps")

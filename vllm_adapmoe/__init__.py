@@ -16,7 +16,7 @@ import logging
 from typing import Any
 
 from vllm_adapmoe.config import CONFIG_KEY, MODEL_IMPL, AdapMoEConfig, AdapMoEConfigError
-from vllm_adapmoe.metrics import summarise
+from vllm_adapmoe.engine.stats import summarise
 
 __all__ = ["register", "stats", "reset_stats", "set_gating", "start_trace", "stop_trace", "AdapMoEConfig", "AdapMoEConfigError",
            "bundled_model_path"]
@@ -56,7 +56,7 @@ def reset_stats(llm: Any) -> None:
 
 
 def start_trace(llm: Any) -> None:
-    """Start recording routing of every step (see ``vllm_adapmoe.trace`` for the format)."""
+    """Start recording routing of every step (see ``vllm_adapmoe.offline.trace`` for the format)."""
     llm.collective_rpc("adapmoe_trace_start")
 
 
@@ -216,7 +216,7 @@ def _hook_worker() -> None:
                 block.gating.gate_prefill = gate_prefill
 
     def adapmoe_trace_start(self) -> None:
-        from vllm_adapmoe.trace import TraceRecorder
+        from vllm_adapmoe.offline.trace import TraceRecorder
 
         model = self.get_model()
         blocks = model.moe_blocks()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 # -- calibrate -------------------------------------------------------------------------------
 def _add_calibrate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from vllm_adapmoe.calibrate import DEFAULT_DATA
+    from vllm_adapmoe.offline.calibrate import DEFAULT_DATA
 
     p = sub.add_parser(
         "calibrate", help="measure per-layer sensitivity S_l and routing statistics",
@@ -58,8 +58,8 @@ def format_profile_table(profile) -> str:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
-    from vllm_adapmoe.calibrate import calibrate
-    from vllm_adapmoe.profile import save_profile
+    from vllm_adapmoe.offline.calibrate import calibrate
+    from vllm_adapmoe.offline.profile import save_profile
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,7 +102,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     from vllm import LLM, SamplingParams, TokensPrompt
 
     import vllm_adapmoe
-    from vllm_adapmoe.calibrate import DEFAULT_DATA
+    from vllm_adapmoe.offline.calibrate import DEFAULT_DATA
 
     text = open(args.data or DEFAULT_DATA, encoding="utf-8").read()
     llm = LLM(model=args.model_dir, model_impl="adapmoe", enforce_eager=True, seed=0,
@@ -144,9 +144,9 @@ def _add_profile(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from vllm_adapmoe.profile import load_profile, save_profile
-    from vllm_adapmoe.simulator import miss_curves, prediction_accuracy
-    from vllm_adapmoe.trace import Trace
+    from vllm_adapmoe.offline.profile import load_profile, save_profile
+    from vllm_adapmoe.offline.simulator import miss_curves, prediction_accuracy
+    from vllm_adapmoe.offline.trace import Trace
 
     profile = load_profile(args.profile)
     trace = Trace.load(args.trace)
@@ -192,9 +192,9 @@ def _add_plan(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from vllm_adapmoe.cache_plan import (closed_form_curve, plan_cost, plan_dp, plan_table,
+    from vllm_adapmoe.engine.cache_plan import (closed_form_curve, plan_cost, plan_dp, plan_table,
                                          plan_uniform, plot_plan, save_plan)
-    from vllm_adapmoe.profile import load_profile
+    from vllm_adapmoe.offline.profile import load_profile
 
     profile = load_profile(args.profile)
     L = profile.num_layers

@@ -34,7 +34,8 @@ class AdapMoEConfig:
     prefetch_lookahead: int = 1  # extension: how many layers ahead the prefetcher guesses
     link_gbps: float | None = None
     # Not in DESIGN §6's table: an extension. Compute path for the experts resident in slots:
-    # "auto" = the fused kernel where the platform has one, else the per-expert reference loop.
+    # "auto" = the serving stack's fused kernel where it fits, else the torch grouped GEMM;
+    # "grouped" / "reference" (per-expert loop) force one of the engine's own kernels.
     kernel: str = "auto"
     # Extension: per-layer sensitivities given directly instead of a profile (e.g. all 1.0 for
     # the naive "fixed w2 threshold" baseline: drop expert 2 when w2 < sqrt(threshold)).
@@ -81,9 +82,9 @@ class AdapMoEConfig:
             raise AdapMoEConfigError(
                 f'adapmoe: eviction must be "lru" or "lfu", got {self.eviction!r}'
             )
-        if self.kernel not in ("auto", "fused", "reference"):
+        if self.kernel not in ("auto", "fused", "grouped", "reference"):
             raise AdapMoEConfigError(
-                f'adapmoe: kernel must be "auto", "fused" or "reference", got {self.kernel!r}'
+                f'adapmoe: kernel must be "auto", "fused", "grouped" or "reference", got {self.kernel!r}'
             )
         if self.threshold < 0 or not math.isfinite(self.threshold):
             raise AdapMoEConfigError(f"adapmoe: threshold must be a finite number >= 0, got {self.threshold}")
@@ -124,7 +125,7 @@ class AdapMoEConfig:
         if self.sensitivity is not None:
             values = list(self.sensitivity)
         elif self.profile is not None:
-            from vllm_adapmoe.profile import load_profile
+            from vllm_adapmoe.offline.profile import load_profile
 
             values = list(load_profile(self.profile, hf_config).sensitivity)
         else:
@@ -179,8 +180,8 @@ class AdapMoEConfig:
         """DP over the profile's miss curves; each layer gets at least ``lo`` = top_k slots (a
         layer computes a token's top-k experts together, so fewer would be staging rows that
         the budget does not count)."""
-        from vllm_adapmoe.cache_plan import plan_dp
-        from vllm_adapmoe.profile import load_profile
+        from vllm_adapmoe.engine.cache_plan import plan_dp
+        from vllm_adapmoe.offline.profile import load_profile
 
         profile = load_profile(self.profile, hf_config)
         curves = getattr(profile, "miss_curves", None)

@@ -1,48 +1,10 @@
-"""Per-layer counters (DESIGN.md §6) and the snapshot returned by ``vllm_adapmoe.stats(llm)``."""
+"""Prometheus export of the engine's per-layer counters (server side; see README "Serving")."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import fields
 
-
-@dataclass
-class LayerStats:
-    tokens: int = 0              # tokens through the layer
-    decode_tokens: int = 0       # of which decode tokens (query length 1)
-    activated_experts: int = 0   # token-expert pairs computed
-    top1_tokens: int = 0         # tokens computed with a single expert (adaptive gating)
-    hits: int = 0                # distinct needed experts already resident, per step
-    misses: int = 0              # distinct needed experts that had to be loaded on demand
-    loads: int = 0               # host→device expert copies (every copy)
-    bytes_loaded: int = 0
-    evictions: int = 0
-    stall_s: float = 0.0         # time compute waited for copies
-    prefetch_issued: int = 0
-    prefetch_correct: int = 0    # prefetched experts the layer then used
-    prefetch_wasted: int = 0     # prefetched experts it did not use (correct + wasted = issued)
-    waves: int = 0               # kernel launches (>1 per step when loads overlap or needed > slots)
-    steps: int = 0
-
-    def reset(self) -> None:
-        for f in fields(self):
-            setattr(self, f.name, f.default)
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-
-def summarise(layers: list[dict[str, float]]) -> dict[str, object]:
-    """The ``stats()`` shape: per-layer dicts plus their sum under ``"total"``."""
-    total: dict[str, float] = {}
-    for layer in layers:
-        for key, value in layer.items():
-            if key in ("layer", "expert_bytes"):
-                continue
-            total[key] = total.get(key, 0) + value
-    needed = total.get("hits", 0) + total.get("misses", 0)
-    total["hit_rate"] = total.get("hits", 0) / needed if needed else 0.0
-    return {"total": total, "layers": layers}
-
+from vllm_adapmoe.engine.stats import LayerStats
 
 _COUNTERS: dict[str, object] = {}
 

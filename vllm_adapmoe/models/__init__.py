@@ -1,4 +1,4 @@
-"""Per-architecture model files: each swaps its MoE block for ``moe_layer.AdapMoEBlock``.
+"""Per-architecture model files: each swaps its MoE block for the engine's ``AdapMoEBlock``.
 
 ``SUPPORTED`` maps a Hugging Face architecture name to the plugin's class and to a function
 reading the MoE shape from its config (used to check budgets in the main process at start-up).

@@ -16,6 +16,7 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.fused_moe import GateLinear
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
@@ -32,10 +33,11 @@ from vllm.sequence import IntermediateTensors
 
 from vllm_adapmoe.config import AdapMoEConfig, AdapMoEConfigError
 from vllm_adapmoe.models import mixtral_shape
-from vllm_adapmoe.expert_cache import Link
+from vllm_adapmoe.engine.cache import Link
 from vllm_adapmoe.metrics import PrometheusExporter
+from vllm_adapmoe.models import kernels  # noqa: F401  (registers vLLM's fused MoE kernels)
 from vllm_adapmoe.models.moe_op import StepDescriber, register_blocks
-from vllm_adapmoe.moe_layer import AdapMoEBlock, StepInfo
+from vllm_adapmoe.engine.block import AdapMoEBlock, StepInfo
 
 logger = logging.getLogger("vllm.adapmoe")  # child of "vllm": uses its handlers
 
@@ -82,7 +84,8 @@ class AdapMoEMixtralModel(nn.Module):
         slots = adapmoe.slots_per_layer(shape.num_layers, shape.num_experts,
                                         shape.expert_bytes(dtype.itemsize), config, shape.top_k)
         sensitivity = adapmoe.sensitivities(shape.num_layers, config)
-        self.link = Link(torch.device(current_platform.device_type), adapmoe.link_gbps)
+        device = torch.device(current_platform.device_type)
+        self.link = Link(device, adapmoe.link_gbps)
 
         def layer(prefix: str) -> AdapMoEMixtralDecoderLayer:
             idx = int(prefix.rsplit(".", 1)[1])
@@ -91,8 +94,9 @@ class AdapMoEMixtralModel(nn.Module):
                 top_k=config.num_experts_per_tok, hidden_size=config.hidden_size,
                 intermediate_size=config.intermediate_size, num_slots=slots[idx],
                 config=adapmoe, step=self.step, sensitivity=sensitivity[idx], link=self.link,
-                params_dtype=dtype,
-                prefix=f"{prefix}.block_sparse_moe")
+                gate=GateLinear(config.hidden_size, config.num_local_experts, params_dtype=dtype,
+                                prefix=f"{prefix}.block_sparse_moe.gate"),
+                device=device, params_dtype=dtype, prefix=f"{prefix}.block_sparse_moe")
             return AdapMoEMixtralDecoderLayer(config, vllm_config.cache_config,
                                               vllm_config.quant_config, prefix, moe)
 

@@ -1,6 +1,6 @@
 """Which expert sits in which device slot, and whom to evict — bookkeeping only, no tensors.
 
-The live cache (``expert_cache.py``) and the trace simulator (``simulator.py``) both run this
+The live cache (``cache.py``) and the trace simulator (``offline/simulator.py``) both run this
 exact code, which is why a replayed trace reproduces the live hit/miss/load counters exactly.
 """
 
@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
-from vllm_adapmoe.metrics import LayerStats
+from vllm_adapmoe.engine.stats import LayerStats
 
 
 class LRUPolicy:
@@ -144,6 +144,14 @@ class SlotTable:
             self.policy.touch(e)
         self.stats.loads += len(placed)
         return placed
+
+    def clear(self) -> None:
+        """Forget every resident expert (the slots' data stays; nothing is counted)."""
+        for e in list(self.slot_of):
+            self.policy.forget(e)
+        self.expert_in_slot = [-1] * self.num_slots
+        self.slot_of.clear()
+        self.prefetched.clear()
 
     def place(self, expert: int, slot: int) -> None:
         self.expert_in_slot[slot] = expert

@@ -21,9 +21,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from vllm_adapmoe.expert_store import HostExpertStore
-from vllm_adapmoe.metrics import LayerStats
-from vllm_adapmoe.slot_table import SlotTable, make_policy
+from vllm_adapmoe.engine.store import HostExpertStore
+from vllm_adapmoe.engine.stats import LayerStats
+from vllm_adapmoe.engine.slot_table import SlotTable, make_policy
 
 
 class Link:

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from vllm_adapmoe.gating import AdaptiveGate
-from vllm_adapmoe.metrics import LayerStats, summarise
-from vllm_adapmoe.moe_layer import Routing, count_routing, plan_waves
-from vllm_adapmoe.prefetch import predicted_expert_sets, select_prefetch
-from vllm_adapmoe.slot_table import BeladyPolicy, SlotTable, make_policy
-from vllm_adapmoe.trace import StepLayer, Trace
+from vllm_adapmoe.engine.gating import AdaptiveGate
+from vllm_adapmoe.engine.stats import LayerStats, summarise
+from vllm_adapmoe.engine.block import Routing, count_routing, plan_waves
+from vllm_adapmoe.engine.prefetch import predicted_expert_sets, select_prefetch
+from vllm_adapmoe.engine.slot_table import BeladyPolicy, SlotTable, make_policy
+from vllm_adapmoe.offline.trace import StepLayer, Trace
 
 POLICIES = ("lru", "lfu", "belady")
 

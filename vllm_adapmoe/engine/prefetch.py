@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_adapmoe.gating import AdaptiveGate
+from vllm_adapmoe.engine.gating import AdaptiveGate
 
 
 def predicted_expert_sets(weights: torch.Tensor, ids: torch.Tensor, gate: AdaptiveGate) -> torch.Tensor:

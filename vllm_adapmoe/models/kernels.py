@@ -1,14 +1,11 @@
-"""How the experts held in a layer's slots are computed.
+"""The kernels stock vLLM runs for its own MoE layers, registered as the engine's "fused" kernel.
 
-Both kernels take the same inputs: token activations, the layer's slot tensors (``w13`` as
-``[S, 2I, H]`` = gate|up stacked, ``w2`` as ``[S, H, I]``, each in the kernel's own layout),
-float32 routing weights and int32 *slot* ids ``[T, k]``. Every id must name a filled slot:
-the CPU kernel corrupts memory on an id of -1.
-
-``FusedCpuKernel`` is vLLM's own CPU grouped-GEMM MoE kernel, the one stock Mixtral runs; on a
-stacked subset of experts with remapped ids it is bit-identical to stock (row-independent,
-prepacking separable per expert), which is what makes the plugin token-exact.
-``ReferenceKernel`` is a plain per-expert loop: slow, obviously right, the yardstick for tests.
+Computing the slots with the kernel stock uses (on a stacked subset of experts with expert ids
+remapped to slot ids) is what makes the plugin token-exact: both kernels are row-independent
+and sum a token's experts inside the kernel, so a subset of experts gives the same rows.
+  * CPU: ``cpu_fused_moe`` on prepacked weights, with the ISA vLLM itself would pick;
+  * CUDA: vLLM's Triton ``fused_experts`` on the plain ``[S, 2I, H]`` / ``[S, H, I]`` slots.
+    (Not run on a GPU yet: the GPU machines this project validates on have no vLLM.)
 """
 
 from __future__ import annotations
@@ -17,29 +14,9 @@ import math
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from vllm_adapmoe.config import AdapMoEConfigError
-
-
-class ReferenceKernel:
-    name = "reference"
-
-    def padded_intermediate(self, intermediate: int) -> int:
-        return intermediate
-
-    def pack(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return w13.contiguous(), w2.contiguous()
-
-    def __call__(self, out: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                 topk_weights: torch.Tensor, topk_slots: torch.Tensor) -> None:
-        acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-        for slot in topk_slots.unique().tolist():
-            rows, col = (topk_slots == slot).nonzero(as_tuple=True)
-            gate, up = (x[rows] @ w13[slot].t()).chunk(2, dim=-1)
-            y = (F.silu(gate) * up) @ w2[slot].t()
-            acc.index_add_(0, rows, y.float() * topk_weights[rows, col].unsqueeze(-1))
-        out.copy_(acc)
+from vllm_adapmoe.engine.kernels import register_kernel
 
 
 class FusedCpuKernel:
@@ -90,20 +67,29 @@ class FusedCpuKernel:
                       topk_slots.contiguous(), "silu", self.isa)
 
 
-def make_kernel(choice: str, device: torch.device, dtype: torch.dtype, hidden: int,
-                intermediate: int) -> FusedCpuKernel | ReferenceKernel:
-    if choice == "reference":
-        return ReferenceKernel()
-    if device.type == "cpu":
-        try:
-            return FusedCpuKernel(dtype, hidden, intermediate)
-        except AdapMoEConfigError:
-            if choice == "fused":
-                raise
-            return ReferenceKernel()
-    if choice == "fused":
-        raise AdapMoEConfigError(
-            f'adapmoe: kernel="fused" is only available on CPU in this version (device is '
-            f'{device.type}); use "auto" or "reference"'
-        )
-    return ReferenceKernel()
+class FusedTritonKernel:
+    """vLLM's Triton fused MoE on the slots (plain layout; ids are slot ids, ``global_num_experts``
+    is the slot count)."""
+
+    name = "fused-triton"
+
+    def __init__(self, dtype: torch.dtype, hidden: int, intermediate: int) -> None:
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise AdapMoEConfigError(f"adapmoe: the fused CUDA kernel does not take {dtype}")
+
+    def padded_intermediate(self, intermediate: int) -> int:
+        return intermediate
+
+    def pack(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return w13.contiguous(), w2.contiguous()
+
+    def __call__(self, out: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                 topk_weights: torch.Tensor, topk_slots: torch.Tensor) -> None:
+        from vllm.model_executor.layers.fused_moe import fused_experts
+
+        out.copy_(fused_experts(x, w13, w2, topk_weights, topk_slots,
+                                global_num_experts=w13.shape[0]))
+
+
+register_kernel("cpu", FusedCpuKernel)
+register_kernel("cuda", FusedTritonKernel)

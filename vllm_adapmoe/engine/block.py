@@ -22,21 +22,32 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from vllm_adapmoe.config import AdapMoEConfig
-from vllm_adapmoe.expert_cache import ExpertCache, Link
-from vllm_adapmoe.expert_kernels import make_kernel
-from vllm_adapmoe.expert_store import HostExpertStore
-from vllm_adapmoe.gating import AdaptiveGate
-from vllm_adapmoe.metrics import LayerStats
-from vllm_adapmoe.prefetch import predicted_expert_sets, select_prefetch
-from vllm_adapmoe.trace import TraceRecorder
+from vllm_adapmoe.engine.cache import ExpertCache, Link
+from vllm_adapmoe.engine.kernels import make_kernel
+from vllm_adapmoe.engine.store import HostExpertStore
+from vllm_adapmoe.engine.gating import AdaptiveGate
+from vllm_adapmoe.engine.stats import LayerStats
+from vllm_adapmoe.engine.prefetch import predicted_expert_sets, select_prefetch
 
 _EXPERT_WEIGHTS = {"w1": "w1", "w2": "w2", "w3": "w3",
                    "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+class RoutingRecorder(Protocol):
+    """Records routing while a trace is taken (``offline/trace.py``'s ``TraceRecorder``)."""
+
+    def begin_step(self, query_lens: torch.Tensor) -> None: ...
+
+    def record(self, layer: int, ids: torch.Tensor, weights: torch.Tensor,
+               decode_mask: torch.Tensor | None) -> None: ...
+
+    def record_prediction(self, layer: int, weights: torch.Tensor, ids: torch.Tensor) -> None: ...
 
 
 @dataclass
@@ -48,7 +59,7 @@ class StepInfo:
     all_decode: bool = False  # every token of the step is a decode token
     decode_rows: torch.Tensor | None = None  # indices of the decode tokens
     counted: bool = False  # False for vLLM's dummy/profiling runs: they do not touch the stats
-    trace: TraceRecorder | None = None  # set while a routing trace is being recorded
+    trace: RoutingRecorder | None = None  # set while a routing trace is being recorded
     # Set by the model: refreshes the fields above at the first block of each forward pass
     # (the model's own Python forward does not run per step once vLLM compiles it).
     describe: Callable[[int], None] | None = None
@@ -57,21 +68,24 @@ class StepInfo:
 
 
 class AdapMoEBlock(nn.Module):
+    """One MoE layer whose experts live in host memory and are computed from device slots.
+
+    ``gate`` is the router (any module mapping [T, H] → [T, E] logits, or a tuple whose first
+    item is that, as vLLM's ``GateLinear``); the serving stack provides it so the router GEMM
+    is computed exactly as in its stock model. ``device`` is where slots and compute live.
+    """
+
     def __init__(self, *, layer_idx: int, num_experts: int, top_k: int, hidden_size: int,
                  intermediate_size: int, num_slots: int, config: AdapMoEConfig, step: StepInfo,
-                 sensitivity: float = 0.0, link: Link | None = None,
-                 params_dtype: torch.dtype | None = None, prefix: str = "") -> None:
-        from vllm.model_executor.layers.fused_moe import GateLinear
-        from vllm.platforms import current_platform
-
+                 gate: nn.Module, device: torch.device, sensitivity: float = 0.0,
+                 link: Link | None = None, params_dtype: torch.dtype | None = None,
+                 prefix: str = "") -> None:
         super().__init__()
         dtype = params_dtype or torch.get_default_dtype()
-        device = torch.device(current_platform.device_type)
         self.layer_idx = layer_idx
         self.num_experts, self.top_k, self.hidden_size = num_experts, top_k, hidden_size
         self.step = step
-        self.gate = GateLinear(hidden_size, num_experts, params_dtype=params_dtype,
-                               prefix=f"{prefix}.gate")
+        self.gate = gate
         self.kernel = make_kernel(config.kernel, device, dtype, hidden_size, intermediate_size)
         self.store = HostExpertStore(num_experts, hidden_size, intermediate_size,
                                      self.kernel.padded_intermediate(intermediate_size), dtype,
@@ -96,7 +110,8 @@ class AdapMoEBlock(nn.Module):
         loaded: set[str] = set()
         for name, tensor in weights:
             if name == "gate.weight":
-                self.gate.weight_loader(self.gate.weight, tensor)
+                loader = getattr(self.gate, "weight_loader", None)  # vLLM's linear layers
+                loader(self.gate.weight, tensor) if loader else self.gate.weight.data.copy_(tensor)
                 loaded.add(name)
                 continue
             parts = name.split(".")
@@ -117,12 +132,16 @@ class AdapMoEBlock(nn.Module):
         """The router GEMM (traceable, in the compiled graph as in stock), then the step."""
         orig_shape = hidden_states.shape
         x = hidden_states.view(-1, self.hidden_size)
-        router_logits, _ = self.gate(x)
+        router_logits = self.router_logits(x)
         if self.call_op is not None and torch.compiler.is_compiling():
             out = self.call_op(x, router_logits)  # opaque to the compiler; runs forward_impl
         else:
             out = self.forward_impl(x, router_logits)
         return out.view(orig_shape)
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.gate(x)
+        return logits[0] if isinstance(logits, tuple) else logits
 
     def forward_impl(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """One step through this layer: ``x`` [T, H], ``router_logits`` [T, E] → [T, H]."""
@@ -187,7 +206,7 @@ class AdapMoEBlock(nn.Module):
         for depth, target in enumerate(self.next_blocks):
             if depth > 0 and not self.prefetch_enabled:
                 break
-            weights, ids = route(target.gate(rows)[0], target.top_k)
+            weights, ids = route(target.router_logits(rows), target.top_k)
             if tracing and depth == 0:
                 step.trace.record_prediction(target.layer_idx, weights, ids)
             if tracing and decode is not None:

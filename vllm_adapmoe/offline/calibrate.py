@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_adapmoe.profile import Profile, architecture_of, config_hash
+from vllm_adapmoe.offline.profile import Profile, architecture_of, config_hash
 
 __all__ = ["calibrate", "load_windows", "DEFAULT_DATA", "DEFAULT_THRESHOLDS", "W2_BINS"]
 

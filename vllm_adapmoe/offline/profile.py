@@ -1,6 +1,6 @@
 """Calibration profile: the JSON file written by ``adapmoe calibrate`` and read by the plugin.
 
-A profile holds one sensitivity ``S_l`` per MoE layer (see ``vllm_adapmoe.calibrate``), the
+A profile holds one sensitivity ``S_l`` per MoE layer (see ``vllm_adapmoe.offline.calibrate``), the
 routing statistics gathered in the same pass, and the identity of the model it was measured on.
 ``load_profile`` refuses a profile whose ``config_hash`` differs from the model being served.
 

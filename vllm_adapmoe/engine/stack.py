@@ -1,0 +1,113 @@
+"""A stack of offloaded MoE layers without a model around them: what a model does with its blocks
+(one link, one per-step description, look-ahead wiring), with torch alone.
+
+Used by ``benchmarks/bench_engine.py`` and the engine tests: layer l's output plus its input is
+layer l+1's input (a residual stream without attention or norms), routing either from each
+layer's own router or given per step (replayed traces).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vllm_adapmoe.config import AdapMoEConfig
+from vllm_adapmoe.engine.block import AdapMoEBlock, StepInfo
+from vllm_adapmoe.engine.cache import Link
+from vllm_adapmoe.engine.stats import summarise
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    hidden: int
+    intermediate: int
+    experts: int
+    top_k: int
+
+    def expert_bytes(self, itemsize: int) -> int:
+        return 3 * self.hidden * self.intermediate * itemsize
+
+
+class ReplayRouter(nn.Module):
+    """A router whose logits are set from outside (a replayed trace) instead of computed:
+    ``logits`` [T, E] is returned for any input of T rows or fewer (the look-ahead of the layer
+    before calls it on the same decode rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.logits is None:
+            raise RuntimeError("ReplayRouter: set .logits before the step")
+        return self.logits[: x.shape[0]]
+
+
+class ExpertStack:
+    def __init__(self, shape: LayerShape, slots: list[int], config: AdapMoEConfig,
+                 device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                 sensitivity: list[float] | None = None, routers: list[nn.Module] | None = None) -> None:
+        self.shape, self.device, self.dtype = shape, device, dtype
+        self.step_info = StepInfo(counted=True)
+        self.link = Link(device, config.link_gbps)
+        sensitivity = sensitivity or [0.0] * len(slots)
+        routers = routers or [nn.Linear(shape.hidden, shape.experts, bias=False, device=device,
+                                        dtype=dtype) for _ in slots]
+        self.blocks = [
+            AdapMoEBlock(layer_idx=i, num_experts=shape.experts, top_k=shape.top_k,
+                         hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_slots=n, config=config, step=self.step_info, gate=routers[i],
+                         device=device, sensitivity=sensitivity[i], link=self.link,
+                         params_dtype=dtype, prefix=f"layers.{i}")
+            for i, n in enumerate(slots)]
+        for i, block in enumerate(self.blocks):
+            block.next_blocks = self.blocks[i + 1:i + 1 + config.prefetch_lookahead]
+        self.blocks[-1].last = True
+
+    def load_random(self, seed: int = 0, progress: bool = False) -> None:
+        """Random experts (scaled so the residual stream stays bounded), straight into the host
+        stores; then the slots are warmed as at start-up."""
+        generator = torch.Generator().manual_seed(seed)
+        h, i = self.shape.hidden, self.shape.intermediate
+        items = [(b, e) for b in self.blocks for e in range(self.shape.experts)]
+        if progress:
+            from tqdm.auto import tqdm
+
+            items = tqdm(items, desc="random experts", unit="expert")
+        for block, e in items:
+            for name, rows, cols in (("w1", i, h), ("w3", i, h), ("w2", h, i)):
+                w = torch.randn(rows, cols, generator=generator).mul_(cols ** -0.5)
+                block.store.put(e, name, w.to(self.dtype))
+            if block.store.complete:
+                block.cache.warm(range(self.shape.experts))
+        for block in self.blocks:
+            block.check_loaded()
+
+    def decode_step(self, x: torch.Tensor,
+                    router_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """One decode step of ``x`` [T, H] through every layer; ``router_logits`` (one [T, E] per
+        layer) replaces the routers' own output when given."""
+        info = self.step_info
+        info.decode_tokens, info.all_decode, info.decode_mask, info.decode_rows = \
+            x.shape[0], True, None, None
+        for i, block in enumerate(self.blocks):
+            logits = block.router_logits(x) if router_logits is None else router_logits[i]
+            x = x + block.forward_impl(x, logits)
+        return x
+
+    def forget_residency(self) -> None:
+        """Every layer forgets what its slots hold (the layer-streaming baseline)."""
+        for block in self.blocks:
+            block.cache.table.clear()
+
+    def stats(self) -> dict:
+        return summarise([b.stats_dict() for b in self.blocks])
+
+    def reset_stats(self) -> None:
+        for block in self.blocks:
+            block.stats.reset()
+
+    def device_bytes(self) -> int:
+        return sum(b.cache.device_bytes for b in self.blocks)

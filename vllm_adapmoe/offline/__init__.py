@@ -1,0 +1,1 @@
+"""Offline tools behind the `adapmoe` command: calibration, profiles, traces, the simulator."""
