@@ -79,7 +79,7 @@ class AdapMoEBlock(nn.Module):
                  intermediate_size: int, num_slots: int, config: AdapMoEConfig, step: StepInfo,
                  gate: nn.Module, device: torch.device, sensitivity: float = 0.0,
                  link: Link | None = None, params_dtype: torch.dtype | None = None,
-                 prefix: str = "") -> None:
+                 prefix: str = "", store: HostExpertStore | None = None) -> None:
         super().__init__()
         dtype = params_dtype or torch.get_default_dtype()
         self.layer_idx = layer_idx
@@ -87,7 +87,9 @@ class AdapMoEBlock(nn.Module):
         self.step = step
         self.gate = gate
         self.kernel = make_kernel(config.kernel, device, dtype, hidden_size, intermediate_size)
-        self.store = HostExpertStore(num_experts, hidden_size, intermediate_size,
+        # ``store``: a filled host store shared with another block (benchmarks that compare
+        # budgets on the same experts); else an empty one, filled by ``load_weights``.
+        self.store = store or HostExpertStore(num_experts, hidden_size, intermediate_size,
                                      self.kernel.padded_intermediate(intermediate_size), dtype,
                                      self.kernel.pack, pin=device.type == "cuda")
         self.gating = AdaptiveGate(config.threshold, sensitivity, config.gate_prefill)

@@ -17,6 +17,7 @@ from vllm_adapmoe.config import AdapMoEConfig
 from vllm_adapmoe.engine.block import AdapMoEBlock, StepInfo
 from vllm_adapmoe.engine.cache import Link
 from vllm_adapmoe.engine.stats import summarise
+from vllm_adapmoe.engine.store import HostExpertStore
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class ReplayRouter(nn.Module):
 class ExpertStack:
     def __init__(self, shape: LayerShape, slots: list[int], config: AdapMoEConfig,
                  device: torch.device, dtype: torch.dtype = torch.bfloat16,
-                 sensitivity: list[float] | None = None, routers: list[nn.Module] | None = None) -> None:
+                 sensitivity: list[float] | None = None, routers: list[nn.Module] | None = None,
+                 stores: list[HostExpertStore] | None = None) -> None:
         self.shape, self.device, self.dtype = shape, device, dtype
         self.step_info = StepInfo(counted=True)
         self.link = Link(device, config.link_gbps)
@@ -60,8 +62,12 @@ class ExpertStack:
                          hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                          num_slots=n, config=config, step=self.step_info, gate=routers[i],
                          device=device, sensitivity=sensitivity[i], link=self.link,
-                         params_dtype=dtype, prefix=f"layers.{i}")
+                         params_dtype=dtype, prefix=f"layers.{i}",
+                         store=stores[i] if stores else None)
             for i, n in enumerate(slots)]
+        if stores:  # filled already: warm the slots as at start-up
+            for block in self.blocks:
+                block.cache.warm(range(shape.experts))
         for i, block in enumerate(self.blocks):
             block.next_blocks = self.blocks[i + 1:i + 1 + config.prefetch_lookahead]
         self.blocks[-1].last = True

@@ -1,0 +1,297 @@
+"""The vLLM-free offload engine at a named layer shape: link speed, compute, decode tokens/s.
+
+    python benchmarks/bench_engine.py --device cuda --shape mixtral-8x7b --layers 8
+    python benchmarks/bench_engine.py --device cpu --shape bundled --layers 24
+
+N MoE layers (``vllm_adapmoe.engine.stack.ExpertStack``: residual stream, no attention) with random
+bf16 experts; routing replayed from a trace recorded by ``adapmoe trace`` (layers tiled to N), or
+seeded synthetic routing (``--synthetic``). Each step decodes ``--batch`` tokens through all
+layers. Settings, one run each, the same experts and routing:
+
+  * ``all resident``   — every expert in device slots (the upper bound);
+  * ``uniform LRU``    — 25% / 50% of the experts as slots, split evenly, LRU, no prefetch/gating;
+  * ``AdapMoE``        — the same budgets split by the DP plan over the profile's miss curves,
+                         cross-layer prefetch (the trace's next-layer predictions) and gating at
+                         ``--threshold`` with the profile's sensitivities;
+  * ``layer streaming``— top_k slots per layer and nothing kept between steps: every needed expert
+                         is copied every step (what offloading without a cache amounts to, e.g.
+                         vLLM's ``--cpu-offload-gb``).
+
+Also measured: host→device GB/s of one expert copy through the engine's link (pinned memory on
+CUDA), compute time per layer, and the ratio "one expert load ≈ N layers of compute".
+On CPU "host" and "device" are the same memory: a free-link run measures the engine's overhead,
+and ``--link-gbps`` emulates a slower link (results labelled emulated).
+JSON to ``benchmarks/results/engine_<device>.json`` (+ a plot), printed as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))
+
+from vllm_adapmoe.config import AdapMoEConfig  # noqa: E402
+from vllm_adapmoe.engine.cache_plan import plan_dp, plan_uniform  # noqa: E402
+from vllm_adapmoe.engine.stack import ExpertStack, LayerShape, ReplayRouter  # noqa: E402
+
+BUNDLED_PROFILE = HERE.parent / "vllm_adapmoe" / "bundled" / "shakespeare_moe.profile.json"
+SHAPES = {
+    "mixtral-8x7b": LayerShape(hidden=4096, intermediate=14336, experts=8, top_k=2),
+    "bundled": LayerShape(hidden=128, intermediate=256, experts=8, top_k=2),
+}
+
+
+# -- routing ------------------------------------------------------------------------------------
+def _logits(ids: np.ndarray, weights: np.ndarray, experts: int) -> torch.Tensor:
+    """Router logits whose softmax top-k gives exactly these ids and renormalised weights."""
+    logits = torch.full((len(ids), experts), -30.0)
+    logits.scatter_(1, torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(np.log(weights)))
+    return logits
+
+
+def trace_routing(path: Path, layers: int, batch: int, steps: int, experts: int):
+    """Per step: (actual logits per layer, predicted logits per layer) for ``batch`` decode rows.
+    Trace layers are tiled to ``layers``; a layer's prediction is the trace's (its router on the
+    previous layer's input); where the trace has none (its first layer, reached from the last
+    one when tiling) the previous step's routing of that layer stands in."""
+    from vllm_adapmoe.offline.trace import Trace
+
+    trace = Trace.load(path)
+    per_layer: dict[int, list] = {}
+    for block in trace:
+        rows = block.decode.nonzero()[0]
+        if len(rows):
+            per_layer.setdefault(block.layer, []).append(
+                (block.ids[rows], block.weights[rows], block.pred_ids[rows], block.pred_weights[rows]))
+    tl = trace.num_layers
+    cat = {layer: [np.concatenate([r[i] for r in rows]) for i in range(4)]
+           for layer, rows in per_layer.items()}
+    available = min(len(v[0]) for v in cat.values())
+    need = batch * (steps + 1)
+    if available < need:
+        raise SystemExit(f"the trace has {available} decode rows per layer; {need} needed "
+                         f"(lower --steps or --batch)")
+    out = []
+    for s in range(1, steps + 1):
+        rows = slice(s * batch, (s + 1) * batch)
+        prev = slice((s - 1) * batch, s * batch)
+        actual, predicted = [], []
+        for n in range(layers):
+            ids, w, pids, pw = (a[rows] for a in cat[n % tl])
+            actual.append(_logits(ids, w, experts))
+            if (pids >= 0).all():
+                predicted.append(_logits(pids, np.maximum(pw, 1e-9), experts))
+            else:
+                p_ids, p_w = cat[n % tl][0][prev], cat[n % tl][1][prev]
+                predicted.append(_logits(p_ids, p_w, experts))
+        out.append((actual, predicted))
+    return out
+
+
+def synthetic_routing(layers: int, batch: int, steps: int, experts: int, seed: int = 0,
+                      accuracy: float = 0.8):
+    """Seeded routing with skewed expert popularity per layer and temporal locality; the
+    prediction equals the actual logits plus noise sized for ~``accuracy`` top-1 agreement."""
+    g = torch.Generator().manual_seed(seed)
+    bias = torch.randn(layers, experts, generator=g)
+    state = torch.randn(batch, layers, experts, generator=g)
+    out = []
+    for _ in range(steps):
+        state = 0.7 * state + 0.3 * torch.randn(batch, layers, experts, generator=g)
+        actual = [(bias[n] + 1.5 * state[:, n]) for n in range(layers)]
+        noise = 1.5 * (1 - accuracy)
+        predicted = [a + noise * torch.randn(a.shape, generator=g) for a in actual]
+        out.append((actual, predicted))
+    return out
+
+
+# -- measurements -------------------------------------------------------------------------------
+def link_gbps(stack: ExpertStack, repeats: int = 5) -> tuple[float, float]:
+    """Seconds per expert copy through the engine's link and the GB/s that makes."""
+    cache = stack.blocks[0].cache
+    nbytes = cache.store.expert_bytes
+    cache.wait([stack.link.submit(lambda: cache._copy(0, 0), nbytes)])  # warm-up
+    start = time.perf_counter()
+    cache.wait([stack.link.submit(lambda: cache._copy(e % stack.shape.experts, 0), nbytes)
+                for e in range(repeats)])
+    per_copy = (time.perf_counter() - start) / repeats
+    cache.stats.stall_s = 0.0
+    return per_copy, nbytes / per_copy / 1e9
+
+
+def run_setting(stack: ExpertStack, routing, batch: int, device: torch.device,
+                streaming: bool, warmup: int) -> dict:
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(batch, stack.shape.hidden, generator=g).to(device, stack.dtype) * 0.1
+          for _ in range(len(routing))]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for i, (actual, predicted) in enumerate(routing):
+        if i == warmup:
+            sync()
+            stack.reset_stats()
+            start = time.perf_counter()
+        for block, logits in zip(stack.blocks, predicted):
+            block.gate.logits = logits.to(device, stack.dtype)
+        stack.decode_step(xs[i], [a.to(device, stack.dtype) for a in actual])
+        if streaming:
+            stack.forget_residency()
+    sync()
+    seconds = time.perf_counter() - start
+    steps = len(routing) - warmup
+    total = stack.stats()["total"]
+    tokens = steps * batch
+    return {"tok_s": tokens / seconds, "step_ms": 1e3 * seconds / steps,
+            "loads_per_token": total["loads"] / tokens, "hit_rate": total["hit_rate"],
+            "stall_s": total["stall_s"], "bytes_loaded": total["bytes_loaded"],
+            "activated_per_token_layer": total["activated_experts"] / max(total["tokens"], 1),
+            "prefetch_issued": total["prefetch_issued"], "prefetch_correct": total["prefetch_correct"],
+            "device_expert_bytes": stack.device_bytes()}
+
+
+def tile(values: list, n: int) -> list:
+    return [values[i % len(values)] for i in range(n)]
+
+
+def settings(shape: LayerShape, layers: int, profile: dict, threshold: float,
+             link: float | None) -> dict[str, tuple[list[int], AdapMoEConfig, bool]]:
+    """name → (slots per layer, engine config, streaming)."""
+    E, k = shape.experts, shape.top_k
+    curves = tile(profile["miss_curves"], layers)
+    sens = tuple(tile(profile["sensitivity"], layers))
+    out = {"all resident": ([E] * layers, AdapMoEConfig(link_gbps=link), False)}
+    for pct in (50, 25):
+        total = max(layers * E * pct // 100, layers * k)
+        out[f"uniform LRU {pct}%"] = (plan_uniform(layers, E, total, lo=k),
+                                      AdapMoEConfig(link_gbps=link), False)
+        out[f"AdapMoE {pct}%"] = (plan_dp(curves, total, lo=k),
+                                  AdapMoEConfig(link_gbps=link, prefetch=True, threshold=threshold,
+                                                sensitivity=sens), False)
+    out["layer streaming"] = ([k] * layers, AdapMoEConfig(link_gbps=link), True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="bundled")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="MoE layers (default: 32 for bundled, 4 for mixtral-8x7b on cpu, 16 on cuda)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--steps", type=int, default=40, help="measured decode steps per setting")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--trace", type=Path, default=HERE / "results" / "trace_bundled_b1.npz")
+    ap.add_argument("--synthetic", action="store_true", help="seeded synthetic routing, no trace")
+    ap.add_argument("--profile", type=Path, default=BUNDLED_PROFILE,
+                    help="sensitivities + miss curves (tiled over the layers)")
+    ap.add_argument("--threshold", type=float, default=0.013, help="gating T of the AdapMoE rows")
+    ap.add_argument("--link-gbps", type=float, default=None, help="emulate a slower link (CPU)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch")
+    device = torch.device(args.device)
+    shape = SHAPES[args.shape]
+    layers = args.layers or (32 if args.shape == "bundled" else (16 if args.device == "cuda" else 4))
+    profile = json.loads(args.profile.read_text())
+    from tqdm.auto import tqdm
+
+    # One set of host experts, shared by every setting (random bf16, pinned on CUDA).
+    base = ExpertStack(shape, [shape.top_k] * layers, AdapMoEConfig(), device)
+    base.load_random(seed=0, progress=True)
+    stores = [b.store for b in base.blocks]
+    per_copy, gbps = link_gbps(base)
+    del base
+    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+              "shape": args.shape, "layer_shape": vars(shape), "layers": layers,
+              "expert_bytes": shape.expert_bytes(2), "routing": "synthetic" if args.synthetic
+              else str(args.trace.name), "threshold": args.threshold,
+              "link": {"measured_gbps": gbps, "copy_ms": per_copy * 1e3,
+                       "emulated_gbps": args.link_gbps},
+              "torch": torch.__version__, "batches": {}}
+    plan = settings(shape, layers, profile, args.threshold, args.link_gbps)
+    for batch in args.batch:
+        steps = args.steps + args.warmup
+        routing = (synthetic_routing(layers, batch, steps, shape.experts) if args.synthetic
+                   else trace_routing(args.trace, layers, batch, steps, shape.experts))
+        rows = {}
+        for name in tqdm(plan, desc=f"batch {batch}", unit="setting"):
+            slots, config, streaming = plan[name]
+            stack = ExpertStack(shape, slots, config, device,
+                                sensitivity=list(config.sensitivity or [0.0] * layers),
+                                routers=[ReplayRouter() for _ in range(layers)], stores=stores)
+            rows[name] = {"slots": slots, **run_setting(stack, routing, batch, device, streaming,
+                                                        args.warmup)}
+            del stack
+            gc.collect()
+        resident = rows["all resident"]
+        layer_ms = resident["step_ms"] / layers
+        load_ms = (shape.expert_bytes(2) / (args.link_gbps * 1e9) * 1e3 if args.link_gbps
+                   else per_copy * 1e3)
+        lru = {pct: rows[f"uniform LRU {pct}%"]["tok_s"] for pct in (25, 50)}
+        for name, row in rows.items():
+            row["vs_resident"] = row["tok_s"] / resident["tok_s"]
+            pct = 25 if "25%" in name else 50 if "50%" in name else None
+            if pct:
+                row["vs_uniform_lru"] = row["tok_s"] / lru[pct]
+        result["batches"][str(batch)] = {"layer_compute_ms": layer_ms, "load_ms": load_ms,
+                                         "load_in_layers": load_ms / layer_ms, "settings": rows}
+    out = args.out or HERE / "results" / f"engine_{args.device}.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(table(result))
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out}")
+
+
+def table(result: dict) -> str:
+    link = result["link"]
+    lines = [f"engine on {result['device']}, shape {result['shape']} x {result['layers']} layers, "
+             f"routing {result['routing']}; link measured {link['measured_gbps']:.1f} GB/s "
+             f"({link['copy_ms']:.2f} ms per expert)"
+             + (f", emulated {link['emulated_gbps']} GB/s" if link["emulated_gbps"] else "")]
+    for batch, b in result["batches"].items():
+        lines.append(f"\nbatch {batch}: layer compute {b['layer_compute_ms']:.3f} ms, one expert "
+                     f"load = {b['load_in_layers']:.1f} layers")
+        lines.append(f"| setting | tok/s | × resident | × uniform LRU | loads/token | hit rate |")
+        lines.append("|---|---|---|---|---|---|")
+        for name, r in b["settings"].items():
+            vs = f"{r['vs_uniform_lru']:.2f}" if "vs_uniform_lru" in r else "—"
+            lines.append(f"| {name} | {r['tok_s']:.1f} | {r['vs_resident']:.2f} | {vs} | "
+                         f"{r['loads_per_token']:.2f} | {r['hit_rate']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return
+    fig = Figure(figsize=(7, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    batches = list(result["batches"])
+    names = list(result["batches"][batches[0]]["settings"])
+    width = 0.8 / len(batches)
+    for i, batch in enumerate(batches):
+        vals = [result["batches"][batch]["settings"][n]["vs_resident"] for n in names]
+        ax.bar([j + i * width for j in range(len(names))], vals, width, label=f"batch {batch}")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=20, fontsize=7)
+    ax.set_ylabel("decode tok/s ÷ all resident")
+    ax.set_title(f"engine, {result['shape']} x {result['layers']} layers, {result['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
