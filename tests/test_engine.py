@@ -162,3 +162,30 @@ def test_prefetch_then_on_demand_of_the_same_expert_waits_for_one_copy(device):
     cache.wait(pending)
     assert torch.equal(cache.w13[cache.slot_of[2]].cpu(), cache.store.w13[2])
     assert cache.stats.prefetch_correct == 1 and (cache.stats.hits, cache.stats.misses) == (1, 1)
+
+
+def test_bench_engine_runs_without_vllm(tmp_path):
+    """``bench_engine.py --device cpu --shape bundled --layers 2`` with vLLM blocked: every setting
+    reports throughput and consistent counters."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "engine_cpu.json"
+    argv = ["bench_engine.py", "--device", "cpu", "--shape", "bundled", "--layers", "2",
+            "--steps", "6", "--warmup", "2", "--batch", "1", "4", "--out", str(out)]
+    code = ("import runpy, sys; sys.modules['vllm'] = None; "
+            f"sys.argv = {argv!r}; "
+            f"runpy.run_path({str(root / 'benchmarks' / 'bench_engine.py')!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    result = json.loads(out.read_text())
+    for batch in ("1", "4"):
+        rows = result["batches"][batch]["settings"]
+        assert set(rows) == {"all resident", "uniform LRU 50%", "AdapMoE 50%", "uniform LRU 25%",
+                             "AdapMoE 25%", "layer streaming"}
+        assert rows["all resident"]["loads_per_token"] == 0 and rows["all resident"]["hit_rate"] == 1
+        assert rows["layer streaming"]["hit_rate"] == 0 and rows["layer streaming"]["loads_per_token"] > 0
+        assert rows["AdapMoE 25%"]["activated_per_token_layer"] < 2
+        assert all(r["tok_s"] > 0 for r in rows.values())
