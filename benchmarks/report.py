@@ -70,19 +70,40 @@ def layer_section(data: dict) -> list[str]:
            f"bf16 random weights, routing replayed from `{data['trace']}`, every expert resident, "
            f"{data['rounds']} alternating rounds × {data['iters']} calls, medians; host = router top-k + "
            "gating + residency + prefetch; µs per call):", "",
-           "| batch | config | µs | vs stock | host µs | host share | experts / token | phases (µs) |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| batch | config | µs | vs stock | mean µs | mean vs stock | host µs | host share | experts / token | phases (µs) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for row in data["results"]:
         for name, e in row["configs"].items():
             phases = ", ".join(f"{p} {v:.0f}" for p, v in e.get("phases_us", {}).items())
             out.append(f"| {row['batch']} | {name} | {e['median_us']:.0f} | {e['vs_stock']:.2f} | "
+                       f"{_fmt(e.get('mean_us'), '.0f')} | {_fmt(e.get('vs_stock_mean'))} | "
                        f"{_fmt(e.get('host_us'), '.0f')} | {_fmt(e.get('host_share'), '.0%')} | "
                        f"{_fmt(e.get('experts_per_token'), '.3f')} | {phases or '–'} |")
     gated = [(row["batch"], e) for row in data["results"] for e in row["configs"].values()
              if "time_vs_ungated" in e]
-    out += ["", "Gating (vs the same step ungated, with prefetch): " + "; ".join(
+    out += ["", "Gating (vs the same step ungated, with prefetch; mean time over the replayed steps): " + "; ".join(
         f"batch {b}: time ×{e['time_vs_ungated']:.2f} at activated experts ×{e['activated_ratio']:.2f}"
         for b, e in gated) + "."]
+    return out
+
+
+def engine_section(data: dict) -> list[str]:
+    link = data["link"]
+    emulated = f", emulated link {link['emulated_gbps']} GB/s" if link.get("emulated_gbps") else ""
+    out = [f"**The vLLM-free engine on {data['device']}** (`benchmarks/bench_engine.py --device "
+           f"{'cpu' if data['device'] == 'cpu' else 'cuda'} --shape {data['shape']}`: {data['layers']} "
+           f"MoE layers, residual stream only, bf16 random experts, routing `{data['routing']}`, "
+           f"gating T={data['threshold']}; one expert copy through the engine's link "
+           f"{link['copy_ms']:.2f} ms = {link['measured_gbps']:.1f} GB/s measured{emulated}; one run):"]
+    for batch, b in data["batches"].items():
+        out += ["", f"batch {batch}: layer compute {b['layer_compute_ms']:.3f} ms; one expert load ≈ "
+                f"{b['load_in_layers']:.1f} layers", "",
+                "| setting | tok/s | × all resident | × uniform LRU | loads / token | hit rate | "
+                "experts / token·layer |", "|---|---|---|---|---|---|---|"]
+        for name, r in b["settings"].items():
+            out.append(f"| {name} | {r['tok_s']:.1f} | {r['vs_resident']:.2f} | "
+                       f"{_fmt(r.get('vs_uniform_lru'))} | {r['loads_per_token']:.2f} | "
+                       f"{r['hit_rate']:.2f} | {r['activated_per_token_layer']:.2f} |")
     return out
 
 
@@ -103,6 +124,14 @@ def render() -> str:
         data = _load(name)
         if data:
             parts.append(fn(data))
+    for name in ("engine_cuda.json", "engine_cpu.json"):
+        data = _load(name)
+        if data:
+            parts.append(engine_section(data))
+    if not _load("engine_cuda.json"):
+        parts.append(["**CUDA: not run.** `benchmarks/results/engine_cuda.json` is missing: no GPU "
+                      "was available to the sessions so far (run `python benchmarks/bench_engine.py "
+                      "--device cuda --shape mixtral-8x7b` on one)."])
     for name in ("layer_mixtral-8x7b.json", "layer_bundled.json"):
         data = _load(name)
         if data:
