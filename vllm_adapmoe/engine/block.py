@@ -104,7 +104,7 @@ class AdapMoEBlock(nn.Module):
         self.name = prefix
         self.clock: PhaseClock | None = None  # set by benchmarks to time the step's phases
         # Set by the vLLM side: calls this block through the opaque op the compiled graph keeps.
-        self.call_op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self.call_op: Callable[..., torch.Tensor] | None = None
 
     # -- weights ----------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -135,22 +135,30 @@ class AdapMoEBlock(nn.Module):
         orig_shape = hidden_states.shape
         x = hidden_states.view(-1, self.hidden_size)
         router_logits = self.router_logits(x)
+        # Top-k + softmax are traced too, as stock's CPU router is: inductor fuses them and keeps
+        # the weights in float32 where eager softmax rounds them to bf16 first, so routing done
+        # inside the op would differ from compiled stock (and flip near-tie tokens).
+        weights, ids = route(router_logits, self.top_k)
         if self.call_op is not None and torch.compiler.is_compiling():
-            out = self.call_op(x, router_logits)  # opaque to the compiler; runs forward_impl
+            out = self.call_op(x, router_logits, weights, ids)  # opaque; runs forward_impl
         else:
-            out = self.forward_impl(x, router_logits)
+            out = self.forward_impl(x, router_logits, weights, ids)
         return out.view(orig_shape)
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.gate(x)
         return logits[0] if isinstance(logits, tuple) else logits
 
-    def forward_impl(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        """One step through this layer: ``x`` [T, H], ``router_logits`` [T, E] → [T, H]."""
+    def forward_impl(self, x: torch.Tensor, router_logits: torch.Tensor,
+                     weights: torch.Tensor | None = None,
+                     ids: torch.Tensor | None = None) -> torch.Tensor:
+        """One step through this layer: ``x`` [T, H], ``router_logits`` [T, E] → [T, H];
+        ``weights``/``ids``: the top-k routing already computed from the logits (None: here)."""
         step, clock = self.step, self.clock
         if step.describe is not None:
             step.describe(x.shape[0])
-        weights, ids = route(router_logits, self.top_k)
+        if weights is None or ids is None:
+            weights, ids = route(router_logits, self.top_k)
         if step.trace is not None and step.counted:
             step.trace.record(self.layer_idx, ids, weights, step.decode_mask)
         clock and clock.mark("router")
@@ -245,7 +253,8 @@ class AdapMoEBlock(nn.Module):
 
 
 def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax top-k with renormalisation, exactly as vLLM's CPU router computes it."""
+    """Softmax top-k with renormalisation, exactly as vLLM's CPU router computes it (op for op:
+    compiled token equality with stock depends on inductor seeing the same ops)."""
     logits, ids = torch.topk(router_logits, k=top_k, dim=-1, sorted=False)
     weights = torch.softmax(logits, dim=-1)
     return weights.to(torch.float32), ids.to(torch.int32)

@@ -4,8 +4,9 @@ vLLM compiles a model's forward with torch.compile (inductor on CPU, piecewise C
 GPU). The block cannot be traced: which copies run depends on the step's routing. So, like
 vLLM's own ``vllm::moe_forward``, the block is registered as a custom op ``vllm::adapmoe_block``
 whose fake implementation only gives the output's shape; at run time the op finds the block by
-its name in the forward context and runs its step eagerly. The router GEMM stays in the graph,
-exactly where stock Mixtral computes it, so compiled numerics match stock.
+its name in the forward context and runs its step eagerly. The router GEMM and the top-k softmax
+stay in the graph, exactly where stock Mixtral computes them on CPU (stock's CPU MoE runner is
+traced, not an op), so inductor fuses them the same way and compiled tokens match stock's.
 
 Everything per step that the model's Python ``forward`` used to do (read the batch's query
 lengths, flush Prometheus counters) must happen inside the op too: with a compiled graph that
@@ -25,12 +26,14 @@ OP_NAME = BLOCK_OP.split("::")[1]
 
 
 def _adapmoe_block(hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                   topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                    layer_name: str) -> torch.Tensor:
     block = get_forward_context().no_compile_layers[layer_name]
-    return block.forward_impl(hidden_states, router_logits)
+    return block.forward_impl(hidden_states, router_logits, topk_weights, topk_ids)
 
 
 def _adapmoe_block_fake(hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                        topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                         layer_name: str) -> torch.Tensor:
     return torch.empty_like(hidden_states)
 
@@ -46,7 +49,8 @@ def register_blocks(vllm_config, blocks: list[AdapMoEBlock]) -> None:
         if block.name in context:
             raise ValueError(f"adapmoe: duplicate layer name {block.name}")
         context[block.name] = block
-        block.call_op = lambda x, logits, name=block.name: torch.ops.vllm.adapmoe_block(x, logits, name)
+        block.call_op = (lambda x, logits, weights, ids, name=block.name:
+                         torch.ops.vllm.adapmoe_block(x, logits, weights, ids, name))
 
 
 class StepDescriber:
