@@ -124,7 +124,7 @@ def render() -> str:
         data = _load(name)
         if data:
             parts.append(fn(data))
-    for name in ("engine_cuda.json", "engine_cpu.json"):
+    for name in ("engine_cuda.json", "engine_cpu_mixtral-8x7b.json", "engine_cpu.json"):
         data = _load(name)
         if data:
             parts.append(engine_section(data))
