@@ -57,7 +57,7 @@ class StepInfo:
     decode_tokens: int = 0
     decode_mask: torch.Tensor | None = None  # [T] True for decode tokens (query length 1)
     all_decode: bool = False  # every token of the step is a decode token
-    decode_rows: torch.Tensor | None = None  # indices of the decode tokens
+    decode_rows: torch.Tensor | None = None  # indices of the decode tokens (first use per step)
     counted: bool = False  # False for vLLM's dummy/profiling runs: they do not touch the stats
     trace: RoutingRecorder | None = None  # set while a routing trace is being recorded
     # Set by the model: refreshes the fields above at the first block of each forward pass
@@ -209,6 +209,8 @@ class AdapMoEBlock(nn.Module):
         tracing = step.trace is not None
         if not step.counted or not self.next_blocks or not (self.prefetch_enabled or tracing):
             return
+        if not step.all_decode and step.decode_rows is None:  # once per step, shared by layers
+            step.decode_rows = step.decode_mask.nonzero().squeeze(1)
         decode = None if step.all_decode else step.decode_rows
         if not tracing and decode is not None and decode.numel() == 0:
             return  # no decode token this step: prefill needs every expert anyway

@@ -87,6 +87,6 @@ class StepDescriber:
         step.counted = True
         step.decode_tokens = int(is_decode.sum())
         step.all_decode = step.decode_tokens == num_tokens
-        step.decode_rows = None if step.all_decode else step.decode_mask.nonzero().squeeze(1)
+        step.decode_rows = None  # computed on first use (prefetch, tracing)
         if step.trace is not None:
             step.trace.begin_step(lens)

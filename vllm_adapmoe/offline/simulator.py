@@ -140,6 +140,5 @@ def _future_uses(blocks: list[tuple[StepLayer, Routing]]) -> dict[int, dict[int,
     uses: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
     for block, routing in blocks:
         for e in routing.needed_experts():
-            if e >= 0:
-                uses[block.layer][e].append(block.step)
+            uses[block.layer][e].append(block.step)
     return uses
