@@ -10,7 +10,8 @@ one copy stream over pinned memory (CUDA) — so on-demand loads and prefetches 
 like they would on one PCIe link. With ``link_gbps`` (GB/s) each copy is stretched to what it
 would take over that link (an *emulated* link for CPU experiments). A slot can be re-booked
 while an earlier copy into it is still queued: copies run in order, and compute always waits
-for the latest copy of the experts it uses.
+for the latest copy of the experts it uses. On CPU without emulation there is nothing to
+overlap (the copy is a memcpy on the cores that compute), so copies run inline, counted as stall.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ class Link:
         self.bytes_per_s = link_gbps * 1e9 if link_gbps else None
         self._executor: ThreadPoolExecutor | None = None
         self._stream = None
+        # CPU without emulation: a copy is a memcpy on the same cores that compute, so a loader
+        # thread cannot overlap it with anything; handing it over costs more than the copy.
+        # Copy in the caller.
+        self.inline = device.type == "cpu" and self.bytes_per_s is None
 
     def submit(self, copy: Callable[[], None], nbytes: int) -> Future:
         if self._executor is None:
@@ -127,6 +132,11 @@ class ExpertCache:
     def _queue(self, expert: int, slot: int) -> None:
         self._slot_map[expert] = slot
         self.stats.bytes_loaded += self.store.expert_bytes
+        if self.link.inline:  # compute waits for this copy as it would for a queued one
+            start = time.perf_counter()
+            self._copy(expert, slot)
+            self.stats.stall_s += time.perf_counter() - start
+            return
         self._pending[expert] = self.link.submit(lambda: self._copy(expert, slot),
                                                  self.store.expert_bytes)
 

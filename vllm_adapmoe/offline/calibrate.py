@@ -44,7 +44,7 @@ from vllm_adapmoe.offline.profile import Profile, architecture_of, config_hash
 
 __all__ = ["calibrate", "load_windows", "DEFAULT_DATA", "DEFAULT_THRESHOLDS", "W2_BINS"]
 
-DEFAULT_DATA = Path(__file__).parent / "bundled" / "calibration.txt"
+DEFAULT_DATA = Path(__file__).parents[1] / "bundled" / "calibration.txt"
 DEFAULT_THRESHOLDS = (0.001, 0.005, 0.01, 0.05)
 W2_BINS = 20
 _READ_CHUNK = 1 << 20       # characters of text tokenised at a time

@@ -13,7 +13,7 @@ from typing import Any
 
 
 def heldout_text() -> str:
-    return (Path(__file__).parent / "bundled" / "heldout.txt").read_text()
+    return (Path(__file__).parents[1] / "bundled" / "heldout.txt").read_text()
 
 
 def token_windows(tokenizer: Any, text: str, window: int = 256, max_tokens: int = 16384) -> list[list[int]]:
