@@ -2,7 +2,8 @@
 slots, importable with torch alone (no vLLM import here or on any call path).
 
   store.py       host tier: every expert of a layer in the kernel's layout (pinned on CUDA)
-  cache.py       per-layer device slots + the one host→device ``Link`` (loader thread / copy stream)
+  cache.py       per-layer device slots + the one host→device ``Link`` (copy stream on CUDA;
+                 small experts inline on CPU, else a loader thread)
   slot_table.py  residency and eviction policies (LRU, LFU, Belady), tensor-free
   gating.py      adaptive top-k (AdapMoE's sensitivity rule)
   prefetch.py    guessing the next layers' experts and choosing what to copy ahead
