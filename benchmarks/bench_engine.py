@@ -51,7 +51,7 @@ SHAPES = {
 
 
 # -- routing ------------------------------------------------------------------------------------
-def _logits(ids: np.ndarray, weights: np.ndarray, experts: int) -> torch.Tensor:
+def routing_logits(ids: np.ndarray, weights: np.ndarray, experts: int) -> torch.Tensor:
     """Router logits whose softmax top-k gives exactly these ids and renormalised weights."""
     logits = torch.full((len(ids), experts), -30.0)
     logits.scatter_(1, torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(np.log(weights)))
@@ -87,12 +87,12 @@ def trace_routing(path: Path, layers: int, batch: int, steps: int, experts: int)
         actual, predicted = [], []
         for n in range(layers):
             ids, w, pids, pw = (a[rows] for a in cat[n % tl])
-            actual.append(_logits(ids, w, experts))
+            actual.append(routing_logits(ids, w, experts))
             if (pids >= 0).all():
-                predicted.append(_logits(pids, np.maximum(pw, 1e-9), experts))
+                predicted.append(routing_logits(pids, np.maximum(pw, 1e-9), experts))
             else:
                 p_ids, p_w = cat[n % tl][0][prev], cat[n % tl][1][prev]
-                predicted.append(_logits(p_ids, p_w, experts))
+                predicted.append(routing_logits(p_ids, p_w, experts))
         out.append((actual, predicted))
     return out
 
@@ -124,7 +124,6 @@ def link_gbps(stack: ExpertStack, repeats: int = 5) -> tuple[float, float]:
     cache.wait([stack.link.submit(lambda: cache._copy(e % stack.shape.experts, 0), nbytes)
                 for e in range(repeats)])
     per_copy = (time.perf_counter() - start) / repeats
-    cache.stats.stall_s = 0.0
     return per_copy, nbytes / per_copy / 1e9
 
 

@@ -112,6 +112,8 @@ def our_block(config, w: dict[str, torch.Tensor], top_k: int, idx: int, step, **
 def replayed_routing(trace_path: Path, batch: int, count: int, experts: int):
     """``count`` batches of ``batch`` decode rows from the trace, one layer per batch in turn:
     (layer, router logits [batch, E]) whose softmax top-k reproduces the traced weights."""
+    from bench_engine import routing_logits
+
     from vllm_adapmoe.offline.trace import Trace
 
     trace = Trace.load(trace_path)
@@ -126,9 +128,7 @@ def replayed_routing(trace_path: Path, batch: int, count: int, experts: int):
         ids = np.concatenate([a for a, _ in by_layer[layer]])
         weights = np.concatenate([b for _, b in by_layer[layer]])
         start = (i // len(by_layer) * batch) % max(len(ids) - batch, 1)
-        logits = torch.full((batch, experts), -30.0)
-        logits.scatter_(1, torch.from_numpy(ids[start:start + batch].astype(np.int64)),
-                        torch.from_numpy(np.log(weights[start:start + batch])))
+        logits = routing_logits(ids[start:start + batch], weights[start:start + batch], experts)
         out.append((layer, logits.to(torch.bfloat16)))
     return out
 

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
+from test_moe_parts import _random_experts, _store
 
 from vllm_adapmoe.config import AdapMoEConfig
 from vllm_adapmoe.engine import ExpertCache, GroupedKernel, LayerStats, Link, ReferenceKernel, route
 from vllm_adapmoe.engine.block import Routing
 from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.stack import ExpertStack, LayerShape
-from vllm_adapmoe.engine.store import HostExpertStore
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SHAPE = LayerShape(hidden=128, intermediate=192, experts=8, top_k=2)
@@ -39,16 +39,10 @@ def test_engine_imports_and_runs_without_vllm():
     assert int(done.stdout.split()[-1]) > 0
 
 
-def _slots(device: str, experts: int = 4, hidden: int = 64, inter: int = 80):
-    g = torch.Generator().manual_seed(0)
-    w13 = torch.randn(experts, 2 * inter, hidden, generator=g).to(device) / 8
-    w2 = torch.randn(experts, hidden, inter, generator=g).to(device) / 8
-    return w13, w2
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_grouped_kernel_matches_reference_loop(device):
-    w13, w2 = _slots(device)
+    w13s, w2s = _random_experts()
+    w13, w2 = torch.stack(w13s).to(device), torch.stack(w2s).to(device)
     x = torch.randn(13, 64, device=device)
     weights, ids = route(torch.randn(13, 4, device=device), 2)
     # gated tokens: dropped positions repeat the kept expert with weight 0
@@ -126,13 +120,7 @@ def test_gated_stack_is_budget_independent(device):
 
 
 def _cache(device: str, slots: int, gbps: float | None) -> ExpertCache:
-    kernel = ReferenceKernel()
-    store = HostExpertStore(4, 64, 80, 80, torch.float32, kernel.pack, pin=device == "cuda")
-    w13, w2 = _slots("cpu")
-    for e in range(4):
-        store.put(e, "w1", w13[e, :80])
-        store.put(e, "w3", w13[e, 80:])
-        store.put(e, "w2", w2[e])
+    store = _store(ReferenceKernel(), pin=device == "cuda")
     link = Link(torch.device(device), gbps)
     return ExpertCache(store, slots, torch.device(device), "lru", LayerStats(), link)
 

@@ -62,9 +62,9 @@ def _random_experts(E=4, H=64, I=80, seed=0):
             [torch.randn(H, I, generator=g) * 0.05 for _ in range(E)])
 
 
-def _store(kernel, E=4, H=64, I=80):
+def _store(kernel, E=4, H=64, I=80, pin=False):
     w13s, w2s = _random_experts(E, H, I)
-    store = HostExpertStore(E, H, I, kernel.padded_intermediate(I), torch.float32, kernel.pack, pin=False)
+    store = HostExpertStore(E, H, I, kernel.padded_intermediate(I), torch.float32, kernel.pack, pin=pin)
     for e in range(E):
         store.put(e, "w1", w13s[e][:I])
         store.put(e, "w3", w13s[e][I:])

@@ -86,10 +86,9 @@ class ExpertStack:
             for name, rows, cols in (("w1", i, h), ("w3", i, h), ("w2", h, i)):
                 w = torch.randn(rows, cols, generator=generator).mul_(cols ** -0.5)
                 block.store.put(e, name, w.to(self.dtype))
-            if block.store.complete:
-                block.cache.warm(range(self.shape.experts))
         for block in self.blocks:
             block.check_loaded()
+            block.cache.warm(range(self.shape.experts))
 
     def decode_step(self, x: torch.Tensor,
                     router_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
