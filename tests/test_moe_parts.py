@@ -9,7 +9,8 @@ from vllm_adapmoe.engine.kernels import GroupedKernel, ReferenceKernel
 from vllm_adapmoe.models.kernels import FusedCpuKernel
 from vllm_adapmoe.engine.store import HostExpertStore
 from vllm_adapmoe.engine.stats import LayerStats
-from vllm_adapmoe.engine.block import plan_waves, route
+from vllm_adapmoe.engine.block import plan_waves
+from vllm_adapmoe.engine.routing import route
 
 
 def test_route_is_renormalised_top_k():

@@ -1,4 +1,5 @@
-"""A seeded random Mixtral saved as a local model directory (no hub access).
+"""Seeded random MoE checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2) saved as
+local model directories (no hub access).
 
 Random routing is near-uniform: good for exactness tests, meaningless for caching claims.
 """
@@ -53,4 +54,53 @@ def build_tiny_mixtral(path: str | Path, seed: int = 0, *, num_layers: int = 3,
         cfg = json.loads((path / "config.json").read_text())
         cfg["architectures"] = [arch]
         (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def _tiny_config(family: str, vocab: dict[str, int], num_layers: int):
+    """A small config of each family, fine-grained (16 experts, top-4) with the family's
+    peculiarities on: a dense layer, a shared expert, no top-k renormalisation where stock has none."""
+    import transformers
+
+    common = dict(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=num_layers,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                  bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
+                  tie_word_embeddings=False, torch_dtype="float32")
+    if family == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(
+            **common, intermediate_size=96, moe_intermediate_size=32, num_experts=16,
+            num_experts_per_tok=4, shared_expert_intermediate_size=48, norm_topk_prob=False,
+            mlp_only_layers=[1], decoder_sparse_step=1)
+    if family == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(
+            **common, head_dim=32, intermediate_size=96, moe_intermediate_size=32,
+            num_experts=16, num_experts_per_tok=4, norm_topk_prob=True, mlp_only_layers=[0],
+            decoder_sparse_step=1)
+    if family == "olmoe":
+        return transformers.OlmoeConfig(**common, intermediate_size=32, num_experts=16,
+                                        num_experts_per_tok=4)
+    raise ValueError(f"unknown family {family!r}")
+
+
+FAMILIES = {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+            "olmoe": "OlmoeForCausalLM"}
+
+
+def build_tiny_moe(path: str | Path, family: str, seed: int = 0, num_layers: int = 3) -> Path:
+    """A random ``family`` checkpoint (see ``FAMILIES``) with sharpened routers."""
+    import torch
+    import transformers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(path)
+    vocab = json.loads((path / "tokenizer.json").read_text())["model"]["vocab"]
+    config = _tiny_config(family, vocab, num_layers)
+    torch.manual_seed(seed)
+    model = getattr(transformers, FAMILIES[family])(config)
+    with torch.no_grad():  # larger router weights → decisive (less tie-prone) routing
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.mul_(8.0)
+    model.save_pretrained(path, safe_serialization=True)
     return path

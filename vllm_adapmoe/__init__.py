@@ -183,7 +183,7 @@ def validate_budget(vllm_config: Any) -> list[int]:
 
     model_config = vllm_config.model_config
     arch = next(a for a in model_config.architectures if a in SUPPORTED)
-    shape = SUPPORTED[arch].shape(model_config.hf_config)
+    shape = SUPPORTED[arch].shape(model_config.hf_text_config)
     cfg = AdapMoEConfig.from_additional_config(vllm_config.additional_config)
     cfg.sensitivities(shape.num_layers, model_config.hf_config)
     return cfg.slots_per_layer(shape.num_layers, shape.num_experts,
@@ -227,10 +227,10 @@ def _hook_worker() -> None:
                 "eviction": b.cache.table.policy.name,
                 "additional_config": self.vllm_config.additional_config,
                 "cache_state": [x.cache.table.state() for x in blocks]}
-        model.model.step.trace = TraceRecorder(meta, getattr(self, "model_runner", None))
+        model.step.trace = TraceRecorder(meta, getattr(self, "model_runner", None))
 
     def adapmoe_trace_stop(self, path: str) -> str:
-        step = self.get_model().model.step
+        step = self.get_model().step
         if step.trace is None:
             raise RuntimeError("no trace is being recorded; call vllm_adapmoe.start_trace first")
         recorder, step.trace = step.trace, None

@@ -1,8 +1,10 @@
 """The AdapMoE MoE block: route → make resident → compute on slots → combine.
 
 Architecture-agnostic: a router (``gate``), ``num_experts`` SwiGLU experts given as gate/up/down
-weights, softmax top-k with renormalisation. Per-architecture model files build one block per
-MoE layer and feed it checkpoint weights through ``load_weights``.
+weights, and the family's routing rule (``routing.py``: softmax top-k with or without
+renormalisation, DeepSeek's grouped top-k). Per-architecture model files build one block per
+MoE layer (numbered among MoE layers only) and feed it checkpoint weights through
+``load_weights``; shared experts and dense layers stay with the model file.
 
 One step through one layer, top to bottom (``forward``):
   1. router logits → top-k experts and weights per token (same ops as stock vLLM), then
@@ -34,6 +36,7 @@ from vllm_adapmoe.engine.store import HostExpertStore
 from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.stats import LayerStats
 from vllm_adapmoe.engine.prefetch import predicted_expert_sets, select_prefetch
+from vllm_adapmoe.engine.routing import RouterSpec
 
 _EXPERT_WEIGHTS = {"w1": "w1", "w2": "w2", "w3": "w3",
                    "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
@@ -72,16 +75,22 @@ class AdapMoEBlock(nn.Module):
 
     ``gate`` is the router (any module mapping [T, H] → [T, E] logits, or a tuple whose first
     item is that, as vLLM's ``GateLinear``); the serving stack provides it so the router GEMM
-    is computed exactly as in its stock model. ``device`` is where slots and compute live.
+    is computed exactly as in its stock model; a ``gate.e_score_correction_bias`` tensor (DeepSeek-V3)
+    is used by grouped routing. ``router`` is the family's routing rule (default: softmax top-k,
+    renormalised, as Mixtral). ``device`` is where slots and compute live.
     """
 
     def __init__(self, *, layer_idx: int, num_experts: int, top_k: int, hidden_size: int,
                  intermediate_size: int, num_slots: int, config: AdapMoEConfig, step: StepInfo,
                  gate: nn.Module, device: torch.device, sensitivity: float = 0.0,
                  link: Link | None = None, params_dtype: torch.dtype | None = None,
-                 prefix: str = "", store: HostExpertStore | None = None) -> None:
+                 prefix: str = "", store: HostExpertStore | None = None,
+                 router: RouterSpec | None = None) -> None:
         super().__init__()
         dtype = params_dtype or torch.get_default_dtype()
+        self.router_spec = router or RouterSpec(top_k)
+        if self.router_spec.top_k != top_k:
+            raise ValueError(f"router top_k {self.router_spec.top_k} != block top_k {top_k}")
         self.layer_idx = layer_idx
         self.num_experts, self.top_k, self.hidden_size = num_experts, top_k, hidden_size
         self.step = step
@@ -108,12 +117,16 @@ class AdapMoEBlock(nn.Module):
 
     # -- weights ----------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Checkpoint names relative to the block: ``gate.weight``, ``experts.E.w{1,2,3}.weight``."""
+        """Checkpoint names relative to the block: ``gate.*`` (router), ``experts.E.<w>.weight``
+        with ``<w>`` one of w1/w2/w3 (Mixtral) or gate_proj/down_proj/up_proj (Qwen, OLMoE, DeepSeek)."""
         loaded: set[str] = set()
         for name, tensor in weights:
-            if name == "gate.weight":
-                loader = getattr(self.gate, "weight_loader", None)  # vLLM's linear layers
-                loader(self.gate.weight, tensor) if loader else self.gate.weight.data.copy_(tensor)
+            if name.startswith("gate."):  # router weight (and DeepSeek-V3's correction bias)
+                param = getattr(self.gate, name.split(".", 1)[1], None)
+                if not isinstance(param, torch.Tensor):
+                    raise ValueError(f"adapmoe: unexpected router weight {name!r} in the checkpoint")
+                loader = getattr(param, "weight_loader", None)  # vLLM's linear layers
+                loader(param, tensor) if loader else param.data.copy_(tensor)
                 loaded.add(name)
                 continue
             parts = name.split(".")
@@ -138,7 +151,7 @@ class AdapMoEBlock(nn.Module):
         # Top-k + softmax are traced too, as stock's CPU router is: inductor fuses them and keeps
         # the weights in float32 where eager softmax rounds them to bf16 first, so routing done
         # inside the op would differ from compiled stock (and flip near-tie tokens).
-        weights, ids = route(router_logits, self.top_k)
+        weights, ids = self.route(router_logits)
         if self.call_op is not None and torch.compiler.is_compiling():
             out = self.call_op(x, router_logits, weights, ids)  # opaque; runs forward_impl
         else:
@@ -149,6 +162,11 @@ class AdapMoEBlock(nn.Module):
         logits = self.gate(x)
         return logits[0] if isinstance(logits, tuple) else logits
 
+    def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k] float32, ids [T, k] int32) by this family's routing rule."""
+        return self.router_spec.route(router_logits,
+                                      getattr(self.gate, "e_score_correction_bias", None))
+
     def forward_impl(self, x: torch.Tensor, router_logits: torch.Tensor,
                      weights: torch.Tensor | None = None,
                      ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,11 +176,13 @@ class AdapMoEBlock(nn.Module):
         if step.describe is not None:
             step.describe(x.shape[0])
         if weights is None or ids is None:
-            weights, ids = route(router_logits, self.top_k)
+            weights, ids = self.route(router_logits)
         if step.trace is not None and step.counted:
             step.trace.record(self.layer_idx, ids, weights, step.decode_mask)
         clock and clock.mark("router")
-        routing = (Routing.gated(ids, weights, self.gating, None if step.all_decode else step.decode_mask)
+        routing = (Routing.gated(ids, weights, self.gating,
+                                 None if step.all_decode else step.decode_mask,
+                                 self.router_spec.renormalize)
                    if self.gating.active else Routing(ids, weights))
         clock and clock.mark("gating")
         needed = routing.needed_experts()  # the step's one device→host transfer of routing
@@ -218,7 +238,7 @@ class AdapMoEBlock(nn.Module):
         for depth, target in enumerate(self.next_blocks):
             if depth > 0 and not self.prefetch_enabled:
                 break
-            weights, ids = route(target.router_logits(rows), target.top_k)
+            weights, ids = target.route(target.router_logits(rows))
             if tracing and depth == 0:
                 step.trace.record_prediction(target.layer_idx, weights, ids)
             if tracing and decode is not None:
@@ -254,21 +274,15 @@ class AdapMoEBlock(nn.Module):
                 **self.stats.as_dict()}
 
 
-def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax top-k with renormalisation, exactly as vLLM's CPU router computes it (op for op:
-    compiled token equality with stock depends on inductor seeing the same ops)."""
-    logits, ids = torch.topk(router_logits, k=top_k, dim=-1, sorted=False)
-    weights = torch.softmax(logits, dim=-1)
-    return weights.to(torch.float32), ids.to(torch.int32)
-
-
 @dataclass
 class Routing:
     """One step's routing for one layer, after adaptive gating, in the form the kernel takes.
 
     Tokens that keep all top-k experts keep the router's ids and weights in the router's order
     (so the kernel sums them exactly as stock does). A gated token keeps its leading ``keep``
-    experts by weight, renormalised; its dropped positions repeat its first expert with weight 0,
+    experts by weight, rescaled to the weight the token had over all k (1 for renormalising
+    routers; families without renormalisation keep their routed mass); its dropped positions
+    repeat its first expert with weight 0,
     so one kernel call serves every token and a top-1 token still reads one expert's weights.
     When every token is top-1 the kernel gets one column.
     """
@@ -280,7 +294,7 @@ class Routing:
 
     @classmethod
     def gated(cls, ids: torch.Tensor, weights: torch.Tensor, gate: AdaptiveGate,
-              decode_mask: torch.Tensor | None) -> Routing:
+              decode_mask: torch.Tensor | None, renormalize: bool = True) -> Routing:
         k = ids.shape[1]
         sorted_weights, order = weights.sort(dim=1, descending=True)
         keep = gate.experts_per_token(sorted_weights, decode_mask)
@@ -288,6 +302,8 @@ class Routing:
         sorted_ids = ids.gather(1, order)
         kept_weights = sorted_weights * kept
         kept_weights = kept_weights / kept_weights.sum(1, keepdim=True)
+        if not renormalize:
+            kept_weights = kept_weights * weights.sum(1, keepdim=True)
         full = (keep == k)[:, None]
         return cls(torch.where(full, ids, torch.where(kept, sorted_ids, sorted_ids[:, :1])),
                    torch.where(full, weights, kept_weights), keep)

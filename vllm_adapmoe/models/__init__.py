@@ -17,20 +17,60 @@ BLOCK_OP = "vllm::adapmoe_block"
 
 @dataclass(frozen=True)
 class MoEShape:
-    num_layers: int
+    """The routed-expert shape of a model. ``moe_layers``: decoder-layer indices of its MoE layers
+    (dense layers are not in it); MoE layers are numbered by their position in this tuple
+    everywhere (stats, traces, plans, profiles)."""
+
+    moe_layers: tuple[int, ...]
     num_experts: int
     top_k: int
     hidden_size: int
     intermediate_size: int
 
+    @property
+    def num_layers(self) -> int:
+        return len(self.moe_layers)
+
+    def moe_index(self, layer_idx: int) -> int:
+        return self.moe_layers.index(layer_idx)
+
     def expert_bytes(self, itemsize: int) -> int:
         return 3 * self.hidden_size * self.intermediate_size * itemsize
 
 
-def mixtral_shape(hf_config: Any) -> MoEShape:
-    return MoEShape(hf_config.num_hidden_layers, hf_config.num_local_experts,
-                    hf_config.num_experts_per_tok, hf_config.hidden_size,
-                    hf_config.intermediate_size)
+def mixtral_shape(c: Any) -> MoEShape:
+    return MoEShape(tuple(range(c.num_hidden_layers)), c.num_local_experts,
+                    c.num_experts_per_tok, c.hidden_size, c.intermediate_size)
+
+
+def qwen_moe_layers(c: Any) -> tuple[int, ...]:
+    """Qwen2-MoE / Qwen3-MoE: MoE every ``decoder_sparse_step`` layers, except ``mlp_only_layers``."""
+    dense = set(getattr(c, "mlp_only_layers", None) or [])
+    return tuple(i for i in range(c.num_hidden_layers)
+                 if i not in dense and c.num_experts > 0 and (i + 1) % c.decoder_sparse_step == 0)
+
+
+def qwen_moe_shape(c: Any) -> MoEShape:
+    return MoEShape(qwen_moe_layers(c), c.num_experts, c.num_experts_per_tok, c.hidden_size,
+                    c.moe_intermediate_size)
+
+
+def olmoe_shape(c: Any) -> MoEShape:
+    return MoEShape(tuple(range(c.num_hidden_layers)), c.num_experts, c.num_experts_per_tok,
+                    c.hidden_size, c.intermediate_size)
+
+
+def deepseek_moe_layers(c: Any) -> tuple[int, ...]:
+    """DeepSeek-V2/V3: dense for the first ``first_k_dense_replace`` layers, then MoE every
+    ``moe_layer_freq`` layers."""
+    return tuple(i for i in range(c.num_hidden_layers)
+                 if c.n_routed_experts is not None and i >= c.first_k_dense_replace
+                 and i % c.moe_layer_freq == 0)
+
+
+def deepseek_shape(c: Any) -> MoEShape:
+    return MoEShape(deepseek_moe_layers(c), c.n_routed_experts, c.num_experts_per_tok,
+                    c.hidden_size, c.moe_intermediate_size)
 
 
 @dataclass(frozen=True)
@@ -40,8 +80,13 @@ class Supported:
     shape: Callable[[Any], MoEShape]
 
 
+def _entry(module: str, name: str, shape: Callable[[Any], MoEShape]) -> Supported:
+    return Supported(name, f"vllm_adapmoe.models.{module}:{name}", shape)
+
+
 SUPPORTED: dict[str, Supported] = {
-    "MixtralForCausalLM": Supported("AdapMoEMixtralForCausalLM",
-                                    "vllm_adapmoe.models.mixtral:AdapMoEMixtralForCausalLM",
-                                    mixtral_shape),
+    "MixtralForCausalLM": _entry("mixtral", "AdapMoEMixtralForCausalLM", mixtral_shape),
+    "Qwen2MoeForCausalLM": _entry("qwen2_moe", "AdapMoEQwen2MoeForCausalLM", qwen_moe_shape),
+    "Qwen3MoeForCausalLM": _entry("qwen3_moe", "AdapMoEQwen3MoeForCausalLM", qwen_moe_shape),
+    "OlmoeForCausalLM": _entry("olmoe", "AdapMoEOlmoeForCausalLM", olmoe_shape),
 }

@@ -1,0 +1,189 @@
+"""What every ``--model-impl adapmoe`` model shares, so the per-family files stay thin.
+
+* ``MoEBlocks``: the model's AdapMoE blocks, one per MoE layer and numbered among MoE layers only
+  (dense layers have no block): slot budget, gating sensitivities, the shared step and link, and
+  the wiring once the layers exist (prefetch targets, op registration, metrics).
+* ``SharedExpertsMoE``: routed experts (offloaded, our block) plus shared experts (vLLM's own
+  dense MLP, always resident), combined as stock's MoE runner does: ``shared + routed``.
+* ``AdapMoECausalLM``: the causal-LM shell (lm_head, logits, weight loading, start-up log line);
+  a family subclass says how to read its MoE shape and how to build its decoder stack.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, extract_layer_index, maybe_prefix
+from vllm.platforms import current_platform
+
+from vllm_adapmoe.config import AdapMoEConfig, AdapMoEConfigError
+from vllm_adapmoe.engine.block import AdapMoEBlock, StepInfo
+from vllm_adapmoe.engine.cache import Link
+from vllm_adapmoe.engine.routing import RouterSpec
+from vllm_adapmoe.metrics import PrometheusExporter
+from vllm_adapmoe.models import MoEShape
+from vllm_adapmoe.models import kernels  # noqa: F401  (registers vLLM's fused MoE kernels)
+from vllm_adapmoe.models.moe_op import StepDescriber, register_blocks
+
+logger = logging.getLogger("vllm.adapmoe")  # child of "vllm": uses its handlers
+
+
+class MoEBlocks:
+    """The AdapMoE blocks of one model. Build with ``block(prefix, gate, router)`` while the
+    decoder layers are made, then call ``wire`` once."""
+
+    def __init__(self, vllm_config: VllmConfig, shape: MoEShape) -> None:
+        hf_config = vllm_config.model_config.hf_config
+        self.shape = shape
+        self.config = config = AdapMoEConfig.from_additional_config(vllm_config.additional_config)
+        self.dtype = vllm_config.model_config.dtype
+        self.slots = config.slots_per_layer(shape.num_layers, shape.num_experts,
+                                            shape.expert_bytes(self.dtype.itemsize), hf_config,
+                                            shape.top_k)
+        self.sensitivity = config.sensitivities(shape.num_layers, hf_config)
+        self.device = torch.device(current_platform.device_type)
+        self.link = Link(self.device, config.link_gbps)
+        self.step = StepInfo()
+        self.step.describe = StepDescriber(self.step)
+        self.blocks: list[AdapMoEBlock] = []
+
+    def block(self, prefix: str, gate: nn.Module, router: RouterSpec | None = None) -> AdapMoEBlock:
+        """The block at ``prefix`` (``model.layers.N.mlp``); ``gate`` is the family's router layer."""
+        moe_idx = self.shape.moe_index(extract_layer_index(prefix))
+        shape = self.shape
+        block = AdapMoEBlock(
+            layer_idx=moe_idx, num_experts=shape.num_experts, top_k=shape.top_k,
+            hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+            num_slots=self.slots[moe_idx], config=self.config, step=self.step,
+            sensitivity=self.sensitivity[moe_idx], link=self.link, gate=gate, device=self.device,
+            params_dtype=self.dtype, prefix=prefix, router=router)
+        self.blocks.append(block)
+        return block
+
+    def wire(self, vllm_config: VllmConfig) -> None:
+        """Once every layer exists: look-ahead targets, the step's last block, the op's name
+        lookup, and the Prometheus export."""
+        if not self.blocks:
+            raise AdapMoEConfigError("adapmoe: this model (stage) has no MoE layer")
+        self.blocks.sort(key=lambda b: b.layer_idx)
+        ahead = self.config.prefetch_lookahead
+        for i, block in enumerate(self.blocks):
+            block.next_blocks = self.blocks[i + 1:i + 1 + ahead]
+        self.blocks[-1].last = True
+        register_blocks(vllm_config, self.blocks)
+        exporter = PrometheusExporter.if_enabled([b.stats for b in self.blocks])
+        self.step.on_step_end = exporter.sync if exporter is not None else None
+
+    def check_loaded(self) -> None:
+        for block in self.blocks:
+            block.check_loaded()
+
+
+class SharedExpertsMoE(nn.Module):
+    """Routed experts (our block, offloaded) + shared experts (stock's module, always resident).
+
+    ``shared`` is (checkpoint name, module) of the shared experts; ``extra`` names further stock
+    modules the checkpoint addresses directly (Qwen2-MoE's ``shared_expert_gate``, which its
+    shared MLP also holds). Checkpoint names under the MoE module: ``gate.*`` and ``experts.*``
+    go to the block, the rest to these modules. ``routed_scale`` multiplies the routed output
+    before the sum (DeepSeek's ``routed_scaling_factor``: vLLM applies it to the output too).
+    """
+
+    def __init__(self, routed: AdapMoEBlock, shared: tuple[str, nn.Module],
+                 routed_scale: float = 1.0, extra: dict[str, nn.Module] | None = None) -> None:
+        super().__init__()
+        self.routed = routed
+        self.shared_name = shared[0]
+        self.add_module(shared[0], shared[1])
+        for name, module in (extra or {}).items():
+            self.add_module(name, module)
+        self.routed_scale = routed_scale
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shared = getattr(self, self.shared_name)(hidden_states)
+        routed = self.routed(hidden_states)
+        if self.routed_scale != 1.0:
+            routed = routed * self.routed_scale
+        return shared + routed
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        routed, rest = [], []
+        for name, tensor in weights:
+            (routed if name.split(".", 1)[0] in ("gate", "experts") else rest).append((name, tensor))
+        loaded = {f"routed.{n}" for n in self.routed.load_weights(routed)}
+        return loaded | AutoWeightsLoader(self).load_weights(rest)  # never reaches `routed`
+
+
+class AdapMoECausalLM(nn.Module, SupportsPP):
+    """``--model-impl adapmoe`` shell: a family sets ``shape_of`` and ``build_model``, and
+    ``hf_to_vllm_mapper`` when its stock causal-LM class maps checkpoint names."""
+
+    shape_of: Callable[[Any], MoEShape]
+    hf_to_vllm_mapper: WeightsMapper | None = None
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        if get_tensor_model_parallel_world_size() != 1:
+            raise AdapMoEConfigError(
+                "adapmoe: tensor parallelism is not supported yet; run with tensor_parallel_size=1")
+        config = vllm_config.model_config.hf_text_config
+        self.config = config
+        self.moe = MoEBlocks(vllm_config, type(self).shape_of(config))
+        self.model = self.build_model(vllm_config, maybe_prefix(prefix, "model"))
+        self.moe.wire(vllm_config)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                      quant_config=vllm_config.quant_config,
+                                      prefix=maybe_prefix(prefix, "lm_head"))
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+        self._log_active()
+
+    def build_model(self, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def step(self) -> StepInfo:
+        return self.moe.step
+
+    def moe_blocks(self) -> list[AdapMoEBlock]:
+        return self.moe.blocks
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
+        self.moe.check_loaded()
+        return loaded
+
+    def _log_active(self) -> None:
+        moe, cfg, shape = self.moe, self.moe.config, self.moe.shape
+        dense = len(range(*self._layer_range())) - shape.num_layers
+        logger.info(
+            "AdapMoE active: %s with %d MoE layers x %d experts (top-%d)%s; device slots per layer "
+            "%s (%s kernel, %s eviction%s%s%s)", type(self).__name__, shape.num_layers,
+            shape.num_experts, shape.top_k, f", {dense} dense layers (resident)" if dense else "",
+            [b.cache.num_slots for b in moe.blocks], moe.blocks[0].kernel.name, cfg.eviction,
+            f", emulated link {cfg.link_gbps} GB/s" if cfg.link_gbps else "",
+            f", gating T={cfg.threshold}" if cfg.threshold else "",
+            f", prefetch {cfg.prefetch_lookahead} layer(s) ahead" if cfg.prefetch else "")
+
+    def _layer_range(self) -> tuple[int, int]:
+        return self.model.start_layer, self.model.end_layer
