@@ -79,11 +79,19 @@ def _tiny_config(family: str, vocab: dict[str, int], num_layers: int):
     if family == "olmoe":
         return transformers.OlmoeConfig(**common, intermediate_size=32, num_experts=16,
                                         num_experts_per_tok=4)
+    if family == "deepseek_v2":  # MLA on vLLM-CPU needs kv_lora_rank + qk_rope_head_dim = 576
+        common["num_key_value_heads"] = 2
+        return transformers.DeepseekV2Config(
+            **common, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=16,
+            n_shared_experts=1, num_experts_per_tok=4, n_group=2, topk_group=1,
+            topk_method="group_limited_greedy", first_k_dense_replace=1, norm_topk_prob=False,
+            routed_scaling_factor=2.0, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=32,
+            qk_rope_head_dim=64, v_head_dim=32)
     raise ValueError(f"unknown family {family!r}")
 
 
 FAMILIES = {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-            "olmoe": "OlmoeForCausalLM"}
+            "olmoe": "OlmoeForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}
 
 
 def build_tiny_moe(path: str | Path, family: str, seed: int = 0, num_layers: int = 3) -> Path:

@@ -65,7 +65,7 @@ def deepseek_moe_layers(c: Any) -> tuple[int, ...]:
     ``moe_layer_freq`` layers."""
     return tuple(i for i in range(c.num_hidden_layers)
                  if c.n_routed_experts is not None and i >= c.first_k_dense_replace
-                 and i % c.moe_layer_freq == 0)
+                 and i % getattr(c, "moe_layer_freq", 1) == 0)
 
 
 def deepseek_shape(c: Any) -> MoEShape:
@@ -89,4 +89,6 @@ SUPPORTED: dict[str, Supported] = {
     "Qwen2MoeForCausalLM": _entry("qwen2_moe", "AdapMoEQwen2MoeForCausalLM", qwen_moe_shape),
     "Qwen3MoeForCausalLM": _entry("qwen3_moe", "AdapMoEQwen3MoeForCausalLM", qwen_moe_shape),
     "OlmoeForCausalLM": _entry("olmoe", "AdapMoEOlmoeForCausalLM", olmoe_shape),
+    "DeepseekV2ForCausalLM": _entry("deepseek_v2", "AdapMoEDeepseekV2ForCausalLM", deepseek_shape),
+    "DeepseekV3ForCausalLM": _entry("deepseek_v2", "AdapMoEDeepseekV3ForCausalLM", deepseek_shape),
 }

@@ -112,7 +112,12 @@ class SharedExpertsMoE(nn.Module):
         shared = getattr(self, self.shared_name)(hidden_states)
         routed = self.routed(hidden_states)
         if self.routed_scale != 1.0:
-            routed = routed * self.routed_scale
+            # as vLLM's runner: in fp16 the shared output is divided instead (overflow; the
+            # DeepSeek decoder layer compensates), else the routed output is multiplied
+            if routed.dtype == torch.float16:
+                shared = shared * (1.0 / self.routed_scale)
+            else:
+                routed = routed * self.routed_scale
         return shared + routed
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
