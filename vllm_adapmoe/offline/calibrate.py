@@ -281,6 +281,14 @@ def calibrate(model_dir: str | Path, data: str | Path | None = None, *, window: 
     files = _text_files(data_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
+    from transformers import AutoConfig
+
+    arch = architecture_of(AutoConfig.from_pretrained(str(model_dir)))
+    if arch != "MixtralForCausalLM":
+        raise ValueError(
+            f"adapmoe calibrate reads Mixtral-layout models only; {model_dir} is {arch}. For "
+            'other families give per-MoE-layer sensitivities directly ({"sensitivity": [...]}) '
+            "or leave gating off")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.to(device).eval()
