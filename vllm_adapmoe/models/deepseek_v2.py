@@ -150,11 +150,12 @@ class AdapMoEDeepseekV2Model(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         routed: dict[int, list[tuple[str, torch.Tensor]]] = defaultdict(list)
+        moe_layers = set(deepseek_shape(self.config).moe_layers)
 
         def rest() -> Iterable[tuple[str, torch.Tensor]]:
             for name, tensor in weights:
                 m = _ROUTED_WEIGHT.fullmatch(name)
-                if m and int(m[1]) in self.moe_layers:
+                if m and int(m[1]) in moe_layers:
                     routed[int(m[1])].append((m[2], tensor))
                 else:
                     yield name, tensor
@@ -164,10 +165,6 @@ class AdapMoEDeepseekV2Model(nn.Module):
             names = self.layers[idx].mlp.load_weights(layer_weights)
             loaded |= {f"layers.{idx}.mlp.{n}" for n in names}
         return loaded
-
-    @property
-    def moe_layers(self) -> tuple[int, ...]:
-        return deepseek_shape(self.config).moe_layers
 
 
 class AdapMoEDeepseekV2ForCausalLM(AdapMoECausalLM):
