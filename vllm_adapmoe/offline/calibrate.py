@@ -1,19 +1,20 @@
 """``adapmoe calibrate``: per-layer sensitivity S_l for AdapMoE's adaptive gating.
 
-Method. A Mixtral MoE layer routes token x to its top-k experts with weights renormalised over
-the top k (top-2: w1 >= w2, w1 + w2 = 1) and outputs y = sum_i w_i E_i(x). Dropping the last
-(k-th) expert and renormalising the rest gives y' = sum_{i<k} w_i/(1-w_k) E_i(x); the change is
+Method. A MoE layer routes token x to its top-k experts with weights w_1 >= ... >= w_k and
+outputs y = sum_i w_i E_i(x). Dropping the last (k-th) expert and giving its weight to the rest
+in proportion (the serving gate's rule: renormalised routers stay normalised, the others keep
+their routed mass) gives y' = (sum_i w_i) * ybar, ybar = sum_{i<k} w_i E_i / sum_{i<k} w_i; the
+change is
 
-    dy = y' - y = w_k * (y' - E_k(x))        (top-2: dy = w2 * (E1(x) - E2(x)))
+    dy = y' - y = w_k * (ybar - E_k(x))        (Mixtral top-2: dy = w2 * (E1(x) - E2(x)))
 
 Second-order Taylor of the loss with the Hessian replaced by the empirical Fisher F = E[g g^T],
-g = dL/dy_l (gradient of the loss wrt layer l's MoE output at that token):
+g = dL/dy_l (gradient of the loss wrt layer l's routed output at that token):
 
-    dL ~= 1/2 dy^T F dy ~= 1/2 w_k^2 (g^T (y' - E_k(x)))^2
+    dL ~= 1/2 dy^T F dy ~= 1/2 w_k^2 (g^T (ybar - E_k(x)))^2
 
-so S_l = mean over calibration tokens of (g_t^T (y'_t - E_k(x_t)))^2, i.e. (g^T dy / w_k)^2;
-for top-2 that is (g^T (E1 - E2))^2. The gating rule (in the serving layer) keeps only expert 1
-when w2^2 * S_l < T.
+so S_l = mean over calibration tokens of (g_t^T (ybar_t - E_k(x_t)))^2; the gating rule (in the
+serving layer) drops trailing experts while (their summed weight)^2 * S_l < T.
 
 Loss and scale. L is the *sum* (not the mean) of next-token cross-entropies (nats) over a
 window, so g_t = dL/dy_t carries the effect of token t's MoE output on its own prediction and,
@@ -21,10 +22,14 @@ through attention, on the later predictions in the window; S_l is then a per-tok
 does not shrink with the window length. The last position of each window has no target (g = 0)
 and is left out of S_l; the routing statistics use every position.
 
-Routing is recomputed from the router weights exactly as Mixtral does (softmax over all experts,
-top-k, renormalise) and the expert outputs from the layer's own fused weights; the weighted sum
-is checked against the block's real output on every window, so a layout change in transformers
-fails loudly instead of giving wrong numbers.
+Families. Every architecture in ``vllm_adapmoe.models.SUPPORTED`` is read through its Hugging
+Face implementation: hooks on each MoE layer's routed-expert module see the expert ids and
+weights the family's own router chose (softmax or grouped/sigmoid top-k, renormalised or not),
+and its routed output, which the recomputed weighted sum must match on every window (a layout
+change in transformers fails loudly instead of giving wrong numbers). Shared experts and dense
+layers are untouched (they are never gated). Where Hugging Face folds ``routed_scaling_factor``
+into the weights (DeepSeek) while vLLM applies it to the routed output, weights are reported in
+vLLM's scale and S_l carries the factor squared, so w^2 * S_l is the same loss estimate.
 
 Data: a text file or a directory of ``*.txt`` files (default: the bundled calibration text),
 tokenised with the model's tokenizer (BOS before each file), cut into non-overlapping windows of
@@ -127,29 +132,23 @@ def _windows(stream: list[int], window: int, max_tokens: int, seed: int):
 
 
 # -- MoE blocks ------------------------------------------------------------------------------
-def _moe_blocks(model: Any) -> list[Any]:
-    blocks = []
-    for m in model.modules():
-        experts = getattr(m, "experts", None)
-        if (hasattr(m, "gate") and hasattr(getattr(m, "gate"), "weight")
-                and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj")):
-            blocks.append(m)
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} has no Mixtral-style MoE blocks (a module "
-                         "with a router `gate` and fused `experts.gate_up_proj/down_proj`)")
-    return blocks
+# Hugging Face routers that fold ``routed_scaling_factor`` into the routing weights; the serving
+# block applies it to the routed output instead, so its weights are HF's divided by the factor.
+_HF_WEIGHT_SCALE = {"DeepseekV2ForCausalLM": "routed_scaling_factor",
+                    "DeepseekV3ForCausalLM": "routed_scaling_factor"}
 
 
-def _route(block: Any, x, top_k: int):
-    """Mixtral routing: softmax over all experts, top-k, renormalise over the k."""
-    import torch
-    import torch.nn.functional as F
-
-    logits = F.linear(x, block.gate.weight)
-    probs = torch.softmax(logits.float(), dim=-1)
-    w, idx = torch.topk(probs, top_k, dim=-1)
-    w = w / w.sum(dim=-1, keepdim=True)
-    return w, idx
+def _routed_experts(model: Any, num_layers: int) -> list[Any]:
+    """The routed-expert modules (``*.experts`` with fused ``gate_up_proj``/``down_proj``), in
+    decoder order: one per MoE layer, so list position = MoE-layer index as everywhere else."""
+    found = [m for name, m in model.named_modules()
+             if name.rsplit(".", 1)[-1] == "experts"
+             and hasattr(m, "gate_up_proj") and hasattr(m, "down_proj")]
+    if len(found) != num_layers:
+        raise ValueError(f"{type(model).__name__}: found {len(found)} routed-expert modules with "
+                         f"fused gate_up_proj/down_proj, expected one per MoE layer ({num_layers}); "
+                         "this transformers version's MoE layout is not what calibrate expects")
+    return found
 
 
 def _expert_outputs(experts: Any, x, idx):
@@ -182,42 +181,43 @@ class _LayerAcc:
     s_count: int = 0
     top1: Any = None
     topk: Any = None
-    wk: list = field(default_factory=list)
+    weights: list = field(default_factory=list)   # serving weights, sorted descending, per token
     # per-window scratch
     diff: Any = None
-    n_pred: int = 0
 
 
 class _Recorder:
-    """Forward hooks on the MoE blocks: routing stats + (g . (y' - E_k))^2 after backward."""
+    """Forward hooks on the routed-expert modules: they see the routing the model really used
+    (expert ids and weights, whatever the family's router rule) and the routed output; after
+    backward, (scale * g . (y' - E_k))^2 per token."""
 
-    def __init__(self, blocks: list[Any], top_k: int, num_experts: int) -> None:
+    def __init__(self, experts: list[Any], num_experts: int, weight_scale: float) -> None:
         import torch
 
-        self.top_k = top_k
+        self.weight_scale = weight_scale
         self.acc = [_LayerAcc(num_experts, top1=torch.zeros(num_experts, dtype=torch.float64),
                               topk=torch.zeros(num_experts, dtype=torch.float64))
-                    for _ in blocks]
+                    for _ in experts]
         self.n_pred = 0
-        self.handles = [b.register_forward_hook(self._hook(i, b)) for i, b in enumerate(blocks)]
+        self.handles = [m.register_forward_hook(self._hook(i, m)) for i, m in enumerate(experts)]
 
     def close(self) -> None:
         for h in self.handles:
             h.remove()
 
-    def _hook(self, i: int, block: Any):
+    def _hook(self, i: int, experts: Any):
         import torch
 
         def hook(_module, inputs, output):
+            x, ids, w_hf = inputs[:3]
             y = output[0] if isinstance(output, tuple) else output
-            x = inputs[0]
-            hidden = x.shape[-1]
             with torch.no_grad():
-                x2 = x.detach().reshape(-1, hidden)
-                w, idx = _route(block, x2, self.top_k)
-                outs = _expert_outputs(block.experts, x2, idx).float()
-                y_rec = (w[..., None] * outs).sum(1)
-                y_real = y.detach().reshape(-1, hidden).float()
+                x2 = x.detach().reshape(-1, x.shape[-1])
+                w_sorted, order = w_hf.detach().float().sort(dim=1, descending=True)
+                ids_sorted = ids.gather(1, order)
+                outs = _expert_outputs(experts, x2, ids_sorted).float()
+                y_rec = (w_sorted[..., None] * outs).sum(1)
+                y_real = y.detach().reshape(-1, x2.shape[-1]).float()
                 err = (y_rec - y_real).abs().max().item()
                 scale = y_real.abs().max().item()
                 if not err <= 1e-3 * scale + 1e-5:
@@ -225,14 +225,13 @@ class _Recorder:
                         f"calibrate: recomputed MoE output of layer {i} differs from the model's "
                         f"({err:.3g} vs scale {scale:.3g}); this transformers version's MoE "
                         "layout is not what calibrate expects")
-                wk = w[:, -1]
-                keep = w[:, :-1] / (1.0 - wk)[:, None]
-                y_drop = (keep[..., None] * outs[:, :-1]).sum(1)
+                kept = w_sorted[:, :-1]
+                y_kept = (kept[..., None] * outs[:, :-1]).sum(1) / kept.sum(1, keepdim=True)
                 a = self.acc[i]
-                a.diff = y_drop - outs[:, -1]          # dy / w_k, shape (T, H)
-                a.top1 += torch.bincount(idx[:, 0].cpu(), minlength=a.num_experts).double()
-                a.topk += torch.bincount(idx.reshape(-1).cpu(), minlength=a.num_experts).double()
-                a.wk.append(wk.cpu())
+                a.diff = y_kept - outs[:, -1]          # dy / w_k, shape (T, H)
+                a.top1 += torch.bincount(ids_sorted[:, 0].cpu(), minlength=a.num_experts).double()
+                a.topk += torch.bincount(ids_sorted.reshape(-1).cpu(), minlength=a.num_experts).double()
+                a.weights.append((w_sorted / self.weight_scale).cpu())
             if y.requires_grad:
                 y.register_hook(self._grad_hook(i))
             return None
@@ -246,7 +245,8 @@ class _Recorder:
             a = self.acc[i]
             with torch.no_grad():
                 g2 = g.detach().reshape(-1, g.shape[-1]).float()
-                s = ((g2 * a.diff).sum(-1) ** 2)[: self.n_pred].double()
+                gd = self.weight_scale * (g2 * a.diff).sum(-1)
+                s = (gd ** 2)[: self.n_pred].double()
                 a.s_sum += s.sum().item()
                 a.s_sq += (s * s).sum().item()
                 a.s_count += s.numel()
@@ -283,26 +283,28 @@ def calibrate(model_dir: str | Path, data: str | Path | None = None, *, window: 
 
     from transformers import AutoConfig
 
-    arch = architecture_of(AutoConfig.from_pretrained(str(model_dir)))
-    if arch != "MixtralForCausalLM":
-        raise ValueError(
-            f"adapmoe calibrate reads Mixtral-layout models only; {model_dir} is {arch}. For "
-            'other families give per-MoE-layer sensitivities directly ({"sensitivity": [...]}) '
-            "or leave gating off")
+    from vllm_adapmoe.engine.gating import AdaptiveGate
+    from vllm_adapmoe.models import SUPPORTED
+
+    hf_config = AutoConfig.from_pretrained(str(model_dir))
+    arch = architecture_of(hf_config)
+    if arch not in SUPPORTED:
+        raise ValueError(f"adapmoe calibrate: {model_dir} is {arch}; supported architectures: "
+                         f"{', '.join(sorted(SUPPORTED))}")
+    shape = SUPPORTED[arch].shape(hf_config)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.to(device).eval()
     model.requires_grad_(False)
     cfg = model.config
-    top_k = int(cfg.num_experts_per_tok)
-    num_experts = int(cfg.num_local_experts)
+    top_k, num_experts = shape.top_k, shape.num_experts
+    weight_scale = float(getattr(cfg, _HF_WEIGHT_SCALE.get(arch, ""), 1.0) or 1.0)
     if top_k < 2:
         raise ValueError(f"the model routes to top-{top_k}; adaptive gating needs top-k >= 2")
 
     wins = load_windows(tokenizer, data_path, window, max_tokens, seed)
 
-    blocks = _moe_blocks(model)
-    rec = _Recorder(blocks, top_k, num_experts)
+    rec = _Recorder(_routed_experts(model, shape.num_layers), num_experts, weight_scale)
     embed = model.get_input_embeddings()
     loss_sum, n_pred_total = 0.0, 0
     try:
@@ -323,17 +325,21 @@ def calibrate(model_dir: str | Path, data: str | Path | None = None, *, window: 
 
     sensitivity: list[float] = []
     routing: list[dict[str, Any]] = []
-    hi = 1.0 / top_k          # the k-th of k renormalised weights is at most 1/k
     for layer, a in enumerate(rec.acc):
         if a.s_count == 0:
             raise RuntimeError(f"no gradient reached MoE layer {layer}")
         s_mean = a.s_sum / a.s_count
         s_var = max(a.s_sq / a.s_count - s_mean * s_mean, 0.0)
         sensitivity.append(s_mean)
-        wk = torch.cat(a.wk).double()
+        weights = torch.cat(a.weights).double()      # (tokens, k), descending
+        wk = weights[:, -1]
+        # the k-th weight is at most 1/k when the k weights sum to at most 1 (softmax routers)
+        hi = 1.0 / top_k if weights.sum(1).max() <= 1.0 + 1e-4 else float(wk.max())
         hist = torch.histc(wk.clamp(0, hi), bins=W2_BINS, min=0.0, max=hi)
         top1 = (a.top1 / a.top1.sum()).tolist()
         topk = (a.topk / a.topk.sum()).tolist()
+        kept = {f"{t:g}": AdaptiveGate(t, s_mean, True).experts_per_token(weights, None).double()
+                for t in thresholds}
         routing.append({
             "layer": layer,
             "tokens": int(wk.numel()),
@@ -344,8 +350,8 @@ def calibrate(model_dir: str | Path, data: str | Path | None = None, *, window: 
             "w2_hist": (hist / hist.sum()).tolist(),
             "w2_hist_range": [0.0, hi],
             "s_stderr": math.sqrt(s_var / a.s_count),
-            "top1_fraction": {f"{t:g}": float((wk * wk * s_mean < t).double().mean())
-                              for t in thresholds},
+            "top1_fraction": {key: float((n == 1).double().mean()) for key, n in kept.items()},
+            "mean_kept": {key: float(n.mean()) for key, n in kept.items()},
         })
 
     seconds = time.perf_counter() - t0
@@ -361,7 +367,9 @@ def calibrate(model_dir: str | Path, data: str | Path | None = None, *, window: 
             "mean_loss": loss_sum / max(n_pred_total, 1),
             "loss": "sum-reduced next-token cross-entropy (nats) per window; "
                     "S_l = mean_t (g_t . (y'_t - E_k(x_t)))^2, g_t = dL/dy_t",
-            "w2": "weight of the k-th (dropped) expert after renormalisation over the top k",
+            "w2": "weight of the k-th (lowest, first dropped) expert as the serving router gives it "
+                  "(renormalised over the top k where the family renormalises)",
+            "weight_scale": weight_scale,
             "top_k": top_k, "num_experts": num_experts, "device": str(device),
             "dtype": "float32", "torch": torch.__version__,
             "transformers": transformers.__version__, "threads": torch.get_num_threads(),
