@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vllm_adapmoe.config import uniform_split
 
 __all__ = ["plan_dp", "plan_uniform", "plan_cost", "closed_form_curve",
@@ -75,7 +77,7 @@ def plan_dp(curves: Sequence[Sequence[float]], total: int, lo: int = 1) -> list[
     """Slots per layer minimising ``sum_l f_l(s_l)`` exactly, with ``sum(s) == total``.
 
     ``curves[l][k - 1] = f_l(k)`` for ``k = 1 .. E_l``; each layer gets ``lo <= s_l <= E_l``.
-    Curves need not be monotone.  Cost O(L * total * max E).
+    Curves need not be monotone.  Cost O(L * max E) vector ops of length ``total``.
 
     Tie-breaking (deterministic): among all optimal allocations the **lexicographically largest**
     slot vector is returned, i.e. earlier layers get the extra slots -- the same convention as
@@ -91,21 +93,17 @@ def plan_dp(curves: Sequence[Sequence[float]], total: int, lo: int = 1) -> list[
     num_layers = len(f)
 
     # best[i][j]: minimal cost of layers i..L-1 using exactly j slots (inf if infeasible).
-    # Built from the back so that the forward reconstruction can take the largest k first.
+    # Built from the back so that the forward reconstruction can take the largest k first; one
+    # vector op per (layer, k) keeps it fast at E = 128 and ~100 layers (float64, the same IEEE
+    # additions as Python floats, so the exact-equality reconstruction below still holds).
     inf = math.inf
-    best = [[inf] * (total + 1) for _ in range(num_layers + 1)]
-    best[num_layers][0] = 0.0
+    table = torch.full((num_layers + 1, total + 1), inf, dtype=torch.float64)
+    table[num_layers, 0] = 0.0
     for i in range(num_layers - 1, -1, -1):
-        row, nxt, curve = best[i], best[i + 1], f[i]
-        for j in range(total + 1):
-            m = inf
-            for k in range(lo, min(caps[i], j) + 1):
-                rest = nxt[j - k]
-                if rest < inf:
-                    c = curve[k - 1] + rest
-                    if c < m:
-                        m = c
-            row[j] = m
+        nxt, row = table[i + 1], table[i]
+        for k in range(lo, min(caps[i], total) + 1):
+            row[k:] = torch.minimum(row[k:], nxt[: total + 1 - k] + f[i][k - 1])
+    best = table.tolist()
     if best[0][total] == inf:  # unreachable after _check_budget, kept as a guard
         raise ValueError(f"no allocation of {total} slots satisfies lo={lo} <= s_l <= E_l")
 
