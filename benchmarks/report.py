@@ -52,9 +52,10 @@ def policies_section(data: dict, title: str) -> list[str]:
     return out
 
 
-def gating_section(data: dict) -> list[str]:
-    out = [f"**Adaptive gating** (`benchmarks/sweep_threshold.py`, {data['tokens']} held-out tokens, "
-           "every token gated):", "",
+def gating_section(data: dict, title: str = "Adaptive gating") -> list[str]:
+    model = Path(data["model"]).name
+    out = [f"**{title}** (`benchmarks/sweep_threshold.py`, model `{model}`, {data['tokens']} held-out "
+           "tokens, every token gated):", "",
            "| rule | T | w2 threshold | perplexity | Δ ppl | experts / token / layer | Δ experts | top-1 share |",
            "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -124,6 +125,9 @@ def render() -> str:
         data = _load(name)
         if data:
             parts.append(fn(data))
+    data = _load("gating_sweep_qwen3moe.json")
+    if data:
+        parts.append(gating_section(data, "Adaptive gating, fine-grained model (64 experts, top-8)"))
     for name in ("engine_cuda.json", "engine_cpu_mixtral-8x7b.json", "engine_cpu.json"):
         data = _load(name)
         if data:
@@ -136,8 +140,11 @@ def render() -> str:
         data = _load(name)
         if data:
             parts.append(layer_section(data))
+    fine = "fine-grained model (`shakespeare_qwen3moe`: 64 experts, top-8)"
     for name, title in (("policies_b1.json", "Cache policies, batch-1 trace"),
-                        ("policies_b16.json", "Cache policies, batch-16 trace")):
+                        ("policies_b16.json", "Cache policies, batch-16 trace"),
+                        ("policies_qwen3moe_b1.json", f"Cache policies, {fine}, batch-1 trace"),
+                        ("policies_qwen3moe_b16.json", f"Cache policies, {fine}, batch-16 trace")):
         data = _load(name)
         if data:
             parts.append(policies_section(data, title))

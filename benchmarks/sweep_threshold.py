@@ -1,6 +1,7 @@
 """Adaptive-gating sweep: held-out perplexity vs activated experts per token, for the
 sensitivity rule (per-layer S_l from a profile) and a naive rule (one fixed w2 threshold for all
-layers, i.e. S_l = 1: drop expert 2 when w2 < sqrt(T)). One engine; gating changed on the fly
+layers, i.e. S_l = 1: drop trailing experts while their weight < sqrt(T); top-2: drop expert 2
+when w2 < sqrt(T)). One engine; gating changed on the fly
 (``vllm_adapmoe.set_gating``); every scored token is gated (``gate_prefill``).
 
     python benchmarks/sweep_threshold.py --profile vllm_adapmoe/bundled/shakespeare_moe.profile.json \\
@@ -26,7 +27,8 @@ def main() -> None:
     ap.add_argument("--model", default=vllm_adapmoe.bundled_model_path())
     ap.add_argument("--profile", required=True)
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.001, 0.003, 0.01, 0.03, 0.1])
-    ap.add_argument("--naive-w2", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.35, 0.4, 0.45])
+    ap.add_argument("--naive-w2", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.35, 0.4, 0.45],
+                    help="naive rule: weight thresholds on the dropped experts' summed weight")
     ap.add_argument("--tokens", type=int, default=16384, help="held-out tokens scored")
     ap.add_argument("--out", default="benchmarks/results/gating_sweep.json")
     args = ap.parse_args()
@@ -49,7 +51,8 @@ def main() -> None:
               f"{row['activated_per_token_layer']:.3f}  top-1 {row['top1_fraction']:.1%}", flush=True)
         return row
 
-    rows = [measure("stock top-2", 0.0, profile_s)]
+    top_k = json.loads(Path(args.profile).read_text())["calibration"].get("top_k", 2)
+    rows = [measure(f"stock top-{top_k}", 0.0, profile_s)]
     rows += [measure("sensitivity", t, profile_s) for t in args.thresholds]
     rows += [measure("naive", w * w, [1.0] * layers, w2_threshold=w) for w in args.naive_w2]
     base = rows[0]
@@ -77,7 +80,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for rule, marker in (("sensitivity", "o-"), ("naive", "s--")):
         pts = sorted((r["activated_per_token_layer"], r["ppl"]) for r in rows if r["rule"] == rule)
         ax.plot(*zip(*pts), marker, label=rule)
-    ax.axhline(rows[0]["ppl"], color="gray", lw=0.8, label="stock top-2")
+    ax.axhline(rows[0]["ppl"], color="gray", lw=0.8, label=rows[0]["rule"])
     ax.set_xlabel("activated experts per token per layer")
     ax.set_ylabel("held-out perplexity")
     ax.legend()

@@ -87,16 +87,22 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
     return out
 
 
-def miss_curves(trace: Trace, policy: str = "lru", **settings: Any) -> list[list[float]]:
+def miss_curves(trace: Trace, policy: str = "lru", progress: bool = True,
+                **settings: Any) -> list[list[float]]:
     """f_l(k) for k = 1..E: on-demand misses per decoded token of layer l with k slots,
     over the trace's pure-decode steps (prefill needs every expert whatever the budget).
-    Layers are independent (per-layer caches), so one replay per k serves all layers."""
+    Layers are independent (per-layer caches), so one replay per k serves all layers; a layer
+    never has fewer than top_k slots, so k < top_k repeats the top_k replay."""
+    from tqdm.auto import tqdm
+
     E, L = int(trace.meta["num_experts"]), trace.num_layers
+    top_k = min(int(trace.meta["top_k"]), E)
     curves: list[list[float]] = [[] for _ in range(L)]
-    for k in range(1, E + 1):
+    for k in tqdm(range(top_k, E + 1), desc="miss curves", unit="budget", disable=not progress):
         result = simulate(trace, k, policy, **settings)
         for layer, st in enumerate(result["layers"]):
-            curves[layer].append(st["decode_step_misses"] / max(st["decode_step_tokens"], 1))
+            f = st["decode_step_misses"] / max(st["decode_step_tokens"], 1)
+            curves[layer].extend([f] * (top_k if k == top_k else 1))
     return curves
 
 
