@@ -3,7 +3,9 @@
 ``register()`` is the ``vllm.general_plugins`` entry point and the only place that hooks vLLM:
 
 * the model registry maps supported architectures to the plugin's classes when (and only when)
-  ``model_impl == "adapmoe"``; any other architecture with that flag is a start-up error;
+  ``model_impl == "adapmoe"``; any other architecture with that flag is a start-up error (through
+  ``ModelRegistry.register_model_impl`` where vLLM has it, ``patches/0001``; else by wrapping the
+  registry's two lookup methods);
 * ``EngineArgs.create_engine_config`` validates ``additional_config["adapmoe"]`` in the main
   process, so bad settings fail before any worker starts;
 * workers get ``adapmoe_stats`` / ``adapmoe_reset_stats`` methods for ``collective_rpc``.
@@ -100,6 +102,10 @@ def _hook_model_registry() -> None:
     for entry in SUPPORTED.values():
         if entry.class_name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(entry.class_name, entry.target)
+
+    if hasattr(_ModelRegistry, "register_model_impl"):  # vLLM with patches/0001 applied
+        ModelRegistry.register_model_impl(MODEL_IMPL, _adapmoe_architectures)
+        return
 
     def wrap(method):
         @functools.wraps(method)
