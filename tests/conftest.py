@@ -9,6 +9,7 @@ after pytest exits).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -55,10 +56,10 @@ class Engines:
         self._engines: dict[str, object] = {}  # insertion order = least recently used first
 
     def get(self, model: str | Path, impl: str = "auto", eager: bool = True, dtype: str = "auto",
-            **adapmoe) -> object:
+            tp: int = 1, **adapmoe) -> object:
         from vllm import LLM
 
-        key = json.dumps([str(model), impl, eager, dtype, adapmoe], sort_keys=True)
+        key = json.dumps([str(model), impl, eager, dtype, tp, adapmoe], sort_keys=True)
         if key in self._engines:
             self._engines[key] = self._engines.pop(key)
         else:
@@ -66,15 +67,34 @@ class Engines:
                 oldest = next(iter(self._engines))
                 self._engines.pop(oldest).llm_engine.engine_core.shutdown()
             kwargs = {"additional_config": {"adapmoe": adapmoe}} if adapmoe else {}
-            self._engines[key] = LLM(model=str(model), model_impl=impl, enforce_eager=eager,
-                                     max_model_len=512, seed=0, max_num_seqs=32, dtype=dtype,
-                                     kv_cache_memory_bytes=64 * 2**20, **kwargs)
+            # TP on this CPU: one OpenMP thread per rank (vLLM's default binding refuses one
+            # NUMA node); set only while the workers start, TP=1 engines keep every core.
+            bind = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, range(tp)))} if tp > 1 else {}
+            with _env(bind):
+                self._engines[key] = LLM(model=str(model), model_impl=impl, enforce_eager=eager,
+                                         max_model_len=512, seed=0, max_num_seqs=32, dtype=dtype,
+                                         kv_cache_memory_bytes=64 * 2**20,
+                                         tensor_parallel_size=tp, **kwargs)
         return self._engines[key]
 
     def close(self) -> None:
         for llm in self._engines.values():
             llm.llm_engine.engine_core.shutdown()
         self._engines.clear()
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

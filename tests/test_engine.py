@@ -177,3 +177,45 @@ def test_bench_engine_runs_without_vllm(tmp_path):
         assert rows["layer streaming"]["hit_rate"] == 0 and rows["layer streaming"]["loads_per_token"] > 0
         assert rows["AdapMoE 25%"]["activated_per_token_layer"] < 2
         assert all(r["tok_s"] > 0 for r in rows.values())
+
+
+def test_tensor_parallel_shards_sum_to_the_full_layer():
+    """Two ranks' blocks hold half of every expert each (gate/up rows, down columns, as vLLM
+    splits w13/w2); their partial outputs sum to the unsharded layer's, at a 2-slot budget."""
+    from torch import nn
+
+    from vllm_adapmoe.engine.block import AdapMoEBlock, StepInfo
+
+    g = torch.Generator().manual_seed(5)
+    hidden, inter, experts = 64, 96, 4
+    gate = nn.Linear(hidden, experts, bias=False)
+    gate.weight.data.copy_(torch.randn(experts, hidden, generator=g))
+    ckpt = [(f"experts.{e}.{w}.weight", torch.randn(*shape, generator=g) * 0.1)
+            for e in range(experts)
+            for w, shape in (("w1", (inter, hidden)), ("w3", (inter, hidden)), ("w2", (hidden, inter)))]
+
+    def block(shard):
+        step = StepInfo(counted=True)
+        b = AdapMoEBlock(layer_idx=0, num_experts=experts, top_k=2, hidden_size=hidden,
+                         intermediate_size=inter, num_slots=2, config=AdapMoEConfig(cache_slots=2),
+                         step=step, gate=gate, device=torch.device("cpu"),
+                         params_dtype=torch.float32, shard=shard)
+        b.last = True
+        b.load_weights(ckpt)
+        b.check_loaded()
+        return b, step
+
+    def run(b, step, x):
+        step.decode_tokens, step.all_decode, step.decode_mask, step.decode_rows = x.shape[0], True, None, None
+        return b.forward_impl(x, b.router_logits(x))
+
+    full, ranks = block((0, 1)), [block((r, 2)) for r in range(2)]
+    assert ranks[0][0].store.intermediate * 2 == full[0].store.intermediate == inter
+    for n in (1, 5, 1, 16):
+        x = torch.randn(n, hidden, generator=g)
+        torch.testing.assert_close(run(*ranks[0], x) + run(*ranks[1], x), run(*full, x),
+                                   atol=1e-5, rtol=1e-5)
+    counts = [{k: v for k, v in b.stats.as_dict().items() if k != "stall_s"} for b, _ in ranks]
+    assert counts[0] == counts[1] and counts[0]["misses"] > 0  # same residency decisions
+    with pytest.raises(ValueError, match="cannot split intermediate size 96 into 5"):
+        block((0, 5))

@@ -46,11 +46,17 @@ def bundled_model_path() -> str:
 
 def stats(llm: Any) -> dict[str, Any]:
     """Counters of every MoE layer (``{"total": ..., "layers": [...]}``) for an ``LLM``."""
-    layers = llm.collective_rpc("adapmoe_stats")[0]
-    if layers is None:
+    per_worker = llm.collective_rpc("adapmoe_stats")
+    if per_worker[0] is None:
         raise RuntimeError(
             f'this LLM does not run an AdapMoE model; start it with model_impl="{MODEL_IMPL}"')
-    return summarise(layers)
+    # Pipeline stages hold different MoE layers; tensor-parallel ranks hold the same ones with
+    # identical counters (bytes are each rank's 1/tp shard): one entry per layer, first rank's.
+    layers: dict[int, dict[str, float]] = {}
+    for worker_layers in per_worker:
+        for layer in worker_layers or []:
+            layers.setdefault(int(layer["layer"]), layer)
+    return summarise([layers[i] for i in sorted(layers)])
 
 
 def reset_stats(llm: Any) -> None:
@@ -192,8 +198,13 @@ def validate_budget(vllm_config: Any) -> list[int]:
     shape = SUPPORTED[arch].shape(model_config.hf_text_config)
     cfg = AdapMoEConfig.from_additional_config(vllm_config.additional_config)
     cfg.sensitivities(shape.num_layers, model_config.hf_config)
+    tp = vllm_config.parallel_config.tensor_parallel_size  # budgets are per rank: 1/tp of each expert
+    if tp > 1 and not SUPPORTED[arch].tensor_parallel:
+        raise AdapMoEConfigError(
+            f"adapmoe: tensor parallelism is supported for Mixtral so far, not for {arch}; "
+            "run it with tensor_parallel_size=1")
     return cfg.slots_per_layer(shape.num_layers, shape.num_experts,
-                               shape.expert_bytes(model_config.dtype.itemsize),
+                               shape.expert_bytes(model_config.dtype.itemsize) // tp,
                                model_config.hf_config, shape.top_k)
 
 

@@ -21,7 +21,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Measure AdapMoE's per-layer sensitivity S_l (Fisher estimate of the loss "
                     "increase when a token's last top-k expert is dropped) and routing "
                     "statistics, and write them as a profile JSON.")
-    p.add_argument("model_dir", help="local Hugging Face model directory (Mixtral-style MoE)")
+    p.add_argument("model_dir", help="local Hugging Face model directory (any architecture --model-impl adapmoe supports)")
     p.add_argument("--data", default=None,
                    help=f"text file or directory of .txt files (default: {DEFAULT_DATA.name}, "
                         "bundled)")

@@ -78,6 +78,12 @@ class AdapMoEBlock(nn.Module):
     is computed exactly as in its stock model; a ``gate.e_score_correction_bias`` tensor (DeepSeek-V3)
     is used by grouped routing. ``router`` is the family's routing rule (default: softmax top-k,
     renormalised, as Mixtral). ``device`` is where slots and compute live.
+
+    ``shard`` = (rank, size) for tensor parallelism: this block keeps, loads and caches only its
+    rank's slice of every expert (gate/up rows, down columns: vLLM's split of ``w13``/``w2``), so
+    its output is a partial sum that ``reduce`` (set by the serving stack: the TP all-reduce)
+    completes. Routing is computed from the replicated router on every rank, so all ranks make
+    the same residency decisions.
     """
 
     def __init__(self, *, layer_idx: int, num_experts: int, top_k: int, hidden_size: int,
@@ -85,8 +91,14 @@ class AdapMoEBlock(nn.Module):
                  gate: nn.Module, device: torch.device, sensitivity: float = 0.0,
                  link: Link | None = None, params_dtype: torch.dtype | None = None,
                  prefix: str = "", store: HostExpertStore | None = None,
-                 router: RouterSpec | None = None) -> None:
+                 router: RouterSpec | None = None, shard: tuple[int, int] = (0, 1)) -> None:
         super().__init__()
+        rank, size = shard
+        if not 0 <= rank < size or intermediate_size % size:
+            raise ValueError(f"cannot split intermediate size {intermediate_size} into {size} "
+                             f"tensor-parallel shards (rank {rank})")
+        self.shard = shard
+        intermediate_size //= size  # this rank's slice of every expert
         dtype = params_dtype or torch.get_default_dtype()
         self.router_spec = router or RouterSpec(top_k)
         if self.router_spec.top_k != top_k:
@@ -114,6 +126,8 @@ class AdapMoEBlock(nn.Module):
         self.clock: PhaseClock | None = None  # set by benchmarks to time the step's phases
         # Set by the vLLM side: calls this block through the opaque op the compiled graph keeps.
         self.call_op: Callable[..., torch.Tensor] | None = None
+        # Set by the vLLM side under tensor parallelism: sums the ranks' partial outputs.
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # -- weights ----------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -132,10 +146,20 @@ class AdapMoEBlock(nn.Module):
             parts = name.split(".")
             if len(parts) != 4 or parts[0] != "experts" or parts[2] not in _EXPERT_WEIGHTS:
                 raise ValueError(f"adapmoe: unexpected MoE weight {name!r} in the checkpoint")
-            self.store.put(int(parts[1]), _EXPERT_WEIGHTS[parts[2]], tensor)
+            which = _EXPERT_WEIGHTS[parts[2]]
+            self.store.put(int(parts[1]), which, self._own_shard(which, tensor))
         if self.store.complete and not self.cache.slot_of:
             self.cache.warm(range(self.num_experts))
         return loaded
+
+    def _own_shard(self, which: str, weight: torch.Tensor) -> torch.Tensor:
+        """This rank's slice: rows of gate/up (column parallel), columns of down (row parallel)."""
+        rank, size = self.shard
+        if size == 1:
+            return weight
+        dim = 1 if which == "w2" else 0
+        n = weight.shape[dim] // size
+        return weight.narrow(dim, rank * n, n)
 
     def check_loaded(self) -> None:
         if not self.store.complete:
@@ -156,6 +180,8 @@ class AdapMoEBlock(nn.Module):
             out = self.call_op(x, router_logits, weights, ids)  # opaque; runs forward_impl
         else:
             out = self.forward_impl(x, router_logits, weights, ids)
+        if self.reduce is not None:  # outside the op: traced like stock's all-reduce
+            out = self.reduce(out)
         return out.view(orig_shape)
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -78,14 +78,18 @@ class Supported:
     class_name: str
     target: str  # module:class, imported lazily by vLLM's registry
     shape: Callable[[Any], MoEShape]
+    # tensor parallelism checked equal to stock (tests/test_parallel.py); else TP > 1 is refused
+    tensor_parallel: bool = False
 
 
-def _entry(module: str, name: str, shape: Callable[[Any], MoEShape]) -> Supported:
-    return Supported(name, f"vllm_adapmoe.models.{module}:{name}", shape)
+def _entry(module: str, name: str, shape: Callable[[Any], MoEShape],
+           tensor_parallel: bool = False) -> Supported:
+    return Supported(name, f"vllm_adapmoe.models.{module}:{name}", shape, tensor_parallel)
 
 
 SUPPORTED: dict[str, Supported] = {
-    "MixtralForCausalLM": _entry("mixtral", "AdapMoEMixtralForCausalLM", mixtral_shape),
+    "MixtralForCausalLM": _entry("mixtral", "AdapMoEMixtralForCausalLM", mixtral_shape,
+                                 tensor_parallel=True),
     "Qwen2MoeForCausalLM": _entry("qwen2_moe", "AdapMoEQwen2MoeForCausalLM", qwen_moe_shape),
     "Qwen3MoeForCausalLM": _entry("qwen3_moe", "AdapMoEQwen3MoeForCausalLM", qwen_moe_shape),
     "OlmoeForCausalLM": _entry("olmoe", "AdapMoEOlmoeForCausalLM", olmoe_shape),

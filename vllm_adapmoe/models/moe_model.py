@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 from vllm.config import VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.distributed import (get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
+                              tensor_model_parallel_all_reduce)
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.interfaces import SupportsPP
@@ -46,9 +47,11 @@ class MoEBlocks:
         self.shape = shape
         self.config = config = AdapMoEConfig.from_additional_config(vllm_config.additional_config)
         self.dtype = vllm_config.model_config.dtype
+        # Tensor parallel: each rank caches its shard of every expert; budgets are per rank.
+        self.shard = (get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
         self.slots = config.slots_per_layer(shape.num_layers, shape.num_experts,
-                                            shape.expert_bytes(self.dtype.itemsize), hf_config,
-                                            shape.top_k)
+                                            shape.expert_bytes(self.dtype.itemsize) // self.shard[1],
+                                            hf_config, shape.top_k)
         self.sensitivity = config.sensitivities(shape.num_layers, hf_config)
         self.device = torch.device(current_platform.device_type)
         self.link = Link(self.device, config.link_gbps)
@@ -65,7 +68,9 @@ class MoEBlocks:
             hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
             num_slots=self.slots[moe_idx], config=self.config, step=self.step,
             sensitivity=self.sensitivity[moe_idx], link=self.link, gate=gate, device=self.device,
-            params_dtype=self.dtype, prefix=prefix, router=router)
+            params_dtype=self.dtype, prefix=prefix, router=router, shard=self.shard)
+        if self.shard[1] > 1:
+            block.reduce = tensor_model_parallel_all_reduce
         self.blocks.append(block)
         return block
 
@@ -137,9 +142,6 @@ class AdapMoECausalLM(nn.Module, SupportsPP):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
-        if get_tensor_model_parallel_world_size() != 1:
-            raise AdapMoEConfigError(
-                "adapmoe: tensor parallelism is not supported yet; run with tensor_parallel_size=1")
         config = vllm_config.model_config.hf_text_config
         self.config = config
         self.moe = MoEBlocks(vllm_config, type(self).shape_of(config))
@@ -181,11 +183,14 @@ class AdapMoECausalLM(nn.Module, SupportsPP):
     def _log_active(self) -> None:
         moe, cfg, shape = self.moe, self.moe.config, self.moe.shape
         dense = len(range(*self._layer_range())) - shape.num_layers
+        rank, size = moe.shard
         logger.info(
             "AdapMoE active: %s with %d MoE layers x %d experts (top-%d)%s; device slots per layer "
-            "%s (%s kernel, %s eviction%s%s%s)", type(self).__name__, shape.num_layers,
+            "%s%s (%s kernel, %s eviction%s%s%s)", type(self).__name__, shape.num_layers,
             shape.num_experts, shape.top_k, f", {dense} dense layers (resident)" if dense else "",
-            [b.cache.num_slots for b in moe.blocks], moe.blocks[0].kernel.name, cfg.eviction,
+            [b.cache.num_slots for b in moe.blocks],
+            f" on TP rank {rank} of {size}, each slot 1/{size} of an expert" if size > 1 else "",
+            moe.blocks[0].kernel.name, cfg.eviction,
             f", emulated link {cfg.link_gbps} GB/s" if cfg.link_gbps else "",
             f", gating T={cfg.threshold}" if cfg.threshold else "",
             f", prefetch {cfg.prefetch_lookahead} layer(s) ahead" if cfg.prefetch else "")
