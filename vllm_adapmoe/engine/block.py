@@ -419,20 +419,34 @@ def plan_waves(expert_sets: torch.Tensor, needed: list[int], capacity: int,
         return [(None, sorted(needed, key=lambda e: e not in resident))]
     sets, inverse = torch.unique(expert_sets.sort(dim=1).values, dim=0, return_inverse=True)
     counts = torch.bincount(inverse, minlength=sets.shape[0]).tolist()
-    groups = [set(row) - {-1} for row in sets.tolist()]
-    remaining = list(range(len(groups)))
-    present = set(resident)
+    # Expert sets as bit masks: unions, overlaps and sizes are int operations, which keeps a
+    # many-token prefill over 64-128 experts cheap (one wave per few tokens at small budgets).
+    masks = [_bitmask(row) for row in sets.tolist()]
+    remaining = list(range(len(masks)))
+    present = _bitmask(resident)
     waves: list[tuple[torch.Tensor | None, list[int]]] = []
     while remaining:
-        remaining.sort(key=lambda g: (-len(groups[g] & present), -counts[g]))
-        wave: set[int] = set()
-        chosen = []
+        remaining.sort(key=lambda g: (-(masks[g] & present).bit_count(), -counts[g]))
+        wave, chosen, rest = 0, [], []
         for g in remaining:
-            if len(wave | groups[g]) <= capacity:
-                wave |= groups[g]
+            union = wave | masks[g]
+            if union.bit_count() <= capacity:
+                wave = union
                 chosen.append(g)
-        remaining = [g for g in remaining if g not in set(chosen)]
+            else:
+                rest.append(g)
+        remaining = rest
         rows = torch.isin(inverse, torch.tensor(chosen, device=inverse.device)).nonzero().squeeze(1)
-        waves.append((rows, sorted(wave, key=lambda e: e not in present)))
+        experts = [e for e in range(wave.bit_length()) if wave >> e & 1]
+        waves.append((rows, sorted(experts, key=lambda e: not present >> e & 1)))
         present = wave
     return waves
+
+
+def _bitmask(experts) -> int:
+    """Bit e set for every expert id e >= 0 (−1 marks experts gating dropped)."""
+    mask = 0
+    for e in experts:
+        if e >= 0:
+            mask |= 1 << e
+    return mask
