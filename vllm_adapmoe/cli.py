@@ -235,12 +235,87 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- sweep -----------------------------------------------------------------------------------
+def _add_sweep(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "sweep", help="gating sweep: held-out perplexity and activated experts per threshold",
+        description="Score held-out text through LLM(..., model_impl='adapmoe') at each gating "
+                    "threshold T (every scored token gated) and report perplexity and activated "
+                    "experts per token and layer. --ray N spreads the thresholds over N engine "
+                    "replicas as Ray actors (same numbers as one process).")
+    p.add_argument("model_dir")
+    p.add_argument("--thresholds", type=float, nargs="+", required=True)
+    p.add_argument("--profile", default=None, help="profile with S_l (or give 'sensitivity' in --settings)")
+    p.add_argument("--settings", default="{}", help="further adapmoe settings (JSON), e.g. a budget")
+    p.add_argument("--data", default=None, help="text file (default: bundled held-out text)")
+    p.add_argument("--tokens", type=int, default=16384, help="held-out tokens scored (default 16384)")
+    p.add_argument("--ray", type=int, default=0, metavar="N", help="N Ray replicas (default: one process)")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    return p
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    settings = {**json.loads(args.settings), "gate_prefill": True}
+    if args.profile:
+        settings["profile"] = args.profile
+    if "profile" not in settings and "sensitivity" not in settings:
+        raise ValueError("gating needs S_l: give --profile PROFILE.json (adapmoe calibrate) or "
+                         "'sensitivity' in --settings")
+    llm_kwargs = dict(model=args.model_dir, model_impl="adapmoe", enforce_eager=True, seed=0,
+                      max_model_len=512, additional_config={"adapmoe": settings})  # 256-token windows
+    rows = sweep_rows(llm_kwargs, args.thresholds, args.data, args.tokens, args.ray)
+    base = rows[0]
+    print(f"{'T':>8}  {'perplexity':>10}  {'vs first':>8}  {'experts/token/layer':>19}")
+    for r in rows:
+        print(f"{r['threshold']:>8.4g}  {r['ppl']:>10.3f}  {r['ppl'] / base['ppl'] - 1:>+8.2%}  "
+              f"{r['activated_per_token_layer']:>19.3f}")
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(json.dumps({"model": args.model_dir, "settings": settings,
+                                              "rows": rows}, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def sweep_rows(llm_kwargs: dict, thresholds: list[float], data: str | None, tokens: int,
+               replicas: int) -> list[dict]:
+    """``measure_gating`` at each threshold, in one engine or over ``replicas`` Ray actors."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from vllm_adapmoe.offline.evaluation import heldout_text, measure_gating, token_windows
+
+    text = Path(data).read_text() if data else heldout_text()
+    windows = token_windows(AutoTokenizer.from_pretrained(llm_kwargs["model"]), text, 256, tokens)
+    if not windows:
+        raise ValueError(f"fewer than 256 tokens of text in {data or 'the held-out text'}")
+    if replicas:
+        from vllm_adapmoe.replicas import ReplicaPool
+
+        with ReplicaPool(replicas, **llm_kwargs) as pool:
+            return pool.gating_sweep(windows, thresholds)
+    from vllm import LLM
+
+    llm = LLM(**llm_kwargs)
+    try:
+        return [measure_gating(llm, windows, t) for t in thresholds]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
 # -- dispatch --------------------------------------------------------------------------------
 _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "calibrate": (_add_calibrate, _cmd_calibrate),
     "trace": (_add_trace, _cmd_trace),
     "profile": (_add_profile, _cmd_profile),
     "plan": (_add_plan, _cmd_plan),
+    "sweep": (_add_sweep, _cmd_sweep),
 }
 
 

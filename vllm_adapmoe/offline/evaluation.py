@@ -33,3 +33,18 @@ def perplexity(llm: Any, windows: list[list[int]]) -> dict[str, float]:
             nll -= lp[tok].logprob
             n += 1
     return {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n}
+
+
+def measure_gating(llm: Any, windows: list[list[int]], threshold: float,
+                   sensitivity: list[float] | None = None) -> dict[str, float]:
+    """Perplexity and activated experts of a running adapmoe ``llm`` at gating budget T
+    (``sensitivity`` None keeps the engine's S_l). One row of a gating sweep."""
+    import vllm_adapmoe
+
+    vllm_adapmoe.set_gating(llm, threshold, sensitivity)
+    vllm_adapmoe.reset_stats(llm)
+    row = {"threshold": threshold, **perplexity(llm, windows)}
+    total = vllm_adapmoe.stats(llm)["total"]
+    row["activated_per_token_layer"] = total["activated_experts"] / total["tokens"]
+    row["top1_fraction"] = total["top1_tokens"] / total["tokens"]
+    return row
