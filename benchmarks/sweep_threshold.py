@@ -21,7 +21,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 def main() -> None:
     import vllm_adapmoe
     from vllm import LLM
-    from vllm_adapmoe.offline.evaluation import heldout_text, perplexity, token_windows
+    from vllm_adapmoe.offline.evaluation import heldout_text, measure_gating, token_windows
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=vllm_adapmoe.bundled_model_path())
@@ -40,13 +40,7 @@ def main() -> None:
     profile_s = json.loads(Path(args.profile).read_text())["sensitivity"]
 
     def measure(rule: str, threshold: float, sensitivity: list[float], **extra) -> dict:
-        vllm_adapmoe.set_gating(llm, threshold, sensitivity)
-        vllm_adapmoe.reset_stats(llm)
-        result = perplexity(llm, windows)
-        total = vllm_adapmoe.stats(llm)["total"]
-        row = {"rule": rule, "threshold": threshold, **extra, **result,
-               "activated_per_token_layer": total["activated_experts"] / total["tokens"],
-               "top1_fraction": total["top1_tokens"] / total["tokens"]}
+        row = {"rule": rule, **extra, **measure_gating(llm, windows, threshold, sensitivity)}
         print(f"{rule:<12} T={threshold:<8.4g} ppl {row['ppl']:8.3f}  experts/token/layer "
               f"{row['activated_per_token_layer']:.3f}  top-1 {row['top1_fraction']:.1%}", flush=True)
         return row

@@ -200,8 +200,9 @@ def validate_budget(vllm_config: Any) -> list[int]:
     cfg.sensitivities(shape.num_layers, model_config.hf_config)
     tp = vllm_config.parallel_config.tensor_parallel_size  # budgets are per rank: 1/tp of each expert
     if tp > 1 and not SUPPORTED[arch].tensor_parallel:
+        checked = sorted(a for a, entry in SUPPORTED.items() if entry.tensor_parallel)
         raise AdapMoEConfigError(
-            f"adapmoe: tensor parallelism is supported for Mixtral so far, not for {arch}; "
+            f"adapmoe: tensor parallelism is checked for {', '.join(checked)}, not yet for {arch}; "
             "run it with tensor_parallel_size=1")
     return cfg.slots_per_layer(shape.num_layers, shape.num_experts,
                                shape.expert_bytes(model_config.dtype.itemsize) // tp,

@@ -112,6 +112,9 @@ class SharedExpertsMoE(nn.Module):
         for name, module in (extra or {}).items():
             self.add_module(name, module)
         self.routed_scale = routed_scale
+        # Under TP both parts are partial sums (stock builds the shared MLP unreduced): reduce
+        # their sum once, as stock's runner does, instead of the routed part alone.
+        self.reduce, routed.reduce = routed.reduce, None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shared = getattr(self, self.shared_name)(hidden_states)
@@ -123,7 +126,8 @@ class SharedExpertsMoE(nn.Module):
                 shared = shared * (1.0 / self.routed_scale)
             else:
                 routed = routed * self.routed_scale
-        return shared + routed
+        out = shared + routed
+        return self.reduce(out) if self.reduce is not None else out
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         routed, rest = [], []
