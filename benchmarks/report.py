@@ -65,6 +65,18 @@ def gating_section(data: dict, title: str = "Adaptive gating") -> list[str]:
     return out
 
 
+def parallel_section(data: dict) -> list[str]:
+    out = [f"**Tensor parallel on this CPU** (`benchmarks/bench_parallel.py`, model "
+           f"`{Path(data['model']).name}`, compiled, {data['rounds']} alternating rounds, medians; "
+           "adapmoe slots are per layer per rank):", "",
+           "| batch | layout | engine | decode tok/s | vs TP=1 (default binding) |", "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        engine = r["impl"] if r["slots"] is None else f"{r['impl']}, {r['slots']} slots"
+        out.append(f"| {r['batch']} | {r['layout']} | {engine} | {r['decode_tok_s']:.1f} | "
+                   f"{r['vs_tp1_default']:.2f} |")
+    return out
+
+
 def layer_section(data: dict) -> list[str]:
     out = [f"**One MoE layer, {data['shape']}** (`benchmarks/bench_layer.py --shape {data['shape']}`: hidden "
            f"{data['hidden']}, intermediate {data['intermediate']}, {data['experts']} experts, top-{data['top_k']}, "
@@ -121,7 +133,7 @@ def serve_section(data: dict) -> list[str]:
 def render() -> str:
     parts: list[list[str]] = []
     for name, fn in (("decode.json", decode_section), ("gating_sweep.json", gating_section),
-                     ("serve.json", serve_section)):
+                     ("serve.json", serve_section), ("parallel.json", parallel_section)):
         data = _load(name)
         if data:
             parts.append(fn(data))
