@@ -19,7 +19,9 @@ def tiny_resident_compiled(engines, tiny_model):
     return greedy(engines.get(tiny_model, "adapmoe", eager=False))
 
 
-@pytest.mark.parametrize("settings", [{"cache_slots": 2}, {"cache_slots": 1, "prefetch": True}],
+# CI time: 2 slots (no prefetch) runs with -m slow; 1 slot + prefetch covers waves and prefetch
+@pytest.mark.parametrize("settings", [pytest.param({"cache_slots": 2}, marks=pytest.mark.slow),
+                                      {"cache_slots": 1, "prefetch": True}],
                          ids=["2-slots", "1-slot-prefetch"])
 def test_tiny_compiled_offloaded_matches_compiled_all_resident(engines, tiny_model,
                                                                tiny_resident_compiled, settings):
