@@ -19,7 +19,6 @@ import torch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group
 from vllm.model_executor.layers.fused_moe import GateLinear
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
@@ -38,7 +37,7 @@ from vllm.sequence import IntermediateTensors
 from vllm_adapmoe.config import AdapMoEConfigError
 from vllm_adapmoe.engine.routing import RouterSpec
 from vllm_adapmoe.models import deepseek_shape
-from vllm_adapmoe.models.moe_model import AdapMoECausalLM, MoEBlocks, SharedExpertsMoE
+from vllm_adapmoe.models.moe_model import AdapMoECausalLM, MoEBlocks, SharedExpertsMoE, run_decoder
 
 _ROUTED_WEIGHT = re.compile(r"layers\.(\d+)\.mlp\.((?:gate|experts)\..+)")
 
@@ -135,18 +134,7 @@ class AdapMoEDeepseekV2Model(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
-        if get_pp_group().is_first_rank:
-            hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-            residual = None
-        else:
-            hidden_states = intermediate_tensors["hidden_states"]
-            residual = intermediate_tensors["residual"]
-        for layer in self.layers[self.start_layer:self.end_layer]:
-            hidden_states, residual = layer(positions, hidden_states, residual, None)
-        if not get_pp_group().is_last_rank:
-            return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        return run_decoder(self, input_ids, positions, intermediate_tensors, inputs_embeds, None)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         routed: dict[int, list[tuple[str, torch.Tensor]]] = defaultdict(list)

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group
 from vllm.model_executor.layers.fused_moe import GateLinear
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
@@ -28,10 +27,10 @@ from vllm.sequence import IntermediateTensors
 
 from vllm_adapmoe.engine.block import AdapMoEBlock
 from vllm_adapmoe.models import mixtral_shape
-from vllm_adapmoe.models.moe_model import AdapMoECausalLM, MoEBlocks
+from vllm_adapmoe.models.moe_model import AdapMoECausalLM, MoEBlocks, PreNormDecoderLayer, run_decoder
 
 
-class AdapMoEMixtralDecoderLayer(nn.Module):
+class AdapMoEMixtralDecoderLayer(PreNormDecoderLayer):
     def __init__(self, config, cache_config, quant_config, prefix: str, moe: AdapMoEBlock) -> None:
         super().__init__()
         self.hidden_size = config.hidden_size
@@ -44,16 +43,8 @@ class AdapMoEMixtralDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.block_sparse_moe(hidden_states), residual
+    def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.block_sparse_moe(hidden_states)  # stock's (checkpoint's) module name
 
 
 # Same dynamic dims as stock infers from its annotations (ours are strings: future annotations).
@@ -86,18 +77,7 @@ class AdapMoEMixtralModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
-        if get_pp_group().is_first_rank:
-            hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-            residual = None
-        else:
-            hidden_states = intermediate_tensors["hidden_states"]
-            residual = intermediate_tensors["residual"]
-        for layer in self.layers[self.start_layer:self.end_layer]:
-            hidden_states, residual = layer(positions, hidden_states, residual)
-        if not get_pp_group().is_last_rank:
-            return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        return run_decoder(self, input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return AutoWeightsLoader(self).load_weights(weights, mapper=MixtralModel.hf_to_vllm_mapper)

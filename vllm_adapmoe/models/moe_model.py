@@ -7,6 +7,9 @@
   dense MLP, always resident), combined as stock's MoE runner does: ``shared + routed``.
 * ``AdapMoECausalLM``: the causal-LM shell (lm_head, logits, weight loading, start-up log line);
   a family subclass says how to read its MoE shape and how to build its decoder stack.
+* ``PreNormDecoderLayer`` / ``run_decoder``: the pre-norm decoder layer's forward and the decoder
+  stack's forward (embeddings, pipeline-parallel hand-over, final norm) that vLLM's Mixtral,
+  Qwen-MoE, OLMoE and DeepSeek files each write out; the family files share them.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 from vllm.config import VllmConfig
-from vllm.distributed import (get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
+from vllm.distributed import (get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
                               tensor_model_parallel_all_reduce)
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.interfaces import SupportsPP
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, extract_layer_index, maybe_prefix
 from vllm.platforms import current_platform
+from vllm.sequence import IntermediateTensors
 
 from vllm_adapmoe.config import AdapMoEConfig, AdapMoEConfigError
 from vllm_adapmoe.engine.block import AdapMoEBlock, StepInfo
@@ -91,6 +95,48 @@ class MoEBlocks:
     def check_loaded(self) -> None:
         for block in self.blocks:
             block.check_loaded()
+
+
+class PreNormDecoderLayer(nn.Module):
+    """Stock's pre-norm decoder-layer forward: (fused add +) RMSNorm, attention, (fused add +)
+    RMSNorm, feed-forward; the residual stream travels beside. A subclass builds
+    ``input_layernorm``, ``self_attn``, ``post_attention_layernorm`` and ``mlp``."""
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.feed_forward(hidden_states), residual
+
+    def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.mlp(hidden_states)
+
+
+def run_decoder(model: nn.Module, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None,
+                inputs_embeds: torch.Tensor | None,
+                *layer_args: Any) -> torch.Tensor | IntermediateTensors:
+    """Stock's decoder-stack forward for ``model`` (``embed_input_ids``, ``layers`` with
+    ``start_layer``/``end_layer``, ``norm``): this pipeline stage's layers, handing the hidden
+    states and residual on to the next stage, the final norm on the last. ``layer_args`` are
+    passed to every layer after the residual (DeepSeek's layer takes one more)."""
+    if get_pp_group().is_first_rank:
+        hidden_states = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
+        residual = None
+    else:
+        hidden_states = intermediate_tensors["hidden_states"]
+        residual = intermediate_tensors["residual"]
+    for layer in model.layers[model.start_layer:model.end_layer]:
+        hidden_states, residual = layer(positions, hidden_states, residual, *layer_args)
+    if not get_pp_group().is_last_rank:
+        return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
+    hidden_states, _ = model.norm(hidden_states, residual)
+    return hidden_states
 
 
 class SharedExpertsMoE(nn.Module):

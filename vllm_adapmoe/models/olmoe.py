@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.fused_moe import GateLinear
@@ -19,10 +18,10 @@ from vllm.model_executor.models.olmoe import OlmoeAttention, OlmoeForCausalLM, O
 
 from vllm_adapmoe.engine.routing import RouterSpec
 from vllm_adapmoe.models import olmoe_shape
-from vllm_adapmoe.models.moe_model import AdapMoECausalLM, MoEBlocks
+from vllm_adapmoe.models.moe_model import AdapMoECausalLM, MoEBlocks, PreNormDecoderLayer
 
 
-class AdapMoEOlmoeDecoderLayer(nn.Module):
+class AdapMoEOlmoeDecoderLayer(PreNormDecoderLayer):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", moe: MoEBlocks) -> None:
         super().__init__()
         config = vllm_config.model_config.hf_config
@@ -33,17 +32,6 @@ class AdapMoEOlmoeDecoderLayer(nn.Module):
                              RouterSpec(config.num_experts_per_tok, renormalize=False))
         self.input_layernorm = RMSNorm(config.hidden_size, eps=1e-5)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=1e-5)
-
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
 
 
 class AdapMoEOlmoeForCausalLM(AdapMoECausalLM):

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.models.qwen2_moe import Qwen2MoeAttention, Qwen2MoeForCausalLM, Qwen2MoeMLP
@@ -20,11 +19,11 @@ from vllm.model_executor.models.utils import make_empty_intermediate_tensors_fac
 from vllm.sequence import IntermediateTensors
 
 from vllm_adapmoe.models import qwen_moe_shape
-from vllm_adapmoe.models.moe_model import AdapMoECausalLM, MoEBlocks
+from vllm_adapmoe.models.moe_model import AdapMoECausalLM, MoEBlocks, PreNormDecoderLayer, run_decoder
 from vllm_adapmoe.models.qwen3_moe import qwen_sparse_block
 
 
-class AdapMoEQwen2MoeDecoderLayer(nn.Module):
+class AdapMoEQwen2MoeDecoderLayer(PreNormDecoderLayer):
     def __init__(self, vllm_config: VllmConfig, prefix: str, moe: MoEBlocks) -> None:
         super().__init__()
         config = vllm_config.model_config.hf_config
@@ -45,17 +44,6 @@ class AdapMoEQwen2MoeDecoderLayer(nn.Module):
                                    quant_config=vllm_config.quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
 
 
 # Same dynamic dims as stock infers from its annotations (ours are strings: future annotations).
@@ -83,18 +71,7 @@ class AdapMoEQwen2MoeModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
-        if get_pp_group().is_first_rank:
-            hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-            residual = None
-        else:
-            hidden_states = intermediate_tensors["hidden_states"]
-            residual = intermediate_tensors["residual"]
-        for layer in self.layers[self.start_layer:self.end_layer]:
-            hidden_states, residual = layer(positions, hidden_states, residual)
-        if not get_pp_group().is_last_rank:
-            return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        return run_decoder(self, input_ids, positions, intermediate_tensors, inputs_embeds)
 
 
 class AdapMoEQwen2MoeForCausalLM(AdapMoECausalLM):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.fused_moe import GateLinear
@@ -21,7 +20,8 @@ from vllm.model_executor.models.qwen3_moe import Qwen3MoeAttention, Qwen3MoeMLP,
 
 from vllm_adapmoe.engine.routing import RouterSpec
 from vllm_adapmoe.models import qwen_moe_shape
-from vllm_adapmoe.models.moe_model import AdapMoECausalLM, MoEBlocks, SharedExpertsMoE
+from vllm_adapmoe.models.moe_model import (AdapMoECausalLM, MoEBlocks, PreNormDecoderLayer,
+                                           SharedExpertsMoE)
 
 
 def qwen_sparse_block(config, vllm_config: VllmConfig, prefix: str, moe: MoEBlocks,
@@ -44,7 +44,7 @@ def qwen_sparse_block(config, vllm_config: VllmConfig, prefix: str, moe: MoEBloc
                             extra={"shared_expert_gate": shared_gate})
 
 
-class AdapMoEQwen3MoeDecoderLayer(nn.Module):
+class AdapMoEQwen3MoeDecoderLayer(PreNormDecoderLayer):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", moe: MoEBlocks) -> None:
         super().__init__()
         config = vllm_config.model_config.hf_text_config
@@ -66,17 +66,6 @@ class AdapMoEQwen3MoeDecoderLayer(nn.Module):
                                    quant_config=vllm_config.quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
 
 
 class AdapMoEQwen3MoeForCausalLM(AdapMoECausalLM):
