@@ -30,8 +30,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"bundled": (128, 256, 8, 2), "mixtral-8x7b": (4096, 14336, 8, 2)}
-PHASES = ["router GEMM", "router", "gating", "residency", "prefetch", "compute", "stall"]
-HOST = ["router", "gating", "residency", "prefetch"]
+PHASES = ["router GEMM", "prepare", "router", "gating", "residency", "prefetch", "compute", "stall"]
+# "prepare": routing, gating, counts and next-layer guesses as tensor ops (compiled with --compile);
+# "router" (in the step): the host copy of the summary; the rest: the step's Python decisions
+HOST = ["prepare", "router", "gating", "residency", "prefetch"]
 
 
 def init_vllm():
@@ -156,6 +158,11 @@ def run(args) -> dict:
     # whose experts are all resident, without a second copy of the experts.
     modes = {"adapmoe": (False, 0.0), "adapmoe+prefetch": (True, 0.0), gated: (True, args.threshold)}
     configs = dict.fromkeys(modes, block)
+    # ``prepare`` is the block's tensor math (routing, gating, counts, next-layer guesses);
+    # vLLM compiles it into its graph by default, as here with --compile (one compiled
+    # function per setting: prefetch on/off changes what it computes).
+    prepare = {name: (torch.compile(block.prepare, dynamic=True, fullgraph=True) if args.compile
+                      else block.prepare) for name in modes}
     results = []
     for batch in args.batches:
         x_all = [torch.randn(batch, hidden).to(torch.bfloat16) for _ in range(args.iters)]
@@ -185,7 +192,9 @@ def run(args) -> dict:
                             block.clock = clock = PhaseClock(x.device)
                             block.gate(x)
                             clock.mark("router GEMM")
-                            block.forward_impl(x, logits)
+                            prepared = prepare[name](x, logits)
+                            clock.mark("prepare")
+                            block.run_step(x, *prepared)
                             dt = sum(clock.seconds.values())
                             if r:
                                 for p, s in clock.seconds.items():
@@ -224,7 +233,7 @@ def run(args) -> dict:
         print_row(row)
     return {"shape": args.shape, "hidden": hidden, "intermediate": inter, "experts": E, "top_k": k,
             "threshold": args.threshold, "trace": Path(args.trace).name, "iters": args.iters,
-            "rounds": args.rounds, "torch_threads": torch.get_num_threads(), "results": results}
+            "rounds": args.rounds, "compiled": args.compile, "torch_threads": torch.get_num_threads(), "results": results}
 
 
 def print_row(row: dict) -> None:
@@ -248,6 +257,8 @@ def main() -> None:
     ap.add_argument("--profile", default=str(ROOT / "vllm_adapmoe/bundled/shakespeare_moe.profile.json"))
     ap.add_argument("--iters", type=int, default=None, help="calls per config per round")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the block's tensor math (``prepare``), as vLLM does by default")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.iters = args.iters or (200 if args.shape == "bundled" else 24)

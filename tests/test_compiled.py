@@ -54,10 +54,12 @@ def test_block_op_fake_impl_gives_shape_and_dtype():
 
     for dtype in (torch.float32, torch.bfloat16):
         with FakeTensorMode():
-            x, logits = torch.empty(7, 64, dtype=dtype), torch.empty(7, 8, dtype=dtype)
+            x = torch.empty(7, 64, dtype=dtype)
             weights, ids = torch.empty(7, 2), torch.empty(7, 2, dtype=torch.int32)
-            y = torch.ops.vllm.adapmoe_block(x, logits, weights, ids,
-                                             "model.layers.0.block_sparse_moe")
+            keep, summary = torch.empty(7, dtype=torch.int64), torch.empty(17, dtype=torch.int64)
+            predicted = torch.empty(7, 2, dtype=torch.int32)
+            y = torch.ops.vllm.adapmoe_block(x, weights, ids, weights, ids, keep, summary,
+                                             predicted, "model.layers.0.block_sparse_moe")
         assert y.shape == (7, 64) and y.dtype == dtype
 
 
@@ -66,8 +68,7 @@ class _RecordingBlock:
 
     calls = 0
 
-    def forward_impl(self, x: torch.Tensor, router_logits: torch.Tensor, weights: torch.Tensor,
-                     ids: torch.Tensor) -> torch.Tensor:
+    def run_step(self, x: torch.Tensor, *prepared: torch.Tensor | None) -> torch.Tensor:
         self.calls += 1
         return 2 * x
 
@@ -94,7 +95,10 @@ def test_block_op_stays_one_opaque_node_under_torch_compile():
     def layer(x):
         logits = x @ w
         weights, ids = torch.topk(logits, 2)
-        return torch.ops.vllm.adapmoe_block(x, logits, weights, ids.to(torch.int32), "blk") + 1
+        ids = ids.to(torch.int32)
+        summary = torch.zeros(9, dtype=torch.int64)
+        return torch.ops.vllm.adapmoe_block(x, weights, ids, weights, ids, None, summary,
+                                            ids[:, :0], "blk") + 1
 
     x = torch.randn(5, 16)
     with set_forward_context(None, config):

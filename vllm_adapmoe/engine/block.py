@@ -7,9 +7,12 @@ MoE layer (numbered among MoE layers only) and feed it checkpoint weights throug
 ``load_weights``; shared experts and dense layers stay with the model file.
 
 One step through one layer, top to bottom (``forward``):
-  1. router logits → top-k experts and weights per token (same ops as stock vLLM), then
-     adaptive gating (``gating.py``) may drop trailing experts of some tokens;
-  2. distinct experts needed this step → hits/misses;
+  1. (``prepare``, plain tensor math that vLLM compiles into its graph) router logits → top-k
+     experts and weights per token (same ops as stock vLLM); adaptive gating (``gating.py``)
+     may drop trailing experts of some tokens; tokens per needed expert; the next layers'
+     routers on this input → their predicted experts;
+  2. (``run_step``, the rest, behind the opaque op) one copy of that summary to the host →
+     distinct experts needed this step → hits/misses;
   3. waves: if every needed expert fits in the slots, one wave; otherwise tokens are grouped so
      each wave's experts fit (a token's experts always travel together: the fused kernel sums a
      token's experts internally, and splitting that sum would change the rounding);
@@ -35,7 +38,8 @@ from vllm_adapmoe.engine.kernels import make_kernel
 from vllm_adapmoe.engine.store import HostExpertStore
 from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.stats import LayerStats
-from vllm_adapmoe.engine.prefetch import predicted_expert_sets, select_prefetch
+from vllm_adapmoe.engine.prefetch import (expert_counts, predicted_expert_sets, rank_prefetch,
+                                          select_prefetch)
 from vllm_adapmoe.engine.routing import RouterSpec
 
 _EXPERT_WEIGHTS = {"w1": "w1", "w2": "w2", "w3": "w3",
@@ -51,6 +55,12 @@ class RoutingRecorder(Protocol):
                decode_mask: torch.Tensor | None) -> None: ...
 
     def record_prediction(self, layer: int, weights: torch.Tensor, ids: torch.Tensor) -> None: ...
+
+
+# ``AdapMoEBlock.prepare``'s output: weights, ids, gated weights, gated ids, keep, summary,
+# predicted sets (see there); the op's tensor arguments, in this order.
+Prepared = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None",
+                 torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -113,7 +123,9 @@ class AdapMoEBlock(nn.Module):
         self.store = store or HostExpertStore(num_experts, hidden_size, intermediate_size,
                                      self.kernel.padded_intermediate(intermediate_size), dtype,
                                      self.kernel.pack, pin=device.type == "cuda")
-        self.gating = AdaptiveGate(config.threshold, sensitivity, config.gate_prefill)
+        self.gating = AdaptiveGate(config.threshold, sensitivity, config.gate_prefill, device)
+        # a buffer, so vLLM's compiled graph reads the gating rule's parameters by reference
+        self.register_buffer("gating_params", self.gating.params, persistent=False)
         self.stats = LayerStats()
         # A token's top-k experts must be co-resident for one kernel call: below top_k slots the
         # extra rows act as staging (documented in README) and are counted in `slots`.
@@ -168,21 +180,23 @@ class AdapMoEBlock(nn.Module):
 
     # -- the step -----------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The router GEMM (traceable, in the compiled graph as in stock), then the step."""
+        """The tensor math of the step (``prepare``: in the compiled graph, as stock's router
+        is), then the step itself (``run_step``: behind the opaque op when compiled)."""
         orig_shape = hidden_states.shape
         x = hidden_states.view(-1, self.hidden_size)
-        router_logits = self.router_logits(x)
-        # Top-k + softmax are traced too, as stock's CPU router is: inductor fuses them and keeps
-        # the weights in float32 where eager softmax rounds them to bf16 first, so routing done
-        # inside the op would differ from compiled stock (and flip near-tie tokens).
-        weights, ids = self.route(router_logits)
+        prepared = self.prepare(x, self.router_logits(x))
         if self.call_op is not None and torch.compiler.is_compiling():
-            out = self.call_op(x, router_logits, weights, ids)  # opaque; runs forward_impl
+            out = self.call_op(x, *prepared)  # opaque; runs run_step
         else:
-            out = self.forward_impl(x, router_logits, weights, ids)
+            out = self.run_step(x, *prepared)
         if self.reduce is not None:  # outside the op: traced like stock's all-reduce
             out = self.reduce(out)
         return out.view(orig_shape)
+
+    def forward_impl(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """One eager step of ``x`` [T, H] from given router logits [T, E] (the engine's stack,
+        benchmarks and tests feed replayed routing this way)."""
+        return self.run_step(x, *self.prepare(x, router_logits))
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.gate(x)
@@ -193,25 +207,52 @@ class AdapMoEBlock(nn.Module):
         return self.router_spec.route(router_logits,
                                       getattr(self.gate, "e_score_correction_bias", None))
 
-    def forward_impl(self, x: torch.Tensor, router_logits: torch.Tensor,
-                     weights: torch.Tensor | None = None,
-                     ids: torch.Tensor | None = None) -> torch.Tensor:
-        """One step through this layer: ``x`` [T, H], ``router_logits`` [T, E] → [T, H];
-        ``weights``/``ids``: the top-k routing already computed from the logits (None: here)."""
+    def prepare(self, x: torch.Tensor, router_logits: torch.Tensor) -> Prepared:
+        """Everything about the step's routing that is plain tensor math, so a compiled graph
+        fuses it into a few kernels instead of the op issuing dozens of small ones:
+
+        * top-k weights/ids by the family's rule (stock's ops: inductor fuses them as in stock
+          and keeps the weights in float32, so routing matches compiled stock exactly);
+        * the same after adaptive gating of every token (weights, ids, kept experts per token);
+        * ``summary`` [E + 1 + Σ E'] int64: tokens needing each expert, top-1 tokens, then for
+          each look-ahead layer its predicted tokens per expert (its router on this input);
+        * ``predicted`` [T, Σ k'] int32: those predicted expert sets per token (−1: gated off),
+          used to restrict the guess to decode tokens in steps that also prefill.
+
+        The op then needs one device→host transfer (``summary``) to decide loads and prefetches.
+        """
+        weights, ids = self.route(router_logits)
+        if self.gating.applies():
+            gated = Routing.gated(ids, weights, self.gating, None, self.router_spec.renormalize)
+            g_weights, g_ids, keep, sets = gated.weights, gated.ids, gated.keep, gated.expert_sets
+            top1 = (keep == 1).sum().view(1)
+        else:
+            g_weights, g_ids, keep, sets = weights, ids, None, ids
+            top1 = torch.zeros(1, dtype=torch.int64, device=ids.device)
+        summary, predicted = [expert_counts(sets, self.num_experts), top1], []
+        if self.prefetch_enabled:
+            for target in self.next_blocks:
+                t_weights, t_ids = target.route(target.router_logits(x))
+                t_sets = predicted_expert_sets(t_weights, t_ids, target.gating)
+                summary.append(expert_counts(t_sets, target.num_experts))
+                predicted.append(t_sets)
+        predicted_sets = torch.cat(predicted, 1) if predicted else ids[:, :0]
+        return weights, ids, g_weights, g_ids, keep, torch.cat(summary), predicted_sets
+
+    def run_step(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                 gated_weights: torch.Tensor, gated_ids: torch.Tensor, keep: torch.Tensor | None,
+                 summary: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+        """One step through this layer from ``prepare``'s tensors: ``x`` [T, H] → [T, H]."""
         step, clock = self.step, self.clock
         if step.describe is not None:
             step.describe(x.shape[0])
-        if weights is None or ids is None:
-            weights, ids = self.route(router_logits)
         if step.trace is not None and step.counted:
             step.trace.record(self.layer_idx, ids, weights, step.decode_mask)
+        counts = summary.tolist()  # the step's one device→host transfer of routing
         clock and clock.mark("router")
-        routing = (Routing.gated(ids, weights, self.gating,
-                                 None if step.all_decode else step.decode_mask,
-                                 self.router_spec.renormalize)
-                   if self.gating.active else Routing(ids, weights))
+        routing = self._routing(weights, ids, gated_weights, gated_ids, keep, counts)
         clock and clock.mark("gating")
-        needed = routing.needed_experts()  # the step's one device→host transfer of routing
+        needed = routing.needed_experts()
         if step.counted:
             self._count(routing, needed)
         out = torch.empty_like(x)
@@ -220,12 +261,25 @@ class AdapMoEBlock(nn.Module):
             pending = self.cache.start_loads(experts)  # hits first, then misses booked + queued
             clock and clock.mark("residency")
             if i == 0:  # our own first loads go on the link first, then the guesses for l+1
-                self._prefetch_next(x)
+                self._prefetch_next(x, counts[self.num_experts + 1:], predicted)
                 clock and clock.mark("prefetch")
             self._compute_wave(out, x, routing, rows, experts, pending)
         if self.last and step.counted and step.on_step_end is not None:
             step.on_step_end()
         return out
+
+    def _routing(self, weights: torch.Tensor, ids: torch.Tensor, gated_weights: torch.Tensor,
+                 gated_ids: torch.Tensor, keep: torch.Tensor | None, counts: list[int]) -> Routing:
+        """The routing the kernel runs, with its host summary taken from ``counts``."""
+        n, (tokens, k) = self.num_experts, ids.shape
+        needed = [e for e, c in enumerate(counts[:n]) if c]
+        if not self.gating.active:
+            return Routing(ids, weights, _summary=(needed, tokens * k, tokens if k == 1 else 0))
+        if self.step.all_decode or self.gating.gate_prefill:
+            return Routing(gated_ids, gated_weights, keep, _summary=(needed, sum(counts[:n]), counts[n]))
+        # the step also prefills: those tokens keep all k experts, so gate again with the mask
+        return Routing.gated(ids, weights, self.gating, self.step.decode_mask,
+                             self.router_spec.renormalize)
 
     def _compute_wave(self, out: torch.Tensor, x: torch.Tensor, routing: Routing,
                       rows: torch.Tensor | None, experts: list[int], pending: list) -> None:
@@ -247,27 +301,48 @@ class AdapMoEBlock(nn.Module):
         self._compute(out, x, routing, rows)
         clock and clock.mark("compute")
 
-    def _prefetch_next(self, x: torch.Tensor) -> None:
-        """Apply the next layers' routers to this layer's decode rows and book the experts they
-        would need. While a trace is recorded, the router runs on every row (the trace stores
-        the prediction of every token) and the decode rows are taken from that."""
+    def _prefetch_next(self, x: torch.Tensor, counts: list[int], predicted: torch.Tensor) -> None:
+        """Book the experts the look-ahead layers' routers predict for this step's decode tokens:
+        ``counts`` (per layer, tokens per expert over all tokens) when every token decodes,
+        else ``predicted`` restricted to the decode tokens."""
         step = self.step
-        tracing = step.trace is not None
-        if not step.counted or not self.next_blocks or not (self.prefetch_enabled or tracing):
+        if not step.counted or not self.next_blocks:
             return
-        if not step.all_decode and step.decode_rows is None:  # once per step, shared by layers
+        if step.trace is not None:
+            self._predict_and_record(x)
+            return
+        if not self.prefetch_enabled:
+            return
+        if not step.all_decode:
+            if step.decode_rows is None:  # once per step, shared by the layers
+                step.decode_rows = step.decode_mask.nonzero().squeeze(1)
+            if step.decode_rows.numel() == 0:
+                return  # no decode token this step: prefill needs every expert anyway
+            predicted = predicted[step.decode_rows]
+        offset, column = 0, 0
+        for target in self.next_blocks:
+            n, k = target.num_experts, target.top_k
+            if step.all_decode:
+                target_counts = counts[offset:offset + n]
+            else:
+                target_counts = expert_counts(predicted[:, column:column + k], n).tolist()
+            target.cache.prefetch(rank_prefetch(target_counts, target.cache.num_slots))
+            offset, column = offset + n, column + k
+
+    def _predict_and_record(self, x: torch.Tensor) -> None:
+        """While a trace is recorded: the next layer's router on every row (the trace stores
+        every token's prediction), and prefetch (if on) from the decode rows among them."""
+        step = self.step
+        if not step.all_decode and step.decode_rows is None:
             step.decode_rows = step.decode_mask.nonzero().squeeze(1)
         decode = None if step.all_decode else step.decode_rows
-        if not tracing and decode is not None and decode.numel() == 0:
-            return  # no decode token this step: prefill needs every expert anyway
-        rows = x if tracing or decode is None else x[decode]
         for depth, target in enumerate(self.next_blocks):
             if depth > 0 and not self.prefetch_enabled:
                 break
-            weights, ids = target.route(target.router_logits(rows))
-            if tracing and depth == 0:
+            weights, ids = target.route(target.router_logits(x))
+            if depth == 0:
                 step.trace.record_prediction(target.layer_idx, weights, ids)
-            if tracing and decode is not None:
+            if decode is not None:
                 if decode.numel() == 0:
                     continue
                 weights, ids = weights[decode], ids[decode]

@@ -14,14 +14,46 @@ import torch
 
 
 class AdaptiveGate:
-    def __init__(self, threshold: float, sensitivity: float, gate_prefill: bool) -> None:
+    def __init__(self, threshold: float, sensitivity: float, gate_prefill: bool,
+                 device: torch.device | None = None) -> None:
+        # (T, S_l) also as a tensor, which the rule reads: a compiled graph captures tensors by
+        # reference, so a threshold changed at run time (``set_gating``) takes effect there
+        # without recompiling (a Python float would be frozen into the graph).
+        self.params = torch.zeros(2, dtype=torch.float32, device=device)
         self.threshold = threshold
         self.sensitivity = sensitivity
         self.gate_prefill = gate_prefill
 
     @property
+    def threshold(self) -> float:
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self._threshold = float(value)
+        self._set_param(0, value)
+
+    @property
+    def sensitivity(self) -> float:
+        return self._sensitivity
+
+    @sensitivity.setter
+    def sensitivity(self, value: float) -> None:
+        self._sensitivity = float(value)
+        self._set_param(1, value)
+
+    def _set_param(self, i: int, value: float) -> None:
+        with torch.inference_mode():  # the tensor may have been made in inference mode
+            self.params[i] = value
+
+    @property
     def active(self) -> bool:
         return self.threshold > 0
+
+    def applies(self) -> bool:
+        """Whether to evaluate the rule: always inside a compiled graph (it must not depend on
+        the threshold, which may change later; at T = 0 it keeps every expert), else while on."""
+        return self.active or torch.compiler.is_compiling()
 
     def experts_per_token(self, sorted_weights: torch.Tensor,
                           decode_mask: torch.Tensor | None) -> torch.Tensor:
@@ -34,7 +66,7 @@ class AdaptiveGate:
         # droppable positions form a suffix and their count is how many experts to drop)
         tail = (sorted_weights[:, 1:] if k == 2  # one trailing expert: its tail is itself
                 else sorted_weights.flip(1).cumsum(1).flip(1)[:, 1:])
-        droppable = tail.square() * self.sensitivity < self.threshold
+        droppable = tail.square() * self.params[1] < self.params[0]
         keep = k - droppable.sum(1)
         if decode_mask is not None and not self.gate_prefill:
             keep = torch.where(decode_mask, keep, torch.full_like(keep, k))

@@ -19,7 +19,7 @@ def predicted_expert_sets(weights: torch.Tensor, ids: torch.Tensor, gate: Adapti
     """[T, k] experts the target layer would need for these predicted decode-token routings
     (top-k ``weights``/``ids`` from its router); −1 where its gating would drop one. The same
     sets as ``Routing.gated(...).expert_sets``, without building the kernel's arguments."""
-    if not gate.active:
+    if not gate.applies():
         return ids
     sorted_weights, order = weights.sort(dim=1, descending=True)
     keep = gate.experts_per_token(sorted_weights, None)
@@ -27,8 +27,21 @@ def predicted_expert_sets(weights: torch.Tensor, ids: torch.Tensor, gate: Adapti
     return ids.gather(1, order).masked_fill(dropped, -1)
 
 
+def expert_counts(expert_sets: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64: how many tokens of ``expert_sets`` [T, k] need each expert (−1 ignored).
+    Traceable with a dynamic T (no ``bincount``), so the compiled graph computes it."""
+    bins = torch.zeros(num_experts + 1, dtype=torch.int64, device=expert_sets.device)
+    index = expert_sets.flatten().to(torch.int64) + 1  # bin 0: dropped (−1)
+    return bins.scatter_add(0, index, torch.ones_like(index))[1:]
+
+
 def select_prefetch(expert_sets: torch.Tensor, capacity: int) -> list[int]:
     """Experts to prefetch: most requested first (ties: lower id), at most ``capacity``."""
-    counts = torch.bincount(expert_sets.flatten() + 1).tolist()[1:]  # bin 0: dropped (−1)
+    return rank_prefetch(torch.bincount(expert_sets.flatten() + 1).tolist()[1:], capacity)
+
+
+def rank_prefetch(counts: list[int], capacity: int) -> list[int]:
+    """``counts[e]``: predicted tokens needing expert e → the experts to book, most requested
+    first (ties: lower id), at most ``capacity``."""
     ranked = sorted((e for e, c in enumerate(counts) if c), key=lambda e: (-counts[e], e))
     return ranked[:capacity]

@@ -6,7 +6,9 @@ vLLM's own ``vllm::moe_forward``, the block is registered as a custom op ``vllm:
 whose fake implementation only gives the output's shape; at run time the op finds the block by
 its name in the forward context and runs its step eagerly. The router GEMM and the top-k softmax
 stay in the graph, exactly where stock Mixtral computes them on CPU (stock's CPU MoE runner is
-traced, not an op), so inductor fuses them the same way and compiled tokens match stock's.
+traced, not an op), so inductor fuses them the same way and compiled tokens match stock's; so
+do gating, the per-expert token counts and the next layers' predictions (``block.prepare``),
+which leaves the op one small host transfer and its Python decisions.
 
 Everything per step that the model's Python ``forward`` used to do (read the batch's query
 lengths, flush Prometheus counters) must happen inside the op too: with a compiled graph that
@@ -14,6 +16,8 @@ Python runs once, at trace time. ``describe_step`` does it lazily, on the first 
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from vllm.forward_context import ForwardContext, get_forward_context, is_forward_context_available
@@ -25,15 +29,19 @@ from vllm_adapmoe.engine.block import AdapMoEBlock, StepInfo
 OP_NAME = BLOCK_OP.split("::")[1]
 
 
-def _adapmoe_block(hidden_states: torch.Tensor, router_logits: torch.Tensor,
-                   topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+def _adapmoe_block(hidden_states: torch.Tensor, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor, gated_weights: torch.Tensor, gated_ids: torch.Tensor,
+                   keep: Optional[torch.Tensor], summary: torch.Tensor, predicted: torch.Tensor,
                    layer_name: str) -> torch.Tensor:
     block = get_forward_context().no_compile_layers[layer_name]
-    return block.forward_impl(hidden_states, router_logits, topk_weights, topk_ids)
+    return block.run_step(hidden_states, topk_weights, topk_ids, gated_weights, gated_ids, keep,
+                          summary, predicted)
 
 
-def _adapmoe_block_fake(hidden_states: torch.Tensor, router_logits: torch.Tensor,
-                        topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+def _adapmoe_block_fake(hidden_states: torch.Tensor, topk_weights: torch.Tensor,
+                        topk_ids: torch.Tensor, gated_weights: torch.Tensor,
+                        gated_ids: torch.Tensor, keep: Optional[torch.Tensor],
+                        summary: torch.Tensor, predicted: torch.Tensor,
                         layer_name: str) -> torch.Tensor:
     return torch.empty_like(hidden_states)
 
@@ -49,8 +57,8 @@ def register_blocks(vllm_config, blocks: list[AdapMoEBlock]) -> None:
         if block.name in context:
             raise ValueError(f"adapmoe: duplicate layer name {block.name}")
         context[block.name] = block
-        block.call_op = (lambda x, logits, weights, ids, name=block.name:
-                         torch.ops.vllm.adapmoe_block(x, logits, weights, ids, name))
+        block.call_op = (lambda x, *prepared, name=block.name:
+                         torch.ops.vllm.adapmoe_block(x, *prepared, name))
 
 
 class StepDescriber:
