@@ -275,9 +275,10 @@ class AdapMoEBlock(nn.Module):
         needed = [e for e, c in enumerate(counts[:n]) if c]
         if not self.gating.active:
             return Routing(ids, weights, _summary=(needed, tokens * k, tokens if k == 1 else 0))
-        if self.step.all_decode or self.gating.gate_prefill:
+        if keep is not None and (self.step.all_decode or self.gating.gate_prefill):
             return Routing(gated_ids, gated_weights, keep, _summary=(needed, sum(counts[:n]), counts[n]))
-        # the step also prefills: those tokens keep all k experts, so gate again with the mask
+        # the step also prefills (those tokens keep all k experts), or the compiled graph was
+        # built without gating and a threshold was set since: gate here, with the mask
         return Routing.gated(ids, weights, self.gating, self.step.decode_mask,
                              self.router_spec.renormalize)
 
@@ -357,7 +358,7 @@ class AdapMoEBlock(nn.Module):
             return
         self.stats.waves += self.step.counted
         ids, weights = routing.kernel_args(rows)
-        slot_ids = self.cache.slot_map[ids]
+        slot_ids = self.cache.slot_ids(ids)
         if rows is None:
             self.kernel(out, x, self.cache.w13, self.cache.w2, weights, slot_ids)
             return

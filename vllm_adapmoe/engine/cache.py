@@ -92,6 +92,13 @@ class ExpertCache:
         """expert id → slot id (int32); valid for resident experts."""
         return self._slot_map
 
+    def slot_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Expert ids → slot ids for the kernel. While every resident expert e sits in slot e
+        (all experts resident, or not yet moved) the ids are already slot ids: no gather."""
+        if self.table.in_place:
+            return ids
+        return self._slot_map.index_select(0, ids.flatten()).view(ids.shape)
+
     @property
     def device_bytes(self) -> int:
         return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()

@@ -23,6 +23,10 @@ class AdaptiveGate:
         self.threshold = threshold
         self.sensitivity = sensitivity
         self.gate_prefill = gate_prefill
+        # Whether a compiled graph evaluates the rule: decided once, at build (a graph cannot
+        # follow a Python flag that changes later). Off (built at T = 0), the step gates
+        # eagerly if a threshold is set later (``set_gating``), which is correct but slower.
+        self.in_graph = threshold > 0
 
     @property
     def threshold(self) -> float:
@@ -51,9 +55,9 @@ class AdaptiveGate:
         return self.threshold > 0
 
     def applies(self) -> bool:
-        """Whether to evaluate the rule: always inside a compiled graph (it must not depend on
-        the threshold, which may change later; at T = 0 it keeps every expert), else while on."""
-        return self.active or torch.compiler.is_compiling()
+        """Whether to evaluate the rule: inside a compiled graph, if built with gating (whatever
+        the threshold is later; at T = 0 the rule keeps every expert); eagerly, while on."""
+        return self.in_graph if torch.compiler.is_compiling() else self.active
 
     def experts_per_token(self, sorted_weights: torch.Tensor,
                           decode_mask: torch.Tensor | None) -> torch.Tensor:

@@ -29,10 +29,10 @@ def predicted_expert_sets(weights: torch.Tensor, ids: torch.Tensor, gate: Adapti
 
 def expert_counts(expert_sets: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[E] int64: how many tokens of ``expert_sets`` [T, k] need each expert (−1 ignored).
-    Traceable with a dynamic T (no ``bincount``), so the compiled graph computes it."""
-    bins = torch.zeros(num_experts + 1, dtype=torch.int64, device=expert_sets.device)
-    index = expert_sets.flatten().to(torch.int64) + 1  # bin 0: dropped (−1)
-    return bins.scatter_add(0, index, torch.ones_like(index))[1:]
+    A compare-and-sum, not ``bincount``/scatter: traceable with a dynamic T, and inductor fuses
+    it into one reduction kernel with the routing ops around it."""
+    experts = torch.arange(num_experts, device=expert_sets.device, dtype=expert_sets.dtype)
+    return (expert_sets.unsqueeze(-1) == experts).sum((0, 1))
 
 
 def select_prefetch(expert_sets: torch.Tensor, capacity: int) -> list[int]:

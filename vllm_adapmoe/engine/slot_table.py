@@ -112,6 +112,9 @@ class SlotTable:
         self.expert_in_slot: list[int] = [-1] * num_slots
         self.slot_of: dict[int, int] = {}
         self.prefetched: set[int] = set()  # prefetched, not yet checked against real routing
+        # True while every expert ever placed went to the slot of its own id (e.g. every expert
+        # resident): then expert ids are slot ids. Once false it stays false (cheap to keep).
+        self.in_place = True
 
     def count_step(self, needed: list[int]) -> None:
         """One step of this layer: hits/misses, each distinct needed expert once (DESIGN §6;
@@ -156,6 +159,7 @@ class SlotTable:
     def place(self, expert: int, slot: int) -> None:
         self.expert_in_slot[slot] = expert
         self.slot_of[expert] = slot
+        self.in_place = self.in_place and expert == slot
 
     def _free_slot(self, protected: set[int]) -> int:
         if -1 in self.expert_in_slot:
@@ -173,4 +177,5 @@ class SlotTable:
     def load_state(self, state: dict[str, Any]) -> None:
         self.expert_in_slot = [int(e) for e in state["expert_in_slot"]]
         self.slot_of = {e: s for s, e in enumerate(self.expert_in_slot) if e >= 0}
+        self.in_place = all(e == s for e, s in self.slot_of.items())
         self.policy.load_state(state["policy"])

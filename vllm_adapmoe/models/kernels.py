@@ -27,6 +27,9 @@ class FusedCpuKernel:
     def __init__(self, dtype: torch.dtype, hidden: int, intermediate: int) -> None:
         from vllm.platforms import CpuArchEnum, current_platform
 
+        from vllm._custom_ops import cpu_fused_moe
+
+        self._fused_moe = cpu_fused_moe  # bound once: the call is on every layer's hot path
         arch = current_platform.get_cpu_architecture()
         if arch == CpuArchEnum.X86 and dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported():
             self.isa, self.align, reduce_align = "amx", 32, 32
@@ -61,10 +64,8 @@ class FusedCpuKernel:
 
     def __call__(self, out: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                  topk_weights: torch.Tensor, topk_slots: torch.Tensor) -> None:
-        from vllm._custom_ops import cpu_fused_moe
-
-        cpu_fused_moe(out, x, w13, w2, None, None, topk_weights.contiguous(),
-                      topk_slots.contiguous(), "silu", self.isa)
+        self._fused_moe(out, x, w13, w2, None, None, topk_weights.contiguous(),
+                        topk_slots.contiguous(), "silu", self.isa)
 
 
 class FusedTritonKernel:

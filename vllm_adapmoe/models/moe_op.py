@@ -86,15 +86,21 @@ class StepDescriber:
         first = next(iter(metadata.values()))
         first = first[0] if isinstance(first, list) else first
         qsl = first.query_start_loc
+        step.counted = True
+        step.decode_rows = None  # computed on first use (prefetch, tracing)
+        requests = qsl.shape[0] - 1
+        if requests == num_tokens and step.trace is None:
+            # as many tokens as requests (each has one or more): a pure decode step, the hot
+            # path, known without touching a tensor; nothing reads the mask then
+            step.decode_tokens, step.all_decode, step.decode_mask = num_tokens, True, None
+            return
         lens = qsl[1:] - qsl[:-1]
         is_decode = lens == 1
         mask = torch.repeat_interleave(is_decode, lens)
         # tokens beyond the scheduled ones (padding) count as prefill: never gated
         pad = num_tokens - mask.numel()
         step.decode_mask = torch.cat([mask, mask.new_zeros(pad)]) if pad > 0 else mask
-        step.counted = True
         step.decode_tokens = int(is_decode.sum())
         step.all_decode = step.decode_tokens == num_tokens
-        step.decode_rows = None  # computed on first use (prefetch, tracing)
         if step.trace is not None:
             step.trace.begin_step(lens)
