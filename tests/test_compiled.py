@@ -133,3 +133,25 @@ def test_full_cuda_graph_mode_is_a_clear_error():
     assert kept.splitting_ops == ["vllm::unified_attention_with_output", BLOCK_OP]
     with pytest.raises(AdapMoEConfigError, match="PIECEWISE"):
         compile_around_block({"cudagraph_mode": "FULL_AND_PIECEWISE"})
+
+
+def test_gating_threshold_changes_inside_the_compiled_graph(engines, tiny_model,
+                                                            tiny_resident_compiled):
+    """Built with gating, the compiled graph reads T and S_l from a tensor: set_gating at run time
+    takes effect without recompiling (T = 0 gives back stock's tokens; a high T gates)."""
+    layers = len(vllm_adapmoe.stats(engines.get(tiny_model, "adapmoe", eager=False))["layers"])
+    llm = engines.get(tiny_model, "adapmoe", eager=False, threshold=0.01,
+                      sensitivity=[1.0] * layers)
+    try:
+        vllm_adapmoe.set_gating(llm, 0.0)
+        vllm_adapmoe.reset_stats(llm)
+        assert_same(tiny_resident_compiled, greedy(llm))
+        off = vllm_adapmoe.stats(llm)["total"]
+        assert off["top1_tokens"] == 0 and off["activated_experts"] == 2 * off["tokens"]
+        vllm_adapmoe.set_gating(llm, 1.0)  # w2^2 < 1 always: every token keeps one expert
+        vllm_adapmoe.reset_stats(llm)
+        greedy(llm)
+        on = vllm_adapmoe.stats(llm)["total"]
+        assert on["top1_tokens"] == on["decode_tokens"] > 0
+    finally:
+        vllm_adapmoe.set_gating(llm, 0.01)
