@@ -1,7 +1,7 @@
 """Trace-driven comparison of cache policies at fixed budgets (machine-independent counts).
 
 Replays one routing trace (record it with `adapmoe trace`) through the simulator for each
-budget: uniform LRU, uniform LFU, DP-sized LRU, DP + prefetch, DP + prefetch + gating, and
+budget: uniform LRU, uniform LFU, uniform MRS (score = decayed router weight), DP-sized LRU, DP + prefetch, DP + prefetch + gating, and
 Belady's optimum (uniform slots, no prefetch: the best any eviction policy can do there).
 Reports on-demand misses and total loads per decoded token (pure-decode steps), hit rate,
 prefetch accuracy; writes JSON and a PNG.
@@ -45,9 +45,12 @@ def main() -> None:
         variants = [
             ("uniform LRU", uniform, "lru", {}),
             ("uniform LFU", uniform, "lfu", {}),
+            ("uniform MRS", uniform, "mrs", {}),
             ("DP LRU", dp, "lru", {}),
             ("DP + prefetch", dp, "lru", {"prefetch": True}),
             (f"DP + prefetch + gating T={args.threshold:g}", dp, "lru", {"prefetch": True, **gating}),
+            (f"DP + prefetch + gating T={args.threshold:g}, MRS", dp, "mrs",
+             {"prefetch": True, **gating}),
             ("Belady (uniform)", uniform, "belady", {}),
             ("Belady (DP)", dp, "belady", {}),
         ]

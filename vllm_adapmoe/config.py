@@ -78,9 +78,9 @@ class AdapMoEConfig:
                 'adapmoe: plan="dp" splits a total budget using the miss curves of a profile: '
                 'set "profile" and one of "cache_total_slots" / "cache_gib" (not "cache_slots")'
             )
-        if self.eviction not in ("lru", "lfu"):
+        if self.eviction not in ("lru", "lfu", "mrs"):
             raise AdapMoEConfigError(
-                f'adapmoe: eviction must be "lru" or "lfu", got {self.eviction!r}'
+                f'adapmoe: eviction must be "lru", "lfu" or "mrs", got {self.eviction!r}'
             )
         if self.kernel not in ("auto", "fused", "grouped", "reference"):
             raise AdapMoEConfigError(

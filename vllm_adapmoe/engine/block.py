@@ -38,8 +38,8 @@ from vllm_adapmoe.engine.kernels import make_kernel
 from vllm_adapmoe.engine.store import HostExpertStore
 from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.stats import LayerStats
-from vllm_adapmoe.engine.prefetch import (expert_counts, predicted_expert_sets, rank_prefetch,
-                                          select_prefetch)
+from vllm_adapmoe.engine.prefetch import (expert_counts, expert_mass, predicted_expert_sets,
+                                          rank_prefetch, select_prefetch)
 from vllm_adapmoe.engine.routing import RouterSpec
 
 _EXPERT_WEIGHTS = {"w1": "w1", "w2": "w2", "w3": "w3",
@@ -214,8 +214,9 @@ class AdapMoEBlock(nn.Module):
         * top-k weights/ids by the family's rule (stock's ops: inductor fuses them as in stock
           and keeps the weights in float32, so routing matches compiled stock exactly);
         * the same after adaptive gating of every token (weights, ids, kept experts per token);
-        * ``summary`` [E + 1 + Σ E'] int64: tokens needing each expert, top-1 tokens, then for
-          each look-ahead layer its predicted tokens per expert (its router on this input);
+        * ``summary`` [E + 1 (+ E) + Σ E'] int64: tokens needing each expert, top-1 tokens,
+          (for score-based eviction: router weight per expert, fixed point,) then for each
+          look-ahead layer its predicted tokens per expert (its router on this input);
         * ``predicted`` [T, Σ k'] int32: those predicted expert sets per token (−1: gated off),
           used to restrict the guess to decode tokens in steps that also prefill.
 
@@ -230,6 +231,8 @@ class AdapMoEBlock(nn.Module):
             g_weights, g_ids, keep, sets = weights, ids, None, ids
             top1 = torch.zeros(1, dtype=torch.int64, device=ids.device)
         summary, predicted = [expert_counts(sets, self.num_experts), top1], []
+        if self.cache.table.policy.uses_router_mass:
+            summary.append(expert_mass(weights, ids, self.num_experts))
         if self.prefetch_enabled:
             for target in self.next_blocks:
                 t_weights, t_ids = target.route(target.router_logits(x))
@@ -253,15 +256,18 @@ class AdapMoEBlock(nn.Module):
         routing = self._routing(weights, ids, gated_weights, gated_ids, keep, counts)
         clock and clock.mark("gating")
         needed = routing.needed_experts()
+        n = self.num_experts
+        mass = counts[n + 1:2 * n + 1] if self.cache.table.policy.uses_router_mass else None
         if step.counted:
-            self._count(routing, needed)
+            self._count(routing, needed, mass)
+        guesses = counts[n + 1 + (n if mass is not None else 0):]
         out = torch.empty_like(x)
         for i, (rows, experts) in enumerate(
                 plan_waves(routing.expert_sets, needed, self.cache.num_slots, self.cache.slot_of)):
             pending = self.cache.start_loads(experts)  # hits first, then misses booked + queued
             clock and clock.mark("residency")
             if i == 0:  # our own first loads go on the link first, then the guesses for l+1
-                self._prefetch_next(x, counts[self.num_experts + 1:], predicted)
+                self._prefetch_next(x, guesses, predicted)
                 clock and clock.mark("prefetch")
             self._compute_wave(out, x, routing, rows, experts, pending)
         if self.last and step.counted and step.on_step_end is not None:
@@ -366,9 +372,9 @@ class AdapMoEBlock(nn.Module):
         self.kernel(part, x[rows], self.cache.w13, self.cache.w2, weights, slot_ids)
         out[rows] = part
 
-    def _count(self, routing: Routing, needed: list[int]) -> None:
+    def _count(self, routing: Routing, needed: list[int], mass: list[int] | None) -> None:
         count_routing(self.stats, routing, self.step.decode_tokens)
-        self.cache.count_step(needed)
+        self.cache.count_step(needed, mass)
 
     def stats_dict(self) -> dict[str, float]:
         return {"layer": self.layer_idx, "slots": self.cache.num_slots,

@@ -109,8 +109,8 @@ class ExpertCache:
         return expert in self.table.slot_of and (f is None or f.done())
 
     # -- what the MoE layer calls -------------------------------------------------------------
-    def count_step(self, needed: list[int]) -> None:
-        self.table.count_step(needed)
+    def count_step(self, needed: list[int], mass: list[int] | None = None) -> None:
+        self.table.count_step(needed, mass)
 
     def start_loads(self, experts: list[int]) -> list[Future]:
         """Book slots for the non-resident ``experts``, queue their copies; returns the copies

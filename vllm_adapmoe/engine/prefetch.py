@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from vllm_adapmoe.engine.gating import AdaptiveGate
+from vllm_adapmoe.engine.slot_table import MASS_SCALE
 
 
 def predicted_expert_sets(weights: torch.Tensor, ids: torch.Tensor, gate: AdaptiveGate) -> torch.Tensor:
@@ -33,6 +34,14 @@ def expert_counts(expert_sets: torch.Tensor, num_experts: int) -> torch.Tensor:
     it into one reduction kernel with the routing ops around it."""
     experts = torch.arange(num_experts, device=expert_sets.device, dtype=expert_sets.dtype)
     return (expert_sets.unsqueeze(-1) == experts).sum((0, 1))
+
+
+def expert_mass(weights: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64: the router weight ``weights`` [T, k] gives each expert, summed over tokens, in
+    fixed point (× ``MASS_SCALE``, rounded per token): what a score-based eviction observes."""
+    experts = torch.arange(num_experts, device=ids.device, dtype=ids.dtype)
+    fixed = (weights.float() * MASS_SCALE).round().to(torch.int64)
+    return (fixed.unsqueeze(-1) * (ids.unsqueeze(-1) == experts)).sum((0, 1))
 
 
 def select_prefetch(expert_sets: torch.Tensor, capacity: int) -> list[int]:

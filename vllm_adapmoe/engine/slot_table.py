@@ -18,6 +18,7 @@ class LRUPolicy:
     """Evict the resident expert used longest ago."""
 
     name = "lru"
+    uses_router_mass = False  # True: ``observe`` wants the step's router weight per expert
 
     def __init__(self) -> None:
         self._order: OrderedDict[int, None] = OrderedDict()
@@ -100,8 +101,64 @@ class BeladyPolicy(LRUPolicy):
         return max(candidates, key=lambda e: (self._next_use(e), -recency.get(e, -1)))
 
 
+# Router weights reach the MRS score as integers (fixed point, 2^-20): a sum of integers is the
+# same in any order, so the live engine (summing in its compiled graph) and the simulator
+# (summing a trace in numpy) feed the policy identical numbers and make identical choices.
+MASS_SCALE = 2 ** 20
+
+
+class MRSPolicy(LRUPolicy):
+    """Score-based eviction from what the router says (the idea of HybriMoE's MRS): every step
+    of the layer, each expert's score decays by ``decay`` and gains the router weight the step's
+    tokens gave it (their top-k weights, before gating); evict the lowest score (ties: LRU).
+
+    An expert the router keeps favouring stays even if its last use was a few steps ago, and
+    one used once by a single token at a small weight goes first.
+    """
+
+    name = "mrs"
+    uses_router_mass = True
+
+    def __init__(self, decay: float = 0.8) -> None:
+        super().__init__()
+        self.decay = decay
+        # Stored scores are true scores × gain, gain = decay^-steps: a step touches only the
+        # experts it routed to (not all E); rescaled before the gain could overflow.
+        self._score: dict[int, float] = {}
+        self._gain = 1.0
+
+    def observe(self, mass: list[int]) -> None:
+        """One step of the layer: ``mass[e]`` = its tokens' router weight on e, × MASS_SCALE."""
+        self._gain /= self.decay
+        if self._gain > 1e100:
+            self._score = {e: v / self._gain for e, v in self._score.items()}
+            self._gain = 1.0
+        for e, m in enumerate(mass):
+            if m:
+                self._score[e] = self._score.get(e, 0.0) + m / MASS_SCALE * self._gain
+
+    def victim(self, resident: Iterable[int], protected: set[int]) -> int:
+        recency = {e: i for i, e in enumerate(self._order)}
+        candidates = [e for e in resident if e not in protected]
+        if not candidates:
+            raise RuntimeError("every slot holds an expert the current wave needs")
+        return min(candidates, key=lambda e: (self._score.get(e, 0.0), recency.get(e, -1)))
+
+    def state(self) -> dict[str, Any]:
+        return {"order": list(self._order), "gain": self._gain,
+                "score": {str(e): v for e, v in self._score.items()}}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        self._gain = float(state.get("gain", 1.0))
+        self._score = {int(e): float(v) for e, v in state.get("score", {}).items()}
+
+
+POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy, "mrs": MRSPolicy}
+
+
 def make_policy(name: str) -> LRUPolicy:
-    return {"lru": LRUPolicy, "lfu": LFUPolicy}[name]()
+    return POLICIES[name]()
 
 
 class SlotTable:
@@ -116,9 +173,12 @@ class SlotTable:
         # resident): then expert ids are slot ids. Once false it stays false (cheap to keep).
         self.in_place = True
 
-    def count_step(self, needed: list[int]) -> None:
+    def count_step(self, needed: list[int], mass: list[int] | None = None) -> None:
         """One step of this layer: hits/misses, each distinct needed expert once (DESIGN §6;
-        a booked prefetch is a hit), and which prefetches turned out right."""
+        a booked prefetch is a hit), and which prefetches turned out right; ``mass`` (router
+        weight per expert, fixed point) feeds a score-based policy."""
+        if mass is not None:
+            self.policy.observe(mass)
         hits = sum(1 for e in needed if e in self.slot_of)
         self.stats.hits += hits
         self.stats.misses += len(needed) - hits

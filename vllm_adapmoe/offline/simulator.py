@@ -1,5 +1,5 @@
 """Trace-driven cache simulator: replay recorded routing against any per-layer allocation,
-eviction policy (LRU, LFU, or Belady's offline optimum) and gating rule.
+eviction policy (LRU, LFU, MRS, or Belady's offline optimum) and gating rule.
 
 It runs the live code for every decision — ``Routing.gated`` for gating, ``plan_waves`` for
 waves, ``SlotTable`` for residency and eviction — so replaying a trace with the settings it was
@@ -19,10 +19,10 @@ from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.stats import LayerStats, summarise
 from vllm_adapmoe.engine.block import Routing, count_routing, plan_waves
 from vllm_adapmoe.engine.prefetch import predicted_expert_sets, select_prefetch
-from vllm_adapmoe.engine.slot_table import BeladyPolicy, SlotTable, make_policy
+from vllm_adapmoe.engine.slot_table import MASS_SCALE, BeladyPolicy, SlotTable, make_policy
 from vllm_adapmoe.offline.trace import StepLayer, Trace
 
-POLICIES = ("lru", "lfu", "belady")
+POLICIES = ("lru", "lfu", "mrs", "belady")
 
 
 def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
@@ -67,7 +67,8 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
         needed = routing.needed_experts()
         count_routing(st, routing, int(block.decode.sum()))
         misses_before = st.misses
-        table.count_step(needed)
+        table.count_step(needed, router_mass(block, trace.meta) if table.policy.uses_router_mass
+                         else None)
         if block.decode.all():
             decode_step_misses[block.layer] += st.misses - misses_before
             decode_step_tokens[block.layer] += len(block.ids)
@@ -130,6 +131,15 @@ def _routing(block: StepLayer, gate: AdaptiveGate) -> Routing:
     if not gate.active:
         return Routing(ids, weights)
     return Routing.gated(ids, weights, gate, torch.from_numpy(block.decode))
+
+
+def router_mass(block: StepLayer, meta: dict[str, Any]) -> list[int]:
+    """What the live step feeds a score-based policy (``prefetch.expert_mass``): each expert's
+    top-k router weight summed over the step's tokens, in the same fixed point."""
+    fixed = np.rint(block.weights.astype(np.float32) * np.float32(MASS_SCALE)).astype(np.int64)
+    mass = np.zeros(int(meta["num_experts"]), dtype=np.int64)
+    np.add.at(mass, block.ids.astype(np.int64).ravel(), fixed.ravel())
+    return mass.tolist()
 
 
 def predicted_prefetch(block: StepLayer, gate: AdaptiveGate, capacity: int) -> list[int]:
