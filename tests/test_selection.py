@@ -46,7 +46,7 @@ def test_unsupported_architecture_is_a_clear_error(tiny_model, tmp_path):
     ({"cache_slots": 0}, "cache_slots must be >= 1"),
     ({"cache_slots": "2"}, "cache_slots must be an integer"),
     ({"cache_slots": 2, "cache_gib": 1.0}, "at most one of"),
-    ({"eviction": "fifo"}, 'eviction must be "lru" or "lfu"'),
+    ({"eviction": "fifo"}, 'eviction must be "lru", "lfu" or "mrs"'),
     ({"cache_slots": [1, 2]}, "3 MoE layers"),
     ({"cache_slots": 9}, "more than the 8 experts"),
     ({"cache_gib": 100.0}, "more than all experts need"),
