@@ -78,9 +78,12 @@ class AdapMoEConfig:
                 'adapmoe: plan="dp" splits a total budget using the miss curves of a profile: '
                 'set "profile" and one of "cache_total_slots" / "cache_gib" (not "cache_slots")'
             )
-        if self.eviction not in ("lru", "lfu", "mrs"):
+        from vllm_adapmoe.engine.slot_table import POLICIES  # here: the engine imports this module
+
+        if self.eviction not in POLICIES:
+            *first, last = (f'"{name}"' for name in POLICIES)
             raise AdapMoEConfigError(
-                f'adapmoe: eviction must be "lru", "lfu" or "mrs", got {self.eviction!r}'
+                f'adapmoe: eviction must be {", ".join(first)} or {last}, got {self.eviction!r}'
             )
         if self.kernel not in ("auto", "fused", "grouped", "reference"):
             raise AdapMoEConfigError(

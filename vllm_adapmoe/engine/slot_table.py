@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from vllm_adapmoe.engine.stats import LayerStats
@@ -36,6 +36,15 @@ class LRUPolicy:
                 return expert
         raise RuntimeError("every slot holds an expert the current wave needs")
 
+    def _lowest(self, resident: Iterable[int], protected: set[int], score: Callable[[int], Any]) -> int:
+        """The unprotected resident expert with the lowest ``score`` (ties: least recently
+        used), for the score-based subclasses."""
+        recency = {e: i for i, e in enumerate(self._order)}
+        candidates = [e for e in resident if e not in protected]
+        if not candidates:
+            raise RuntimeError("every slot holds an expert the current wave needs")
+        return min(candidates, key=lambda e: (score(e), recency.get(e, -1)))
+
     def state(self) -> dict[str, Any]:
         return {"order": list(self._order)}
 
@@ -60,11 +69,7 @@ class LFUPolicy(LRUPolicy):
         super().touch(expert)
 
     def victim(self, resident: Iterable[int], protected: set[int]) -> int:
-        recency = {e: i for i, e in enumerate(self._order)}
-        candidates = [e for e in resident if e not in protected]
-        if not candidates:
-            raise RuntimeError("every slot holds an expert the current wave needs")
-        return min(candidates, key=lambda e: (self._count.get(e, 0), recency.get(e, -1)))
+        return self._lowest(resident, protected, lambda e: self._count.get(e, 0))
 
     def state(self) -> dict[str, Any]:
         return {"order": list(self._order), "count": {str(e): c for e, c in self._count.items()}}
@@ -94,11 +99,7 @@ class BeladyPolicy(LRUPolicy):
         return steps[i] if i < len(steps) else float("inf")
 
     def victim(self, resident: Iterable[int], protected: set[int]) -> int:
-        recency = {e: i for i, e in enumerate(self._order)}
-        candidates = [e for e in resident if e not in protected]
-        if not candidates:
-            raise RuntimeError("every slot holds an expert the current wave needs")
-        return max(candidates, key=lambda e: (self._next_use(e), -recency.get(e, -1)))
+        return self._lowest(resident, protected, lambda e: -self._next_use(e))  # furthest first
 
 
 # Router weights reach the MRS score as integers (fixed point, 2^-20): a sum of integers is the
@@ -138,11 +139,7 @@ class MRSPolicy(LRUPolicy):
                 self._score[e] = self._score.get(e, 0.0) + m / MASS_SCALE * self._gain
 
     def victim(self, resident: Iterable[int], protected: set[int]) -> int:
-        recency = {e: i for i, e in enumerate(self._order)}
-        candidates = [e for e in resident if e not in protected]
-        if not candidates:
-            raise RuntimeError("every slot holds an expert the current wave needs")
-        return min(candidates, key=lambda e: (self._score.get(e, 0.0), recency.get(e, -1)))
+        return self._lowest(resident, protected, lambda e: self._score.get(e, 0.0))
 
     def state(self) -> dict[str, Any]:
         return {"order": list(self._order), "gain": self._gain,

@@ -18,11 +18,12 @@ import torch
 from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.stats import LayerStats, summarise
 from vllm_adapmoe.engine.block import Routing, count_routing, plan_waves
-from vllm_adapmoe.engine.prefetch import predicted_expert_sets, select_prefetch
-from vllm_adapmoe.engine.slot_table import MASS_SCALE, BeladyPolicy, SlotTable, make_policy
+from vllm_adapmoe.engine.prefetch import expert_mass, predicted_expert_sets, select_prefetch
+from vllm_adapmoe.engine.slot_table import POLICIES as LIVE_POLICIES
+from vllm_adapmoe.engine.slot_table import BeladyPolicy, SlotTable, make_policy
 from vllm_adapmoe.offline.trace import StepLayer, Trace
 
-POLICIES = ("lru", "lfu", "mrs", "belady")
+POLICIES = (*LIVE_POLICIES, "belady")
 
 
 def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
@@ -134,12 +135,10 @@ def _routing(block: StepLayer, gate: AdaptiveGate) -> Routing:
 
 
 def router_mass(block: StepLayer, meta: dict[str, Any]) -> list[int]:
-    """What the live step feeds a score-based policy (``prefetch.expert_mass``): each expert's
-    top-k router weight summed over the step's tokens, in the same fixed point."""
-    fixed = np.rint(block.weights.astype(np.float32) * np.float32(MASS_SCALE)).astype(np.int64)
-    mass = np.zeros(int(meta["num_experts"]), dtype=np.int64)
-    np.add.at(mass, block.ids.astype(np.int64).ravel(), fixed.ravel())
-    return mass.tolist()
+    """What the live step feeds a score-based policy: the live ``expert_mass`` on the step's
+    recorded (ungated) top-k routing."""
+    ids = torch.from_numpy(block.ids.astype("int32"))
+    return expert_mass(torch.from_numpy(block.weights), ids, int(meta["num_experts"])).tolist()
 
 
 def predicted_prefetch(block: StepLayer, gate: AdaptiveGate, capacity: int) -> list[int]:
