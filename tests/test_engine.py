@@ -6,6 +6,8 @@ where present, on CUDA (pinned host memory, copy stream)."""
 import subprocess
 import sys
 
+import time
+
 import pytest
 import torch
 from test_moe_parts import _random_experts, _store
@@ -92,7 +94,8 @@ def test_offloaded_stack_equals_all_resident(device, slots, prefetch):
     assert total["loads"] > 0 and total["hits"] + total["misses"] > 0
     assert total["decode_tokens"] == sum(BATCHES) * len(stack.blocks)
     if prefetch:
-        assert total["prefetch_issued"] == total["prefetch_correct"] + total["prefetch_wasted"] > 0
+        assert total["prefetch_issued"] == (total["prefetch_correct"] + total["prefetch_wasted"]
+                                       + total["prefetch_dropped"]) > 0
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -127,17 +130,64 @@ def _cache(device: str, slots: int, gbps: float | None) -> ExpertCache:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_evicting_a_slot_whose_copy_is_in_flight(device):
-    """Prefetch expert 3 into the only slot over a slow link, then need expert 1 at once: the
-    slot is re-booked while the prefetch copy is queued; copies run in order, so the slot ends
-    up holding expert 1, and waiting returns only once it has."""
+    """Prefetch expert 3 into the only slot over a slow link, then need expert 1 while that copy
+    runs: the slot is re-booked, the running copy completes first, so the slot ends up holding
+    expert 1, and waiting returns only once it has."""
     cache = _cache(device, 1, gbps=1e-4)  # ~40 KB per expert → ~0.4 s per copy
     cache.prefetch([3])
+    time.sleep(0.05)  # the link has started copying 3
     pending = cache.start_loads([1])
     assert cache.slot_of == {1: 0} and not cache.ready(1)
     cache.wait(pending)
     assert cache.ready(1)
     assert torch.equal(cache.w13[0].cpu(), cache.store.w13[1])
     assert cache.stats.loads == 2 and cache.stats.evictions == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_on_demand_copies_go_ahead_of_queued_prefetches(device):
+    """While the link copies expert 0, prefetches of 2 and 3 queue; the layer then needs 1 and
+    3: both go ahead of 2 (3 is promoted), so they land while 2 is still waiting."""
+    cache = _cache(device, 4, gbps=2e-4)  # ~0.2 s per copy
+    busy = cache.start_loads([0])
+    cache.prefetch([2, 3])
+    pending = cache.start_loads([1, 3])
+    cache.wait(busy + pending)
+    assert cache.ready(1) and cache.ready(3) and not cache.ready(2)
+    cache.wait(list(cache._pending.values()))
+    for e in range(4):
+        assert torch.equal(cache.w13[cache.slot_of[e]].cpu(), cache.store.w13[e])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefetch_dropped_when_its_layer_runs_without_it(device):
+    """A prefetch still queued when its layer runs and does not need it is cancelled: no copy,
+    its slot is free again, counted as dropped (correct + wasted + dropped = issued)."""
+    cache = _cache(device, 2, gbps=2e-4)
+    busy = cache.start_loads([0])  # occupies the link
+    cache.prefetch([3, 0])  # 0 is resident: only 3 is issued
+    cache.count_step([0])
+    st = cache.stats
+    assert (st.prefetch_issued, st.prefetch_correct, st.prefetch_wasted, st.prefetch_dropped) == (1, 0, 0, 1)
+    assert 3 not in cache.slot_of and st.loads == 1 and st.bytes_loaded == cache.store.expert_bytes
+    cache.wait(busy + cache.start_loads([0, 2]))  # 2 takes the freed slot: no eviction
+    assert st.evictions == 0 and torch.equal(cache.w13[cache.slot_of[2]].cpu(), cache.store.w13[2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_evicted_queued_prefetch_never_lands(device):
+    """A queued prefetch whose slot is re-booked on demand is cancelled: the on-demand copy goes
+    first, and the stale one must not overwrite it afterwards."""
+    cache = _cache(device, 2, gbps=2e-4)
+    busy = cache.start_loads([0])
+    cache.prefetch([3])  # slot 1, queued behind 0
+    pending = cache.start_loads([0, 2])  # 2 evicts the queued 3
+    cache.wait(busy + pending)
+    time.sleep(0.3)  # time for a stale copy of 3 to land, if one were still queued
+    assert cache.slot_of == {0: 0, 2: 1} and torch.equal(cache.w13[1].cpu(), cache.store.w13[2])
+    assert (cache.stats.loads, cache.stats.evictions) == (2, 1)
+    cache.count_step([0, 2])
+    assert (cache.stats.prefetch_dropped, cache.stats.prefetch_wasted) == (1, 0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -31,8 +31,9 @@ def test_prefetch_accounting(prefetching):
     assert s["layers"][0]["prefetch_issued"] == 0  # nothing predicts layer 0
     assert s["total"]["prefetch_issued"] > 0
     for layer in s["layers"]:
-        assert 0 <= layer["prefetch_correct"] <= layer["prefetch_issued"] <= layer["loads"]
-        assert layer["prefetch_correct"] + layer["prefetch_wasted"] == layer["prefetch_issued"]
+        assert 0 <= layer["prefetch_correct"] <= layer["prefetch_issued"] - layer["prefetch_dropped"] <= layer["loads"]
+        assert (layer["prefetch_correct"] + layer["prefetch_wasted"] + layer["prefetch_dropped"]
+                == layer["prefetch_issued"])
 
 
 def test_simulator_reproduces_live_prefetch(prefetching, tmp_path):

@@ -16,9 +16,13 @@ inline (counted as stall): the thread hand-off would cost more than the memcpy.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,39 +36,81 @@ INLINE_COPY_MAX_BYTES = 8 * 2**20
 
 
 class Link:
-    """The host→device link of one model: copies run one at a time, in submission order."""
+    """The host→device link of one model: one copy at a time, on-demand copies ahead of queued
+    prefetches (each kind in submission order). A queued copy can still be cancelled
+    (``Future.cancel``) or promoted to on-demand; one already running always completes, so a
+    later copy into the same slot lands after it."""
 
     def __init__(self, device: torch.device, link_gbps: float | None = None) -> None:
         self.device = device
         self.bytes_per_s = link_gbps * 1e9 if link_gbps else None
-        self._executor: ThreadPoolExecutor | None = None
         self._stream = None
+        self._queues: tuple[deque[_Copy], deque[_Copy]] = (deque(), deque())  # on demand, ahead
+        self._wake = threading.Condition()
+        self._worker: threading.Thread | None = None
         # CPU without emulation: a copy is a memcpy on the cores that compute. For small experts
         # the hand-off to a loader thread costs more than the copy (bundled model, 2 cores: LRU
         # decode 0.33x → 0.89x of all resident when copied inline); big ones still overlap
         # compute on the thread (Mixtral shape: 0.87x threaded vs 0.61x inline). See ExpertCache.
         self.cpu_free = device.type == "cpu" and self.bytes_per_s is None
 
-    def submit(self, copy: Callable[[], None], nbytes: int) -> Future:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapmoe-link")
-            if self.device.type == "cuda":
-                self._stream = torch.cuda.Stream(self.device)
-        # CUDA: the slot may still be read by kernels queued on the compute stream
-        after = torch.cuda.current_stream(self.device).record_event() if self._stream else None
-        return self._executor.submit(self._run, copy, nbytes, after)
+    def submit(self, copy: Callable[[], None], nbytes: int, prefetch: bool = False) -> Future:
+        future: Future = Future()
+        with self._wake:
+            if self._worker is None:
+                if self.device.type == "cuda":
+                    self._stream = torch.cuda.Stream(self.device)
+                self._worker = threading.Thread(target=self._serve, name="adapmoe-link", daemon=True)
+                self._worker.start()
+            # CUDA: the slot may still be read by kernels queued on the compute stream
+            after = torch.cuda.current_stream(self.device).record_event() if self._stream else None
+            self._queues[prefetch].append(_Copy(future, copy, nbytes, after))
+            self._wake.notify()
+        return future
 
-    def _run(self, copy: Callable[[], None], nbytes: int, after=None) -> None:
+    def promote(self, future: Future) -> None:
+        """Move a queued prefetch copy to the on-demand queue (compute now waits for it)."""
+        with self._wake:
+            ahead = self._queues[True]
+            for item in ahead:
+                if item.future is future:
+                    ahead.remove(item)
+                    self._queues[False].append(item)
+                    return
+
+    def _serve(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._queues[False] or self._queues[True]):
+                    self._wake.wait()
+                item = (self._queues[False] or self._queues[True]).popleft()
+            if not item.future.set_running_or_notify_cancel():
+                continue  # cancelled while queued: the link skips it
+            try:
+                self._run(item)
+                item.future.set_result(None)
+            except BaseException as exc:  # surfaces in the waiting compute thread
+                item.future.set_exception(exc)
+
+    def _run(self, item: _Copy) -> None:
         start = time.perf_counter()
         if self._stream is not None:
-            self._stream.wait_event(after)
+            self._stream.wait_event(item.after)
             with torch.cuda.stream(self._stream):
-                copy()
+                item.copy()
             self._stream.synchronize()
         else:
-            copy()  # torch releases the GIL inside copy_, so this overlaps compute
+            item.copy()  # torch releases the GIL inside copy_, so this overlaps compute
         if self.bytes_per_s:
-            _sleep_until(start + nbytes / self.bytes_per_s)
+            _sleep_until(start + item.nbytes / self.bytes_per_s)
+
+
+@dataclass
+class _Copy:
+    future: Future
+    copy: Callable[[], None]
+    nbytes: int
+    after: Any = None  # CUDA event the copy must wait for
 
 
 class ExpertCache:
@@ -81,6 +127,7 @@ class ExpertCache:
         self.w2 = torch.zeros((num_slots, *store.w2.shape[1:]), dtype=store.w2.dtype, device=device)
         self._slot_map = torch.zeros(store.num_experts, dtype=torch.int32, device=device)
         self._pending: dict[int, Future] = {}  # expert → its latest queued copy
+        self._dropped: set[int] = set()  # prefetched experts whose copies were cancelled
         self.inline = self.link.cpu_free and store.expert_bytes <= INLINE_COPY_MAX_BYTES
 
     @property
@@ -110,19 +157,36 @@ class ExpertCache:
 
     # -- what the MoE layer calls -------------------------------------------------------------
     def count_step(self, needed: list[int], mass: list[int] | None = None) -> None:
-        self.table.count_step(needed, mass)
+        """Count the step (``SlotTable.count_step``); prefetches for this layer that it does not
+        need and whose copies have not started are dropped: their copies are cancelled and
+        their slots freed, so the link and the slots serve what is needed instead."""
+        unused = self.table.prefetched.difference(needed)
+        for e in unused:
+            if e in self._pending and self._cancel(e):
+                self._dropped.add(e)
+        dropped = self._dropped & self.table.prefetched
+        self._dropped.clear()
+        self.table.count_step(needed, mass, dropped)
 
     def start_loads(self, experts: list[int]) -> list[Future]:
         """Book slots for the non-resident ``experts``, queue their copies; returns the copies
-        (new or already queued, e.g. by a prefetch) that compute must wait for."""
-        for expert, slot in self.table.admit(experts):
-            self._queue(expert, slot)
-        return [self._pending[e] for e in experts if e in self._pending]
+        (new or already queued, e.g. by a prefetch: those now go ahead of other prefetches)
+        that compute must wait for."""
+        placed = self.table.admit(experts)
+        self._cancel_evicted()
+        for expert, slot in placed:
+            self._queue(expert, slot, prefetch=False)
+        pending = [self._pending[e] for e in experts if e in self._pending]
+        for future in pending:
+            self.link.promote(future)
+        return pending
 
     def prefetch(self, experts: list[int]) -> None:
         """Book and queue ``experts`` ahead of need (the layer has not run yet this step)."""
-        for expert, slot in self.table.prefetch(experts):
-            self._queue(expert, slot)
+        placed = self.table.prefetch(experts)
+        self._cancel_evicted()
+        for expert, slot in placed:
+            self._queue(expert, slot, prefetch=True)
 
     def wait(self, pending: list[Future]) -> None:
         if pending:
@@ -142,7 +206,24 @@ class ExpertCache:
             self._copy(e, slot)
 
     # -- internals ----------------------------------------------------------------------------
-    def _queue(self, expert: int, slot: int) -> None:
+    def _cancel(self, expert: int) -> bool:
+        """Cancel ``expert``'s queued copy if it has not started (it then never counts as a load)."""
+        if not self._pending[expert].cancel():
+            return False  # running or done: compute may still wait for it
+        del self._pending[expert]
+        self.stats.loads -= 1
+        self.stats.bytes_loaded -= self.store.expert_bytes
+        self.table.drop(expert)
+        return True
+
+    def _cancel_evicted(self) -> None:
+        """Evicted experts whose copies are still queued: cancel them (with copies reordered by
+        priority, a stale copy must not land in a slot re-booked since)."""
+        for e in [e for e in self._pending if e not in self.table.slot_of]:
+            if self._cancel(e):
+                self._dropped.add(e)
+
+    def _queue(self, expert: int, slot: int, prefetch: bool) -> None:
         self._slot_map[expert] = slot
         self.stats.bytes_loaded += self.store.expert_bytes
         if self.inline:  # compute waits for this copy as it would for a queued one
@@ -151,7 +232,7 @@ class ExpertCache:
             self.stats.stall_s += time.perf_counter() - start
             return
         self._pending[expert] = self.link.submit(lambda: self._copy(expert, slot),
-                                                 self.store.expert_bytes)
+                                                 self.store.expert_bytes, prefetch)
 
     def _copy(self, expert: int, slot: int) -> None:
         self.w13[slot].copy_(self.store.w13[expert], non_blocking=True)

@@ -170,18 +170,22 @@ class SlotTable:
         # resident): then expert ids are slot ids. Once false it stays false (cheap to keep).
         self.in_place = True
 
-    def count_step(self, needed: list[int], mass: list[int] | None = None) -> None:
+    def count_step(self, needed: list[int], mass: list[int] | None = None,
+                   dropped: set[int] | frozenset[int] = frozenset()) -> None:
         """One step of this layer: hits/misses, each distinct needed expert once (DESIGN §6;
-        a booked prefetch is a hit), and which prefetches turned out right; ``mass`` (router
-        weight per expert, fixed point) feeds a score-based policy."""
+        a booked prefetch is a hit), and what became of the prefetches booked for it: used
+        (correct), cancelled before copying (``dropped``, by the live link) or not (wasted);
+        ``mass`` (router weight per expert, fixed point) feeds a score-based policy."""
         if mass is not None:
             self.policy.observe(mass)
         hits = sum(1 for e in needed if e in self.slot_of)
         self.stats.hits += hits
         self.stats.misses += len(needed) - hits
-        correct = len(self.prefetched.intersection(needed))
+        kept = self.prefetched - dropped
+        correct = len(kept.intersection(needed))
         self.stats.prefetch_correct += correct
-        self.stats.prefetch_wasted += len(self.prefetched) - correct
+        self.stats.prefetch_dropped += len(self.prefetched) - len(kept)
+        self.stats.prefetch_wasted += len(kept) - correct
         self.prefetched.clear()
 
     def prefetch(self, experts: list[int]) -> list[tuple[int, int]]:
@@ -204,6 +208,13 @@ class SlotTable:
             self.policy.touch(e)
         self.stats.loads += len(placed)
         return placed
+
+    def drop(self, expert: int) -> None:
+        """Un-book ``expert`` if resident (its copy was cancelled): its slot is free again."""
+        slot = self.slot_of.pop(expert, None)
+        if slot is not None:
+            self.expert_in_slot[slot] = -1
+            self.policy.forget(expert)
 
     def clear(self) -> None:
         """Forget every resident expert (the slots' data stays; nothing is counted)."""

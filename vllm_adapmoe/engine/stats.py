@@ -19,7 +19,8 @@ class LayerStats:
     stall_s: float = 0.0         # time compute waited for copies
     prefetch_issued: int = 0
     prefetch_correct: int = 0    # prefetched experts the layer then used
-    prefetch_wasted: int = 0     # prefetched experts it did not use (correct + wasted = issued)
+    prefetch_wasted: int = 0     # copied prefetches it did not use
+    prefetch_dropped: int = 0    # prefetches cancelled before copying (correct + wasted + dropped = issued)
     waves: int = 0               # kernel launches (>1 per step when loads overlap or needed > slots)
     steps: int = 0
 
