@@ -98,6 +98,43 @@ def test_offloaded_stack_equals_all_resident(device, slots, prefetch):
                                        + total["prefetch_dropped"]) > 0
 
 
+def test_prefetch_pays_for_itself_from_the_measured_link_cost():
+    """Over a link where one copy costs many layers, the measured cost turns single-token
+    guesses off (a wrong one would cost more link time than a right one saves); the tokens
+    stay those of the all-resident stack."""
+    expected = _decode(_stack("cpu", None), BATCHES, "cpu")
+    stack = _stack("cpu", 2, prefetch=True, gbps=2e-3)  # ~20 ms per copy, layers < 1 ms
+    assert torch.equal(_decode(stack, BATCHES, "cpu"), expected)
+    cost = stack.link.cost
+    assert cost.layers_per_load() > 10 and cost.min_probability(1) > 0.9
+    issued = stack.stats()["total"]["prefetch_issued"]
+    stack.reset_stats()
+    _decode(stack, [1] * 6, "cpu")
+    scores = [s.precision for b in stack.blocks for s in b.prediction_scores.values()]
+    assert issued > 0 and max(scores) < cost.min_probability(1)
+    assert stack.stats()["total"]["prefetch_issued"] == 0
+
+
+def test_prefetch_pay_off_rule():
+    from vllm_adapmoe.engine.cache import LinkCost
+    from vllm_adapmoe.engine.prefetch import PredictionScore, rank_prefetch
+
+    assert LinkCost().min_probability(1) == 0.5  # nothing measured: a free link
+    assert LinkCost(0.3).min_probability(1) == 0.5  # the copy fits in the head start
+    assert LinkCost(10).min_probability(1) == pytest.approx(10 / 11)
+    assert LinkCost(10).min_probability(3) == pytest.approx(10 / 13)  # deeper: more head start
+    counts = [0, 1, 3, 0, 2]
+    assert rank_prefetch(counts, 8) == [2, 4, 1]
+    assert rank_prefetch(counts, 2) == [2, 4]
+    # precision 0.6: one token → 0.6, two → 0.84, three → 0.936
+    assert rank_prefetch(counts, 8, 0.6, 10 / 11) == [2]
+    assert rank_prefetch(counts, 8, 0.6, 0.8) == [2, 4]
+    score = PredictionScore()
+    assert score.precision == 0.5
+    score.observe([1, 2, 3], [2, 3, 5])
+    assert (score.right, score.named) == (3, 5)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_copies_in_flight_under_pressure_change_nothing(device):
     """A slow link keeps copies queued while later layers' prefetches and on-demand loads re-book

@@ -13,7 +13,8 @@ from vllm_adapmoe.offline.simulator import simulate
 from vllm_adapmoe.offline.trace import Trace, TraceRecorder
 
 COUNTERS = ("tokens", "decode_tokens", "activated_experts", "top1_tokens", "hits", "misses",
-            "loads", "evictions", "steps")
+            "loads", "evictions", "steps", "prefetch_issued", "prefetch_correct",
+            "prefetch_wasted", "prefetch_dropped")
 
 
 def make_trace(tmp_path, steps, num_experts=8, name="t.npz"):
@@ -157,5 +158,7 @@ def test_simulator_reproduces_live_counters_with_mrs_eviction(engines, tiny_mode
     assert live["total"]["evictions"] > 0
     sim = simulate(trace, trace.meta["slots"], "mrs")
     _assert_counters_equal(live, sim)
-    lru = simulate(trace, trace.meta["slots"], "lru")  # the scores did steer some evictions
-    assert any(a["hits"] != b["hits"] for a, b in zip(sim["layers"], lru["layers"]))
+    # the scores steer evictions (which steps vLLM batches together varies with timing, so look
+    # at a few budgets rather than one)
+    hits = {p: [simulate(trace, s, p)["total"]["hits"] for s in (2, 3, 4, 5)] for p in ("mrs", "lru")}
+    assert hits["mrs"] != hits["lru"]

@@ -33,6 +33,9 @@ class AdapMoEConfig:
     prefetch: bool = False
     prefetch_lookahead: int = 1  # extension: how many layers ahead the prefetcher guesses
     link_gbps: float | None = None
+    # Extension: one expert load costs this many decode layers (the prefetch pay-off rule);
+    # None = measured while decoding. Pin it to make prefetch decisions independent of timing.
+    link_layers: float | None = None
     # Not in DESIGN §6's table: an extension. Compute path for the experts resident in slots:
     # "auto" = the serving stack's fused kernel where it fits, else the torch grouped GEMM;
     # "grouped" / "reference" (per-expert loop) force one of the engine's own kernels.
@@ -107,6 +110,10 @@ class AdapMoEConfig:
                 f"adapmoe: prefetch_lookahead must be >= 1, got {self.prefetch_lookahead}")
         if self.link_gbps is not None and not (self.link_gbps > 0 and math.isfinite(self.link_gbps)):
             raise AdapMoEConfigError(f"adapmoe: link_gbps must be a number > 0, got {self.link_gbps}")
+        if self.link_layers is not None and not (self.link_layers >= 0 and math.isfinite(self.link_layers)):
+            raise AdapMoEConfigError(
+                f"adapmoe: link_layers (decode layers one expert load costs) must be a number >= 0, "
+                f"got {self.link_layers}; leave it out to have it measured")
         if self.cache_gib is not None and not (self.cache_gib > 0 and math.isfinite(self.cache_gib)):
             raise AdapMoEConfigError(f"adapmoe: cache_gib must be a number > 0, got {self.cache_gib}")
         if self.cache_total_slots is not None and self.cache_total_slots < 1:
@@ -233,7 +240,7 @@ def _normalise(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
         return value
-    if key in ("cache_gib", "threshold", "link_gbps"):
+    if key in ("cache_gib", "threshold", "link_gbps", "link_layers"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         return float(value)

@@ -38,8 +38,8 @@ from vllm_adapmoe.engine.kernels import make_kernel
 from vllm_adapmoe.engine.store import HostExpertStore
 from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.stats import LayerStats
-from vllm_adapmoe.engine.prefetch import (expert_counts, expert_mass, predicted_expert_sets,
-                                          rank_prefetch, select_prefetch)
+from vllm_adapmoe.engine.prefetch import (PredictionScore, expert_counts, expert_mass,
+                                          predicted_expert_sets, rank_prefetch)
 from vllm_adapmoe.engine.routing import RouterSpec
 
 _EXPERT_WEIGHTS = {"w1": "w1", "w2": "w2", "w3": "w3",
@@ -133,6 +133,10 @@ class AdapMoEBlock(nn.Module):
                                  self.stats, link)
         self.prefetch_enabled = config.prefetch
         self.next_blocks: list[AdapMoEBlock] = []  # the look-ahead layers, wired by the model
+        # How well the layers looking ahead at this one predict it, by distance (1: the layer
+        # before), and what they predicted this step (scored when this layer has routed).
+        self.prediction_scores: dict[int, PredictionScore] = {}
+        self._predicted: dict[int, list[int]] = {}
         self.last = False  # the model's last MoE block (ends the step), wired by the model
         self.name = prefix
         self.clock: PhaseClock | None = None  # set by benchmarks to time the step's phases
@@ -249,6 +253,8 @@ class AdapMoEBlock(nn.Module):
         step, clock = self.step, self.clock
         if step.describe is not None:
             step.describe(x.shape[0])
+        if step.counted and step.all_decode:
+            self.cache.link.cost.layer_started(self.layer_idx)
         if step.trace is not None and step.counted:
             step.trace.record(self.layer_idx, ids, weights, step.decode_mask)
         counts = summary.tolist()  # the step's one device→host transfer of routing
@@ -327,14 +333,25 @@ class AdapMoEBlock(nn.Module):
                 return  # no decode token this step: prefill needs every expert anyway
             predicted = predicted[step.decode_rows]
         offset, column = 0, 0
-        for target in self.next_blocks:
+        for depth, target in enumerate(self.next_blocks, 1):
             n, k = target.num_experts, target.top_k
             if step.all_decode:
                 target_counts = counts[offset:offset + n]
             else:
                 target_counts = expert_counts(predicted[:, column:column + k], n).tolist()
-            target.cache.prefetch(rank_prefetch(target_counts, target.cache.num_slots))
+            self._book_prefetch(target, depth, target_counts)
             offset, column = offset + n, column + k
+
+    def _book_prefetch(self, target: AdapMoEBlock, depth: int, counts: list[int]) -> None:
+        """Book the predicted experts of ``target`` (``depth`` layers ahead) that pay for their
+        copy, given how well this predictor has done and what a load costs on this link; on
+        pure-decode steps, leave the prediction with ``target`` to be scored."""
+        score = target.prediction_scores.setdefault(depth, PredictionScore())
+        if self.step.all_decode:
+            target._predicted[depth] = [e for e, c in enumerate(counts) if c]
+        min_probability = self.cache.link.cost.min_probability(depth)
+        target.cache.prefetch(rank_prefetch(counts, target.cache.num_slots, score.precision,
+                                            min_probability))
 
     def _predict_and_record(self, x: torch.Tensor) -> None:
         """While a trace is recorded: the next layer's router on every row (the trace stores
@@ -355,7 +372,8 @@ class AdapMoEBlock(nn.Module):
                 weights, ids = weights[decode], ids[decode]
             if self.prefetch_enabled:
                 sets = predicted_expert_sets(weights, ids, target.gating)
-                target.cache.prefetch(select_prefetch(sets, target.cache.num_slots))
+                self._book_prefetch(target, depth + 1,
+                                    expert_counts(sets, target.num_experts).tolist())
 
     def _compute(self, out: torch.Tensor, x: torch.Tensor, routing: Routing,
                  rows: torch.Tensor | None) -> None:
@@ -375,6 +393,9 @@ class AdapMoEBlock(nn.Module):
     def _count(self, routing: Routing, needed: list[int], mass: list[int] | None) -> None:
         count_routing(self.stats, routing, self.step.decode_tokens)
         self.cache.count_step(needed, mass)
+        for depth, predicted in self._predicted.items():
+            self.prediction_scores[depth].observe(predicted, needed)
+        self._predicted.clear()
 
     def stats_dict(self) -> dict[str, float]:
         return {"layer": self.layer_idx, "slots": self.cache.num_slots,

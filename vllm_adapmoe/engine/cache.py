@@ -35,15 +35,55 @@ from vllm_adapmoe.engine.slot_table import SlotTable, make_policy
 INLINE_COPY_MAX_BYTES = 8 * 2**20
 
 
+class LinkCost:
+    """How many decode layers one expert copy costs (``r``), for the prefetch pay-off rule:
+    measured while decoding (moving averages of a copy's duration and of a layer's compute,
+    i.e. the time between two layers' steps minus the stall in it), or pinned by ``link_layers``."""
+
+    def __init__(self, pinned: float | None = None) -> None:
+        self.pinned = pinned
+        self.stall_s = 0.0  # every stall of every layer, added by the caches
+        self._copy_s: float | None = None
+        self._layer_s: float | None = None
+        self._last: tuple[int, float, float] | None = None  # (layer, its start, stall_s then)
+
+    def observe_copy(self, seconds: float) -> None:
+        self._copy_s = _average(self._copy_s, seconds)
+
+    def layer_started(self, layer: int) -> None:
+        """A counted pure-decode step enters ``layer``: the previous layer's compute ended."""
+        now = time.perf_counter()
+        last = self._last
+        if last is not None and layer == last[0] + 1:
+            self._layer_s = _average(self._layer_s, max(now - last[1] - (self.stall_s - last[2]), 0.0))
+        self._last = (layer, now, self.stall_s)
+
+    def layers_per_load(self) -> float:
+        if self.pinned is not None:
+            return self.pinned
+        if not self._copy_s or not self._layer_s:
+            return 0.0  # not measured yet
+        return self._copy_s / self._layer_s
+
+    def min_probability(self, depth: int) -> float:
+        """Issue a prefetch ``depth`` layers ahead when its chance of use p pays: a right one
+        saves the stall the head start covers (min(r, depth) layers), a wrong one costs the
+        link r layers that later loads wait for: p·min(r, depth) ≥ (1 − p)·r."""
+        r = self.layers_per_load()
+        return r / (r + min(r, depth)) if r > 0 else 0.5
+
+
 class Link:
     """The host→device link of one model: one copy at a time, on-demand copies ahead of queued
     prefetches (each kind in submission order). A queued copy can still be cancelled
     (``Future.cancel``) or promoted to on-demand; one already running always completes, so a
     later copy into the same slot lands after it."""
 
-    def __init__(self, device: torch.device, link_gbps: float | None = None) -> None:
+    def __init__(self, device: torch.device, link_gbps: float | None = None,
+                 link_layers: float | None = None) -> None:
         self.device = device
         self.bytes_per_s = link_gbps * 1e9 if link_gbps else None
+        self.cost = LinkCost(link_layers)
         self._stream = None
         self._queues: tuple[deque[_Copy], deque[_Copy]] = (deque(), deque())  # on demand, ahead
         self._wake = threading.Condition()
@@ -103,6 +143,7 @@ class Link:
             item.copy()  # torch releases the GIL inside copy_, so this overlaps compute
         if self.bytes_per_s:
             _sleep_until(start + item.nbytes / self.bytes_per_s)
+        self.cost.observe_copy(time.perf_counter() - start)
 
 
 @dataclass
@@ -193,7 +234,7 @@ class ExpertCache:
             start = time.perf_counter()
             for future in pending:
                 future.result()
-            self.stats.stall_s += time.perf_counter() - start
+            self._stalled(time.perf_counter() - start)
         if self._pending:
             self._pending = {e: f for e, f in self._pending.items() if not f.done()}
 
@@ -206,6 +247,10 @@ class ExpertCache:
             self._copy(e, slot)
 
     # -- internals ----------------------------------------------------------------------------
+    def _stalled(self, seconds: float) -> None:
+        self.stats.stall_s += seconds
+        self.link.cost.stall_s += seconds
+
     def _cancel(self, expert: int) -> bool:
         """Cancel ``expert``'s queued copy if it has not started (it then never counts as a load)."""
         if not self._pending[expert].cancel():
@@ -229,7 +274,8 @@ class ExpertCache:
         if self.inline:  # compute waits for this copy as it would for a queued one
             start = time.perf_counter()
             self._copy(expert, slot)
-            self.stats.stall_s += time.perf_counter() - start
+            self._stalled(time.perf_counter() - start)
+            self.link.cost.observe_copy(time.perf_counter() - start)
             return
         self._pending[expert] = self.link.submit(lambda: self._copy(expert, slot),
                                                  self.store.expert_bytes, prefetch)
@@ -237,6 +283,10 @@ class ExpertCache:
     def _copy(self, expert: int, slot: int) -> None:
         self.w13[slot].copy_(self.store.w13[expert], non_blocking=True)
         self.w2[slot].copy_(self.store.w2[expert], non_blocking=True)
+
+
+def _average(mean: float | None, sample: float, weight: float = 0.1) -> float:
+    return sample if mean is None else mean + weight * (sample - mean)
 
 
 def _sleep_until(deadline: float) -> None:

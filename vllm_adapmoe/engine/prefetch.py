@@ -44,13 +44,34 @@ def expert_mass(weights: torch.Tensor, ids: torch.Tensor, num_experts: int) -> t
     return (fixed.unsqueeze(-1) * (ids.unsqueeze(-1) == experts)).sum((0, 1))
 
 
-def select_prefetch(expert_sets: torch.Tensor, capacity: int) -> list[int]:
-    """Experts to prefetch: most requested first (ties: lower id), at most ``capacity``."""
-    return rank_prefetch(torch.bincount(expert_sets.flatten() + 1).tolist()[1:], capacity)
-
-
-def rank_prefetch(counts: list[int], capacity: int) -> list[int]:
+def rank_prefetch(counts: list[int], capacity: int, precision: float = 1.0,
+                  min_probability: float = 0.0) -> list[int]:
     """``counts[e]``: predicted tokens needing expert e → the experts to book, most requested
-    first (ties: lower id), at most ``capacity``."""
+    first (ties: lower id), at most ``capacity``, and only those that pay: an expert predicted
+    for c tokens is used with probability 1 − (1 − precision)^c (each prediction right with
+    the predictor's measured ``precision``), which must reach ``min_probability``."""
     ranked = sorted((e for e, c in enumerate(counts) if c), key=lambda e: (-counts[e], e))
-    return ranked[:capacity]
+    return [e for e in ranked[:capacity] if 1 - (1 - precision) ** counts[e] >= min_probability]
+
+
+class PredictionScore:
+    """How often one predictor (layer l+d's router on layer l's input) named an expert the
+    target layer then needed, over pure-decode steps; starts at 1 of 2 (precision 0/1 would
+    otherwise stick after one step). Live and simulator feed it the same sets."""
+
+    def __init__(self) -> None:
+        self.right, self.named = 1, 2
+
+    @property
+    def precision(self) -> float:
+        return self.right / self.named
+
+    def state(self) -> list[int]:
+        return [self.right, self.named]
+
+    def load_state(self, state: list[int]) -> None:
+        self.right, self.named = int(state[0]), int(state[1])
+
+    def observe(self, predicted: list[int], needed: list[int]) -> None:
+        self.named += len(predicted)
+        self.right += len(set(predicted).intersection(needed))

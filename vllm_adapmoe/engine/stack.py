@@ -53,7 +53,7 @@ class ExpertStack:
                  stores: list[HostExpertStore] | None = None) -> None:
         self.shape, self.device, self.dtype = shape, device, dtype
         self.step_info = StepInfo(counted=True)
-        self.link = Link(device, config.link_gbps)
+        self.link = Link(device, config.link_gbps, config.link_layers)
         sensitivity = sensitivity or [0.0] * len(slots)
         routers = routers or [nn.Linear(shape.hidden, shape.experts, bias=False, device=device,
                                         dtype=dtype) for _ in slots]

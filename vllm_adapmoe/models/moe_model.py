@@ -58,7 +58,7 @@ class MoEBlocks:
                                             hf_config, shape.top_k)
         self.sensitivity = config.sensitivities(shape.num_layers, hf_config)
         self.device = torch.device(current_platform.device_type)
-        self.link = Link(self.device, config.link_gbps)
+        self.link = Link(self.device, config.link_gbps, config.link_layers)
         self.step = StepInfo()
         self.step.describe = StepDescriber(self.step)
         self.blocks: list[AdapMoEBlock] = []

@@ -18,7 +18,9 @@ import torch
 from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.stats import LayerStats, summarise
 from vllm_adapmoe.engine.block import Routing, count_routing, plan_waves
-from vllm_adapmoe.engine.prefetch import expert_mass, predicted_expert_sets, select_prefetch
+from vllm_adapmoe.engine.cache import LinkCost
+from vllm_adapmoe.engine.prefetch import (PredictionScore, expert_counts, expert_mass,
+                                          predicted_expert_sets, rank_prefetch)
 from vllm_adapmoe.engine.slot_table import POLICIES as LIVE_POLICIES
 from vllm_adapmoe.engine.slot_table import BeladyPolicy, SlotTable, make_policy
 from vllm_adapmoe.offline.trace import StepLayer, Trace
@@ -29,12 +31,14 @@ POLICIES = (*LIVE_POLICIES, "belady")
 def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
              threshold: float = 0.0, sensitivity: list[float] | None = None,
              gate_prefill: bool = False, prefetch: bool = False, warm_start: bool = True,
-             expert_bytes: int | None = None) -> dict[str, Any]:
+             expert_bytes: int | None = None, link_layers: float | None = None) -> dict[str, Any]:
     """Replay ``trace``; returns the ``vllm_adapmoe.stats`` shape (plus per-token ratios).
 
     ``warm_start`` starts each layer from the cache state recorded at trace start (needed for
     exact agreement with the engine); otherwise caches start empty. ``prefetch`` replays the
-    one-layer-ahead prefetcher from the predictions recorded in the trace.
+    one-layer-ahead prefetcher from the predictions recorded in the trace, with its pay-off
+    rule at ``link_layers`` (one load ≈ that many decode layers; None: a free link, as a live
+    run whose link costs at most one layer).
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -58,18 +62,29 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
             table.load_state(state)
         tables.append(table)
 
+    min_probability = LinkCost(link_layers).min_probability(1)
+    scores = [PredictionScore() for _ in range(L)]
+    for score, state in zip(scores, trace.meta.get("prediction_scores") or [None] * L):
+        if warm_start and state is not None:
+            score.load_state(state)
     for block, routing in blocks:
         table, st = tables[block.layer], stats[block.layer]
         if isinstance(table.policy, BeladyPolicy):
             table.policy.now = block.step
+        predicted = []
         if prefetch:  # what the previous layer booked for this one, in the live order
-            guess = predicted_prefetch(block, gates[block.layer], table.num_slots)
-            table.prefetch(guess)
+            counts = predicted_counts(block, gates[block.layer], int(trace.meta["num_experts"]))
+            if counts is not None:
+                table.prefetch(rank_prefetch(counts, table.num_slots, scores[block.layer].precision,
+                                             min_probability))
+                predicted = [e for e, c in enumerate(counts) if c] if block.decode.all() else []
         needed = routing.needed_experts()
         count_routing(st, routing, int(block.decode.sum()))
         misses_before = st.misses
         table.count_step(needed, router_mass(block, trace.meta) if table.policy.uses_router_mass
                          else None)
+        if predicted:
+            scores[block.layer].observe(predicted, needed)
         if block.decode.all():
             decode_step_misses[block.layer] += st.misses - misses_before
             decode_step_tokens[block.layer] += len(block.ids)
@@ -141,14 +156,15 @@ def router_mass(block: StepLayer, meta: dict[str, Any]) -> list[int]:
     return expert_mass(torch.from_numpy(block.weights), ids, int(meta["num_experts"])).tolist()
 
 
-def predicted_prefetch(block: StepLayer, gate: AdaptiveGate, capacity: int) -> list[int]:
-    """The experts the live prefetcher would have booked for this (step, layer)."""
+def predicted_counts(block: StepLayer, gate: AdaptiveGate, num_experts: int) -> list[int] | None:
+    """What the live prefetcher saw for this (step, layer): predicted decode tokens per expert
+    (None: no prediction, e.g. layer 0 or no decode token)."""
     decode = torch.from_numpy(block.decode) & torch.from_numpy(block.pred_ids[:, 0] >= 0)
     if block.layer == 0 or not bool(decode.any()):
-        return []
+        return None
     ids = torch.from_numpy(block.pred_ids.astype("int32"))[decode]
     weights = torch.from_numpy(block.pred_weights)[decode]
-    return select_prefetch(predicted_expert_sets(weights, ids, gate), capacity)
+    return expert_counts(predicted_expert_sets(weights, ids, gate), num_experts).tolist()
 
 
 def _future_uses(blocks: list[tuple[StepLayer, Routing]]) -> dict[int, dict[int, list[int]]]:
