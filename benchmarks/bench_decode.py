@@ -77,6 +77,10 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.25],
                     help="fraction of each layer's experts held on device")
     ap.add_argument("--link", action="store_true", help="also run with an emulated slow link")
+    ap.add_argument("--link-only", action="store_true",
+                    help="with --link: offloaded configurations only with the emulated link")
+    ap.add_argument("--ablation", action="store_true",
+                    help="with --profile: also full AdapMoE minus one mechanism at a time")
     ap.add_argument("--eager", action="store_true",
                     help="add enforce_eager stock and all-resident runs as a second baseline")
     ap.add_argument("--link-layers", type=float, default=10.0)
@@ -87,6 +91,8 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.01)
     ap.add_argument("--out", default="benchmarks/results/decode.json")
     args = ap.parse_args()
+    if args.link and 1.0 not in args.budgets:
+        ap.error("--link calibrates the emulated link on the all-resident run: keep 1.0 in --budgets")
 
     cfg = json.loads((Path(args.model) / "config.json").read_text())
     E, L = cfg["num_local_experts"], cfg["num_hidden_layers"]
@@ -101,9 +107,17 @@ def main() -> None:
             return {"100%": {}}
         out = {f"LRU {budget:.0%}": {"cache_slots": max(1, round(E * budget)), "eviction": args.eviction}}
         if args.profile:
-            out[f"AdapMoE {budget:.0%}"] = {
-                "cache_total_slots": max(L, round(E * L * budget)), "plan": "dp", "prefetch": True,
-                "threshold": args.threshold, "profile": args.profile}
+            full = {"cache_total_slots": max(L, round(E * L * budget)), "plan": "dp",
+                    "prefetch": True, "threshold": args.threshold, "profile": args.profile}
+            out[f"AdapMoE {budget:.0%}"] = full
+            if args.ablation:
+                out[f"AdapMoE {budget:.0%} -gating"] = {**full, "threshold": 0.0}
+                out[f"AdapMoE {budget:.0%} -prefetch"] = {**full, "prefetch": False}
+                # link_layers 0: every guess pays (the rule as on a free link)
+                out[f"AdapMoE {budget:.0%} -pay-off"] = {**full, "link_layers": 0}
+                out[f"AdapMoE {budget:.0%} +LFU"] = {**full, "eviction": "lfu"}
+                out[f"AdapMoE {budget:.0%} +MRS"] = {**full, "eviction": "mrs"}
+                out[f"AdapMoE {budget:.0%} +lookahead 3"] = {**full, "prefetch_lookahead": 3}
         return out
 
     def engine(settings: dict, eager: bool = False):
@@ -112,7 +126,8 @@ def main() -> None:
 
     configs = {name: cfg for b in args.budgets for name, cfg in variants(b).items()}
     for name, settings in configs.items():
-        engines[name] = engine(settings)
+        if name == "100%" or not (args.link and args.link_only):
+            engines[name] = engine(settings)
     if args.eager and "100%" in configs:
         engines["100% eager"] = engine({}, eager=True)
     prompts_by_batch = {b: make_prompts(args.model, b) for b in args.batches}
@@ -123,7 +138,7 @@ def main() -> None:
         rate = statistics.median(decode_rate(ref, prompts_by_batch[1][:1], args.new_tokens)[0]
                                  for _ in range(3))
         layer_s = 1.0 / rate / L
-        expert_bytes = vllm_adapmoe.stats(engines[next(iter(configs))])["layers"][0]["expert_bytes"]
+        expert_bytes = vllm_adapmoe.stats(ref)["layers"][0]["expert_bytes"]
         link_gbps = expert_bytes / (args.link_layers * layer_s) / 1e9
         print(f"decode layer time {layer_s * 1e3:.3f} ms; expert {expert_bytes} B; "
               f"emulated link {link_gbps:.4f} GB/s (1 load ≈ {args.link_layers:g} layers)")

@@ -344,14 +344,16 @@ class AdapMoEBlock(nn.Module):
 
     def _book_prefetch(self, target: AdapMoEBlock, depth: int, counts: list[int]) -> None:
         """Book the predicted experts of ``target`` (``depth`` layers ahead) that pay for their
-        copy, given how well this predictor has done and what a load costs on this link; on
-        pure-decode steps, leave the prediction with ``target`` to be scored."""
+        copy, given how well this predictor has done and what a load costs on this link, never
+        evicting another predicted one; on pure-decode steps, leave the prediction with
+        ``target`` to be scored."""
         score = target.prediction_scores.setdefault(depth, PredictionScore())
+        named = [e for e, c in enumerate(counts) if c]
         if self.step.all_decode:
-            target._predicted[depth] = [e for e, c in enumerate(counts) if c]
+            target._predicted[depth] = named
         min_probability = self.cache.link.cost.min_probability(depth)
         target.cache.prefetch(rank_prefetch(counts, target.cache.num_slots, score.precision,
-                                            min_probability))
+                                            min_probability), keep=named)
 
     def _predict_and_record(self, x: torch.Tensor) -> None:
         """While a trace is recorded: the next layer's router on every row (the trace stores

@@ -6,12 +6,15 @@ Residency and eviction are decided by ``SlotTable`` (shared with the simulator);
 current wave needs are never evicted.
 
 Loads are asynchronous and all go through one ``Link`` per model — one loader thread (CPU) or
-one copy stream over pinned memory (CUDA) — so on-demand loads and prefetches queue in order
-like they would on one PCIe link. With ``link_gbps`` (GB/s) each copy is stretched to what it
-would take over that link (an *emulated* link for CPU experiments). A slot can be re-booked
-while an earlier copy into it is still queued: copies run in order, and compute always waits
-for the latest copy of the experts it uses. On CPU without emulation, small experts are copied
-inline (counted as stall): the thread hand-off would cost more than the memcpy.
+one copy stream over pinned memory (CUDA) — one copy at a time, as on one PCIe link. Copies
+compute waits for go first; prefetches wait behind them. A prefetch still queued when its layer
+runs without needing it, or when its slot is re-booked, is cancelled (``prefetch_dropped``), so
+a stale copy never lands in a re-booked slot and a wrong guess costs no link time once known.
+A copy already running completes before the next starts; compute always waits for the latest
+copy of the experts it uses. With ``link_gbps`` (GB/s) each copy is stretched to what it would
+take over that link (an *emulated* link for CPU experiments). On CPU without emulation, small
+experts are copied inline (counted as stall): the thread hand-off would cost more than the
+memcpy.
 """
 
 from __future__ import annotations
@@ -222,9 +225,10 @@ class ExpertCache:
             self.link.promote(future)
         return pending
 
-    def prefetch(self, experts: list[int]) -> None:
-        """Book and queue ``experts`` ahead of need (the layer has not run yet this step)."""
-        placed = self.table.prefetch(experts)
+    def prefetch(self, experts: list[int], keep: Iterable[int] = ()) -> None:
+        """Book and queue ``experts`` ahead of need (the layer has not run yet this step),
+        evicting none of ``keep``."""
+        placed = self.table.prefetch(experts, keep)
         self._cancel_evicted()
         for expert, slot in placed:
             self._queue(expert, slot, prefetch=True)

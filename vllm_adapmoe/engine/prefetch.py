@@ -1,11 +1,15 @@
-"""Cross-layer prefetch: guess layer l+1's experts during layer l and start loading them.
+"""Cross-layer prefetch: guess layer l+d's experts during layer l and start loading them.
 
-While layer l runs, layer l+1's router is applied to layer l's MoE input for every decode token
-of the step (hidden states change little between adjacent layers, so the guess is usually
-right). The guessed routing goes through layer l+1's own gating rule; the experts it needs —
-most-requested first, at most as many as layer l+1 has slots — are booked in layer l+1's cache
-and copied in behind layer l's own loads on the same link. Layer l+1's real routing stays
-authoritative: a wrong guess costs bandwidth and maybe an eviction, never correctness.
+While layer l runs, layer l+d's router (d = 1 .. ``prefetch_lookahead``) is applied to layer
+l's MoE input for every decode token of the step (hidden states change little between nearby
+layers, so the guess is often right). The guessed routing goes through layer l+d's own gating
+rule. An expert guessed for c tokens is booked only if it pays for its copy: with the guess's
+measured precision a (``PredictionScore``, per target layer and distance), it is needed with
+probability p = 1 − (1 − a)^c; a right guess saves up to d layers of stall, a wrong one costs
+the link one load, r layers (``LinkCost``), so it is issued when p·min(r, d) ≥ (1 − p)·r. Booked
+guesses (most-requested first, at most the target's slots) queue behind on-demand copies on the
+same link. Layer l+d's real routing stays authoritative: a wrong guess costs bandwidth and
+maybe an eviction, never correctness.
 """
 
 from __future__ import annotations

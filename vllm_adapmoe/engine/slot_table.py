@@ -188,20 +188,26 @@ class SlotTable:
         self.stats.prefetch_wasted += len(kept) - correct
         self.prefetched.clear()
 
-    def prefetch(self, experts: list[int]) -> list[tuple[int, int]]:
-        """Book ``experts`` ahead of need; returns the placements (loads) this issues."""
-        placed = self.admit(experts)
+    def prefetch(self, experts: list[int], keep: Iterable[int] = ()) -> list[tuple[int, int]]:
+        """Book ``experts`` ahead of need, most wanted first; never evicts one of them or of
+        ``keep`` (the target layer's other predicted experts): it stops instead. Returns the
+        placements (loads) this issues."""
+        placed = self.admit(experts, self.prefetched.union(experts, keep), optional=True)
         self.prefetched.update(e for e, _ in placed)
         self.stats.prefetch_issued += len(placed)
         return placed
 
-    def admit(self, experts: list[int]) -> list[tuple[int, int]]:
-        """Make room for every non-resident expert of ``experts`` (never evicting one of them);
-        returns the new (expert, slot) placements, i.e. the loads to perform (counted here)."""
-        protected = set(experts)
+    def admit(self, experts: list[int], protected: set[int] | None = None,
+              optional: bool = False) -> list[tuple[int, int]]:
+        """Make room for every non-resident expert of ``experts`` (never evicting one of them,
+        or of ``protected``); returns the new (expert, slot) placements, i.e. the loads to
+        perform (counted here). ``optional``: stop where only protected experts could go."""
+        protected = set(experts) if protected is None else protected
         placed = []
         for e in experts:
             if e not in self.slot_of:
+                if optional and -1 not in self.expert_in_slot and protected.issuperset(self.slot_of):
+                    break
                 slot = self._free_slot(protected)
                 self.place(e, slot)
                 placed.append((e, slot))

@@ -75,9 +75,10 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
         if prefetch:  # what the previous layer booked for this one, in the live order
             counts = predicted_counts(block, gates[block.layer], int(trace.meta["num_experts"]))
             if counts is not None:
+                named = [e for e, c in enumerate(counts) if c]
                 table.prefetch(rank_prefetch(counts, table.num_slots, scores[block.layer].precision,
-                                             min_probability))
-                predicted = [e for e, c in enumerate(counts) if c] if block.decode.all() else []
+                                             min_probability), keep=named)
+                predicted = named if block.decode.all() else []
         needed = routing.needed_experts()
         count_routing(st, routing, int(block.decode.sum()))
         misses_before = st.misses
