@@ -102,6 +102,15 @@ def main() -> None:
     if args.eager:
         engines["stock eager"] = LLM(**common, enforce_eager=True)
 
+    def plain_profile() -> str:
+        """The profile without its fitted look-ahead maps (guesses by the routers alone)."""
+        data = json.loads(Path(args.profile).read_text())
+        data.pop("predictor", None)
+        path = Path(args.out).with_suffix(".plain-profile.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data))
+        return str(path)
+
     def variants(budget: float) -> dict[str, dict]:
         if budget >= 1.0:
             return {"100%": {}}
@@ -110,13 +119,12 @@ def main() -> None:
             full = {"cache_total_slots": max(L, round(E * L * budget)), "plan": "dp",
                     "prefetch": True, "threshold": args.threshold, "profile": args.profile}
             out[f"AdapMoE {budget:.0%}"] = full
-            if args.ablation:
-                out[f"AdapMoE {budget:.0%} -gating"] = {**full, "threshold": 0.0}
+            if args.ablation:  # full minus (or plus) one mechanism
                 out[f"AdapMoE {budget:.0%} -prefetch"] = {**full, "prefetch": False}
                 # link_layers 0: every guess pays (the rule as on a free link)
                 out[f"AdapMoE {budget:.0%} -pay-off"] = {**full, "link_layers": 0}
+                out[f"AdapMoE {budget:.0%} -fitted predictor"] = {**full, "profile": plain_profile()}
                 out[f"AdapMoE {budget:.0%} +LFU"] = {**full, "eviction": "lfu"}
-                out[f"AdapMoE {budget:.0%} +MRS"] = {**full, "eviction": "mrs"}
                 out[f"AdapMoE {budget:.0%} +lookahead 3"] = {**full, "prefetch_lookahead": 3}
         return out
 

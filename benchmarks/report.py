@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,15 +31,29 @@ def decode_section(data: dict) -> list[str]:
     out = [f"**Decode throughput** (`benchmarks/bench_decode.py`, {data['rounds']} alternating rounds, "
            f"medians; {data['new_tokens']} new tokens; \"vs stock\" = {baseline}; rows marked eager use "
            "`enforce_eager=True`; emulated link "
-           f"{'%.4f GB/s (one expert load ≈ 10 decode layers)' % link if link else 'off'}):", "",
-           "| batch | config | decode tok/s | vs stock | vs all-resident | hit rate | misses / decoded token | loads / decoded token | slots |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           f"{'%.4f GB/s (one expert load ≈ 10 decode layers)' % link if link else 'off'}; "
+           "\"vs LRU\" = the same batch's uniform-LRU row at the same budget and link):", "",
+           "| batch | config | decode tok/s | vs stock | vs all-resident | vs LRU | hit rate | misses / decoded token | loads / decoded token | slots |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
+        lru = _lru_row(data["rows"], r)
+        vs_lru = r["decode_tok_s"] / lru["decode_tok_s"] if lru else None
         out.append(f"| {r['batch']} | {r['config']} | {r['decode_tok_s']:.1f} | {r['vs_stock']:.2f} | "
-                   f"{r['vs_all_resident']:.2f} | {_fmt(r.get('hit_rate'), '.3f')} | "
+                   f"{r['vs_all_resident']:.2f} | {_fmt(vs_lru)} | {_fmt(r.get('hit_rate'), '.3f')} | "
                    f"{_fmt(r.get('misses_per_decoded_token'))} | {_fmt(r.get('loads_per_decoded_token'))} | "
                    f"{r.get('slots', '–')} |")
     return out
+
+
+def _lru_row(rows: list[dict], row: dict) -> dict | None:
+    """The uniform-LRU row at ``row``'s batch, budget and link (None for stock / all resident)."""
+    budget = re.search(r"\d+%", row["config"])
+    if budget is None or row["config"] == "100%" or "eager" in row["config"]:
+        return None
+    link = "emulated-link" in row["config"]
+    return next((r for r in rows if r["batch"] == row["batch"]
+                 and r["config"].startswith(f"LRU {budget.group()}")
+                 and ("emulated-link" in r["config"]) == link), None)
 
 
 def policies_section(data: dict, title: str) -> list[str]:
@@ -132,7 +147,8 @@ def serve_section(data: dict) -> list[str]:
 
 def render() -> str:
     parts: list[list[str]] = []
-    for name, fn in (("decode.json", decode_section), ("gating_sweep.json", gating_section),
+    for name, fn in (("decode.json", decode_section), ("decode_link_50.json", decode_section),
+                     ("decode_link_25.json", decode_section), ("gating_sweep.json", gating_section),
                      ("serve.json", serve_section), ("parallel.json", parallel_section)):
         data = _load(name)
         if data:

@@ -51,6 +51,26 @@ def test_sensitivity_finite_positive(profile, tiny_model):
         assert fr == sorted(fr) and all(0 <= f <= 1 for f in fr)
 
 
+def test_lookahead_predictors(profile, tiny_model):
+    """One entry per (target layer, distance ≤ 3) with held-out accuracy of the plain router
+    guess and the fitted map; the map is kept exactly where it recovers more of the top-k."""
+    from vllm_adapmoe.offline.predictor import decode_map, fitted_maps
+
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    hidden, experts = cfg["hidden_size"], cfg["num_local_experts"]
+    assert [(e["layer"], e["depth"]) for e in profile.predictor] == [(1, 1), (2, 1), (2, 2)]
+    for e in profile.predictor:
+        for kind in ("plain", "fitted"):
+            assert 0 <= e[kind]["top1"] <= 1 and 0 <= e[kind]["recall"] <= 1
+            assert e[kind]["tokens"] == 48  # the one held-out window
+        assert (e["use"] == "fitted") == (e["fitted"]["recall"] > e["plain"]["recall"])
+        assert ("map" in e) == (e["use"] == "fitted")
+        if "map" in e:
+            assert decode_map(e["map"]).shape == (hidden + 1, experts)
+    assert set(fitted_maps(profile.predictor)) == {
+        (e["layer"], e["depth"]) for e in profile.predictor if e["use"] == "fitted"}
+
+
 def test_deterministic_for_a_seed(profile, tiny_model, text_file):
     assert _strip(calibrate(tiny_model, text_file, **KW)) == _strip(profile)
     other = calibrate(tiny_model, text_file, **{**KW, "seed": 1, "max_tokens": 96})
@@ -189,7 +209,10 @@ def test_bad_files_rejected(profile, tiny_model, tmp_path):
                         (lambda d: d.pop("sensitivity"), "lacks the fields"),
                         (lambda d: d["model"].pop("config_hash"), "lacks the fields"),
                         (lambda d: d.update(sensitivity=[1.0, "x", 2.0]), "finite non-negative"),
-                        (lambda d: d.update(sensitivity=[1.0, 2.0]), "2 sensitivities")]:
+                        (lambda d: d.update(sensitivity=[1.0, 2.0]), "2 sensitivities"),
+                        (lambda d: d.update(predictor=[{"layer": 1, "depth": 1, "use": "fitted",
+                                                        "map": {"shape": [2]}}]),
+                         "'predictor' is malformed")]:
         dd = json.loads(json.dumps(d))
         mutate(dd)
         bad.write_text(json.dumps(dd))

@@ -115,6 +115,22 @@ def test_prefetch_pays_for_itself_from_the_measured_link_cost():
     assert stack.stats()["total"]["prefetch_issued"] == 0
 
 
+def test_fitted_lookahead_map_steers_the_guess():
+    """A fitted map replaces the next layer's router as the guess: one that always names
+    experts 5 and 6 makes layer 1 prefetch exactly those."""
+    stack = _stack("cpu", 2, prefetch=True, layers=2)
+    fitted = torch.zeros(SHAPE.hidden + 1, SHAPE.experts)
+    fitted[-1, 5], fitted[-1, 6] = 2.0, 1.0  # bias row: logits independent of the input
+    stack.blocks[0].set_lookahead_map(1, fitted)
+    stack.blocks[0].next_blocks = stack.blocks[1:]  # depth 2 not wired with 2 layers
+    _decode(stack, [1], "cpu")
+    st = stack.blocks[1].stats  # its 2 slots were warmed with experts 0 and 1
+    assert st.prefetch_issued == 2 == st.prefetch_correct + st.prefetch_wasted + st.prefetch_dropped
+    weights, ids = stack.blocks[1].route(stack.blocks[0].lookahead_logits(
+        torch.randn(3, SHAPE.hidden, dtype=torch.bfloat16), 1, stack.blocks[1]))
+    assert ids.tolist() == [[5, 6]] * 3
+
+
 def test_prefetch_pay_off_rule():
     from vllm_adapmoe.engine.cache import LinkCost
     from vllm_adapmoe.engine.prefetch import PredictionScore, rank_prefetch

@@ -1,6 +1,7 @@
 """Cross-layer prefetch: exact outputs, consistent accounting, simulator agreement."""
 
 import pytest
+import torch
 
 import vllm_adapmoe
 from conftest import PROMPTS, greedy
@@ -69,3 +70,27 @@ def test_simulator_reproduces_the_pay_off_rule(engines, tiny_model, tmp_path):
     assert live["total"]["prefetch_issued"] == sim["total"]["prefetch_issued"] > 0
     free = simulate(trace, trace.meta["slots"], "lru", prefetch=True)["total"]
     assert free["prefetch_issued"] != live["total"]["prefetch_issued"]
+
+
+def test_profile_fitted_map_drives_the_guesses(engines, tiny_model, tmp_path):
+    """A profile's fitted look-ahead map replaces the router as the guess: with maps that
+    always name experts 5 then 6, every recorded prediction is [5, 6]; tokens stay stock's."""
+    import json
+
+    from vllm_adapmoe.offline.calibrate import calibrate
+    from vllm_adapmoe.offline.predictor import encode_map
+    from vllm_adapmoe.offline.profile import save_profile
+
+    profile = calibrate(tiny_model, window=32, max_tokens=64, progress=False)
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    fitted = torch.zeros(cfg["hidden_size"] + 1, cfg["num_local_experts"])
+    fitted[-1, 5], fitted[-1, 6] = 2.0, 1.0  # bias row only: the same guess for every input
+    profile.predictor = [{"layer": layer, "depth": 1, "use": "fitted", "map": encode_map(fitted)}
+                         for layer in range(1, cfg["num_hidden_layers"])]
+    path = save_profile(profile, tmp_path / "fixed_guess.json")
+    llm = engines.get(tiny_model, "adapmoe", cache_slots=2, prefetch=True, profile=str(path))
+    vllm_adapmoe.start_trace(llm)
+    tokens = greedy(llm, PROMPTS[:3], max_tokens=6)
+    trace = Trace.load(vllm_adapmoe.stop_trace(llm, tmp_path / "fixed.npz"))
+    assert (trace.pred_ids[trace.layer > 0] == [5, 6]).all()
+    assert greedy(engines.get(tiny_model), PROMPTS[:3], max_tokens=6)[0] == tokens[0]

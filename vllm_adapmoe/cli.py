@@ -59,6 +59,20 @@ def format_profile_table(profile) -> str:
     return "\n".join(lines)
 
 
+def format_predictor_table(predictor: list[dict]) -> str:
+    """Held-out accuracy of the look-ahead guesses, plain router vs fitted map."""
+    lines = [f"{'layer':>5} {'ahead':>5}  {'router top-1':>12} {'recall':>6}  "
+             f"{'fitted top-1':>12} {'recall':>6}  uses"]
+    for e in predictor:
+        p, f = e["plain"], e["fitted"]
+        lines.append(f"{e['layer']:>5} {e['depth']:>5}  {p['top1']:>12.1%} {p['recall']:>6.1%}  "
+                     f"{f['top1']:>12.1%} {f['recall']:>6.1%}  {e['use']}")
+    lines.append(f"(guessing layer l's experts from layer l-ahead's MoE input, on "
+                 f"{predictor[0]['plain']['tokens'] if predictor else 0} held-out calibration "
+                 "tokens; recall: share of the true top-k recovered)")
+    return "\n".join(lines)
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
@@ -74,6 +88,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if not args.quiet:
         c = profile.calibration
         print(format_profile_table(profile))
+        if profile.predictor:
+            print(format_predictor_table(profile.predictor))
         print(f"{c['tokens']} tokens in {c['windows']} windows of {c['window']}, "
               f"mean loss {c['mean_loss']:.3f} nats/token, {c['seconds']:.1f} s")
     print(f"wrote {out}")

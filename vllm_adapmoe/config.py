@@ -146,6 +146,16 @@ class AdapMoEConfig:
                 "give one per layer (or recalibrate the profile for this model)")
         return values
 
+    def predictor_maps(self, hf_config: Any) -> dict[tuple[int, int], Any]:
+        """The profile's fitted look-ahead maps, {(target layer, distance): [H + 1, E] tensor}
+        (none without prefetch, a profile, or where calibrate found the plain router better)."""
+        if not self.prefetch or self.profile is None:
+            return {}
+        from vllm_adapmoe.offline.predictor import fitted_maps
+        from vllm_adapmoe.offline.profile import load_profile
+
+        return fitted_maps(load_profile(self.profile, hf_config).predictor)
+
     def slots_per_layer(self, num_layers: int, num_experts: int, expert_bytes: int,
                         hf_config: Any = None, top_k: int = 1) -> list[int]:
         """Device slots for each MoE layer under this budget (model shape known only here)."""

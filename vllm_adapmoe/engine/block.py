@@ -133,6 +133,7 @@ class AdapMoEBlock(nn.Module):
                                  self.stats, link)
         self.prefetch_enabled = config.prefetch
         self.next_blocks: list[AdapMoEBlock] = []  # the look-ahead layers, wired by the model
+        self.lookahead_maps: dict[int, torch.Tensor] = {}  # distance → fitted map (set_lookahead_map)
         # How well the layers looking ahead at this one predict it, by distance (1: the layer
         # before), and what they predicted this step (scored when this layer has routed).
         self.prediction_scores: dict[int, PredictionScore] = {}
@@ -176,6 +177,20 @@ class AdapMoEBlock(nn.Module):
         dim = 1 if which == "w2" else 0
         n = weight.shape[dim] // size
         return weight.narrow(dim, rank * n, n)
+
+    def set_lookahead_map(self, depth: int, fitted: torch.Tensor) -> None:
+        """Guess the layer ``depth`` ahead with a fitted map [H + 1, E] (``offline/predictor.py``)
+        instead of its router; a buffer, so a compiled graph reads it like a weight."""
+        name = f"lookahead_map_{depth}"
+        self.register_buffer(name, fitted.to(self.cache.device, torch.float32), persistent=False)
+        self.lookahead_maps[depth] = getattr(self, name)
+
+    def lookahead_logits(self, x: torch.Tensor, depth: int, target: AdapMoEBlock) -> torch.Tensor:
+        """The guess of ``target``'s router logits (``depth`` layers ahead) from this input."""
+        fitted = self.lookahead_maps.get(depth)
+        if fitted is None:
+            return target.router_logits(x)
+        return torch.addmm(fitted[-1], x.to(fitted.dtype), fitted[:-1])
 
     def check_loaded(self) -> None:
         if not self.store.complete:
@@ -238,8 +253,8 @@ class AdapMoEBlock(nn.Module):
         if self.cache.table.policy.uses_router_mass:
             summary.append(expert_mass(weights, ids, self.num_experts))
         if self.prefetch_enabled:
-            for target in self.next_blocks:
-                t_weights, t_ids = target.route(target.router_logits(x))
+            for depth, target in enumerate(self.next_blocks, 1):
+                t_weights, t_ids = target.route(self.lookahead_logits(x, depth, target))
                 t_sets = predicted_expert_sets(t_weights, t_ids, target.gating)
                 summary.append(expert_counts(t_sets, target.num_experts))
                 predicted.append(t_sets)
@@ -365,7 +380,7 @@ class AdapMoEBlock(nn.Module):
         for depth, target in enumerate(self.next_blocks):
             if depth > 0 and not self.prefetch_enabled:
                 break
-            weights, ids = target.route(target.router_logits(x))
+            weights, ids = target.route(self.lookahead_logits(x, depth + 1, target))
             if depth == 0:
                 step.trace.record_prediction(target.layer_idx, weights, ids)
             if decode is not None:

@@ -79,14 +79,18 @@ class MoEBlocks:
         return block
 
     def wire(self, vllm_config: VllmConfig) -> None:
-        """Once every layer exists: look-ahead targets, the step's last block, the op's name
-        lookup, and the Prometheus export."""
+        """Once every layer exists: look-ahead targets (and the profile's fitted predictors for
+        them), the step's last block, the op's name lookup, and the Prometheus export."""
         if not self.blocks:
             raise AdapMoEConfigError("adapmoe: this model (stage) has no MoE layer")
         self.blocks.sort(key=lambda b: b.layer_idx)
         ahead = self.config.prefetch_lookahead
+        fitted = self.config.predictor_maps(vllm_config.model_config.hf_config)
         for i, block in enumerate(self.blocks):
             block.next_blocks = self.blocks[i + 1:i + 1 + ahead]
+            for depth, target in enumerate(block.next_blocks, 1):
+                if (target.layer_idx, depth) in fitted:
+                    block.set_lookahead_map(depth, fitted[target.layer_idx, depth])
         self.blocks[-1].last = True
         register_blocks(vllm_config, self.blocks)
         exporter = PrometheusExporter.if_enabled([b.stats for b in self.blocks])

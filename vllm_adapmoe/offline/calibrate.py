@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_adapmoe.offline.predictor import PredictorFit
 from vllm_adapmoe.offline.profile import Profile, architecture_of, config_hash
 
 __all__ = ["calibrate", "load_windows", "DEFAULT_DATA", "DEFAULT_THRESHOLDS", "W2_BINS"]
@@ -54,6 +55,7 @@ DEFAULT_THRESHOLDS = (0.001, 0.005, 0.01, 0.05)
 W2_BINS = 20
 _READ_CHUNK = 1 << 20       # characters of text tokenised at a time
 _STREAM_FACTOR = 8          # read at most this many times max_tokens tokens
+HELD_OUT_WINDOWS = 8        # at most this many windows score the look-ahead predictors
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -151,6 +153,22 @@ def _routed_experts(model: Any, num_layers: int) -> list[Any]:
     return found
 
 
+def _router_weights(model: Any) -> list[Any] | None:
+    """Each MoE layer's router weight [E, H] (the ``gate`` beside its routed experts), or None
+    when a family's router is not one plain linear map (no fitted predictor then)."""
+    import torch
+
+    weights = []
+    for name, m in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "experts" and hasattr(m, "gate_up_proj"):
+            gate = getattr(model.get_submodule(name.rsplit(".", 1)[0]), "gate", None)
+            w = getattr(gate, "weight", None)
+            if not isinstance(w, torch.Tensor) or w.dim() != 2:
+                return None
+            weights.append(w.detach().float().cpu())
+    return weights
+
+
 def _expert_outputs(experts: Any, x, idx):
     """E_{idx[t, i]}(x_t) for every token t and slot i: shape (T, k, H)."""
     import torch
@@ -199,6 +217,7 @@ class _Recorder:
                               topk=torch.zeros(num_experts, dtype=torch.float64))
                     for _ in experts]
         self.n_pred = 0
+        self.inputs: list[Any] = [None] * len(experts)  # this window's MoE inputs, per layer
         self.handles = [m.register_forward_hook(self._hook(i, m)) for i, m in enumerate(experts)]
 
     def close(self) -> None:
@@ -213,6 +232,7 @@ class _Recorder:
             y = output[0] if isinstance(output, tuple) else output
             with torch.no_grad():
                 x2 = x.detach().reshape(-1, x.shape[-1])
+                self.inputs[i] = x2.float().cpu()
                 w_sorted, order = w_hf.detach().float().sort(dim=1, descending=True)
                 ids_sorted = ids.gather(1, order)
                 outs = _expert_outputs(experts, x2, ids_sorted).float()
@@ -305,6 +325,11 @@ def calibrate(model_dir: str | Path, data: str | Path | None = None, *, window: 
     wins = load_windows(tokenizer, data_path, window, max_tokens, seed)
 
     rec = _Recorder(_routed_experts(model, shape.num_layers), num_experts, weight_scale)
+    # Look-ahead predictors: fitted on all but the last few windows, scored on those.
+    routers = _router_weights(model) if shape.num_layers > 1 else None
+    fit = PredictorFit(routers, top_k) if routers is not None and wins.shape[0] >= 2 else None
+    n_fit = wins.shape[0] - min(HELD_OUT_WINDOWS, max(1, wins.shape[0] // 8))
+    held_out: list[list[Any]] = []
     embed = model.get_input_embeddings()
     loss_sum, n_pred_total = 0.0, 0
     try:
@@ -318,6 +343,9 @@ def calibrate(model_dir: str | Path, data: str | Path | None = None, *, window: 
             loss.backward()
             loss_sum += loss.item()
             n_pred_total += rec.n_pred
+            if fit is not None:
+                fit.add(rec.inputs) if w_i < n_fit else held_out.append(rec.inputs)
+                rec.inputs = [None] * len(rec.inputs)
             bar.set_postfix(loss=f"{loss_sum / n_pred_total:.3f}")
             del logits, loss, emb
     finally:
@@ -354,6 +382,13 @@ def calibrate(model_dir: str | Path, data: str | Path | None = None, *, window: 
             "mean_kept": {key: float(n.mean()) for key, n in kept.items()},
         })
 
+    predictor = None
+    if fit is not None:
+        fit.solve()
+        for inputs in held_out:
+            fit.evaluate(inputs)
+        predictor = fit.report()
+
     seconds = time.perf_counter() - t0
     return Profile(
         model={"architecture": architecture_of(cfg), "config_hash": config_hash(cfg),
@@ -375,4 +410,5 @@ def calibrate(model_dir: str | Path, data: str | Path | None = None, *, window: 
             "transformers": transformers.__version__, "threads": torch.get_num_threads(),
         },
         routing=routing,
+        predictor=predictor,
     )

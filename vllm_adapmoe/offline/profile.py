@@ -12,6 +12,8 @@ Layout (``format_version`` 1)::
      "calibration": {"data": str, "tokens": int, "windows": int, "window": int,
                      "max_tokens": int, "seed": int, "seconds": float, "loss": str, ...},
      "routing": [{...per-layer statistics...}, ...],
+     "predictor": [{"layer", "depth", "plain": {top1, recall}, "fitted": {...}, "use",
+                    "map"?}, ...],                     # calibrate; see offline/predictor.py
      # optional, from `adapmoe profile PROFILE --trace T.npz`:
      "miss_curves": [[f_0(1), ..., f_0(E)], ...], "prediction": [{...}, ...],
      "trace_settings": {...}}
@@ -51,6 +53,9 @@ class Profile:
     miss_curves: list[list[float]] | None = None    # f_l(k), k = 1..E, misses per decoded token
     prediction: list[dict[str, Any]] | None = None  # next-layer prediction accuracy per layer
     trace_settings: dict[str, Any] | None = None    # trace and simulator settings behind them
+    # Written by calibrate: look-ahead predictors per (target layer, distance), held-out
+    # accuracy of the plain and the fitted guess, the fitted map where used (predictor.py).
+    predictor: list[dict[str, Any]] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -119,6 +124,19 @@ def save_profile(profile: Profile, path: str | Path) -> Path:
     return path
 
 
+def _check_predictor(predictor: Any, path: Path, model_arg: str) -> list[dict[str, Any]] | None:
+    from vllm_adapmoe.offline.predictor import fitted_maps
+
+    if predictor is None:
+        return None
+    try:
+        fitted_maps(predictor)
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        raise ProfileError(f"profile file {path}: 'predictor' is malformed ({e}); "
+                           f"{_fix(path, model_arg)}") from e
+    return predictor
+
+
 def _fix(path: Path, model: str = "MODEL_DIR") -> str:
     return f"run `adapmoe calibrate {model} --out {path}` to (re)create it"
 
@@ -169,7 +187,8 @@ def load_profile(path: str | Path, hf_config_or_model_dir: Any = None) -> Profil
     profile = Profile(model=model, sensitivity=[float(s) for s in sens],
                       calibration=data["calibration"], routing=data["routing"],
                       format_version=version, miss_curves=curves,
-                      prediction=data.get("prediction"), trace_settings=data.get("trace_settings"))
+                      prediction=data.get("prediction"), trace_settings=data.get("trace_settings"),
+                      predictor=_check_predictor(data.get("predictor"), path, model_arg))
     if hf_config_or_model_dir is not None:
         want = config_hash(hf_config_or_model_dir)
         if model["config_hash"] != want:
