@@ -16,6 +16,7 @@ from vllm_adapmoe.config import AdapMoEConfig
 from vllm_adapmoe.engine import ExpertCache, GroupedKernel, LayerStats, Link, ReferenceKernel, route
 from vllm_adapmoe.engine.block import Routing
 from vllm_adapmoe.engine.gating import AdaptiveGate
+from vllm_adapmoe.engine.prefetch import PredictionScore
 from vllm_adapmoe.engine.stack import ExpertStack, LayerShape
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -107,12 +108,12 @@ def test_prefetch_pays_for_itself_from_the_measured_link_cost():
     assert torch.equal(_decode(stack, BATCHES, "cpu"), expected)
     cost = stack.link.cost
     assert cost.layers_per_load() > 10 and cost.min_probability(1) > 0.9
-    issued = stack.stats()["total"]["prefetch_issued"]
     stack.reset_stats()
     _decode(stack, [1] * 6, "cpu")
-    scores = [s.precision for b in stack.blocks for s in b.prediction_scores.values()]
-    assert issued > 0 and max(scores) < cost.min_probability(1)
-    assert stack.stats()["total"]["prefetch_issued"] == 0
+    scores = [s for b in stack.blocks for s in b.prediction_scores.values()]
+    assert scores and all(s.named > 2 for s in scores)  # guesses were made and scored...
+    assert max(s.precision for s in scores) < cost.min_probability(1)
+    assert stack.stats()["total"]["prefetch_issued"] == 0  # ...and none paid for its copy
 
 
 def test_fitted_lookahead_map_steers_the_guess():
@@ -123,12 +124,28 @@ def test_fitted_lookahead_map_steers_the_guess():
     fitted[-1, 5], fitted[-1, 6] = 2.0, 1.0  # bias row: logits independent of the input
     stack.blocks[0].set_lookahead_map(1, fitted)
     stack.blocks[0].next_blocks = stack.blocks[1:]  # depth 2 not wired with 2 layers
+    known = stack.blocks[1].prediction_scores.setdefault(1, PredictionScore())
+    known.right, known.named = 99, 100  # a guess known to be right: worth evicting for
     _decode(stack, [1], "cpu")
     st = stack.blocks[1].stats  # its 2 slots were warmed with experts 0 and 1
     assert st.prefetch_issued == 2 == st.prefetch_correct + st.prefetch_wasted + st.prefetch_dropped
     weights, ids = stack.blocks[1].route(stack.blocks[0].lookahead_logits(
         torch.randn(3, SHAPE.hidden, dtype=torch.bfloat16), 1, stack.blocks[1]))
     assert ids.tolist() == [[5, 6]] * 3
+
+
+def test_prefetch_only_evicts_for_guesses_worth_it():
+    from vllm_adapmoe.engine.slot_table import SlotTable, make_policy
+
+    table = SlotTable(3, make_policy("lru"), LayerStats())
+    table.admit([0, 1])
+    # 2 takes the free slot; 3 would need an eviction it is not worth; 4 is worth one and
+    # evicts 1, not 0 (another predicted expert of the layer)
+    assert table.prefetch([2, 3, 4], keep=[0], evictable={4}) == [(2, 2), (4, 1)]
+    assert table.slot_of == {0: 0, 4: 1, 2: 2} and table.stats.prefetch_issued == 2
+    assert table.prefetch([5], keep=[0, 2, 4]) == []  # every resident is a guess: stop
+    table.count_step([0, 4])  # needed 2 of 3 residents: reuse (1 + 2) / (2 + 2)
+    assert table.reuse == 0.75
 
 
 def test_prefetch_pay_off_rule():
@@ -139,6 +156,9 @@ def test_prefetch_pay_off_rule():
     assert LinkCost(0.3).min_probability(1) == 0.5  # the copy fits in the head start
     assert LinkCost(10).min_probability(1) == pytest.approx(10 / 11)
     assert LinkCost(10).min_probability(3) == pytest.approx(10 / 13)  # deeper: more head start
+    # evicting a resident that is needed again half the time costs half a reload more
+    assert LinkCost().min_probability(1, reuse=0.5) == 0.75
+    assert LinkCost(10).min_probability(1, reuse=0.5) > 1  # a slow link: guesses only fill free slots
     counts = [0, 1, 3, 0, 2]
     assert rank_prefetch(counts, 8) == [2, 4, 1]
     assert rank_prefetch(counts, 2) == [2, 4]

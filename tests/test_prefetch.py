@@ -53,23 +53,24 @@ def test_simulator_reproduces_live_prefetch(prefetching, tmp_path):
 
 
 def test_simulator_reproduces_the_pay_off_rule(engines, tiny_model, tmp_path):
-    """One load pinned at 30 layers: only guesses right ≥ 30 times in 31 are issued (this
-    model's predictor is right ~9 in 10, so single-token guesses are not, guesses two tokens
-    agree on are); the simulator makes the same choices from the trace and the predictor score
-    recorded at its start."""
-    llm = engines.get(tiny_model, "adapmoe", cache_slots=4, prefetch=True, link_layers=30)
+    """One load pinned at one layer: a guess fills a free slot when right at least half the
+    time, and evicts a resident only when right more often than (1 + reuse) / 2 — reuse being
+    how often this layer's residents are needed again; the simulator makes the same choices
+    from the trace and the predictor scores and reuse recorded at its start. At 30 layers per
+    load, evicting never pays and fewer guesses go."""
+    llm = engines.get(tiny_model, "adapmoe", cache_slots=4, prefetch=True, link_layers=1)
     greedy(llm, PROMPTS[:4], max_tokens=4)  # the predictor has a score before the trace
     vllm_adapmoe.reset_stats(llm)
     vllm_adapmoe.start_trace(llm)
     greedy(llm, PROMPTS, max_tokens=10)
-    greedy(llm, PROMPTS[1:3], max_tokens=20)  # two tokens a step: some experts both guess
+    greedy(llm, PROMPTS[1:3], max_tokens=20)
     trace = Trace.load(vllm_adapmoe.stop_trace(llm, tmp_path / "pay.npz"))
     live = vllm_adapmoe.stats(llm)
-    sim = simulate(trace, trace.meta["slots"], "lru", prefetch=True, link_layers=30)
+    sim = simulate(trace, trace.meta["slots"], "lru", prefetch=True, link_layers=1)
     _assert_counters_equal(live, sim)
-    assert live["total"]["prefetch_issued"] == sim["total"]["prefetch_issued"] > 0
-    free = simulate(trace, trace.meta["slots"], "lru", prefetch=True)["total"]
-    assert free["prefetch_issued"] != live["total"]["prefetch_issued"]
+    assert live["total"]["prefetch_issued"] > 0
+    slow = simulate(trace, trace.meta["slots"], "lru", prefetch=True, link_layers=30)["total"]
+    assert slow["prefetch_issued"] < live["total"]["prefetch_issued"]
 
 
 def test_profile_fitted_map_drives_the_guesses(engines, tiny_model, tmp_path):

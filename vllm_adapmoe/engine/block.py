@@ -39,7 +39,7 @@ from vllm_adapmoe.engine.store import HostExpertStore
 from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.stats import LayerStats
 from vllm_adapmoe.engine.prefetch import (PredictionScore, expert_counts, expert_mass,
-                                          predicted_expert_sets, rank_prefetch)
+                                          predicted_expert_sets, worth_prefetching)
 from vllm_adapmoe.engine.routing import RouterSpec
 
 _EXPERT_WEIGHTS = {"w1": "w1", "w2": "w2", "w3": "w3",
@@ -359,16 +359,16 @@ class AdapMoEBlock(nn.Module):
 
     def _book_prefetch(self, target: AdapMoEBlock, depth: int, counts: list[int]) -> None:
         """Book the predicted experts of ``target`` (``depth`` layers ahead) that pay for their
-        copy, given how well this predictor has done and what a load costs on this link, never
-        evicting another predicted one; on pure-decode steps, leave the prediction with
-        ``target`` to be scored."""
+        copy (and for what they evict), given how well this predictor has done and what a load
+        costs on this link, never evicting another predicted one; on pure-decode steps, leave
+        the prediction with ``target`` to be scored."""
         score = target.prediction_scores.setdefault(depth, PredictionScore())
         named = [e for e, c in enumerate(counts) if c]
         if self.step.all_decode:
             target._predicted[depth] = named
-        min_probability = self.cache.link.cost.min_probability(depth)
-        target.cache.prefetch(rank_prefetch(counts, target.cache.num_slots, score.precision,
-                                            min_probability), keep=named)
+        issue, evictable = worth_prefetching(counts, target.cache.table, score,
+                                             self.cache.link.cost, depth)
+        target.cache.prefetch(issue, keep=named, evictable=evictable)
 
     def _predict_and_record(self, x: torch.Tensor) -> None:
         """While a trace is recorded: the next layer's router on every row (the trace stores

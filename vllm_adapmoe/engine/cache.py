@@ -68,12 +68,15 @@ class LinkCost:
             return 0.0  # not measured yet
         return self._copy_s / self._layer_s
 
-    def min_probability(self, depth: int) -> float:
+    def min_probability(self, depth: int, reuse: float = 0.0) -> float:
         """Issue a prefetch ``depth`` layers ahead when its chance of use p pays: a right one
         saves the stall the head start covers (min(r, depth) layers), a wrong one costs the
-        link r layers that later loads wait for: p·min(r, depth) ≥ (1 − p)·r."""
+        link r layers that later loads wait for, and evicting a resident that is needed again
+        with probability ``reuse`` costs a reload: p·min(r, depth) ≥ (1 − p)·r + reuse·r."""
         r = self.layers_per_load()
-        return r / (r + min(r, depth)) if r > 0 else 0.5
+        if r <= 0:  # not measured, or pinned free: the limit r → 0
+            return (1 + reuse) / 2
+        return r * (1 + reuse) / (r + min(r, depth))
 
 
 class Link:
@@ -225,10 +228,11 @@ class ExpertCache:
             self.link.promote(future)
         return pending
 
-    def prefetch(self, experts: list[int], keep: Iterable[int] = ()) -> None:
-        """Book and queue ``experts`` ahead of need (the layer has not run yet this step),
-        evicting none of ``keep``."""
-        placed = self.table.prefetch(experts, keep)
+    def prefetch(self, experts: list[int], keep: Iterable[int] = (),
+                 evictable: set[int] | None = None) -> None:
+        """Book and queue ``experts`` ahead of need (the layer has not run yet this step); see
+        ``SlotTable.prefetch``."""
+        placed = self.table.prefetch(experts, keep, evictable)
         self._cancel_evicted()
         for expert, slot in placed:
             self._queue(expert, slot, prefetch=True)

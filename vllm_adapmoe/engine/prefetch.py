@@ -6,18 +6,24 @@ layers, so the guess is often right). The guessed routing goes through layer l+d
 rule. An expert guessed for c tokens is booked only if it pays for its copy: with the guess's
 measured precision a (``PredictionScore``, per target layer and distance), it is needed with
 probability p = 1 − (1 − a)^c; a right guess saves up to d layers of stall, a wrong one costs
-the link one load, r layers (``LinkCost``), so it is issued when p·min(r, d) ≥ (1 − p)·r. Booked
-guesses (most-requested first, at most the target's slots) queue behind on-demand copies on the
+the link one load, r layers (``LinkCost``), so it is issued when p·min(r, d) ≥ (1 − p)·r — into
+a free slot; evicting a resident that the layer needs again with probability q costs q·r more.
+Booked guesses (most-requested first, at most the target's slots) queue behind on-demand copies on the
 same link. Layer l+d's real routing stays authoritative: a wrong guess costs bandwidth and
 maybe an eviction, never correctness.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from vllm_adapmoe.engine.gating import AdaptiveGate
-from vllm_adapmoe.engine.slot_table import MASS_SCALE
+from vllm_adapmoe.engine.slot_table import MASS_SCALE, SlotTable
+
+if TYPE_CHECKING:
+    from vllm_adapmoe.engine.cache import LinkCost
 
 
 def predicted_expert_sets(weights: torch.Tensor, ids: torch.Tensor, gate: AdaptiveGate) -> torch.Tensor:
@@ -56,6 +62,16 @@ def rank_prefetch(counts: list[int], capacity: int, precision: float = 1.0,
     the predictor's measured ``precision``), which must reach ``min_probability``."""
     ranked = sorted((e for e, c in enumerate(counts) if c), key=lambda e: (-counts[e], e))
     return [e for e in ranked[:capacity] if 1 - (1 - precision) ** counts[e] >= min_probability]
+
+
+def worth_prefetching(counts: list[int], table: SlotTable, score: PredictionScore,
+                      cost: LinkCost, depth: int) -> tuple[list[int], set[int]]:
+    """(guesses worth a free slot, those of them also worth evicting a resident for): the
+    pay-off rule without and with the risk that the evicted expert is needed again."""
+    capacity = table.num_slots
+    issue = rank_prefetch(counts, capacity, score.precision, cost.min_probability(depth))
+    evict = rank_prefetch(counts, capacity, score.precision, cost.min_probability(depth, table.reuse))
+    return issue, set(evict)
 
 
 class PredictionScore:

@@ -166,6 +166,9 @@ class SlotTable:
         self.expert_in_slot: list[int] = [-1] * num_slots
         self.slot_of: dict[int, int] = {}
         self.prefetched: set[int] = set()  # prefetched, not yet checked against real routing
+        # (hits + 1, needed + 2) over this table's life (not reset with the stats): how likely a
+        # resident expert is to be needed again, i.e. what evicting one for a guess risks
+        self.reuse_counts = [1, 2]
         # True while every expert ever placed went to the slot of its own id (e.g. every expert
         # resident): then expert ids are slot ids. Once false it stays false (cheap to keep).
         self.in_place = True
@@ -179,6 +182,8 @@ class SlotTable:
         if mass is not None:
             self.policy.observe(mass)
         hits = sum(1 for e in needed if e in self.slot_of)
+        self.reuse_counts[0] += hits
+        self.reuse_counts[1] += len(needed)
         self.stats.hits += hits
         self.stats.misses += len(needed) - hits
         kept = self.prefetched - dropped
@@ -188,26 +193,35 @@ class SlotTable:
         self.stats.prefetch_wasted += len(kept) - correct
         self.prefetched.clear()
 
-    def prefetch(self, experts: list[int], keep: Iterable[int] = ()) -> list[tuple[int, int]]:
-        """Book ``experts`` ahead of need, most wanted first; never evicts one of them or of
-        ``keep`` (the target layer's other predicted experts): it stops instead. Returns the
-        placements (loads) this issues."""
-        placed = self.admit(experts, self.prefetched.union(experts, keep), optional=True)
+    @property
+    def reuse(self) -> float:
+        return self.reuse_counts[0] / self.reuse_counts[1]
+
+    def prefetch(self, experts: list[int], keep: Iterable[int] = (),
+                 evictable: set[int] | None = None) -> list[tuple[int, int]]:
+        """Book ``experts`` ahead of need, most wanted first: into free slots, or by evicting a
+        resident only for those in ``evictable`` (None: all), and never one of ``experts`` or
+        ``keep`` (the target layer's other predicted experts). Returns the placements (loads)."""
+        placed = self.admit(experts, self.prefetched.union(experts, keep), evictable)
         self.prefetched.update(e for e, _ in placed)
         self.stats.prefetch_issued += len(placed)
         return placed
 
     def admit(self, experts: list[int], protected: set[int] | None = None,
-              optional: bool = False) -> list[tuple[int, int]]:
+              evictable: set[int] | None = None) -> list[tuple[int, int]]:
         """Make room for every non-resident expert of ``experts`` (never evicting one of them,
         or of ``protected``); returns the new (expert, slot) placements, i.e. the loads to
-        perform (counted here). ``optional``: stop where only protected experts could go."""
+        perform (counted here). With ``protected`` given (a prefetch), an expert that would need
+        an eviction is skipped unless it is in ``evictable`` (None: all) and a victim exists."""
+        optional = protected is not None
         protected = set(experts) if protected is None else protected
         placed = []
         for e in experts:
             if e not in self.slot_of:
-                if optional and -1 not in self.expert_in_slot and protected.issuperset(self.slot_of):
-                    break
+                if optional and -1 not in self.expert_in_slot and (
+                        (evictable is not None and e not in evictable)
+                        or protected.issuperset(self.slot_of)):
+                    continue
                 slot = self._free_slot(protected)
                 self.place(e, slot)
                 placed.append((e, slot))
@@ -246,10 +260,12 @@ class SlotTable:
         return slot
 
     def state(self) -> dict[str, Any]:
-        return {"expert_in_slot": list(self.expert_in_slot), "policy": self.policy.state()}
+        return {"expert_in_slot": list(self.expert_in_slot), "policy": self.policy.state(),
+                "reuse": list(self.reuse_counts)}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.expert_in_slot = [int(e) for e in state["expert_in_slot"]]
         self.slot_of = {e: s for s, e in enumerate(self.expert_in_slot) if e >= 0}
         self.in_place = all(e == s for e, s in self.slot_of.items())
         self.policy.load_state(state["policy"])
+        self.reuse_counts = [int(n) for n in state.get("reuse", [1, 2])]

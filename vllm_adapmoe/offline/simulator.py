@@ -20,7 +20,7 @@ from vllm_adapmoe.engine.stats import LayerStats, summarise
 from vllm_adapmoe.engine.block import Routing, count_routing, plan_waves
 from vllm_adapmoe.engine.cache import LinkCost
 from vllm_adapmoe.engine.prefetch import (PredictionScore, expert_counts, expert_mass,
-                                          predicted_expert_sets, rank_prefetch)
+                                          predicted_expert_sets, worth_prefetching)
 from vllm_adapmoe.engine.slot_table import POLICIES as LIVE_POLICIES
 from vllm_adapmoe.engine.slot_table import BeladyPolicy, SlotTable, make_policy
 from vllm_adapmoe.offline.trace import StepLayer, Trace
@@ -62,7 +62,7 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
             table.load_state(state)
         tables.append(table)
 
-    min_probability = LinkCost(link_layers).min_probability(1)
+    cost = LinkCost(link_layers)
     scores = [PredictionScore() for _ in range(L)]
     for score, state in zip(scores, trace.meta.get("prediction_scores") or [None] * L):
         if warm_start and state is not None:
@@ -76,8 +76,8 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
             counts = predicted_counts(block, gates[block.layer], int(trace.meta["num_experts"]))
             if counts is not None:
                 named = [e for e, c in enumerate(counts) if c]
-                table.prefetch(rank_prefetch(counts, table.num_slots, scores[block.layer].precision,
-                                             min_probability), keep=named)
+                issue, evictable = worth_prefetching(counts, table, scores[block.layer], cost, 1)
+                table.prefetch(issue, keep=named, evictable=evictable)
                 predicted = named if block.decode.all() else []
         needed = routing.needed_experts()
         count_routing(st, routing, int(block.decode.sum()))
