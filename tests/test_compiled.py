@@ -39,6 +39,7 @@ def test_tiny_compiled_matches_stock_compiled(engines, tiny_model, tiny_resident
     assert_same(greedy(engines.get(tiny_model, eager=False)), tiny_resident_compiled)
 
 
+@pytest.mark.slow  # ~2 min; the tiny model covers 1 slot + prefetch compiled in the default run
 def test_bundled_compiled_matches_stock_compiled_at_one_slot_with_prefetch(engines, bundled_model):
     """The 16-prompt batch on the trained model, compiled: stock = all resident = 1 slot + prefetch."""
     stock = greedy(engines.get(bundled_model, eager=False))
