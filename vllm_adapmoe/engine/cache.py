@@ -207,10 +207,10 @@ class ExpertCache:
         """Count the step (``SlotTable.count_step``); prefetches for this layer that it does not
         need and whose copies have not started are dropped: their copies are cancelled and
         their slots freed, so the link and the slots serve what is needed instead."""
-        unused = self.table.prefetched.difference(needed)
-        for e in unused:
-            if e in self._pending and self._cancel(e):
-                self._dropped.add(e)
+        if self._pending:  # nothing is ever queued when copies are inline
+            for e in self.table.prefetched.difference(needed):
+                if e in self._pending and self._cancel(e):
+                    self._dropped.add(e)
         dropped = self._dropped & self.table.prefetched
         self._dropped.clear()
         self.table.count_step(needed, mass, dropped)

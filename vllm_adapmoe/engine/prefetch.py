@@ -61,17 +61,22 @@ def rank_prefetch(counts: list[int], capacity: int, precision: float = 1.0,
     for c tokens is used with probability 1 − (1 − precision)^c (each prediction right with
     the predictor's measured ``precision``), which must reach ``min_probability``."""
     ranked = sorted((e for e, c in enumerate(counts) if c), key=lambda e: (-counts[e], e))
-    return [e for e in ranked[:capacity] if 1 - (1 - precision) ** counts[e] >= min_probability]
+    return [e for e in ranked[:capacity] if use_probability(precision, counts[e]) >= min_probability]
+
+
+def use_probability(precision: float, count: int) -> float:
+    """Chance an expert guessed for ``count`` tokens is needed, each guess right with ``precision``."""
+    return 1 - (1 - precision) ** count
 
 
 def worth_prefetching(counts: list[int], table: SlotTable, score: PredictionScore,
                       cost: LinkCost, depth: int) -> tuple[list[int], set[int]]:
     """(guesses worth a free slot, those of them also worth evicting a resident for): the
     pay-off rule without and with the risk that the evicted expert is needed again."""
-    capacity = table.num_slots
-    issue = rank_prefetch(counts, capacity, score.precision, cost.min_probability(depth))
-    evict = rank_prefetch(counts, capacity, score.precision, cost.min_probability(depth, table.reuse))
-    return issue, set(evict)
+    issue = rank_prefetch(counts, table.num_slots, score.precision, cost.min_probability(depth))
+    # the bar with reuse is never lower, so the evicting guesses are a subset of ``issue``
+    bar = cost.min_probability(depth, table.reuse)
+    return issue, {e for e in issue if use_probability(score.precision, counts[e]) >= bar}
 
 
 class PredictionScore:
