@@ -195,3 +195,25 @@ def test_plot_plan(tmp_path):
         assert wrote is False and not path.exists()
     else:
         assert wrote is True and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_with_staging_gives_flat_layers_one_slot():
+    """The budget pays for the shared staging row: where two layers gain nothing from a second
+    slot, one slot each plus one staging row beats top_k slots everywhere."""
+    from vllm_adapmoe.engine.cache_plan import plan_with_staging, staging_rows
+
+    flat, steep = [0.5, 0.5, 0.5, 0.5], [2.0, 1.0, 0.4, 0.1]
+    curves = [flat, flat, steep, steep]
+    slots = plan_with_staging(8, 2, 4, lambda budget, lo: plan_dp(curves, budget, lo=lo),
+                              lambda s: plan_cost(s, curves))
+    assert slots == [1, 1, 3, 2] and staging_rows(slots, 2) == 1
+    assert sum(slots) + staging_rows(slots, 2) == 8
+    assert plan_cost(slots, curves) < plan_cost([2, 2, 2, 2], curves)
+    # equal cost: no staging
+    assert plan_with_staging(8, 2, 4, lambda budget, lo: plan_dp([steep] * 4, budget, lo=lo),
+                             lambda s: plan_cost(s, [steep] * 4)) == [2, 2, 2, 2]
+    # uniform below top_k per layer: one staging row, paid from the budget
+    uniform = plan_with_staging(6, 2, 4, lambda budget, lo: plan_uniform(4, 8, budget, lo))
+    assert uniform == [2, 1, 1, 1] and sum(uniform) + staging_rows(uniform, 2) == 6
+    with pytest.raises(ValueError, match="staging"):
+        plan_with_staging(4, 2, 4, lambda budget, lo: plan_uniform(4, 8, budget, lo))

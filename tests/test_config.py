@@ -49,3 +49,12 @@ def test_threshold_needs_sensitivities():
     assert cfg.sensitivities(3, None) == [1.0, 2.0, 3.0]
     with pytest.raises(AdapMoEConfigError, match="one per layer"):
         cfg.sensitivities(4, None)
+
+
+def test_budget_pays_for_shared_staging_rows():
+    """Below top_k slots per layer the budget also pays for the shared staging rows."""
+    cfg = AdapMoEConfig.from_dict({"cache_total_slots": 6})
+    assert cfg.slots_per_layer(4, 8, 10, top_k=2) == [2, 1, 1, 1]  # + 1 staging row = 6
+    assert cfg.slots_per_layer(4, 8, 10, top_k=1) == [2, 2, 1, 1]
+    with pytest.raises(AdapMoEConfigError, match="staging row"):
+        AdapMoEConfig.from_dict({"cache_total_slots": 4}).slots_per_layer(4, 8, 10, top_k=2)

@@ -59,13 +59,15 @@ def test_grouped_kernel_matches_reference_loop(device):
         torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
 
 
-def _stack(device: str, slots: int | None, prefetch: bool = False, gbps: float | None = None,
-           kernel: str = "grouped", threshold: float = 0.0, layers: int = 4) -> ExpertStack:
+def _stack(device: str, slots: int | list[int] | None, prefetch: bool = False,
+           gbps: float | None = None, kernel: str = "grouped", threshold: float = 0.0,
+           layers: int = 4) -> ExpertStack:
     n = SHAPE.experts if slots is None else slots
     config = AdapMoEConfig(prefetch=prefetch, link_gbps=gbps, kernel=kernel, threshold=threshold,
                            sensitivity=(1.0,) * layers if threshold else None,
                            prefetch_lookahead=2 if prefetch else 1)
-    stack = ExpertStack(SHAPE, [n] * layers, config, torch.device(device))
+    stack = ExpertStack(SHAPE, n if isinstance(n, list) else [n] * layers, config,
+                        torch.device(device))
     g = torch.Generator().manual_seed(7)
     for block in stack.blocks:
         block.gate.weight.data.copy_(torch.randn(block.gate.weight.shape, generator=g))
@@ -193,6 +195,23 @@ def test_gated_stack_is_budget_independent(device):
     assert torch.equal(_decode(stack, BATCHES, device), expected)
     total = stack.stats()["total"]
     assert 0 < total["top1_tokens"] and total["activated_experts"] < 2 * total["tokens"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layers_below_top_k_share_staging_rows(device):
+    """One-slot layers load a token's second expert into staging rows the model shares (one
+    row here, counted once in the device bytes): same output as all resident, with gating and
+    prefetch on, and nothing kept in staging between steps."""
+    expected = _decode(_stack(device, None, threshold=0.05), BATCHES, device)
+    stack = _stack(device, [1, 3, 1, 2], prefetch=True, threshold=0.05)
+    assert torch.equal(_decode(stack, BATCHES, device), expected)
+    row = stack.blocks[0].cache.device_bytes
+    assert stack.staging.rows == 1 and stack.device_bytes() == (1 + 3 + 1 + 2 + 1) * row
+    layers = stack.stats()["layers"]
+    assert [layer["slots"] for layer in layers] == [1, 3, 1, 2]
+    assert [layer["staging_bytes"] for layer in layers] == [row, 0, 0, 0]
+    assert [len(b.cache.slot_of) for b in stack.blocks] == [1, 3, 1, 2]
+    assert layers[0]["loads"] > layers[1]["loads"]  # the one-slot layers pay in loads
 
 
 def _cache(device: str, slots: int, gbps: float | None) -> ExpertCache:

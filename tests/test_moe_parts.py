@@ -109,3 +109,20 @@ def test_emulated_link_makes_loads_take_bytes_over_bandwidth():
     cache = ExpertCache(store, 2, torch.device("cpu"), "lru", stats, Link(torch.device("cpu"), gbps))
     cache.wait(cache.start_loads([0, 1]))  # two loads queue on one link
     assert stats.stall_s >= 0.095
+
+
+def test_shared_staging_row_holds_only_what_a_full_wave_needs():
+    """A one-slot layer (own=1) of a top-2 model: the second expert of a wave goes to the
+    shared staging row and is gone after the step; prefetches never use staging."""
+    from vllm_adapmoe.engine.slot_table import SlotTable
+
+    stats = LayerStats()
+    table = SlotTable(2, LRUPolicy(), stats, own=1)
+    assert table.admit([3]) == [(3, 0)]  # the own slot first
+    assert table.admit([3, 5]) == [(5, 1)]  # 3 needed too: 5 is staged
+    table.release_staging()
+    assert table.slot_of == {3: 0} and table.expert_in_slot == [3, -1]
+    assert table.admit([5]) == [(5, 0)]  # an unneeded own resident is evicted, not staged
+    assert table.prefetch([7], keep=[5]) == []  # would evict a predicted expert; no staging
+    assert table.prefetch([7]) == [(7, 0)]
+    assert stats.loads == 3 + 1 and stats.prefetch_issued == 1

@@ -23,8 +23,10 @@ def test_cli_workflow_and_dp_prefetch_engine_is_exact(engines, tiny_model, tmp_p
     assert profile.prediction[0]["top1"] is None and profile.prediction[1]["top1"] is not None
 
     assert main(["plan", str(prof), "--total-slots", "9", "--out", str(plan)]) == 0
-    slots = json.loads(plan.read_text())["slots"]
-    assert sum(slots) == 9 and min(slots) >= 2  # at least top_k per layer
+    planned = json.loads(plan.read_text())
+    slots, staging = planned["slots"], planned["staging_rows"]
+    # the 9 slots are own slots plus the rows layers below top_k = 2 share
+    assert sum(slots) + staging == planned["device_slots"] == 9 and staging == max(0, 2 - min(slots))
 
     llm = engines.get(tiny_model, "adapmoe", cache_total_slots=9, plan="dp", profile=str(prof),
                       prefetch=True)

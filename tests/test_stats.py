@@ -58,12 +58,15 @@ def test_reset_zeroes_everything(engines, tiny_model):
 
 
 def test_slot_memory_scales_with_budget_not_experts(engines, tiny_model):
-    per_slot = {}
+    per_slot, staging = {}, {}
     for slots in (1, 2, None):
         llm = engines.get(tiny_model, "adapmoe", **({"cache_slots": slots} if slots else {}))
-        layer = vllm_adapmoe.stats(llm)["layers"][0]
+        layers = vllm_adapmoe.stats(llm)["layers"]
+        layer = layers[0]
         per_slot[layer["slots"]] = layer["slot_bytes"]
+        staging[layer["slots"]] = [x["staging_bytes"] for x in layers]
         assert layer["slot_bytes"] == layer["slots"] * layer["expert_bytes"]
-    # 1 requested slot is raised to top_k=2 rows (staging); 8 = all experts
-    assert sorted(per_slot) == [2, 8]
-    assert per_slot[8] == 4 * per_slot[2]
+    assert sorted(per_slot) == [1, 2, 8]
+    assert per_slot[8] == 4 * per_slot[2] == 8 * per_slot[1]
+    # 1 slot per layer of a top-2 model: one staging row shared by all 3 layers, reported once
+    assert staging[1] == [per_slot[1], 0, 0] and staging[2] == staging[8] == [0, 0, 0]

@@ -241,7 +241,7 @@ def _hook_worker() -> None:
         b = blocks[0]
         meta = {"model": str(self.vllm_config.model_config.model), "num_layers": len(blocks),
                 "num_experts": b.num_experts, "top_k": b.top_k,
-                "expert_bytes": b.store.expert_bytes, "slots": [x.cache.num_slots for x in blocks],
+                "expert_bytes": b.store.expert_bytes, "slots": [x.cache.own_slots for x in blocks],
                 "eviction": b.cache.table.policy.name,
                 "additional_config": self.vllm_config.additional_config,
                 "cache_state": [x.cache.table.state() for x in blocks],

@@ -213,7 +213,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from vllm_adapmoe.engine.cache_plan import (closed_form_curve, plan_cost, plan_dp, plan_table,
-                                         plan_uniform, plot_plan, save_plan)
+                                         plan_uniform, plan_with_staging, plot_plan, save_plan,
+                                         staging_rows)
     from vllm_adapmoe.offline.profile import load_profile
 
     profile = load_profile(args.profile)
@@ -221,12 +222,20 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     E = len(profile.miss_curves[0]) if profile.miss_curves else len(profile.routing[0]["top1_freq"])
     total = args.total_slots if args.total_slots is not None else max(L, round(args.fraction * E * L))
     curves = profile.miss_curves
-    top_k = int(profile.calibration.get("top_k", 2))
+    top_k = min(int(profile.calibration.get("top_k", 2)), E)
+
+    def staged(plan_curves: list[list[float]] | None) -> list[int]:
+        """The plan whose own slots plus shared staging rows use the ``total`` slots."""
+        if plan_curves is None:
+            return plan_with_staging(total, top_k, L, lambda b, lo: plan_uniform(L, E, b, lo))
+        return plan_with_staging(total, top_k, L, lambda b, lo: plan_dp(plan_curves, b, lo=lo),
+                                 lambda s: plan_cost(s, plan_curves))
+
     if args.method == "dp":
         if not curves:
             raise ValueError(f"{args.profile} has no miss curves; run `adapmoe profile "
                              f"{args.profile} --trace TRACE.npz` (or use --method closed-form)")
-        slots = plan_dp(curves, total, lo=min(top_k, E))
+        slots = staged(curves)
     elif args.method == "closed-form":
         key = f"{args.threshold:g}"
         form = []
@@ -234,17 +243,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             top1 = (profile.routing[layer].get("top1_fraction") or {}).get(key, 0.0)
             acc = ((profile.prediction or [{}] * L)[layer] or {}).get("recall") or 0.0
             form.append(closed_form_curve(E, top_k, top1, acc))
-        slots = plan_dp(form, total, lo=min(top_k, E))
+        slots = staged(form)
     else:
-        slots = plan_uniform(L, E, total)
-    print(f"{args.method} plan for {total} slots over {L} layers x {E} experts")
+        slots = staged(None)
+    staging = staging_rows(slots, top_k)
+    print(f"{args.method} plan for {total} slots over {L} layers x {E} experts"
+          + (f": {sum(slots)} own slots + {staging} staging row(s) shared by the layers below "
+             f"top_k={top_k}" if staging else ""))
     print(plan_table(slots, curves))
     if curves:
-        uniform = plan_uniform(L, E, total)
+        uniform = staged(None)
         print(f"expected misses per decoded token: this plan {plan_cost(slots, curves):.3f}, "
               f"uniform {plan_cost(uniform, curves):.3f}")
     out = Path(args.out or Path(args.profile).with_suffix(".plan.json"))
-    save_plan(out, slots, args.method, total, curves=curves)
+    save_plan(out, slots, args.method, sum(slots), curves=curves,
+              extra={"staging_rows": staging, "device_slots": total})
     if args.plot:
         plot_plan(slots, curves, args.plot)
     print(f"wrote {out}")

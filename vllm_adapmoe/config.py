@@ -187,20 +187,26 @@ class AdapMoEConfig:
                     f"{num_layers} x {num_experts} experts; omit the budget to keep all resident"
                 )
             budget_name = f"cache_total_slots={total}"
-        if total < num_layers:
+        # The budget pays for the shared staging rows too (a layer below top_k own slots loads
+        # the rest of a token's experts there): one own slot per layer plus top_k - 1 rows.
+        top_k = min(top_k, num_experts)
+        if total < num_layers + top_k - 1:
             raise AdapMoEConfigError(
-                f"adapmoe: {budget_name} gives fewer than one slot per MoE layer "
-                f"({num_layers} layers); raise the budget"
+                f"adapmoe: {budget_name} gives fewer than one slot per MoE layer ({num_layers} "
+                f"layers) plus the {top_k - 1} shared staging row(s) a top-{top_k} token needs "
+                f"({num_layers + top_k - 1} in all); raise the budget"
             )
-        if self.plan == "dp":
-            return self._dp_split(total, num_layers, hf_config, min(top_k, num_experts))
-        return uniform_split(total, num_layers)
+        from vllm_adapmoe.engine.cache_plan import plan_uniform, plan_with_staging
 
-    def _dp_split(self, total: int, num_layers: int, hf_config: Any, lo: int) -> list[int]:
-        """DP over the profile's miss curves; each layer gets at least ``lo`` = top_k slots (a
-        layer computes a token's top-k experts together, so fewer would be staging rows that
-        the budget does not count)."""
-        from vllm_adapmoe.engine.cache_plan import plan_dp
+        if self.plan == "dp":
+            return self._dp_split(total, num_layers, hf_config, top_k)
+        return plan_with_staging(total, top_k, num_layers,
+                                 lambda budget, lo: plan_uniform(num_layers, num_experts, budget, lo))
+
+    def _dp_split(self, total: int, num_layers: int, hf_config: Any, top_k: int) -> list[int]:
+        """DP over the profile's miss curves, staging rows included in ``total``: it gives a
+        layer fewer than top_k own slots where that costs fewer misses than the rows it takes."""
+        from vllm_adapmoe.engine.cache_plan import plan_cost, plan_dp, plan_with_staging
         from vllm_adapmoe.offline.profile import load_profile
 
         profile = load_profile(self.profile, hf_config)
@@ -209,11 +215,9 @@ class AdapMoEConfig:
             raise AdapMoEConfigError(
                 f'adapmoe: plan="dp" needs miss curves in {self.profile}; record a trace with '
                 "`adapmoe trace` and add them with `adapmoe profile PROFILE.json --trace T.npz`")
-        if total < lo * num_layers:
-            raise AdapMoEConfigError(
-                f'adapmoe: plan="dp" needs at least top_k={lo} slots per layer '
-                f"({lo * num_layers} in all); the budget gives {total}")
-        return plan_dp(curves, total, lo=lo)
+        return plan_with_staging(total, top_k, num_layers,
+                                 lambda budget, lo: plan_dp(curves, budget, lo=lo),
+                                 lambda slots: plan_cost(slots, curves))
 
 
 def uniform_split(total: int, num_layers: int) -> list[int]:

@@ -41,6 +41,7 @@ from vllm_adapmoe.engine.stats import LayerStats
 from vllm_adapmoe.engine.prefetch import (PredictionScore, expert_counts, expert_mass,
                                           predicted_expert_sets, worth_prefetching)
 from vllm_adapmoe.engine.routing import RouterSpec
+from vllm_adapmoe.engine.staging import StagingArea
 
 _EXPERT_WEIGHTS = {"w1": "w1", "w2": "w2", "w3": "w3",
                    "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
@@ -101,7 +102,8 @@ class AdapMoEBlock(nn.Module):
                  gate: nn.Module, device: torch.device, sensitivity: float = 0.0,
                  link: Link | None = None, params_dtype: torch.dtype | None = None,
                  prefix: str = "", store: HostExpertStore | None = None,
-                 router: RouterSpec | None = None, shard: tuple[int, int] = (0, 1)) -> None:
+                 router: RouterSpec | None = None, shard: tuple[int, int] = (0, 1),
+                 staging: StagingArea | None = None) -> None:
         super().__init__()
         rank, size = shard
         if not 0 <= rank < size or intermediate_size % size:
@@ -127,10 +129,11 @@ class AdapMoEBlock(nn.Module):
         # a buffer, so vLLM's compiled graph reads the gating rule's parameters by reference
         self.register_buffer("gating_params", self.gating.params, persistent=False)
         self.stats = LayerStats()
-        # A token's top-k experts must be co-resident for one kernel call: below top_k slots the
-        # extra rows act as staging (documented in README) and are counted in `slots`.
-        self.cache = ExpertCache(self.store, max(num_slots, top_k), device, config.eviction,
-                                 self.stats, link)
+        # A token's top-k experts must be co-resident for one kernel call: below top_k own slots
+        # the rest are loaded into the model's shared ``staging`` rows; without it (a block
+        # built on its own) the layer gets top_k slots.
+        self.cache = ExpertCache(self.store, num_slots if staging else max(num_slots, top_k),
+                                 device, config.eviction, self.stats, link, staging, layer_idx)
         self.prefetch_enabled = config.prefetch
         self.next_blocks: list[AdapMoEBlock] = []  # the look-ahead layers, wired by the model
         self.lookahead_maps: dict[int, torch.Tensor] = {}  # distance → fitted map (set_lookahead_map)
@@ -291,6 +294,7 @@ class AdapMoEBlock(nn.Module):
                 self._prefetch_next(x, guesses, predicted)
                 clock and clock.mark("prefetch")
             self._compute_wave(out, x, routing, rows, experts, pending)
+        self.cache.end_step()
         if self.last and step.counted and step.on_step_end is not None:
             step.on_step_end()
         return out
@@ -415,8 +419,11 @@ class AdapMoEBlock(nn.Module):
         self._predicted.clear()
 
     def stats_dict(self) -> dict[str, float]:
-        return {"layer": self.layer_idx, "slots": self.cache.num_slots,
+        staging = self.cache.staging
+        return {"layer": self.layer_idx, "slots": self.cache.own_slots,
                 "expert_bytes": self.store.expert_bytes, "slot_bytes": self.cache.device_bytes,
+                # the shared staging rows, reported once (with the first layer using them)
+                "staging_bytes": staging.device_bytes if staging and staging.first(self.layer_idx) else 0,
                 **self.stats.as_dict()}
 
 

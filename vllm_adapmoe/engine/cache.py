@@ -32,6 +32,7 @@ import torch
 from vllm_adapmoe.engine.store import HostExpertStore
 from vllm_adapmoe.engine.stats import LayerStats
 from vllm_adapmoe.engine.slot_table import SlotTable, make_policy
+from vllm_adapmoe.engine.staging import StagingArea
 
 
 # Below this, a CPU copy (~10 GB/s: < ~1 ms) is cheaper to do in place than to hand over.
@@ -161,17 +162,30 @@ class _Copy:
 
 
 class ExpertCache:
+    """``num_slots`` own slots; with ``staging`` (the model's shared rows, see ``staging.py``)
+    and fewer own slots than ``top_k``, the table also spans ``top_k - num_slots`` staging rows."""
+
     def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device,
-                 policy: str, stats: LayerStats, link: Link | None = None) -> None:
+                 policy: str, stats: LayerStats, link: Link | None = None,
+                 staging: StagingArea | None = None, layer: int = 0) -> None:
         self.store = store
-        self.num_slots = num_slots
+        self.own_slots = num_slots
         self.device = device
         self.stats = stats
         self.link = link or Link(device)
-        self.table = SlotTable(num_slots, make_policy(policy), stats)
+        self.staging = staging if staging is not None and staging.uses(layer) else None
         # Allocated at construction so vLLM's memory profiling counts them before sizing KV.
-        self.w13 = torch.zeros((num_slots, *store.w13.shape[1:]), dtype=store.w13.dtype, device=device)
-        self.w2 = torch.zeros((num_slots, *store.w2.shape[1:]), dtype=store.w2.dtype, device=device)
+        shape13, shape2, dtype = store.w13.shape[1:], store.w2.shape[1:], store.w13.dtype
+        if self.staging is None:
+            self.w13 = torch.zeros((num_slots, *shape13), dtype=dtype, device=device)
+            self.w2 = torch.zeros((num_slots, *shape2), dtype=dtype, device=device)
+            self._rows: list[int] | None = None  # table slot s is row s
+        else:
+            self.w13, self.w2, self._rows = self.staging.view(
+                layer, torch.empty(shape13, dtype=dtype, device=device),
+                torch.empty(shape2, dtype=dtype, device=device))
+        self.num_slots = num_slots if self._rows is None else len(self._rows)
+        self.table = SlotTable(self.num_slots, make_policy(policy), stats, own=num_slots)
         self._slot_map = torch.zeros(store.num_experts, dtype=torch.int32, device=device)
         self._pending: dict[int, Future] = {}  # expert → its latest queued copy
         self._dropped: set[int] = set()  # prefetched experts whose copies were cancelled
@@ -195,7 +209,9 @@ class ExpertCache:
 
     @property
     def device_bytes(self) -> int:
-        return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
+        """Bytes of the layer's own slots (shared staging rows: ``StagingArea.device_bytes``)."""
+        row = self.w13[0].numel() * self.w13.element_size() + self.w2[0].numel() * self.w2.element_size()
+        return self.own_slots * row
 
     def ready(self, expert: int) -> bool:
         """Resident and its data has landed (no copy still queued)."""
@@ -246,9 +262,14 @@ class ExpertCache:
         if self._pending:
             self._pending = {e: f for e, f in self._pending.items() if not f.done()}
 
+    def end_step(self) -> None:
+        """The layer's step is computed: its staging rows are free for the next layer."""
+        if self.staging is not None:
+            self.table.release_staging()
+
     def warm(self, experts: Iterable[int]) -> None:
-        """Fill empty slots at start-up (not counted as loads)."""
-        for slot, e in zip(range(self.num_slots), experts):
+        """Fill the empty own slots at start-up (not counted as loads)."""
+        for slot, e in zip(range(self.own_slots), experts):
             self.table.place(e, slot)
             self.table.policy.touch(e)
             self._slot_map[e] = slot
@@ -277,6 +298,7 @@ class ExpertCache:
                 self._dropped.add(e)
 
     def _queue(self, expert: int, slot: int, prefetch: bool) -> None:
+        slot = slot if self._rows is None else self._rows[slot]  # the row the kernel reads
         self._slot_map[expert] = slot
         self.stats.bytes_loaded += self.store.expert_bytes
         if self.inline:  # compute waits for this copy as it would for a queued one

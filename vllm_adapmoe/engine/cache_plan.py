@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import torch
 
 from vllm_adapmoe.config import uniform_split
 
-__all__ = ["plan_dp", "plan_uniform", "plan_cost", "closed_form_curve",
+__all__ = ["plan_dp", "plan_uniform", "plan_with_staging", "staging_rows", "plan_cost", "closed_form_curve",
            "miss_curves_from_profile", "plan_table", "save_plan", "load_plan", "plot_plan"]
 
 
@@ -119,6 +119,43 @@ def plan_dp(curves: Sequence[Sequence[float]], total: int, lo: int = 1) -> list[
         slots.append(k)
         j -= k
     return slots
+
+
+def staging_rows(slots: Sequence[int], top_k: int) -> int:
+    """Shared staging rows a plan needs: a token's ``top_k`` experts must fit in the smallest
+    layer's own slots plus the staging rows (``engine/staging.py``)."""
+    return max(0, top_k - min(slots))
+
+
+def plan_with_staging(total: int, top_k: int, num_layers: int,
+                      plan: Callable[[int, int], list[int]],
+                      cost: Callable[[list[int]], float] | None = None) -> list[int]:
+    """Own slots per layer when ``total`` device slots pay for the shared staging rows too.
+
+    For each staging size ``g = 0 .. top_k - 1`` whose budget allows ``lo = top_k - g`` slots
+    per layer: ``plan(total - g, lo)``; kept if it needs at most ``g`` rows. Without ``cost``
+    the first kept plan wins (fewest staging rows: the uniform split); with it the cheapest
+    (ties: fewer staging rows) -- the DP decides whether one-slot layers plus staging beat
+    ``top_k`` slots everywhere.
+    """
+    best: tuple[float, list[int]] | None = None
+    for g in range(max(top_k, 1)):
+        lo = max(1, top_k - g)
+        if total - g < lo * num_layers:
+            continue
+        slots = plan(total - g, lo)
+        if staging_rows(slots, top_k) > g:
+            continue
+        value = cost(slots) if cost is not None else 0.0
+        if best is None or value < best[0]:
+            best = (value, slots)
+        if cost is None:
+            break
+    if best is None:
+        raise ValueError(f"{total} slots cannot give every layer one slot plus the "
+                         f"{top_k - 1} shared staging row(s) a top-{top_k} token needs; "
+                         "raise the budget")
+    return best[1]
 
 
 def plan_uniform(num_layers: int, experts: int | Sequence[int], total: int, lo: int = 1) -> list[int]:

@@ -73,7 +73,7 @@ def worth_prefetching(counts: list[int], table: SlotTable, score: PredictionScor
                       cost: LinkCost, depth: int) -> tuple[list[int], set[int]]:
     """(guesses worth a free slot, those of them also worth evicting a resident for): the
     pay-off rule without and with the risk that the evicted expert is needed again."""
-    issue = rank_prefetch(counts, table.num_slots, score.precision, cost.min_probability(depth))
+    issue = rank_prefetch(counts, table.own, score.precision, cost.min_probability(depth))
     # the bar with reuse is never lower, so the evicting guesses are a subset of ``issue``
     bar = cost.min_probability(depth, table.reuse)
     return issue, {e for e in issue if use_probability(score.precision, counts[e]) >= bar}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Any
 
 from vllm_adapmoe.engine.stats import LayerStats
@@ -30,17 +30,18 @@ class LRUPolicy:
     def forget(self, expert: int) -> None:
         self._order.pop(expert, None)
 
-    def victim(self, resident: Iterable[int], protected: set[int]) -> int:
+    def victim(self, resident: Container[int], protected: set[int]) -> int:
         for expert in self._order:
-            if expert not in protected:
+            if expert not in protected and expert in resident:
                 return expert
         raise RuntimeError("every slot holds an expert the current wave needs")
 
-    def _lowest(self, resident: Iterable[int], protected: set[int], score: Callable[[int], Any]) -> int:
+    def _lowest(self, resident: Container[int], protected: set[int],
+                score: Callable[[int], Any]) -> int:
         """The unprotected resident expert with the lowest ``score`` (ties: least recently
         used), for the score-based subclasses."""
         recency = {e: i for i, e in enumerate(self._order)}
-        candidates = [e for e in resident if e not in protected]
+        candidates = [e for e in self._order if e in resident and e not in protected]
         if not candidates:
             raise RuntimeError("every slot holds an expert the current wave needs")
         return min(candidates, key=lambda e: (score(e), recency.get(e, -1)))
@@ -68,7 +69,7 @@ class LFUPolicy(LRUPolicy):
         self._count[expert] = self._count.get(expert, 0) + 1
         super().touch(expert)
 
-    def victim(self, resident: Iterable[int], protected: set[int]) -> int:
+    def victim(self, resident: Container[int], protected: set[int]) -> int:
         return self._lowest(resident, protected, lambda e: self._count.get(e, 0))
 
     def state(self) -> dict[str, Any]:
@@ -98,7 +99,7 @@ class BeladyPolicy(LRUPolicy):
         i = bisect.bisect_right(steps, self.now)
         return steps[i] if i < len(steps) else float("inf")
 
-    def victim(self, resident: Iterable[int], protected: set[int]) -> int:
+    def victim(self, resident: Container[int], protected: set[int]) -> int:
         return self._lowest(resident, protected, lambda e: -self._next_use(e))  # furthest first
 
 
@@ -138,7 +139,7 @@ class MRSPolicy(LRUPolicy):
             if m:
                 self._score[e] = self._score.get(e, 0.0) + m / MASS_SCALE * self._gain
 
-    def victim(self, resident: Iterable[int], protected: set[int]) -> int:
+    def victim(self, resident: Container[int], protected: set[int]) -> int:
         return self._lowest(resident, protected, lambda e: self._score.get(e, 0.0))
 
     def state(self) -> dict[str, Any]:
@@ -159,8 +160,16 @@ def make_policy(name: str) -> LRUPolicy:
 
 
 class SlotTable:
-    def __init__(self, num_slots: int, policy: LRUPolicy, stats: LayerStats) -> None:
+    """Slots ``0 .. own - 1`` are the layer's own; slots ``own .. num_slots - 1`` (if any) are
+    rows of the model's shared staging area (``staging.py``): a layer with fewer own slots than
+    a token has experts loads the rest there, and they hold nothing once its step ends (the
+    next layer may overwrite them). Staging is used only when every own slot holds an expert
+    the current wave needs, and never for a prefetch."""
+
+    def __init__(self, num_slots: int, policy: LRUPolicy, stats: LayerStats,
+                 own: int | None = None) -> None:
         self.num_slots = num_slots
+        self.own = num_slots if own is None else own
         self.policy = policy
         self.stats = stats
         self.expert_in_slot: list[int] = [-1] * num_slots
@@ -218,11 +227,11 @@ class SlotTable:
         placed = []
         for e in experts:
             if e not in self.slot_of:
-                if optional and -1 not in self.expert_in_slot and (
+                if optional and -1 not in self.expert_in_slot[:self.own] and (
                         (evictable is not None and e not in evictable)
-                        or protected.issuperset(self.slot_of)):
+                        or protected.issuperset(self._owned())):
                     continue
-                slot = self._free_slot(protected)
+                slot = self._free_slot(protected, staging=not optional)
                 self.place(e, slot)
                 placed.append((e, slot))
             self.policy.touch(e)
@@ -247,12 +256,33 @@ class SlotTable:
     def place(self, expert: int, slot: int) -> None:
         self.expert_in_slot[slot] = expert
         self.slot_of[expert] = slot
-        self.in_place = self.in_place and expert == slot
+        self.in_place = self.in_place and expert == slot and slot < self.own
 
-    def _free_slot(self, protected: set[int]) -> int:
-        if -1 in self.expert_in_slot:
-            return self.expert_in_slot.index(-1)
-        victim = self.policy.victim(self.slot_of.keys(), protected)
+    def release_staging(self) -> None:
+        """End of the layer's step: what it loaded into shared staging rows is gone."""
+        for slot in range(self.own, self.num_slots):
+            expert = self.expert_in_slot[slot]
+            if expert >= 0:
+                self.drop(expert)
+
+    def _owned(self) -> dict[int, int]:
+        """Resident experts in the layer's own slots (expert → slot)."""
+        if self.own == self.num_slots:
+            return self.slot_of
+        return {e: s for e, s in self.slot_of.items() if s < self.own}
+
+    def _free_slot(self, protected: set[int], staging: bool = True) -> int:
+        """An empty own slot, else the policy's victim among the unprotected own residents,
+        else (``staging``: an on-demand load whose wave fills every own slot) a staging row."""
+        own = self.expert_in_slot[:self.own]
+        if -1 in own:
+            return own.index(-1)
+        owned = self._owned()
+        if staging and protected.issuperset(owned):
+            if -1 in self.expert_in_slot:
+                return self.expert_in_slot.index(-1)
+            owned = self.slot_of  # a later wave of the step: its staged experts make room
+        victim = self.policy.victim(owned, protected)
         slot = self.slot_of.pop(victim)
         self.policy.forget(victim)
         self.expert_in_slot[slot] = -1
@@ -266,6 +296,6 @@ class SlotTable:
     def load_state(self, state: dict[str, Any]) -> None:
         self.expert_in_slot = [int(e) for e in state["expert_in_slot"]]
         self.slot_of = {e: s for s, e in enumerate(self.expert_in_slot) if e >= 0}
-        self.in_place = all(e == s for e, s in self.slot_of.items())
+        self.in_place = all(e == s and s < self.own for e, s in self.slot_of.items())
         self.policy.load_state(state["policy"])
         self.reuse_counts = [int(n) for n in state.get("reuse", [1, 2])]

@@ -16,6 +16,7 @@ from torch import nn
 from vllm_adapmoe.config import AdapMoEConfig
 from vllm_adapmoe.engine.block import AdapMoEBlock, StepInfo
 from vllm_adapmoe.engine.cache import Link
+from vllm_adapmoe.engine.staging import StagingArea
 from vllm_adapmoe.engine.stats import summarise
 from vllm_adapmoe.engine.store import HostExpertStore
 
@@ -54,6 +55,7 @@ class ExpertStack:
         self.shape, self.device, self.dtype = shape, device, dtype
         self.step_info = StepInfo(counted=True)
         self.link = Link(device, config.link_gbps, config.link_layers)
+        self.staging = StagingArea.for_plan(slots, shape.top_k)
         sensitivity = sensitivity or [0.0] * len(slots)
         routers = routers or [nn.Linear(shape.hidden, shape.experts, bias=False, device=device,
                                         dtype=dtype) for _ in slots]
@@ -63,7 +65,7 @@ class ExpertStack:
                          num_slots=n, config=config, step=self.step_info, gate=routers[i],
                          device=device, sensitivity=sensitivity[i], link=self.link,
                          params_dtype=dtype, prefix=f"layers.{i}",
-                         store=stores[i] if stores else None)
+                         store=stores[i] if stores else None, staging=self.staging)
             for i, n in enumerate(slots)]
         if stores:  # filled already: warm the slots as at start-up
             for block in self.blocks:
@@ -115,4 +117,6 @@ class ExpertStack:
             block.stats.reset()
 
     def device_bytes(self) -> int:
-        return sum(b.cache.device_bytes for b in self.blocks)
+        """Every layer's own slots plus the shared staging rows."""
+        staging = self.staging.device_bytes if self.staging else 0
+        return staging + sum(b.cache.device_bytes for b in self.blocks)

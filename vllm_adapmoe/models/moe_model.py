@@ -27,12 +27,14 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.interfaces import SupportsPP
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, extract_layer_index, maybe_prefix
+from vllm.distributed.utils import get_pp_indices
 from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from vllm_adapmoe.config import AdapMoEConfig, AdapMoEConfigError
 from vllm_adapmoe.engine.block import AdapMoEBlock, StepInfo
 from vllm_adapmoe.engine.cache import Link
+from vllm_adapmoe.engine.staging import StagingArea
 from vllm_adapmoe.engine.routing import RouterSpec
 from vllm_adapmoe.metrics import PrometheusExporter
 from vllm_adapmoe.models import MoEShape
@@ -59,6 +61,11 @@ class MoEBlocks:
         self.sensitivity = config.sensitivities(shape.num_layers, hf_config)
         self.device = torch.device(current_platform.device_type)
         self.link = Link(self.device, config.link_gbps, config.link_layers)
+        # shared by this pipeline stage's layers (the ones this process builds)
+        pp = get_pp_group()
+        start, end = get_pp_indices(hf_config.num_hidden_layers, pp.rank_in_group, pp.world_size)
+        self.staging = StagingArea.for_plan(
+            self.slots, shape.top_k, [i for i, d in enumerate(shape.moe_layers) if start <= d < end])
         self.step = StepInfo()
         self.step.describe = StepDescriber(self.step)
         self.blocks: list[AdapMoEBlock] = []
@@ -72,7 +79,8 @@ class MoEBlocks:
             hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
             num_slots=self.slots[moe_idx], config=self.config, step=self.step,
             sensitivity=self.sensitivity[moe_idx], link=self.link, gate=gate, device=self.device,
-            params_dtype=self.dtype, prefix=prefix, router=router, shard=self.shard)
+            params_dtype=self.dtype, prefix=prefix, router=router, shard=self.shard,
+            staging=self.staging)
         if self.shard[1] > 1:
             block.reduce = tensor_model_parallel_all_reduce
         self.blocks.append(block)

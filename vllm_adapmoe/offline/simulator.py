@@ -56,10 +56,11 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
     tables = []
     for layer in range(L):
         pol = BeladyPolicy(uses[layer]) if uses is not None else make_policy(policy)
-        table = SlotTable(max(slots[layer], k), pol, stats[layer])
+        table = SlotTable(max(slots[layer], k), pol, stats[layer], own=slots[layer])
         state = (trace.meta.get("cache_state") or [None] * L)[layer]
         if warm_start and state is not None and len(state["expert_in_slot"]) == table.num_slots:
             table.load_state(state)
+            table.release_staging()  # a trace recorded with more own slots: not staging's
         tables.append(table)
 
     cost = LinkCost(link_layers)
@@ -91,12 +92,13 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
             decode_step_tokens[block.layer] += len(block.ids)
         for _, experts in plan_waves(routing.expert_sets, needed, table.num_slots, table.slot_of):
             table.admit(experts)
+        table.release_staging()
 
     size = expert_bytes or int(trace.meta.get("expert_bytes", 0))
     layers = []
     for layer, st in enumerate(stats):
         st.bytes_loaded = st.loads * size
-        layers.append({"layer": layer, "slots": tables[layer].num_slots, "expert_bytes": size,
+        layers.append({"layer": layer, "slots": tables[layer].own, "expert_bytes": size,
                        **st.as_dict(), "decode_step_misses": decode_step_misses[layer],
                        "decode_step_tokens": decode_step_tokens[layer]})
     out = summarise(layers)
@@ -107,20 +109,18 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
 
 def miss_curves(trace: Trace, policy: str = "lru", progress: bool = True,
                 **settings: Any) -> list[list[float]]:
-    """f_l(k) for k = 1..E: on-demand misses per decoded token of layer l with k slots,
+    """f_l(k) for k = 1..E: on-demand misses per decoded token of layer l with k own slots,
     over the trace's pure-decode steps (prefill needs every expert whatever the budget).
-    Layers are independent (per-layer caches), so one replay per k serves all layers; a layer
-    never has fewer than top_k slots, so k < top_k repeats the top_k replay."""
+    Layers are independent (per-layer caches), so one replay per k serves all layers; below
+    top_k a layer also loads into shared staging rows, which keep nothing between its steps."""
     from tqdm.auto import tqdm
 
     E, L = int(trace.meta["num_experts"]), trace.num_layers
-    top_k = min(int(trace.meta["top_k"]), E)
     curves: list[list[float]] = [[] for _ in range(L)]
-    for k in tqdm(range(top_k, E + 1), desc="miss curves", unit="budget", disable=not progress):
+    for k in tqdm(range(1, E + 1), desc="miss curves", unit="budget", disable=not progress):
         result = simulate(trace, k, policy, **settings)
         for layer, st in enumerate(result["layers"]):
-            f = st["decode_step_misses"] / max(st["decode_step_tokens"], 1)
-            curves[layer].extend([f] * (top_k if k == top_k else 1))
+            curves[layer].append(st["decode_step_misses"] / max(st["decode_step_tokens"], 1))
     return curves
 
 

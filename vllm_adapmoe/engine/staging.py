@@ -1,0 +1,79 @@
+"""Shared staging rows: device memory for the experts a small layer cannot hold.
+
+A kernel call computes a token's top-k experts together, so all of them must be on the device
+at once. A layer with fewer own slots than ``top_k`` (the DP plan gives one slot to layers
+where gating leaves most tokens with one expert) loads the rest into staging rows. Layers run
+one after another, so one set of ``top_k - min(own slots)`` rows serves every such layer; it
+is counted in the device budget, unlike a per-layer minimum of ``top_k`` slots.
+
+The kernel takes one slot tensor per layer, so the small layers' own slots and the staging
+rows live in one tensor, the *arena*: ``[own rows of small layer 0][of small layer 1]...
+[staging rows]``. Each small layer sees the arena from its first own row to the end; its slot
+ids are rows of that view (rows of later small layers in it are never named).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StagingArea:
+    """The arena of one model (one device): built from the plan's own slots per layer."""
+
+    def __init__(self, own_slots: list[int], top_k: int, layers: list[int]) -> None:
+        self.top_k = top_k
+        self.rows = max(0, top_k - min(own_slots[layer] for layer in layers))
+        small = [layer for layer in layers if own_slots[layer] < top_k]
+        self._offset: dict[int, int] = {}
+        offset = 0
+        for layer in small:
+            self._offset[layer] = offset
+            offset += own_slots[layer]
+        self._own_rows = offset
+        self._own = {layer: own_slots[layer] for layer in small}
+        self.w13: torch.Tensor | None = None
+        self.w2: torch.Tensor | None = None
+
+    @classmethod
+    def for_plan(cls, own_slots: list[int], top_k: int,
+                 layers: list[int] | None = None) -> StagingArea | None:
+        """The arena of ``layers`` (default: all; a pipeline stage builds only its own), or
+        None when each of them holds a token's ``top_k`` experts in its own slots."""
+        layers = list(range(len(own_slots))) if layers is None else layers
+        if not layers or min(own_slots[layer] for layer in layers) >= top_k:
+            return None
+        return cls(own_slots, top_k, layers)
+
+    def uses(self, layer: int) -> bool:
+        return layer in self._offset
+
+    def first(self, layer: int) -> bool:
+        """``layer`` is the first that uses the staging rows (reports their bytes)."""
+        return layer == min(self._offset)
+
+    def view(self, layer: int, w13: torch.Tensor, w2: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(w13, w2, row of each table slot) for small ``layer``: its own slots, then
+        ``top_k - own`` staging rows. ``w13``/``w2`` give one expert's shape, dtype and device
+        (every layer of a model has the same); the arena is allocated on first use, so the
+        memory profile of the serving stack sees it."""
+        if self.w13 is None:
+            total = self._own_rows + self.rows
+            self.w13 = w13.new_zeros((total, *w13.shape))
+            self.w2 = w2.new_zeros((total, *w2.shape))
+        elif self.w13.shape[1:] != w13.shape or self.w2.shape[1:] != w2.shape:
+            raise ValueError("adapmoe: the layers sharing staging rows have different expert "
+                             f"shapes ({tuple(self.w13.shape[1:])} vs {tuple(w13.shape)})")
+        start, own = self._offset[layer], self._own[layer]
+        first_staging = self._own_rows - start
+        rows = list(range(own)) + [first_staging + j for j in range(self.top_k - own)]
+        return self.w13[start:], self.w2[start:], rows
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of the staging rows alone (the small layers' own rows count as their slots)."""
+        if self.w13 is None or self.w2 is None:
+            return 0
+        per_row = (self.w13[0].numel() * self.w13.element_size()
+                   + self.w2[0].numel() * self.w2.element_size())
+        return self.rows * per_row
