@@ -1,4 +1,5 @@
-"""Cross-layer prefetch: exact outputs, consistent accounting, simulator agreement."""
+"""Cross-layer prefetch: exact outputs, consistent accounting, simulator agreement (with a
+one-slot layer and the shared staging row in play)."""
 
 import pytest
 import torch
@@ -13,8 +14,9 @@ from vllm_adapmoe.offline.trace import Trace
 
 @pytest.fixture(scope="module")
 def prefetching(engines, tiny_model):
-    # one load pinned at one layer: the pay-off rule's decisions do not depend on timing
-    return engines.get(tiny_model, "adapmoe", cache_slots=2, prefetch=True, link_layers=1)
+    # one load pinned at one layer: the pay-off rule's decisions do not depend on timing;
+    # layer 1 has one own slot (a token's second expert goes to the shared staging row)
+    return engines.get(tiny_model, "adapmoe", cache_slots=[2, 1, 2], prefetch=True, link_layers=1)
 
 
 def test_prefetch_is_exact_batched(engines, tiny_model, prefetching):
@@ -50,6 +52,7 @@ def test_simulator_reproduces_live_prefetch(prefetching, tmp_path):
     greedy(prefetching, PROMPTS, max_tokens=10)
     greedy(prefetching, PROMPTS[1:3], max_tokens=20)
     trace = Trace.load(vllm_adapmoe.stop_trace(prefetching, tmp_path / "pf.npz"))
+    assert trace.meta["slots"] == [2, 1, 2]
     assert (trace.pred_ids[trace.layer == 0] == -1).all()
     assert (trace.pred_ids[trace.layer > 0] >= 0).all()
     live = vllm_adapmoe.stats(prefetching)
