@@ -15,8 +15,10 @@ from vllm_adapmoe.offline.trace import Trace
 @pytest.fixture(scope="module")
 def prefetching(engines, tiny_model):
     # one load pinned at one layer: the pay-off rule's decisions do not depend on timing;
-    # layer 1 has one own slot (a token's second expert goes to the shared staging row)
-    return engines.get(tiny_model, "adapmoe", cache_slots=[2, 1, 2], prefetch=True, link_layers=1)
+    # layer 1 has one own slot (a token's second expert goes to the shared staging row);
+    # layer 0 also guesses layer 2
+    return engines.get(tiny_model, "adapmoe", cache_slots=[2, 1, 2], prefetch=True, link_layers=1,
+                       prefetch_lookahead=2)
 
 
 def test_prefetch_is_exact_batched(engines, tiny_model, prefetching):
@@ -43,18 +45,20 @@ def test_prefetch_accounting(prefetching):
 def test_simulator_reproduces_live_prefetch(prefetching, tmp_path):
     """The pay-off rule replayed: a guess fills a free slot when right at least half the time
     and evicts a resident only when right more often than (1 + reuse) / 2 (reuse: how often
-    this layer's residents are needed again); the simulator makes the same choices from the
-    trace and the predictor scores and reuse recorded at its start. At 30 layers per load,
-    evicting never pays and fewer guesses go."""
+    this layer's residents are needed again); the simulator makes the same choices, one and two
+    layers ahead, from the trace and the predictor scores and reuse recorded at its start. At
+    30 layers per load, evicting never pays and fewer guesses go."""
     greedy(prefetching, PROMPTS[:4], max_tokens=4)  # the predictor has a score before the trace
     vllm_adapmoe.reset_stats(prefetching)
     vllm_adapmoe.start_trace(prefetching)
     greedy(prefetching, PROMPTS, max_tokens=10)
     greedy(prefetching, PROMPTS[1:3], max_tokens=20)
     trace = Trace.load(vllm_adapmoe.stop_trace(prefetching, tmp_path / "pf.npz"))
-    assert trace.meta["slots"] == [2, 1, 2]
+    assert trace.meta["slots"] == [2, 1, 2] and trace.lookahead == 2
     assert (trace.pred_ids[trace.layer == 0] == -1).all()
     assert (trace.pred_ids[trace.layer > 0] >= 0).all()
+    two_ahead = trace.deeper[2][0]  # layer 2 as guessed during layer 0
+    assert (two_ahead[trace.layer < 2] == -1).all() and (two_ahead[trace.layer == 2] >= 0).all()
     live = vllm_adapmoe.stats(prefetching)
     sim = simulate(trace, trace.meta["slots"], "lru", prefetch=True, link_layers=1)
     _assert_counters_equal(live, sim)  # prefetch counters included

@@ -245,9 +245,10 @@ def _hook_worker() -> None:
                 "eviction": b.cache.table.policy.name,
                 "additional_config": self.vllm_config.additional_config,
                 "cache_state": [x.cache.table.state() for x in blocks],
-                # the one-layer-ahead predictor's score so far (it steers the pay-off rule)
-                "prediction_scores": [x.prediction_scores[1].state() if 1 in x.prediction_scores
-                                      else None for x in blocks]}
+                # the predictors' scores so far, per look-ahead distance (they steer the
+                # pay-off rule)
+                "prediction_scores": [{str(d): s.state() for d, s in x.prediction_scores.items()}
+                                      for x in blocks]}
         model.step.trace = TraceRecorder(meta, getattr(self, "model_runner", None))
 
     def adapmoe_trace_stop(self, path: str) -> str:

@@ -55,7 +55,8 @@ class RoutingRecorder(Protocol):
     def record(self, layer: int, ids: torch.Tensor, weights: torch.Tensor,
                decode_mask: torch.Tensor | None) -> None: ...
 
-    def record_prediction(self, layer: int, weights: torch.Tensor, ids: torch.Tensor) -> None: ...
+    def record_prediction(self, layer: int, weights: torch.Tensor, ids: torch.Tensor,
+                          depth: int = 1) -> None: ...
 
 
 # ``AdapMoEBlock.prepare``'s output: weights, ids, gated weights, gated ids, keep, summary,
@@ -375,8 +376,9 @@ class AdapMoEBlock(nn.Module):
         target.cache.prefetch(issue, keep=named, evictable=evictable)
 
     def _predict_and_record(self, x: torch.Tensor) -> None:
-        """While a trace is recorded: the next layer's router on every row (the trace stores
-        every token's prediction), and prefetch (if on) from the decode rows among them."""
+        """While a trace is recorded: the look-ahead guesses on every row (the trace stores every
+        token's guess at each distance; only one layer ahead without prefetch), and prefetch
+        (if on) from the decode rows among them."""
         step = self.step
         if not step.all_decode and step.decode_rows is None:
             step.decode_rows = step.decode_mask.nonzero().squeeze(1)
@@ -385,8 +387,7 @@ class AdapMoEBlock(nn.Module):
             if depth > 0 and not self.prefetch_enabled:
                 break
             weights, ids = target.route(self.lookahead_logits(x, depth + 1, target))
-            if depth == 0:
-                step.trace.record_prediction(target.layer_idx, weights, ids)
+            step.trace.record_prediction(target.layer_idx, weights, ids, depth + 1)
             if decode is not None:
                 if decode.numel() == 0:
                     continue

@@ -36,9 +36,9 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
 
     ``warm_start`` starts each layer from the cache state recorded at trace start (needed for
     exact agreement with the engine); otherwise caches start empty. ``prefetch`` replays the
-    one-layer-ahead prefetcher from the predictions recorded in the trace, with its pay-off
-    rule at ``link_layers`` (one load ≈ that many decode layers; None: a free link, as a live
-    run whose link costs at most one layer).
+    prefetcher from the predictions recorded in the trace (every look-ahead distance it
+    recorded), with its pay-off rule at ``link_layers`` (one load ≈ that many decode layers;
+    None: a free link, as a live run whose link costs at most one layer).
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -64,29 +64,29 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
         tables.append(table)
 
     cost = LinkCost(link_layers)
-    scores = [PredictionScore() for _ in range(L)]
-    for score, state in zip(scores, trace.meta.get("prediction_scores") or [None] * L):
-        if warm_start and state is not None:
-            score.load_state(state)
+    depths = list(range(trace.lookahead, 0, -1)) if prefetch else []  # live order: farthest first
+    scores = _prediction_scores(trace, depths, warm_start)
     for block, routing in blocks:
         table, st = tables[block.layer], stats[block.layer]
         if isinstance(table.policy, BeladyPolicy):
             table.policy.now = block.step
-        predicted = []
-        if prefetch:  # what the previous layer booked for this one, in the live order
-            counts = predicted_counts(block, gates[block.layer], int(trace.meta["num_experts"]))
+        predicted: dict[int, list[int]] = {}
+        for depth in depths:  # what the layers before booked for this one, in the live order
+            counts = predicted_counts(block, gates[block.layer], int(trace.meta["num_experts"]), depth)
             if counts is not None:
                 named = [e for e, c in enumerate(counts) if c]
-                issue, evictable = worth_prefetching(counts, table, scores[block.layer], cost, 1)
+                issue, evictable = worth_prefetching(counts, table, scores[block.layer][depth],
+                                                     cost, depth)
                 table.prefetch(issue, keep=named, evictable=evictable)
-                predicted = named if block.decode.all() else []
+                if block.decode.all():
+                    predicted[depth] = named
         needed = routing.needed_experts()
         count_routing(st, routing, int(block.decode.sum()))
         misses_before = st.misses
         table.count_step(needed, router_mass(block, trace.meta) if table.policy.uses_router_mass
                          else None)
-        if predicted:
-            scores[block.layer].observe(predicted, needed)
+        for depth, named in predicted.items():
+            scores[block.layer][depth].observe(named, needed)
         if block.decode.all():
             decode_step_misses[block.layer] += st.misses - misses_before
             decode_step_tokens[block.layer] += len(block.ids)
@@ -157,15 +157,36 @@ def router_mass(block: StepLayer, meta: dict[str, Any]) -> list[int]:
     return expert_mass(torch.from_numpy(block.weights), ids, int(meta["num_experts"])).tolist()
 
 
-def predicted_counts(block: StepLayer, gate: AdaptiveGate, num_experts: int) -> list[int] | None:
-    """What the live prefetcher saw for this (step, layer): predicted decode tokens per expert
-    (None: no prediction, e.g. layer 0 or no decode token)."""
-    decode = torch.from_numpy(block.decode) & torch.from_numpy(block.pred_ids[:, 0] >= 0)
-    if block.layer == 0 or not bool(decode.any()):
+def predicted_counts(block: StepLayer, gate: AdaptiveGate, num_experts: int,
+                     depth: int = 1) -> list[int] | None:
+    """What the live prefetcher saw for this (step, layer), guessed ``depth`` layers before:
+    predicted decode tokens per expert (None: no prediction, e.g. the first layers or no
+    decode token)."""
+    guess = block.guess(depth)
+    if guess is None or block.layer < depth:
         return None
-    ids = torch.from_numpy(block.pred_ids.astype("int32"))[decode]
-    weights = torch.from_numpy(block.pred_weights)[decode]
+    pred_ids, pred_weights = guess
+    decode = torch.from_numpy(block.decode) & torch.from_numpy(pred_ids[:, 0] >= 0)
+    if not bool(decode.any()):
+        return None
+    ids = torch.from_numpy(pred_ids.astype("int32"))[decode]
+    weights = torch.from_numpy(pred_weights)[decode]
     return expert_counts(predicted_expert_sets(weights, ids, gate), num_experts).tolist()
+
+
+def _prediction_scores(trace: Trace, depths: list[int],
+                       warm_start: bool) -> list[dict[int, PredictionScore]]:
+    """Each layer's predictor scores per look-ahead distance, as recorded at trace start
+    (older traces: distance 1 only)."""
+    scores = [{d: PredictionScore() for d in depths} for _ in range(trace.num_layers)]
+    states = trace.meta.get("prediction_scores") or [None] * trace.num_layers
+    for layer_scores, state in zip(scores, states):
+        if not warm_start or not state:
+            continue
+        for depth, saved in (state.items() if isinstance(state, dict) else [("1", state)]):
+            if int(depth) in layer_scores:
+                layer_scores[int(depth)].load_state(saved)
+    return scores
 
 
 def _future_uses(blocks: list[tuple[StepLayer, Routing]]) -> dict[int, dict[int, list[int]]]:

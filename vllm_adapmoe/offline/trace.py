@@ -16,6 +16,8 @@ array          dtype / shape      meaning
 ``pred_ids``   int16  [R, k]      this layer's top-k as predicted during the previous layer
                                   (its router on the previous layer's MoE input); −1 for layer 0
 ``pred_weights`` float32 [R, k]   the predicted weights (0 where no prediction)
+``pred_ids_D``, ``pred_weights_D``  the same guessed D layers ahead (D = 2, 3, ...: only when
+                                  prefetch looked that far; absent otherwise)
 ``meta``       str (JSON)         format, model shape, settings, per-step request ids, and the
                                   cache state (slots + eviction order) of every layer at start
 =============  =================  ===================================================
@@ -46,7 +48,8 @@ class TraceRecorder:
         self.step_req_ids: list[list[str]] = []
         self._rows: list[tuple] = []
         self._segments: np.ndarray | None = None
-        self._predictions: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._predictions: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._depths = {1}
 
     def begin_step(self, query_lens: torch.Tensor) -> None:
         self.step += 1
@@ -56,24 +59,30 @@ class TraceRecorder:
         lens = query_lens.cpu().numpy()
         self._segments = np.repeat(np.arange(len(lens), dtype=np.int32), lens)
 
-    def record_prediction(self, layer: int, weights: torch.Tensor, ids: torch.Tensor) -> None:
-        """Routing of ``layer`` as guessed during the layer before it (same step, same tokens)."""
-        self._predictions[layer] = (ids.cpu().numpy().astype(np.int16),
-                                    weights.cpu().numpy().astype(np.float32))
+    def record_prediction(self, layer: int, weights: torch.Tensor, ids: torch.Tensor,
+                          depth: int = 1) -> None:
+        """Routing of ``layer`` as guessed ``depth`` layers before it (same step, same tokens)."""
+        self._depths.add(depth)
+        self._predictions[layer, depth] = (ids.cpu().numpy().astype(np.int16),
+                                           weights.cpu().numpy().astype(np.float32))
 
     def record(self, layer: int, ids: torch.Tensor, weights: torch.Tensor,
                decode_mask: torch.Tensor | None) -> None:
         n = ids.shape[0]
-        pred = self._predictions.pop(layer, None)
-        if pred is None or len(pred[0]) != n:
-            pred = (np.full(tuple(ids.shape), -1, np.int16), np.zeros(tuple(ids.shape), np.float32))
+        pred = {}
+        for depth in sorted(self._depths):
+            guess = self._predictions.pop((layer, depth), None)
+            if guess is None or len(guess[0]) != n:
+                guess = (np.full(tuple(ids.shape), -1, np.int16),
+                         np.zeros(tuple(ids.shape), np.float32))
+            pred[depth] = guess
         decode = (decode_mask.cpu().numpy()[:n] if decode_mask is not None
                   else np.zeros(n, dtype=bool))
         seg = self._segments[:n] if self._segments is not None else np.zeros(n, np.int32)
         if len(seg) < n:  # padded tokens beyond the scheduled ones
             seg = np.concatenate([seg, np.full(n - len(seg), -1, np.int32)])
         self._rows.append((self.step, layer, ids.cpu().numpy().astype(np.int16),
-                           weights.cpu().numpy().astype(np.float32), decode, seg, *pred))
+                           weights.cpu().numpy().astype(np.float32), decode, seg, *pred[1], pred))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -90,8 +99,24 @@ class TraceRecorder:
             step=np.concatenate([np.full(len(r[2]), r[0], np.int32) for r in rows]) if rows else np.zeros(0, np.int32),
             decode=cat(4, bool, (0,)), segment=cat(5, np.int32, (0,)),
             pred_ids=cat(6, np.int16, (0, k)), pred_weights=cat(7, np.float32, (0, k)),
-            meta=np.array(json.dumps(meta)))
+            meta=np.array(json.dumps(meta)), **self._deeper(k))
         return path
+
+    def _deeper(self, k: int) -> dict[str, np.ndarray]:
+        """``pred_ids_D`` / ``pred_weights_D`` for the look-ahead distances D >= 2 recorded
+        (a row recorded before the first such guess has none: −1 / 0)."""
+        out = {}
+        for depth in sorted(self._depths - {1}):
+            ids, weights = [], []
+            for row in self._rows:
+                n = len(row[2])
+                guess = row[8].get(depth) or (np.full((n, k), -1, np.int16),
+                                              np.zeros((n, k), np.float32))
+                ids.append(guess[0])
+                weights.append(guess[1])
+            out[f"pred_ids_{depth}"] = np.concatenate(ids).astype(np.int16)
+            out[f"pred_weights_{depth}"] = np.concatenate(weights).astype(np.float32)
+        return out
 
 
 @dataclass
@@ -103,6 +128,14 @@ class StepLayer:
     decode: np.ndarray   # [T]
     pred_ids: np.ndarray  # [T, k], −1 = no prediction
     pred_weights: np.ndarray
+    # distance D >= 2 → (pred_ids, pred_weights) guessed D layers ahead
+    deeper: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
+
+    def guess(self, depth: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(pred_ids, pred_weights) guessed ``depth`` layers ahead, None if not recorded."""
+        if depth == 1:
+            return self.pred_ids, self.pred_weights
+        return (self.deeper or {}).get(depth)
 
 
 @dataclass
@@ -116,6 +149,7 @@ class Trace:
     segment: np.ndarray
     pred_ids: np.ndarray
     pred_weights: np.ndarray
+    deeper: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> Trace:
@@ -123,22 +157,30 @@ class Trace:
             with np.load(path, allow_pickle=False) as f:
                 data = {k: f[k] for k in ("ids", "weights", "layer", "step", "decode", "segment",
                                           "pred_ids", "pred_weights", "meta")}
+                deeper = {int(name.rsplit("_", 1)[1]): (f[name], f[f"pred_weights_{name.rsplit('_', 1)[1]}"])
+                          for name in f.files if name.startswith("pred_ids_")}
         except (OSError, KeyError, ValueError) as e:
             raise ValueError(f"{path} is not an adapmoe trace ({e}); record one with "
                              "vllm_adapmoe.start_trace / stop_trace") from e
         meta = json.loads(str(data.pop("meta")))
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: trace format {meta.get('format')!r}, expected {FORMAT!r}")
-        trace = cls(meta=meta, **data)
+        trace = cls(meta=meta, **data, deeper=deeper)
         n = len(trace.ids)
         if not all(len(a) == n for a in (trace.weights, trace.layer, trace.step, trace.decode,
-                                         trace.segment, trace.pred_ids, trace.pred_weights)):
+                                         trace.segment, trace.pred_ids, trace.pred_weights,
+                                         *(a for pair in deeper.values() for a in pair))):
             raise ValueError(f"{path}: trace arrays have different lengths")
         return trace
 
     @property
     def num_layers(self) -> int:
         return int(self.meta["num_layers"])
+
+    @property
+    def lookahead(self) -> int:
+        """How many layers ahead guesses were recorded (1 without deeper look-ahead)."""
+        return max([1, *(self.deeper or {})])
 
     def __iter__(self) -> Iterator[StepLayer]:
         """(step, layer) blocks in recorded order."""
@@ -149,4 +191,5 @@ class Trace:
         for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(key)]):
             yield StepLayer(int(self.step[lo]), int(self.layer[lo]), self.ids[lo:hi],
                             self.weights[lo:hi], self.decode[lo:hi], self.pred_ids[lo:hi],
-                            self.pred_weights[lo:hi])
+                            self.pred_weights[lo:hi],
+                            {d: (i[lo:hi], w[lo:hi]) for d, (i, w) in (self.deeper or {}).items()})
