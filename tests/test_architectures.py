@@ -23,7 +23,8 @@ from vllm_adapmoe.engine.block import Routing
 from vllm_adapmoe.engine.routing import RouterSpec
 
 BATCHED = ["qwen2_moe", "qwen3_moe", "olmoe"]
-OFFLOADED = {"cache_slots": 4, "prefetch": True}
+# link_layers pinned: on CPU copies are inline, and a measured link would never prefetch
+OFFLOADED = {"cache_slots": 4, "prefetch": True, "link_layers": 1}
 MOE_LAYERS = {"qwen2_moe": 2, "qwen3_moe": 2, "olmoe": 3, "deepseek_v2": 2}  # of 3 decoder layers
 
 

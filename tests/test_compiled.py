@@ -21,7 +21,7 @@ def tiny_resident_compiled(engines, tiny_model):
 
 # CI time: 2 slots (no prefetch) runs with -m slow; 1 slot + prefetch covers waves and prefetch
 @pytest.mark.parametrize("settings", [pytest.param({"cache_slots": 2}, marks=pytest.mark.slow),
-                                      {"cache_slots": 1, "prefetch": True}],
+                                      {"cache_slots": 1, "prefetch": True, "link_layers": 1}],
                          ids=["2-slots", "1-slot-prefetch"])
 def test_tiny_compiled_offloaded_matches_compiled_all_resident(engines, tiny_model,
                                                                tiny_resident_compiled, settings):
@@ -45,7 +45,7 @@ def test_bundled_compiled_matches_stock_compiled_at_one_slot_with_prefetch(engin
     stock = greedy(engines.get(bundled_model, eager=False))
     assert_same(stock, greedy(engines.get(bundled_model, "adapmoe", eager=False)))
     assert_same(stock, greedy(engines.get(bundled_model, "adapmoe", eager=False, cache_slots=1,
-                                          prefetch=True)))
+                                          prefetch=True, link_layers=1)))
 
 
 def test_block_op_fake_impl_gives_shape_and_dtype():

