@@ -248,9 +248,11 @@ class AdapMoECausalLM(nn.Module, SupportsPP):
         rank, size = moe.shard
         logger.info(
             "AdapMoE active: %s with %d MoE layers x %d experts (top-%d)%s; device slots per layer "
-            "%s%s (%s kernel, %s eviction%s%s%s)", type(self).__name__, shape.num_layers,
+            "%s%s%s (%s kernel, %s eviction%s%s%s)", type(self).__name__, shape.num_layers,
             shape.num_experts, shape.top_k, f", {dense} dense layers (resident)" if dense else "",
-            [b.cache.num_slots for b in moe.blocks],
+            [b.cache.own_slots for b in moe.blocks],
+            f" + {moe.staging.rows} staging row(s) shared by the layers below top-{shape.top_k}"
+            if moe.staging else "",
             f" on TP rank {rank} of {size}, each slot 1/{size} of an expert" if size > 1 else "",
             moe.blocks[0].kernel.name, cfg.eviction,
             f", emulated link {cfg.link_gbps} GB/s" if cfg.link_gbps else "",
