@@ -188,9 +188,7 @@ class ExpertCache:
             self.w2 = torch.zeros((num_slots, *shape2), dtype=dtype, device=device)
             self._rows: list[int] | None = None  # table slot s is row s
         else:
-            self.w13, self.w2, self._rows = self.staging.view(
-                layer, torch.empty(shape13, dtype=dtype, device=device),
-                torch.empty(shape2, dtype=dtype, device=device))
+            self.w13, self.w2, self._rows = self.staging.view(layer, shape13, shape2, dtype, device)
         self.num_slots = num_slots if self._rows is None else len(self._rows)
         self.table = SlotTable(self.num_slots, make_policy(policy), stats, own=num_slots)
         self._slot_map = torch.zeros(store.num_experts, dtype=torch.int32, device=device)

@@ -51,19 +51,19 @@ class StagingArea:
         """``layer`` is the first that uses the staging rows (reports their bytes)."""
         return layer == min(self._offset)
 
-    def view(self, layer: int, w13: torch.Tensor, w2: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    def view(self, layer: int, shape13: torch.Size, shape2: torch.Size, dtype: torch.dtype,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """(w13, w2, row of each table slot) for small ``layer``: its own slots, then
-        ``top_k - own`` staging rows. ``w13``/``w2`` give one expert's shape, dtype and device
-        (every layer of a model has the same); the arena is allocated on first use, so the
+        ``top_k - own`` staging rows. ``shape13``/``shape2`` are one expert's (every layer of a
+        model has the same); the arena is allocated when the first layer is built, so the
         memory profile of the serving stack sees it."""
         if self.w13 is None:
             total = self._own_rows + self.rows
-            self.w13 = w13.new_zeros((total, *w13.shape))
-            self.w2 = w2.new_zeros((total, *w2.shape))
-        elif self.w13.shape[1:] != w13.shape or self.w2.shape[1:] != w2.shape:
+            self.w13 = torch.zeros((total, *shape13), dtype=dtype, device=device)
+            self.w2 = torch.zeros((total, *shape2), dtype=dtype, device=device)
+        elif self.w13.shape[1:] != shape13 or self.w2.shape[1:] != shape2:
             raise ValueError("adapmoe: the layers sharing staging rows have different expert "
-                             f"shapes ({tuple(self.w13.shape[1:])} vs {tuple(w13.shape)})")
+                             f"shapes ({tuple(self.w13.shape[1:])} vs {tuple(shape13)})")
         start, own = self._offset[layer], self._own[layer]
         first_staging = self._own_rows - start
         rows = list(range(own)) + [first_staging + j for j in range(self.top_k - own)]
