@@ -69,20 +69,18 @@ class TraceRecorder:
     def record(self, layer: int, ids: torch.Tensor, weights: torch.Tensor,
                decode_mask: torch.Tensor | None) -> None:
         n = ids.shape[0]
-        pred = {}
-        for depth in sorted(self._depths):
+        guesses = {}  # depth → (ids, weights), only guesses made for these very tokens
+        for depth in self._depths:
             guess = self._predictions.pop((layer, depth), None)
-            if guess is None or len(guess[0]) != n:
-                guess = (np.full(tuple(ids.shape), -1, np.int16),
-                         np.zeros(tuple(ids.shape), np.float32))
-            pred[depth] = guess
+            if guess is not None and len(guess[0]) == n:
+                guesses[depth] = guess
         decode = (decode_mask.cpu().numpy()[:n] if decode_mask is not None
                   else np.zeros(n, dtype=bool))
         seg = self._segments[:n] if self._segments is not None else np.zeros(n, np.int32)
         if len(seg) < n:  # padded tokens beyond the scheduled ones
             seg = np.concatenate([seg, np.full(n - len(seg), -1, np.int32)])
         self._rows.append((self.step, layer, ids.cpu().numpy().astype(np.int16),
-                           weights.cpu().numpy().astype(np.float32), decode, seg, *pred[1], pred))
+                           weights.cpu().numpy().astype(np.float32), decode, seg, guesses))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -93,30 +91,29 @@ class TraceRecorder:
                if rows else np.zeros(shape, dtype))
         meta = {**self.meta, "format": FORMAT, "steps": self.step + 1,
                 "step_req_ids": self.step_req_ids}
+        guesses = {}
+        for depth in sorted(self._depths):  # 1: pred_ids / pred_weights; D >= 2: pred_ids_D ...
+            suffix = "" if depth == 1 else f"_{depth}"
+            guesses[f"pred_ids{suffix}"], guesses[f"pred_weights{suffix}"] = self._guesses(depth, k)
         np.savez_compressed(
             path, ids=cat(2, np.int16, (0, k)), weights=cat(3, np.float32, (0, k)),
             layer=np.concatenate([np.full(len(r[2]), r[1], np.int16) for r in rows]) if rows else np.zeros(0, np.int16),
             step=np.concatenate([np.full(len(r[2]), r[0], np.int32) for r in rows]) if rows else np.zeros(0, np.int32),
             decode=cat(4, bool, (0,)), segment=cat(5, np.int32, (0,)),
-            pred_ids=cat(6, np.int16, (0, k)), pred_weights=cat(7, np.float32, (0, k)),
-            meta=np.array(json.dumps(meta)), **self._deeper(k))
+            meta=np.array(json.dumps(meta)), **guesses)
         return path
 
-    def _deeper(self, k: int) -> dict[str, np.ndarray]:
-        """``pred_ids_D`` / ``pred_weights_D`` for the look-ahead distances D >= 2 recorded
-        (a row recorded before the first such guess has none: −1 / 0)."""
-        out = {}
-        for depth in sorted(self._depths - {1}):
-            ids, weights = [], []
-            for row in self._rows:
-                n = len(row[2])
-                guess = row[8].get(depth) or (np.full((n, k), -1, np.int16),
-                                              np.zeros((n, k), np.float32))
-                ids.append(guess[0])
-                weights.append(guess[1])
-            out[f"pred_ids_{depth}"] = np.concatenate(ids).astype(np.int16)
-            out[f"pred_weights_{depth}"] = np.concatenate(weights).astype(np.float32)
-        return out
+    def _guesses(self, depth: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's guess ``depth`` layers ahead; −1 / 0 where none was made (layers too
+        early to be guessed, or rows recorded before the first such guess)."""
+        ids = [np.full((0, k), -1, np.int16)]
+        weights = [np.zeros((0, k), np.float32)]
+        for row in self._rows:
+            n = len(row[2])
+            guess = row[6].get(depth)
+            ids.append(guess[0] if guess else np.full((n, k), -1, np.int16))
+            weights.append(guess[1] if guess else np.zeros((n, k), np.float32))
+        return np.concatenate(ids).astype(np.int16), np.concatenate(weights).astype(np.float32)
 
 
 @dataclass
@@ -157,8 +154,9 @@ class Trace:
             with np.load(path, allow_pickle=False) as f:
                 data = {k: f[k] for k in ("ids", "weights", "layer", "step", "decode", "segment",
                                           "pred_ids", "pred_weights", "meta")}
-                deeper = {int(name.rsplit("_", 1)[1]): (f[name], f[f"pred_weights_{name.rsplit('_', 1)[1]}"])
-                          for name in f.files if name.startswith("pred_ids_")}
+                depths = [name.removeprefix("pred_ids_") for name in f.files
+                          if name.startswith("pred_ids_")]
+                deeper = {int(d): (f[f"pred_ids_{d}"], f[f"pred_weights_{d}"]) for d in depths}
         except (OSError, KeyError, ValueError) as e:
             raise ValueError(f"{path} is not an adapmoe trace ({e}); record one with "
                              "vllm_adapmoe.start_trace / stop_trace") from e
