@@ -21,6 +21,7 @@ from tiny_model import build_tiny_mixtral
 PATCHES = sorted((Path(__file__).parents[1] / "patches").glob("*.patch"))
 REGISTRY_PATCH = next(p for p in PATCHES if "model-impl-registry" in p.name)
 VERSION_PATCH = next(p for p in PATCHES if "cli-version" in p.name)
+AMX_PATCH = next(p for p in PATCHES if "amx-permission" in p.name)
 SITE = Path(importlib.util.find_spec("vllm").origin).parents[1]  # holds the vllm package
 
 
@@ -101,3 +102,32 @@ def test_version_patch_needs_no_vllm_distribution(tmp_path):
     from vllm.version import __version__
 
     assert patched.stdout.strip() == __version__
+
+
+def test_amx_patch_requests_tile_permission_at_worker_start(tmp_path):
+    """The patched CPU worker asks for AMX tile state first thing in ``init_device`` exactly when
+    the CPU has AMX (torch's detection and request are stubbed, so this runs on any x86 CPU;
+    the request itself is checked in ``test_cpu_features.py``)."""
+    code = """
+        import torch
+        from vllm.platforms import CpuArchEnum, current_platform
+        from vllm.v1.worker.cpu_worker import CPUWorker
+        if current_platform.get_cpu_architecture() != CpuArchEnum.X86:
+            print("NOT-X86"); raise SystemExit
+        calls = []
+        torch.cpu._init_amx = lambda: calls.append("init") or True
+        for amx in (False, True):
+            torch.cpu._is_amx_tile_supported = lambda: amx
+            try:
+                CPUWorker.init_device(object.__new__(CPUWorker))  # an empty worker: fails later
+            except Exception:
+                pass
+            print("AMX", amx, "REQUESTED", calls.count("init"))
+    """
+    patched = _run(code, _patched_vllm(tmp_path, AMX_PATCH))
+    assert patched.returncode == 0, patched.stderr[-3000:]
+    if "NOT-X86" in patched.stdout:
+        pytest.skip("AMX is an x86 feature")
+    assert "AMX False REQUESTED 0" in patched.stdout and "AMX True REQUESTED 1" in patched.stdout
+    stock = _run(code)  # unpatched: never asks, which is the SIGILL on AMX CPUs
+    assert "AMX True REQUESTED 0" in stock.stdout, stock.stderr[-3000:]

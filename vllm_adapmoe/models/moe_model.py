@@ -38,6 +38,7 @@ from vllm_adapmoe.engine.staging import StagingArea
 from vllm_adapmoe.engine.routing import RouterSpec
 from vllm_adapmoe.metrics import PrometheusExporter
 from vllm_adapmoe.models import MoEShape
+from vllm_adapmoe import cpu_features
 from vllm_adapmoe.models import kernels  # noqa: F401  (registers vLLM's fused MoE kernels)
 from vllm_adapmoe.models.moe_op import StepDescriber, register_blocks
 
@@ -248,7 +249,8 @@ class AdapMoECausalLM(nn.Module, SupportsPP):
         rank, size = moe.shard
         logger.info(
             "AdapMoE active: %s with %d MoE layers x %d experts (top-%d)%s; device slots per layer "
-            "%s%s%s (%s kernel, %s eviction%s%s%s)", type(self).__name__, shape.num_layers,
+            "%s%s%s (%s kernel, %s eviction%s%s%s); CPU %s, MoE kernel path: %s",
+            type(self).__name__, shape.num_layers,
             shape.num_experts, shape.top_k, f", {dense} dense layers (resident)" if dense else "",
             [b.cache.own_slots for b in moe.blocks],
             f" + {moe.staging.rows} staging row(s) shared by the layers below top-{shape.top_k}"
@@ -257,7 +259,8 @@ class AdapMoECausalLM(nn.Module, SupportsPP):
             moe.blocks[0].kernel.name, cfg.eviction,
             f", emulated link {cfg.link_gbps} GB/s" if cfg.link_gbps else "",
             f", gating T={cfg.threshold}" if cfg.threshold else "",
-            f", prefetch {cfg.prefetch_lookahead} layer(s) ahead" if cfg.prefetch else "")
+            f", prefetch {cfg.prefetch_lookahead} layer(s) ahead" if cfg.prefetch else "",
+            cpu_features.describe_cpu(), getattr(moe.blocks[0].kernel, "path", moe.blocks[0].kernel.name))
 
     def _layer_range(self) -> tuple[int, int]:
         return self.model.start_layer, self.model.end_layer
