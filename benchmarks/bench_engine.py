@@ -40,6 +40,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
 
 from vllm_adapmoe.config import AdapMoEConfig  # noqa: E402
+from vllm_adapmoe.engine.settings import EngineSettings  # noqa: E402
 from vllm_adapmoe.engine.cache_plan import plan_dp, plan_uniform  # noqa: E402
 from vllm_adapmoe.engine.stack import ExpertStack, LayerShape, ReplayRouter  # noqa: E402
 
@@ -205,7 +206,7 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     # One set of host experts, shared by every setting (random bf16, pinned on CUDA).
-    base = ExpertStack(shape, [shape.top_k] * layers, AdapMoEConfig(), device)
+    base = ExpertStack(shape, [shape.top_k] * layers, EngineSettings(), device)
     base.load_random(seed=0, progress=True)
     stores = [b.store for b in base.blocks]
     per_copy, gbps = link_gbps(base)
@@ -225,7 +226,7 @@ def main() -> None:
         rows = {}
         for name in tqdm(plan, desc=f"batch {batch}", unit="setting"):
             slots, config, streaming = plan[name]
-            stack = ExpertStack(shape, slots, config, device,
+            stack = ExpertStack(shape, slots, config.engine_settings(), device,
                                 sensitivity=list(config.sensitivity or [0.0] * layers),
                                 routers=[ReplayRouter() for _ in range(layers)], stores=stores)
             rows[name] = {"slots": slots, **run_setting(stack, routing, batch, device, streaming,

@@ -89,17 +89,17 @@ def finish_loading(layer: torch.nn.Module) -> torch.nn.Module:
 def our_block(config, w: dict[str, torch.Tensor], top_k: int, idx: int, step, **settings):
     from vllm.config import set_current_vllm_config
 
-    from vllm_adapmoe.config import AdapMoEConfig
+    from vllm_adapmoe.engine.settings import EngineSettings
     from vllm.model_executor.layers.fused_moe import GateLinear
 
     from vllm_adapmoe.engine.block import AdapMoEBlock
     from vllm_adapmoe.models import kernels  # noqa: F401  (vLLM's fused kernels)
 
     E, inter, hidden = w["w1"].shape
-    cfg = AdapMoEConfig(**settings)
+    settings = EngineSettings(**settings)
     with set_current_vllm_config(config):
         block = AdapMoEBlock(layer_idx=idx, num_experts=E, top_k=top_k, hidden_size=hidden,
-                             intermediate_size=inter, num_slots=E, config=cfg, step=step,
+                             intermediate_size=inter, num_slots=E, settings=settings, step=step,
                              gate=GateLinear(hidden, E, params_dtype=torch.bfloat16,
                                              prefix=f"ours.layers.{idx}.gate"),
                              device=torch.device("cpu"), params_dtype=torch.bfloat16,
@@ -138,7 +138,7 @@ def replayed_routing(trace_path: Path, batch: int, count: int, experts: int):
 def run(args) -> dict:
     from vllm.forward_context import set_forward_context
 
-    from vllm_adapmoe.engine.block import PhaseClock, StepInfo
+    from vllm_adapmoe.engine.step import PhaseClock, StepInfo
 
     torch.manual_seed(0)
     hidden, inter, E, k = SHAPES[args.shape]
@@ -173,7 +173,7 @@ def run(args) -> dict:
         phases = {name: {} for name in configs}
         activated = {}
         with set_forward_context(None, config):
-            block.prefetch_enabled, block.gating.threshold = modes["adapmoe"]
+            block.lookahead.prefetch, block.gating.threshold = modes["adapmoe"]
             same = all(torch.equal(stock.experts(x, logits), block.forward_impl(x, logits))
                        for x, (_, logits) in zip(x_all[:3], routing[:3]))
             block.stats.reset()
@@ -186,8 +186,8 @@ def run(args) -> dict:
                             stock.experts(x, logits)
                             dt = time.perf_counter() - t0
                         else:
-                            block.prefetch_enabled, block.gating.threshold = modes[name]
-                            block.next_blocks = [block] if block.prefetch_enabled else []
+                            block.lookahead.prefetch, block.gating.threshold = modes[name]
+                            block.lookahead.targets = [block] if block.lookahead.prefetch else []
                             block.gating.sensitivity = sens[layer]
                             block.clock = clock = PhaseClock(x.device)
                             block.gate(x)

@@ -145,9 +145,29 @@ def serve_section(data: dict) -> list[str]:
     return out
 
 
+def parity_section(data: dict) -> list[str]:
+    out = [f"**Parity, every expert resident** (`benchmarks/bench_parity.py`, {data['model']}; "
+           f"{data['baseline']}; {data['rounds']} alternating rounds, medians, one run"
+           f"{'; ' + data['note'] if data.get('note') else ''}):", "",
+           "| where | load | stock | adapmoe 100% | adapmoe / stock |", "|---|---|---|---|---|"]
+    rows = {(r["batch"], r["config"]): r for r in data["offline"]}
+    for batch in sorted({b for b, _ in rows}):
+        s, a = rows[batch, "stock"], rows[batch, "adapmoe 100%"]
+        out.append(f"| offline `LLM.generate` | batch {batch} | {s['decode_tok_s']:.1f} tok/s | "
+                   f"{a['decode_tok_s']:.1f} tok/s | {a['vs_stock']:.3f} |")
+    serve = {(r["concurrency"], r["config"]): r for r in data.get("serve", [])}
+    for c in sorted({c for c, _ in serve}):
+        s, a = serve[c, "stock"], serve[c, "adapmoe 100%"]
+        out.append(f"| `vllm bench serve` (random 128 in / 64 out) | concurrency {c} | "
+                   f"{s['output_throughput']:.1f} tok/s, TPOT {s['median_tpot_ms']:.2f} ms | "
+                   f"{a['output_throughput']:.1f} tok/s, TPOT {a['median_tpot_ms']:.2f} ms | "
+                   f"{a['vs_stock']:.3f} (TPOT ×{a['tpot_vs_stock']:.3f}) |")
+    return out
+
+
 def render() -> str:
     parts: list[list[str]] = []
-    for name, fn in (("decode.json", decode_section), ("decode_link_50.json", decode_section),
+    for name, fn in (("parity.json", parity_section), ("decode.json", decode_section), ("decode_link_50.json", decode_section),
                      ("decode_link_25.json", decode_section), ("gating_sweep.json", gating_section),
                      ("serve.json", serve_section), ("parallel.json", parallel_section)):
         data = _load(name)

@@ -19,7 +19,7 @@ from test_exactness import assert_same
 
 import vllm_adapmoe
 from vllm_adapmoe.engine.gating import AdaptiveGate
-from vllm_adapmoe.engine.block import Routing
+from vllm_adapmoe.engine.routing import Routing
 from vllm_adapmoe.engine.routing import RouterSpec
 
 BATCHED = ["qwen2_moe", "qwen3_moe", "olmoe"]

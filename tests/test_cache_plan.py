@@ -9,9 +9,9 @@ import random
 
 import pytest
 
-from vllm_adapmoe.engine.cache_plan import (closed_form_curve, load_plan, miss_curves_from_profile,
-                                     plan_cost, plan_dp, plan_table, plan_uniform, plot_plan,
-                                     save_plan)
+from vllm_adapmoe.engine.cache_plan import (closed_form_curve, miss_curves_from_profile, plan_cost,
+                                            plan_dp, plan_uniform)
+from vllm_adapmoe.offline.plan_io import load_plan, plan_table, plot_plan, save_plan
 from vllm_adapmoe.config import uniform_split
 
 

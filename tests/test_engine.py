@@ -12,11 +12,10 @@ import pytest
 import torch
 from test_moe_parts import _random_experts, _store
 
-from vllm_adapmoe.config import AdapMoEConfig
+from vllm_adapmoe.engine.settings import EngineSettings
 from vllm_adapmoe.engine import ExpertCache, GroupedKernel, LayerStats, Link, ReferenceKernel, route
-from vllm_adapmoe.engine.block import Routing
+from vllm_adapmoe.engine.routing import Routing
 from vllm_adapmoe.engine.gating import AdaptiveGate
-from vllm_adapmoe.engine.prefetch import PredictionScore
 from vllm_adapmoe.engine.stack import ExpertStack, LayerShape
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -27,10 +26,10 @@ def test_engine_imports_and_runs_without_vllm():
     code = (
         "import sys; sys.modules['vllm'] = None\n"
         "import torch\n"
-        "from vllm_adapmoe.config import AdapMoEConfig\n"
+        "from vllm_adapmoe.engine.settings import EngineSettings\n"
         "from vllm_adapmoe.engine.stack import ExpertStack, LayerShape\n"
         "import vllm_adapmoe.engine.cache_plan, vllm_adapmoe.engine.prefetch\n"
-        "s = ExpertStack(LayerShape(64, 96, 4, 2), [2, 2], AdapMoEConfig(cache_slots=2, prefetch=True),"
+        "s = ExpertStack(LayerShape(64, 96, 4, 2), [2, 2], EngineSettings(prefetch=True),"
         " torch.device('cpu'))\n"
         "s.load_random()\n"
         "s.decode_step(torch.randn(3, 64, dtype=torch.bfloat16))\n"
@@ -65,10 +64,9 @@ def _stack(device: str, slots: int | list[int] | None, prefetch: bool = False,
     """``link_layers`` is pinned by default: without ``gbps`` CPU copies of these small experts
     are inline, and a measured link would (rightly) never prefetch."""
     n = SHAPE.experts if slots is None else slots
-    config = AdapMoEConfig(prefetch=prefetch, link_gbps=gbps, kernel=kernel, threshold=threshold,
-                           sensitivity=(1.0,) * layers if threshold else None,
-                           prefetch_lookahead=2 if prefetch else 1,
-                           link_layers=None if gbps else link_layers)
+    config = EngineSettings(prefetch=prefetch, link_gbps=gbps, kernel=kernel, threshold=threshold,
+                            prefetch_lookahead=2 if prefetch else 1,
+                            link_layers=None if gbps else link_layers)
     stack = ExpertStack(SHAPE, n if isinstance(n, list) else [n] * layers, config,
                         torch.device(device))
     g = torch.Generator().manual_seed(7)
@@ -116,7 +114,7 @@ def test_prefetch_pays_for_itself_from_the_measured_link_cost():
     assert cost.layers_per_load() > 5 and cost.min_probability(1) > 0.8
     stack.reset_stats()
     _decode(stack, [1] * 6, "cpu")
-    scores = [s for b in stack.blocks for s in b.prediction_scores.values()]
+    scores = [s for b in stack.blocks for s in b.predictions.scores.values()]
     assert scores and all(s.named > 2 for s in scores)  # guesses were made and scored...
     assert max(s.precision for s in scores) < cost.min_probability(1)
     assert stack.stats()["total"]["prefetch_issued"] == 0  # ...and none paid for its copy
@@ -130,7 +128,7 @@ def test_inline_copies_never_prefetch_with_a_measured_link():
     assert torch.equal(_decode(stack, BATCHES, "cpu"), expected)
     assert all(b.cache.inline for b in stack.blocks) and stack.link.cost.min_probability(1) > 1
     assert stack.stats()["total"]["prefetch_issued"] == 0
-    assert any(s.named > 2 for b in stack.blocks for s in b.prediction_scores.values())
+    assert any(s.named > 2 for b in stack.blocks for s in b.predictions.scores.values())
 
 
 def test_fitted_lookahead_map_steers_the_guess():
@@ -140,13 +138,13 @@ def test_fitted_lookahead_map_steers_the_guess():
     fitted = torch.zeros(SHAPE.hidden + 1, SHAPE.experts)
     fitted[-1, 5], fitted[-1, 6] = 2.0, 1.0  # bias row: logits independent of the input
     stack.blocks[0].set_lookahead_map(1, fitted)
-    stack.blocks[0].next_blocks = stack.blocks[1:]  # depth 2 not wired with 2 layers
-    known = stack.blocks[1].prediction_scores.setdefault(1, PredictionScore())
+    stack.blocks[0].lookahead.targets = stack.blocks[1:]  # depth 2 not wired with 2 layers
+    known = stack.blocks[1].predictions.score(1)
     known.right, known.named = 99, 100  # a guess known to be right: worth evicting for
     _decode(stack, [1], "cpu")
     st = stack.blocks[1].stats  # its 2 slots were warmed with experts 0 and 1
     assert st.prefetch_issued == 2 == st.prefetch_correct + st.prefetch_wasted + st.prefetch_dropped
-    weights, ids = stack.blocks[1].route(stack.blocks[0].lookahead_logits(
+    weights, ids = stack.blocks[1].route(stack.blocks[0].lookahead.logits(
         torch.randn(3, SHAPE.hidden, dtype=torch.bfloat16), 1, stack.blocks[1]))
     assert ids.tolist() == [[5, 6]] * 3
 
@@ -166,7 +164,7 @@ def test_prefetch_only_evicts_for_guesses_worth_it():
 
 
 def test_prefetch_pay_off_rule():
-    from vllm_adapmoe.engine.cache import LinkCost
+    from vllm_adapmoe.engine.link import LinkCost
     from vllm_adapmoe.engine.prefetch import PredictionScore, rank_prefetch
 
     assert LinkCost().min_probability(1) == 0.5  # nothing measured: a free link
@@ -341,7 +339,8 @@ def test_tensor_parallel_shards_sum_to_the_full_layer():
     splits w13/w2); their partial outputs sum to the unsharded layer's, at a 2-slot budget."""
     from torch import nn
 
-    from vllm_adapmoe.engine.block import AdapMoEBlock, StepInfo
+    from vllm_adapmoe.engine.block import AdapMoEBlock
+    from vllm_adapmoe.engine.step import StepInfo
 
     g = torch.Generator().manual_seed(5)
     hidden, inter, experts = 64, 96, 4
@@ -354,7 +353,7 @@ def test_tensor_parallel_shards_sum_to_the_full_layer():
     def block(shard):
         step = StepInfo(counted=True)
         b = AdapMoEBlock(layer_idx=0, num_experts=experts, top_k=2, hidden_size=hidden,
-                         intermediate_size=inter, num_slots=2, config=AdapMoEConfig(cache_slots=2),
+                         intermediate_size=inter, num_slots=2, settings=EngineSettings(),
                          step=step, gate=gate, device=torch.device("cpu"),
                          params_dtype=torch.float32, shard=shard)
         b.last = True

@@ -6,7 +6,7 @@ import torch
 import vllm_adapmoe
 from conftest import PROMPTS, greedy
 from vllm_adapmoe.engine.gating import AdaptiveGate
-from vllm_adapmoe.engine.block import Routing
+from vllm_adapmoe.engine.routing import Routing
 
 
 def keep(weights, threshold, sensitivity, decode=None, gate_prefill=False):

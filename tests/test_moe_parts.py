@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from vllm_adapmoe.engine.cache import ExpertCache, Link
+from vllm_adapmoe.engine.cache import ExpertCache
+from vllm_adapmoe.engine.link import Link
 from vllm_adapmoe.engine.slot_table import LFUPolicy, LRUPolicy
 from vllm_adapmoe.engine.kernels import GroupedKernel, ReferenceKernel
 from vllm_adapmoe.models.kernels import FusedCpuKernel
 from vllm_adapmoe.engine.store import HostExpertStore
 from vllm_adapmoe.engine.stats import LayerStats
-from vllm_adapmoe.engine.block import plan_waves
+from vllm_adapmoe.engine.plan import plan_waves
 from vllm_adapmoe.engine.routing import route
 
 
@@ -41,7 +42,7 @@ def test_lfu_evicts_least_frequent_then_least_recent():
 def test_no_wave_split_when_everything_fits():
     ids = torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)
     waves = plan_waves(ids, [0, 1, 2], capacity=3, resident={2: 0})
-    assert waves == [(None, [2, 0, 1])]  # the resident expert first
+    assert [(w.rows, w.experts, w.resident, w.loads) for w in waves] == [(None, [2, 0, 1], [2], [0, 1])]
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -50,11 +51,11 @@ def test_waves_cover_every_token_once_within_capacity(seed):
     ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(50)]).int()
     needed = ids.unique().tolist()
     waves = plan_waves(ids, needed, capacity=3, resident={})
-    seen = torch.cat([rows for rows, _ in waves])
+    seen = torch.cat([w.rows for w in waves])
     assert sorted(seen.tolist()) == list(range(50))
-    for rows, experts in waves:
-        assert len(experts) <= 3
-        assert set(ids[rows].flatten().tolist()) <= set(experts)
+    for wave in waves:
+        assert len(wave.experts) <= 3
+        assert set(ids[wave.rows].flatten().tolist()) <= set(wave.experts)
 
 
 def _random_experts(E=4, H=64, I=80, seed=0):

@@ -90,3 +90,24 @@ def test_profile_fitted_map_drives_the_guesses(engines, tiny_model, tmp_path):
     trace = Trace.load(vllm_adapmoe.stop_trace(llm, tmp_path / "fixed.npz"))
     assert (trace.pred_ids[trace.layer > 0] == [5, 6]).all()
     assert greedy(engines.get(tiny_model), PROMPTS[:3], max_tokens=6)[0] == tokens[0]
+
+
+def test_simulator_reproduces_live_prefetch_with_gating_and_waves(engines, tiny_model, tmp_path):
+    """The planner's whole surface at once, live = replayed: gating (decode tokens only, so
+    steps that also prefill gate some tokens and not others), guesses through the target's
+    gating one and two layers ahead, waves at one own slot per layer plus the staging row."""
+    settings = dict(cache_slots=[1, 2, 1], prefetch=True, link_layers=1, prefetch_lookahead=2,
+                    threshold=0.05, sensitivity=[1.0, 1.0, 1.0])
+    llm = engines.get(tiny_model, "adapmoe", **settings)
+    greedy(llm, PROMPTS[:4], max_tokens=4)
+    vllm_adapmoe.reset_stats(llm)
+    vllm_adapmoe.start_trace(llm)
+    greedy(llm, PROMPTS, max_tokens=10)
+    trace = Trace.load(vllm_adapmoe.stop_trace(llm, tmp_path / "gated_pf.npz"))
+    live = vllm_adapmoe.stats(llm)
+    total = live["total"]
+    assert 0 < total["top1_tokens"] < total["decode_tokens"]  # gating ran, not on everything
+    assert total["prefetch_issued"] > 0 and total["waves"] > total["steps"]
+    sim = simulate(trace, trace.meta["slots"], "lru", prefetch=True, link_layers=1,
+                   threshold=0.05, sensitivity=[1.0] * 3)
+    _assert_counters_equal(live, sim)

@@ -269,7 +269,7 @@ def _hook_worker() -> None:
                 "cache_state": [x.cache.table.state() for x in blocks],
                 # the predictors' scores so far, per look-ahead distance (they steer the
                 # pay-off rule)
-                "prediction_scores": [{str(d): s.state() for d, s in x.prediction_scores.items()}
+                "prediction_scores": [{str(d): s.state() for d, s in x.predictions.scores.items()}
                                       for x in blocks]}
         model.step.trace = TraceRecorder(meta, getattr(self, "model_runner", None))
 

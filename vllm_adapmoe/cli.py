@@ -212,9 +212,9 @@ def _add_plan(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from vllm_adapmoe.engine.cache_plan import (closed_form_curve, plan_cost, plan_dp, plan_table,
-                                         plan_uniform, plan_with_staging, plot_plan, save_plan,
-                                         staging_rows)
+    from vllm_adapmoe.engine.cache_plan import (closed_form_curve, plan_cost, plan_dp, plan_uniform,
+                                                plan_with_staging, staging_rows)
+    from vllm_adapmoe.offline.plan_io import plan_table, plot_plan, save_plan
     from vllm_adapmoe.offline.profile import load_profile
 
     profile = load_profile(args.profile)

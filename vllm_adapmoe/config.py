@@ -7,16 +7,19 @@ silently serving stock behaviour.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from vllm_adapmoe.engine.cache_plan import uniform_split  # noqa: F401  (re-exported)
+from vllm_adapmoe.engine.errors import AdapMoEConfigError
+from vllm_adapmoe.engine.settings import EngineSettings
+
 CONFIG_KEY = "adapmoe"
 MODEL_IMPL = "adapmoe"
-
-
-class AdapMoEConfigError(ValueError):
-    """A bad ``adapmoe`` setting; the message says which key and how to fix it."""
+_PARSED: dict[str, AdapMoEConfig] = {}  # settings JSON → its parsed config (this process)
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,16 @@ class AdapMoEConfig:
 
     @classmethod
     def from_additional_config(cls, additional_config: dict[str, Any] | None) -> AdapMoEConfig:
+        """Parsed once per process and settings (the main process checks them twice at start-up,
+        each worker once more): the same settings give the same object, with its profile."""
         raw = (additional_config or {}).get(CONFIG_KEY) or {}
-        return cls.from_dict(raw)
+        try:
+            key = json.dumps(raw, sort_keys=True)
+        except (TypeError, ValueError):
+            return cls.from_dict(raw)  # not JSON: from_dict names the problem
+        if key not in _PARSED:
+            _PARSED[key] = cls.from_dict(raw)
+        return _PARSED[key]
 
     @classmethod
     def from_dict(cls, raw: Any) -> AdapMoEConfig:
@@ -81,7 +92,7 @@ class AdapMoEConfig:
                 'adapmoe: plan="dp" splits a total budget using the miss curves of a profile: '
                 'set "profile" and one of "cache_total_slots" / "cache_gib" (not "cache_slots")'
             )
-        from vllm_adapmoe.engine.slot_table import POLICIES  # here: the engine imports this module
+        from vllm_adapmoe.engine.slot_table import POLICIES
 
         if self.eviction not in POLICIES:
             *first, last = (f'"{name}"' for name in POLICIES)
@@ -130,14 +141,19 @@ class AdapMoEConfig:
                 f"adapmoe: cache_slots as a list needs one integer >= 1 per MoE layer, got {list(slots)}"
             )
 
+    def engine_settings(self) -> EngineSettings:
+        """What the engine itself reads (budgets and profiles are resolved here, before it)."""
+        return EngineSettings(kernel=self.kernel, eviction=self.eviction, threshold=self.threshold,
+                              gate_prefill=self.gate_prefill, prefetch=self.prefetch,
+                              prefetch_lookahead=self.prefetch_lookahead,
+                              link_gbps=self.link_gbps, link_layers=self.link_layers)
+
     def sensitivities(self, num_layers: int, hf_config: Any) -> list[float]:
         """Per-layer S_l from ``sensitivity`` or the profile (checked against the model)."""
         if self.sensitivity is not None:
             values = list(self.sensitivity)
         elif self.profile is not None:
-            from vllm_adapmoe.offline.profile import load_profile
-
-            values = list(load_profile(self.profile, hf_config).sensitivity)
+            values = list(self._profile(hf_config).sensitivity)
         else:
             return [0.0] * num_layers
         if len(values) != num_layers:
@@ -152,9 +168,24 @@ class AdapMoEConfig:
         if not self.prefetch or self.profile is None:
             return {}
         from vllm_adapmoe.offline.predictor import fitted_maps
+
+        return fitted_maps(self._profile(hf_config).predictor)
+
+    def _profile(self, hf_config: Any) -> Any:
+        """The profile, read and checked against ``hf_config`` once per process (again if the
+        file changes); budgets, sensitivities and fitted maps all come from it."""
         from vllm_adapmoe.offline.profile import load_profile
 
-        return fitted_maps(load_profile(self.profile, hf_config).predictor)
+        try:
+            stat = os.stat(self.profile)
+            key = (self.profile, id(hf_config), stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            return load_profile(self.profile, hf_config)  # missing: its error names the fix
+        cache = self.__dict__.setdefault("_profiles", {})  # not a field: frozen stays frozen
+        if key not in cache:
+            # holding hf_config keeps its id from being reused by another model's config
+            cache[key] = (hf_config, load_profile(self.profile, hf_config))
+        return cache[key][1]
 
     def slots_per_layer(self, num_layers: int, num_experts: int, expert_bytes: int,
                         hf_config: Any = None, top_k: int = 1) -> list[int]:
@@ -207,9 +238,8 @@ class AdapMoEConfig:
         """DP over the profile's miss curves, staging rows included in ``total``: it gives a
         layer fewer than top_k own slots where that costs fewer misses than the rows it takes."""
         from vllm_adapmoe.engine.cache_plan import plan_cost, plan_dp, plan_with_staging
-        from vllm_adapmoe.offline.profile import load_profile
 
-        profile = load_profile(self.profile, hf_config)
+        profile = self._profile(hf_config)
         curves = getattr(profile, "miss_curves", None)
         if not curves or len(curves) != num_layers:
             raise AdapMoEConfigError(
@@ -218,12 +248,6 @@ class AdapMoEConfig:
         return plan_with_staging(total, top_k, num_layers,
                                  lambda budget, lo: plan_dp(curves, budget, lo=lo),
                                  lambda slots: plan_cost(slots, curves))
-
-
-def uniform_split(total: int, num_layers: int) -> list[int]:
-    """Split ``total`` slots over layers as evenly as possible (earlier layers get the remainder)."""
-    base, rest = divmod(total, num_layers)
-    return [base + (1 if i < rest else 0) for i in range(num_layers)]
 
 
 def _check_le_experts(slots: int, num_experts: int) -> int:

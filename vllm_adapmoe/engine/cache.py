@@ -5,31 +5,24 @@ layout) so a layer computes every resident expert with a single fused-kernel cal
 Residency and eviction are decided by ``SlotTable`` (shared with the simulator); experts the
 current wave needs are never evicted.
 
-Loads are asynchronous and all go through one ``Link`` per model — one loader thread (CPU) or
-one copy stream over pinned memory (CUDA) — one copy at a time, as on one PCIe link. Copies
-compute waits for go first; prefetches wait behind them. A prefetch still queued when its layer
+Loads are asynchronous and go through the model's one ``Link`` (``link.py``). A prefetch still
+queued when its layer
 runs without needing it, or when its slot is re-booked, is cancelled (``prefetch_dropped``), so
 a stale copy never lands in a re-booked slot and a wrong guess costs no link time once known.
-A copy already running completes before the next starts; compute always waits for the latest
-copy of the experts it uses. With ``link_gbps`` (GB/s) each copy is stretched to what it would
-take over that link (an *emulated* link for CPU experiments). On CPU without emulation, small
+Compute always waits for the latest copy of the experts it uses. On CPU without emulation, small
 experts are copied inline (counted as stall): the thread hand-off would cost more than the
 memcpy; such a copy overlaps nothing, so with a measured link cost no prefetch pays there.
 """
 
 from __future__ import annotations
 
-import math
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from vllm_adapmoe.engine.link import Link
 from vllm_adapmoe.engine.store import HostExpertStore
 from vllm_adapmoe.engine.stats import LayerStats
 from vllm_adapmoe.engine.slot_table import SlotTable, make_policy
@@ -38,134 +31,6 @@ from vllm_adapmoe.engine.staging import StagingArea
 
 # Below this, a CPU copy (~10 GB/s: < ~1 ms) is cheaper to do in place than to hand over.
 INLINE_COPY_MAX_BYTES = 8 * 2**20
-
-
-class LinkCost:
-    """How many decode layers one expert copy costs (``r``), for the prefetch pay-off rule:
-    measured while decoding (moving averages of a copy's duration and of a layer's compute,
-    i.e. the time between two layers' steps minus the stall in it), or pinned by ``link_layers``."""
-
-    def __init__(self, pinned: float | None = None) -> None:
-        self.pinned = pinned
-        # False when copies run inline on the computing thread (CPU, small experts): a copy
-        # then hides behind nothing, so a right guess saves no stall and none pays.
-        self.overlaps = True
-        self.stall_s = 0.0  # every stall of every layer, added by the caches
-        self._copy_s: float | None = None
-        self._layer_s: float | None = None
-        self._last: tuple[int, float, float] | None = None  # (layer, its start, stall_s then)
-
-    def observe_copy(self, seconds: float) -> None:
-        self._copy_s = _average(self._copy_s, seconds)
-
-    def layer_started(self, layer: int) -> None:
-        """A counted pure-decode step enters ``layer``: the previous layer's compute ended."""
-        now = time.perf_counter()
-        last = self._last
-        if last is not None and layer == last[0] + 1:
-            self._layer_s = _average(self._layer_s, max(now - last[1] - (self.stall_s - last[2]), 0.0))
-        self._last = (layer, now, self.stall_s)
-
-    def layers_per_load(self) -> float:
-        if self.pinned is not None:
-            return self.pinned
-        if not self._copy_s or not self._layer_s:
-            return 0.0  # not measured yet
-        return self._copy_s / self._layer_s
-
-    def min_probability(self, depth: int, reuse: float = 0.0) -> float:
-        """Issue a prefetch ``depth`` layers ahead when its chance of use p pays: a right one
-        saves the stall the head start covers (min(r, depth) layers), a wrong one costs the
-        link r layers that later loads wait for, and evicting a resident that is needed again
-        with probability ``reuse`` costs a reload: p·min(r, depth) ≥ (1 − p)·r + reuse·r.
-        Measured inline copies overlap nothing: no p pays (a pinned ``link_layers`` still rules)."""
-        if not self.overlaps and self.pinned is None:
-            return math.inf
-        r = self.layers_per_load()
-        if r <= 0:  # not measured, or pinned free: the limit r → 0
-            return (1 + reuse) / 2
-        return r * (1 + reuse) / (r + min(r, depth))
-
-
-class Link:
-    """The host→device link of one model: one copy at a time, on-demand copies ahead of queued
-    prefetches (each kind in submission order). A queued copy can still be cancelled
-    (``Future.cancel``) or promoted to on-demand; one already running always completes, so a
-    later copy into the same slot lands after it."""
-
-    def __init__(self, device: torch.device, link_gbps: float | None = None,
-                 link_layers: float | None = None) -> None:
-        self.device = device
-        self.bytes_per_s = link_gbps * 1e9 if link_gbps else None
-        self.cost = LinkCost(link_layers)
-        self._stream = None
-        self._queues: tuple[deque[_Copy], deque[_Copy]] = (deque(), deque())  # on demand, ahead
-        self._wake = threading.Condition()
-        self._worker: threading.Thread | None = None
-        # CPU without emulation: a copy is a memcpy on the cores that compute. For small experts
-        # the hand-off to a loader thread costs more than the copy (bundled model, 2 cores: LRU
-        # decode 0.33x → 0.89x of all resident when copied inline); big ones still overlap
-        # compute on the thread (Mixtral shape: 0.87x threaded vs 0.61x inline). See ExpertCache.
-        self.cpu_free = device.type == "cpu" and self.bytes_per_s is None
-
-    def submit(self, copy: Callable[[], None], nbytes: int, prefetch: bool = False) -> Future:
-        future: Future = Future()
-        with self._wake:
-            if self._worker is None:
-                if self.device.type == "cuda":
-                    self._stream = torch.cuda.Stream(self.device)
-                self._worker = threading.Thread(target=self._serve, name="adapmoe-link", daemon=True)
-                self._worker.start()
-            # CUDA: the slot may still be read by kernels queued on the compute stream
-            after = torch.cuda.current_stream(self.device).record_event() if self._stream else None
-            self._queues[prefetch].append(_Copy(future, copy, nbytes, after))
-            self._wake.notify()
-        return future
-
-    def promote(self, future: Future) -> None:
-        """Move a queued prefetch copy to the on-demand queue (compute now waits for it)."""
-        with self._wake:
-            ahead = self._queues[True]
-            for item in ahead:
-                if item.future is future:
-                    ahead.remove(item)
-                    self._queues[False].append(item)
-                    return
-
-    def _serve(self) -> None:
-        while True:
-            with self._wake:
-                while not (self._queues[False] or self._queues[True]):
-                    self._wake.wait()
-                item = (self._queues[False] or self._queues[True]).popleft()
-            if not item.future.set_running_or_notify_cancel():
-                continue  # cancelled while queued: the link skips it
-            try:
-                self._run(item)
-                item.future.set_result(None)
-            except BaseException as exc:  # surfaces in the waiting compute thread
-                item.future.set_exception(exc)
-
-    def _run(self, item: _Copy) -> None:
-        start = time.perf_counter()
-        if self._stream is not None:
-            self._stream.wait_event(item.after)
-            with torch.cuda.stream(self._stream):
-                item.copy()
-            self._stream.synchronize()
-        else:
-            item.copy()  # torch releases the GIL inside copy_, so this overlaps compute
-        if self.bytes_per_s:
-            _sleep_until(start + item.nbytes / self.bytes_per_s)
-        self.cost.observe_copy(time.perf_counter() - start)
-
-
-@dataclass
-class _Copy:
-    future: Future
-    copy: Callable[[], None]
-    nbytes: int
-    after: Any = None  # CUDA event the copy must wait for
 
 
 class ExpertCache:
@@ -242,7 +107,10 @@ class ExpertCache:
         """Book slots for the non-resident ``experts``, queue their copies; returns the copies
         (new or already queued, e.g. by a prefetch: those now go ahead of other prefetches)
         that compute must wait for."""
-        placed = self.table.admit(experts)
+        table, n = self.table, self.store.num_experts
+        if table.own >= n and len(table.slot_of) == n:
+            return []  # every expert in an own slot: nothing to book, nothing can be evicted
+        placed = table.admit(experts)
         self._cancel_evicted()
         for expert, slot in placed:
             self._queue(expert, slot, prefetch=False)
@@ -320,13 +188,3 @@ class ExpertCache:
     def _copy(self, expert: int, slot: int) -> None:
         self.w13[slot].copy_(self.store.w13[expert], non_blocking=True)
         self.w2[slot].copy_(self.store.w2[expert], non_blocking=True)
-
-
-def _average(mean: float | None, sample: float, weight: float = 0.1) -> float:
-    return sample if mean is None else mean + weight * (sample - mean)
-
-
-def _sleep_until(deadline: float) -> None:
-    remaining = deadline - time.perf_counter()
-    if remaining > 0:
-        time.sleep(remaining)

@@ -12,8 +12,9 @@ Functions:
 * :func:`plan_dp` -- the exact DP, ``dp[i][j] = min_k dp[i-1][j-k] + f_i(k)``;
 * :func:`plan_uniform` -- the even split used when no curves are available;
 * :func:`closed_form_curve` -- the uniform-routing miss model;
-* :func:`miss_curves_from_profile` -- the measured curves from a profile dict;
-* :func:`plan_table`, :func:`save_plan`, :func:`load_plan`, :func:`plot_plan` -- reporting and I/O.
+* :func:`miss_curves_from_profile` -- the measured curves from a profile dict.
+
+Printing, saving and plotting plans is the offline tools' business (``offline/plan_io.py``).
 
 Miss curves are indexed from one slot: ``curves[l][k - 1] == f_l(k)`` for ``k = 1 .. E_l`` with
 ``E_l = len(curves[l])`` (layers may have different expert counts).
@@ -21,18 +22,15 @@ Miss curves are indexed from one slot: ``curves[l][k - 1] == f_l(k)`` for ``k = 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from vllm_adapmoe.config import uniform_split
 
 __all__ = ["plan_dp", "plan_uniform", "plan_with_staging", "staging_rows", "plan_cost", "closed_form_curve",
-           "miss_curves_from_profile", "plan_table", "save_plan", "load_plan", "plot_plan"]
+           "miss_curves_from_profile", "uniform_split", "layer_costs"]
 
 
 # -- validation helpers ------------------------------------------------------------------------
@@ -81,7 +79,7 @@ def plan_dp(curves: Sequence[Sequence[float]], total: int, lo: int = 1) -> list[
 
     Tie-breaking (deterministic): among all optimal allocations the **lexicographically largest**
     slot vector is returned, i.e. earlier layers get the extra slots -- the same convention as
-    :func:`vllm_adapmoe.config.uniform_split`.  Ties are exact float equality of the costs the DP
+    :func:`uniform_split`.  Ties are exact float equality of the costs the DP
     computes (e.g. flat curves, or integer-valued ones), not a tolerance.
 
     Raises ``ValueError`` when no allocation is feasible (``total < lo * L``,
@@ -162,7 +160,7 @@ def plan_uniform(num_layers: int, experts: int | Sequence[int], total: int, lo: 
     """``total`` slots split as evenly as possible over ``num_layers``; earlier layers get the remainder.
 
     ``experts`` is the expert count per layer (one int for all, or one per layer).  With equal
-    counts this is exactly :func:`vllm_adapmoe.config.uniform_split`; when per-layer counts differ
+    counts this is exactly :func:`uniform_split`; when per-layer counts differ
     and a layer's share exceeds its experts, the excess is split again (same rule) over the layers
     that still have room.  Raises ``ValueError`` for an infeasible budget.
     """
@@ -191,10 +189,10 @@ def plan_uniform(num_layers: int, experts: int | Sequence[int], total: int, lo: 
 
 def plan_cost(slots: Sequence[int], curves: Sequence[Sequence[float]]) -> float:
     """``sum_l f_l(s_l)``: expected misses per decoded token of an allocation."""
-    return sum(_layer_costs(slots, curves))
+    return sum(layer_costs(slots, curves))
 
 
-def _layer_costs(slots: Sequence[int], curves: Sequence[Sequence[float]]) -> list[float]:
+def layer_costs(slots: Sequence[int], curves: Sequence[Sequence[float]]) -> list[float]:
     f = _check_curves(curves)
     if len(slots) != len(f):
         raise ValueError(f"{len(slots)} slot counts for {len(f)} miss curves; give one per layer")
@@ -258,99 +256,7 @@ def miss_curves_from_profile(profile: Any) -> list[list[float]]:
     return _check_curves(curves)
 
 
-# -- reporting and files -----------------------------------------------------------------------
-def plan_table(slots: Sequence[int], curves: Sequence[Sequence[float]] | None = None) -> str:
-    """A printable table: layer, slots, expected misses/token at that allocation, and a total row."""
-    slots = [int(s) for s in slots]
-    costs = _layer_costs(slots, curves) if curves is not None else None
-    head = f"{'layer':>5}  {'slots':>5}  {'misses/token':>12}"
-    lines = [head, "-" * len(head)]
-    for layer, s in enumerate(slots):
-        miss = f"{costs[layer]:12.4f}" if costs is not None else f"{'-':>12}"
-        lines.append(f"{layer:>5}  {s:>5}  {miss}")
-    lines.append("-" * len(head))
-    miss = f"{sum(costs):12.4f}" if costs is not None else f"{'-':>12}"
-    lines.append(f"{'total':>5}  {sum(slots):>5}  {miss}")
-    return "\n".join(lines)
-
-
-def save_plan(path: str | Path, slots: Sequence[int], method: str, total: int,
-              curves: Sequence[Sequence[float]] | None = None,
-              extra: dict[str, Any] | None = None) -> Path:
-    """Write the plan as JSON; returns the path.
-
-    Keys: ``method``, ``total_slots``, ``slots``, ``expected_misses_per_token`` (float, or null
-    without curves), ``expected_misses_per_layer`` (list or null), then any ``extra`` keys
-    (which may not replace the ones above).
-    """
-    slots = [int(s) for s in slots]
-    if sum(slots) != total:
-        raise ValueError(f"slots sum to {sum(slots)}, not total={total}")
-    costs = _layer_costs(slots, curves) if curves is not None else None
-    data: dict[str, Any] = {
-        "method": method,
-        "total_slots": int(total),
-        "slots": slots,
-        "expected_misses_per_token": float(sum(costs)) if costs is not None else None,
-        "expected_misses_per_layer": costs,
-    }
-    for key, value in (extra or {}).items():
-        if key in data:
-            raise ValueError(f"extra key {key!r} would overwrite a plan field")
-        data[key] = value
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return path
-
-
-def load_plan(path: str | Path) -> list[int]:
-    """The ``slots`` list of a plan written by :func:`save_plan` (checked to be integers >= 1)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read cache plan {path}: {exc}") from exc
-    slots = data.get("slots") if isinstance(data, dict) else None
-    if (not isinstance(slots, list) or not slots
-            or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in slots)):
-        raise ValueError(f"cache plan {path}: \"slots\" must be a non-empty list of integers >= 1, "
-                         f"got {slots!r}")
-    total = data.get("total_slots")
-    if total is not None and total != sum(slots):
-        raise ValueError(f"cache plan {path}: slots sum to {sum(slots)} but total_slots is {total}")
-    return slots
-
-
-def plot_plan(slots: Sequence[int], curves: Sequence[Sequence[float]] | None,
-              path: str | Path) -> bool:
-    """PNG of slots per layer (bars) and, with curves, each layer's misses/token at that allocation.
-
-    Returns ``True`` when the file was written, ``False`` (silently) when matplotlib is missing.
-    """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
-    slots = [int(s) for s in slots]
-    costs = _layer_costs(slots, curves) if curves is not None else None
-    layers = list(range(len(slots)))
-    fig = Figure(figsize=(max(4.0, 0.4 * len(slots) + 2.0), 3.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.bar(layers, slots, color="tab:blue", label="slots")
-    ax.set_xlabel("MoE layer")
-    ax.set_ylabel("device slots", color="tab:blue")
-    ax.set_title(f"cache plan: {sum(slots)} slots"
-                 + (f", {sum(costs):.3f} expected misses/token" if costs is not None else ""))
-    if costs is not None:
-        ax2 = ax.twinx()
-        ax2.plot(layers, costs, "o-", color="tab:red", label="misses/token")
-        ax2.set_ylabel("expected misses/token", color="tab:red")
-        ax2.set_ylim(bottom=0)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(str(path), format="png")
-    return True
+def uniform_split(total: int, num_layers: int) -> list[int]:
+    """Split ``total`` slots over layers as evenly as possible (earlier layers get the remainder)."""
+    base, rest = divmod(total, num_layers)
+    return [base + (1 if i < rest else 0) for i in range(num_layers)]

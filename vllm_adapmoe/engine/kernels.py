@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from vllm_adapmoe.config import AdapMoEConfigError
+from vllm_adapmoe.engine.errors import AdapMoEConfigError
 
 
 class ExpertKernel(Protocol):

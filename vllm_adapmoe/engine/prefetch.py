@@ -23,7 +23,7 @@ from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.slot_table import MASS_SCALE, SlotTable
 
 if TYPE_CHECKING:
-    from vllm_adapmoe.engine.cache import LinkCost
+    from vllm_adapmoe.engine.link import LinkCost
 
 
 def predicted_expert_sets(weights: torch.Tensor, ids: torch.Tensor, gate: AdaptiveGate) -> torch.Tensor:
@@ -100,3 +100,23 @@ class PredictionScore:
     def observe(self, predicted: list[int], needed: list[int]) -> None:
         self.named += len(predicted)
         self.right += len(set(predicted).intersection(needed))
+
+
+class PredictionLog:
+    """Of one layer: how well the layers looking ahead at it guess it, per distance (1: the layer
+    before), and what they guessed for the current pure-decode step, scored once it has routed."""
+
+    def __init__(self) -> None:
+        self.scores: dict[int, PredictionScore] = {}
+        self._named: dict[int, list[int]] = {}
+
+    def score(self, depth: int) -> PredictionScore:
+        return self.scores.setdefault(depth, PredictionScore())
+
+    def expect(self, depth: int, named: list[int]) -> None:
+        self._named[depth] = named
+
+    def observe(self, needed: list[int]) -> None:
+        for depth, named in self._named.items():
+            self.scores[depth].observe(named, needed)
+        self._named.clear()

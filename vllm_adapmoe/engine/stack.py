@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vllm_adapmoe.config import AdapMoEConfig
-from vllm_adapmoe.engine.block import AdapMoEBlock, StepInfo
-from vllm_adapmoe.engine.cache import Link
+from vllm_adapmoe.engine.block import AdapMoEBlock
+from vllm_adapmoe.engine.link import Link
+from vllm_adapmoe.engine.settings import EngineSettings
 from vllm_adapmoe.engine.staging import StagingArea
 from vllm_adapmoe.engine.stats import summarise
+from vllm_adapmoe.engine.step import StepInfo
 from vllm_adapmoe.engine.store import HostExpertStore
 
 
@@ -48,13 +49,13 @@ class ReplayRouter(nn.Module):
 
 
 class ExpertStack:
-    def __init__(self, shape: LayerShape, slots: list[int], config: AdapMoEConfig,
+    def __init__(self, shape: LayerShape, slots: list[int], settings: EngineSettings,
                  device: torch.device, dtype: torch.dtype = torch.bfloat16,
                  sensitivity: list[float] | None = None, routers: list[nn.Module] | None = None,
                  stores: list[HostExpertStore] | None = None) -> None:
         self.shape, self.device, self.dtype = shape, device, dtype
         self.step_info = StepInfo(counted=True)
-        self.link = Link(device, config.link_gbps, config.link_layers)
+        self.link = Link(device, settings.link_gbps, settings.link_layers)
         self.staging = StagingArea.for_plan(slots, shape.top_k)
         sensitivity = sensitivity or [0.0] * len(slots)
         routers = routers or [nn.Linear(shape.hidden, shape.experts, bias=False, device=device,
@@ -62,7 +63,7 @@ class ExpertStack:
         self.blocks = [
             AdapMoEBlock(layer_idx=i, num_experts=shape.experts, top_k=shape.top_k,
                          hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                         num_slots=n, config=config, step=self.step_info, gate=routers[i],
+                         num_slots=n, settings=settings, step=self.step_info, gate=routers[i],
                          device=device, sensitivity=sensitivity[i], link=self.link,
                          params_dtype=dtype, prefix=f"layers.{i}",
                          store=stores[i] if stores else None, staging=self.staging)
@@ -71,7 +72,7 @@ class ExpertStack:
             for block in self.blocks:
                 block.cache.warm(range(shape.experts))
         for i, block in enumerate(self.blocks):
-            block.next_blocks = self.blocks[i + 1:i + 1 + config.prefetch_lookahead]
+            block.lookahead.targets = self.blocks[i + 1:i + 1 + settings.prefetch_lookahead]
         self.blocks[-1].last = True
 
     def load_random(self, seed: int = 0, progress: bool = False) -> None:

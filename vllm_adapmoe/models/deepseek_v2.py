@@ -34,7 +34,7 @@ from vllm.model_executor.models.deepseek_v2 import (
 from vllm.model_executor.models.utils import make_empty_intermediate_tensors_factory, make_layers
 from vllm.sequence import IntermediateTensors
 
-from vllm_adapmoe.config import AdapMoEConfigError
+from vllm_adapmoe.engine.errors import AdapMoEConfigError
 from vllm_adapmoe.engine.routing import RouterSpec
 from vllm_adapmoe.models import deepseek_shape
 from vllm_adapmoe.models.moe_model import AdapMoECausalLM, MoEBlocks, SharedExpertsMoE, run_decoder

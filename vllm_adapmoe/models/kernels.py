@@ -16,7 +16,7 @@ import sys
 import torch
 
 from vllm_adapmoe import cpu_features
-from vllm_adapmoe.config import AdapMoEConfigError
+from vllm_adapmoe.engine.errors import AdapMoEConfigError
 from vllm_adapmoe.engine.kernels import register_kernel
 
 

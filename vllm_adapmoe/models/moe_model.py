@@ -32,8 +32,9 @@ from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from vllm_adapmoe.config import AdapMoEConfig, AdapMoEConfigError
-from vllm_adapmoe.engine.block import AdapMoEBlock, StepInfo
-from vllm_adapmoe.engine.cache import Link
+from vllm_adapmoe.engine.block import AdapMoEBlock
+from vllm_adapmoe.engine.link import Link
+from vllm_adapmoe.engine.step import StepInfo
 from vllm_adapmoe.engine.staging import StagingArea
 from vllm_adapmoe.engine.routing import RouterSpec
 from vllm_adapmoe.metrics import PrometheusExporter
@@ -53,6 +54,7 @@ class MoEBlocks:
         hf_config = vllm_config.model_config.hf_config
         self.shape = shape
         self.config = config = AdapMoEConfig.from_additional_config(vllm_config.additional_config)
+        self.settings = config.engine_settings()
         self.dtype = vllm_config.model_config.dtype
         # Tensor parallel: each rank caches its shard of every expert; budgets are per rank.
         self.shard = (get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
@@ -78,7 +80,7 @@ class MoEBlocks:
         block = AdapMoEBlock(
             layer_idx=moe_idx, num_experts=shape.num_experts, top_k=shape.top_k,
             hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-            num_slots=self.slots[moe_idx], config=self.config, step=self.step,
+            num_slots=self.slots[moe_idx], settings=self.settings, step=self.step,
             sensitivity=self.sensitivity[moe_idx], link=self.link, gate=gate, device=self.device,
             params_dtype=self.dtype, prefix=prefix, router=router, shard=self.shard,
             staging=self.staging)
@@ -96,8 +98,8 @@ class MoEBlocks:
         ahead = self.config.prefetch_lookahead
         fitted = self.config.predictor_maps(vllm_config.model_config.hf_config)
         for i, block in enumerate(self.blocks):
-            block.next_blocks = self.blocks[i + 1:i + 1 + ahead]
-            for depth, target in enumerate(block.next_blocks, 1):
+            block.lookahead.targets = self.blocks[i + 1:i + 1 + ahead]
+            for depth, target in enumerate(block.lookahead.targets, 1):
                 if (target.layer_idx, depth) in fitted:
                     block.set_lookahead_map(depth, fitted[target.layer_idx, depth])
         self.blocks[-1].last = True

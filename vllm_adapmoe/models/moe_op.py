@@ -24,7 +24,8 @@ from vllm.forward_context import ForwardContext, get_forward_context, is_forward
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_adapmoe.models import BLOCK_OP
-from vllm_adapmoe.engine.block import AdapMoEBlock, StepInfo
+from vllm_adapmoe.engine.block import AdapMoEBlock
+from vllm_adapmoe.engine.step import StepInfo
 
 OP_NAME = BLOCK_OP.split("::")[1]
 

@@ -1,10 +1,12 @@
 """Trace-driven cache simulator: replay recorded routing against any per-layer allocation,
 eviction policy (LRU, LFU, MRS, or Belady's offline optimum) and gating rule.
 
-It runs the live code for every decision — ``Routing.gated`` for gating, ``plan_waves`` for
-waves, ``SlotTable`` for residency and eviction — so replaying a trace with the settings it was
-recorded under reproduces the engine's counters exactly (tested), and any other setting answers
-"what would this budget/policy/rule have cost on this workload".
+It runs the live code for every decision — ``Routing.gated`` for gating, the engine's planner
+(``plan_step`` for waves and loads, ``plan_prefetch`` for the guesses that pay), ``SlotTable``
+for residency and eviction — and applies each plan to the tables alone (no tensors move), so
+replaying a trace with the settings it was recorded under reproduces the engine's counters
+exactly (tested), and any other setting answers "what would this budget/policy/rule have cost
+on this workload".
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import numpy as np
 import torch
 
 from vllm_adapmoe.engine.gating import AdaptiveGate
+from vllm_adapmoe.engine.link import LinkCost
+from vllm_adapmoe.engine.plan import StepSummary, Target, plan_prefetch, plan_step
+from vllm_adapmoe.engine.prefetch import (PredictionLog, expert_counts, expert_mass,
+                                          predicted_expert_sets)
+from vllm_adapmoe.engine.routing import Routing, count_routing
 from vllm_adapmoe.engine.stats import LayerStats, summarise
-from vllm_adapmoe.engine.block import Routing, count_routing, plan_waves
-from vllm_adapmoe.engine.cache import LinkCost
-from vllm_adapmoe.engine.prefetch import (PredictionScore, expert_counts, expert_mass,
-                                          predicted_expert_sets, worth_prefetching)
 from vllm_adapmoe.engine.slot_table import POLICIES as LIVE_POLICIES
 from vllm_adapmoe.engine.slot_table import BeladyPolicy, SlotTable, make_policy
 from vllm_adapmoe.offline.trace import StepLayer, Trace
@@ -65,33 +68,29 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
 
     cost = LinkCost(link_layers)
     depths = list(range(trace.lookahead, 0, -1)) if prefetch else []  # live order: farthest first
-    scores = _prediction_scores(trace, depths, warm_start)
+    logs = _prediction_logs(trace, depths, warm_start)
     for block, routing in blocks:
-        table, st = tables[block.layer], stats[block.layer]
+        table, st, log = tables[block.layer], stats[block.layer], logs[block.layer]
         if isinstance(table.policy, BeladyPolicy):
             table.policy.now = block.step
-        predicted: dict[int, list[int]] = {}
         for depth in depths:  # what the layers before booked for this one, in the live order
             counts = predicted_counts(block, gates[block.layer], int(trace.meta["num_experts"]), depth)
             if counts is not None:
-                named = [e for e, c in enumerate(counts) if c]
-                issue, evictable = worth_prefetching(counts, table, scores[block.layer][depth],
-                                                     cost, depth)
-                table.prefetch(issue, keep=named, evictable=evictable)
+                booking = plan_prefetch(counts, Target(depth, table, log.score(depth)), cost)
+                table.prefetch(booking.issue, keep=booking.named, evictable=booking.evictable)
                 if block.decode.all():
-                    predicted[depth] = named
+                    log.expect(depth, booking.named)
         needed = routing.needed_experts()
         count_routing(st, routing, int(block.decode.sum()))
         misses_before = st.misses
         table.count_step(needed, router_mass(block, trace.meta) if table.policy.uses_router_mass
                          else None)
-        for depth, named in predicted.items():
-            scores[block.layer][depth].observe(named, needed)
+        log.observe(needed)
         if block.decode.all():
             decode_step_misses[block.layer] += st.misses - misses_before
             decode_step_tokens[block.layer] += len(block.ids)
-        for _, experts in plan_waves(routing.expert_sets, needed, table.num_slots, table.slot_of):
-            table.admit(experts)
+        for wave in plan_step(StepSummary(needed, routing.expert_sets), table).waves:
+            table.admit(wave.experts)
         table.release_staging()
 
     size = expert_bytes or int(trace.meta.get("expert_bytes", 0))
@@ -174,19 +173,20 @@ def predicted_counts(block: StepLayer, gate: AdaptiveGate, num_experts: int,
     return expert_counts(predicted_expert_sets(weights, ids, gate), num_experts).tolist()
 
 
-def _prediction_scores(trace: Trace, depths: list[int],
-                       warm_start: bool) -> list[dict[int, PredictionScore]]:
+def _prediction_logs(trace: Trace, depths: list[int], warm_start: bool) -> list[PredictionLog]:
     """Each layer's predictor scores per look-ahead distance, as recorded at trace start
     (older traces: distance 1 only)."""
-    scores = [{d: PredictionScore() for d in depths} for _ in range(trace.num_layers)]
+    logs = [PredictionLog() for _ in range(trace.num_layers)]
     states = trace.meta.get("prediction_scores") or [None] * trace.num_layers
-    for layer_scores, state in zip(scores, states):
+    for log, state in zip(logs, states):
+        for depth in depths:
+            log.score(depth)
         if not warm_start or not state:
             continue
         for depth, saved in (state.items() if isinstance(state, dict) else [("1", state)]):
-            if int(depth) in layer_scores:
-                layer_scores[int(depth)].load_state(saved)
-    return scores
+            if int(depth) in log.scores:
+                log.scores[int(depth)].load_state(saved)
+    return logs
 
 
 def _future_uses(blocks: list[tuple[StepLayer, Routing]]) -> dict[int, dict[int, list[int]]]:

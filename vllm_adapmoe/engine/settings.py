@@ -1,0 +1,23 @@
+"""What the engine needs to know of the user's settings: the engine's own small, typed record.
+
+The plugin parses and validates ``additional_config["adapmoe"]`` (``vllm_adapmoe.config``) and
+hands the engine an ``EngineSettings`` (``AdapMoEConfig.engine_settings()``); benchmarks and
+tests build one directly. Budgets, profiles and plans are resolved before the engine is built
+(into slots per layer, sensitivities and fitted maps), so they are not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    kernel: str = "auto"              # "auto" | "fused" | "grouped" | "reference" (kernels.py)
+    eviction: str = "lru"             # a policy of slot_table.POLICIES
+    threshold: float = 0.0            # gating budget T (0: stock top-k)
+    gate_prefill: bool = False        # gate prefill tokens too
+    prefetch: bool = False            # cross-layer prefetch
+    prefetch_lookahead: int = 1       # how many layers ahead the prefetcher guesses
+    link_gbps: float | None = None    # emulated host→device bandwidth, GB/s (CPU experiments)
+    link_layers: float | None = None  # one load in decode layers, pinned (None: measured)

@@ -1,0 +1,59 @@
+"""Checkpoint weights of one MoE layer → its router and its host store, this rank's shard only.
+
+Names are relative to the block: ``gate.*`` (the router, and DeepSeek-V3's correction bias) and
+``experts.E.<w>.weight`` with ``<w>`` one of w1/w2/w3 (Mixtral) or gate_proj/down_proj/up_proj
+(Qwen, OLMoE, DeepSeek). Under tensor parallelism a rank keeps gate/up rows and down columns of
+its slice (vLLM's split of ``w13`` / ``w2``), so its output is a partial sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vllm_adapmoe.engine.store import HostExpertStore
+
+EXPERT_WEIGHTS = {"w1": "w1", "w2": "w2", "w3": "w3",
+                  "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def load_moe_weights(weights: Iterable[tuple[str, torch.Tensor]], gate: nn.Module,
+                     store: HostExpertStore, shard: tuple[int, int]) -> set[str]:
+    """Router weights into ``gate`` (returned: the loader checks them), experts into ``store``."""
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if name.startswith("gate."):
+            param = getattr(gate, name.split(".", 1)[1], None)
+            if not isinstance(param, torch.Tensor):
+                raise ValueError(f"adapmoe: unexpected router weight {name!r} in the checkpoint")
+            loader = getattr(param, "weight_loader", None)  # vLLM's linear layers
+            loader(param, tensor) if loader else param.data.copy_(tensor)
+            loaded.add(name)
+            continue
+        parts = name.split(".")
+        if len(parts) != 4 or parts[0] != "experts" or parts[2] not in EXPERT_WEIGHTS:
+            raise ValueError(f"adapmoe: unexpected MoE weight {name!r} in the checkpoint")
+        which = EXPERT_WEIGHTS[parts[2]]
+        store.put(int(parts[1]), which, own_shard(which, tensor, shard))
+    return loaded
+
+
+def own_shard(which: str, weight: torch.Tensor, shard: tuple[int, int]) -> torch.Tensor:
+    """This rank's slice: rows of gate/up (column parallel), columns of down (row parallel)."""
+    rank, size = shard
+    if size == 1:
+        return weight
+    dim = 1 if which == "w2" else 0
+    n = weight.shape[dim] // size
+    return weight.narrow(dim, rank * n, n)
+
+
+def check_shardable(intermediate_size: int, shard: tuple[int, int]) -> int:
+    """This rank's share of the expert intermediate size."""
+    rank, size = shard
+    if not 0 <= rank < size or intermediate_size % size:
+        raise ValueError(f"cannot split intermediate size {intermediate_size} into {size} "
+                         f"tensor-parallel shards (rank {rank})")
+    return intermediate_size // size
