@@ -72,7 +72,13 @@ def bench_serve(base: str, model: str, concurrency: int, prompts: int, out_dir: 
            "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
            "--seed", str(seed), "--save-result", "--result-dir", str(out_dir),
            "--result-filename", name, "--disable-tqdm"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    for attempt in range(2):  # the client itself once hung before sending anything: retry once
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            break
+        except subprocess.TimeoutExpired:
+            if attempt:
+                raise
     if done.returncode != 0:
         raise RuntimeError(f"vllm bench serve failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     return json.loads((out_dir / name).read_text())

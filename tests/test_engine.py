@@ -60,13 +60,15 @@ def test_grouped_kernel_matches_reference_loop(device):
 
 def _stack(device: str, slots: int | list[int] | None, prefetch: bool = False,
            gbps: float | None = None, kernel: str = "grouped", threshold: float = 0.0,
-           layers: int = 4, link_layers: float | None = 1.0) -> ExpertStack:
+           layers: int = 4, link_layers: float | None = 1.0, hybrid: str = "off",
+           hybrid_costs: tuple[float, float, float] | None = None) -> ExpertStack:
     """``link_layers`` is pinned by default: without ``gbps`` CPU copies of these small experts
     are inline, and a measured link would (rightly) never prefetch."""
     n = SHAPE.experts if slots is None else slots
     config = EngineSettings(prefetch=prefetch, link_gbps=gbps, kernel=kernel, threshold=threshold,
                             prefetch_lookahead=2 if prefetch else 1,
-                            link_layers=None if gbps else link_layers)
+                            link_layers=None if gbps else link_layers, hybrid=hybrid,
+                            hybrid_costs=hybrid_costs)
     stack = ExpertStack(SHAPE, n if isinstance(n, list) else [n] * layers, config,
                         torch.device(device))
     g = torch.Generator().manual_seed(7)

@@ -46,6 +46,12 @@ class AdapMoEConfig:
     # Extension: per-layer sensitivities given directly instead of a profile (e.g. all 1.0 for
     # the naive "fixed w2 threshold" baseline: drop expert 2 when w2 < sqrt(threshold)).
     sensitivity: tuple[float, ...] | None = None
+    # Where a cold expert runs: "off" (always loaded into a slot), "auto" (its tokens computed
+    # on the host when that costs less than loading it), "host-only" (never loaded).
+    hybrid: str = "off"
+    # Extension: pin the hybrid cost model {"load_s", "host_fixed_s", "host_token_s"} (seconds)
+    # for timing-independent, replayable decisions; None = measured.
+    hybrid_costs: tuple[float, float, float] | None = None
 
     @classmethod
     def from_additional_config(cls, additional_config: dict[str, Any] | None) -> AdapMoEConfig:
@@ -116,6 +122,17 @@ class AdapMoEConfig:
                 not (math.isfinite(v) and v >= 0) for v in self.sensitivity):
             raise AdapMoEConfigError(
                 f"adapmoe: sensitivity must be finite numbers >= 0, got {list(self.sensitivity)}")
+        from vllm_adapmoe.engine.plan import HYBRID_MODES
+
+        if self.hybrid not in HYBRID_MODES:
+            raise AdapMoEConfigError(
+                f'adapmoe: hybrid must be "off", "auto" or "host-only", got {self.hybrid!r}')
+        if self.hybrid == "host-only" and self.prefetch:
+            raise AdapMoEConfigError(
+                'adapmoe: hybrid="host-only" never loads an expert, so there is nothing to '
+                'prefetch; drop "prefetch" (or use hybrid="auto")')
+        if self.hybrid_costs is not None and self.hybrid == "off":
+            raise AdapMoEConfigError('adapmoe: hybrid_costs needs hybrid "auto" or "host-only"')
         if self.prefetch_lookahead < 1:
             raise AdapMoEConfigError(
                 f"adapmoe: prefetch_lookahead must be >= 1, got {self.prefetch_lookahead}")
@@ -146,7 +163,8 @@ class AdapMoEConfig:
         return EngineSettings(kernel=self.kernel, eviction=self.eviction, threshold=self.threshold,
                               gate_prefill=self.gate_prefill, prefetch=self.prefetch,
                               prefetch_lookahead=self.prefetch_lookahead,
-                              link_gbps=self.link_gbps, link_layers=self.link_layers)
+                              link_gbps=self.link_gbps, link_layers=self.link_layers,
+                              hybrid=self.hybrid, hybrid_costs=self.hybrid_costs)
 
     def sensitivities(self, num_layers: int, hf_config: Any) -> list[float]:
         """Per-layer S_l from ``sensitivity`` or the profile (checked against the model)."""
@@ -291,7 +309,14 @@ def _normalise(key: str, value: Any) -> Any:
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             return tuple(float(v) for v in value)
         raise bad("a non-empty list of numbers, one per MoE layer")
-    if key in ("plan", "eviction", "profile", "kernel"):
+    if key == "hybrid_costs":
+        names = ("load_s", "host_fixed_s", "host_token_s")
+        if (not isinstance(value, dict) or set(value) != set(names) or not all(
+                isinstance(value[n], (int, float)) and not isinstance(value[n], bool)
+                and math.isfinite(value[n]) and value[n] >= 0 for n in names)):
+            raise bad('an object {"load_s": s, "host_fixed_s": s, "host_token_s": s} of seconds >= 0')
+        return tuple(float(value[n]) for n in names)
+    if key in ("plan", "eviction", "profile", "kernel", "hybrid"):
         if not isinstance(value, str):
             raise bad("a string")
         return value

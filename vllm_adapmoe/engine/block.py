@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from vllm_adapmoe.engine.cache import ExpertCache
-from vllm_adapmoe.engine.execute import StepExecutor
+from vllm_adapmoe.engine.costs import MeasuredCosts, PinnedCosts
+from vllm_adapmoe.engine.execute import HostExecutor, StepExecutor
 from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.kernels import make_kernel
 from vllm_adapmoe.engine.link import Link
@@ -93,7 +94,11 @@ class AdapMoEBlock(nn.Module):
         self.lookahead = LookAhead(settings.prefetch)  # its targets are wired by the model
         self.cache.link.cost.in_use |= settings.prefetch
         self.predictions = PredictionLog()  # how well the layers before guess this one
-        self.executor = StepExecutor(self.cache, self.kernel, self.stats)
+        self.hybrid = settings.hybrid
+        self.host_costs = _host_costs(settings, self.cache)
+        host = (HostExecutor(self.store, self.kernel, self.stats, self.host_costs, device)
+                if self.host_costs is not None else None)
+        self.executor = StepExecutor(self.cache, self.kernel, self.stats, host)
         self.last = False  # the model's last MoE block (ends the step), wired by the model
         # Set by the vLLM side: calls this block through the opaque op the compiled graph keeps.
         self.call_op: Callable[..., torch.Tensor] | None = None
@@ -199,9 +204,10 @@ class AdapMoEBlock(nn.Module):
         if step.counted:
             self._count(routing, needed, counts)
         guesses = self.lookahead.guesses(x, counts[self._guess_offset:], predicted, step)
-        plan = plan_step(StepSummary(needed, routing.expert_sets, guesses), self.cache.table,
+        summary_ = StepSummary(needed, routing.expert_sets, guesses, self._tokens(routing, counts))
+        plan = plan_step(summary_, self.cache.table,
                          self.lookahead.planning_targets(guesses) if guesses else (),
-                         self.cache.link.cost)
+                         self.cache.link.cost, self.hybrid, self.host_costs)
         self.lookahead.expect(plan.prefetch, step.all_decode)
         clock and clock.mark("plan")
         out = self.executor.run(plan, x, routing, [t.cache for t in self.lookahead.targets],
@@ -215,13 +221,26 @@ class AdapMoEBlock(nn.Module):
         n, (tokens, k) = self.num_experts, ids.shape
         needed = [e for e, c in enumerate(counts[:n]) if c]
         if not self.gating.active:
-            return Routing(ids, weights, _summary=(needed, tokens * k, tokens if k == 1 else 0))
+            return Routing(ids, weights, _summary=(needed, tokens * k, tokens if k == 1 else 0),
+                           in_graph=True)
         if keep is not None and (self.step.all_decode or self.gating.gate_prefill):
-            return Routing(gated_ids, gated_weights, keep, _summary=(needed, sum(counts[:n]), counts[n]))
+            return Routing(gated_ids, gated_weights, keep, in_graph=True,
+                           _summary=(needed, sum(counts[:n]), counts[n]))
         # the step also prefills (those tokens keep all k experts), or the compiled graph was
         # built without gating and a threshold was set since: gate here, with the mask
         return Routing.gated(ids, weights, self.gating, self.step.decode_mask,
                              self.router_spec.renormalize)
+
+    def _tokens(self, routing: Routing, counts: list[int]) -> list[int] | None:
+        """Tokens per expert, for hybrid decisions (None without hybrid): the summary's counts
+        where they describe this routing, else counted on the routing the step gated here."""
+        if self.host_costs is None:
+            return None
+        if isinstance(self.host_costs, MeasuredCosts) and not self.host_costs.calibrated:
+            self.host_costs.calibrate(self.executor.host.time_one_expert)
+        if routing.in_graph:
+            return counts[:self.num_experts]
+        return expert_counts(routing.expert_sets, self.num_experts).tolist()
 
     def _count(self, routing: Routing, needed: list[int], counts: list[int]) -> None:
         n = self.num_experts
@@ -246,3 +265,22 @@ class AdapMoEBlock(nn.Module):
                 # the shared staging rows, reported once (with the first layer using them)
                 "staging_bytes": staging.device_bytes if staging and staging.first(self.layer_idx) else 0,
                 **self.stats.as_dict()}
+
+
+def _host_costs(settings: EngineSettings, cache: ExpertCache) -> MeasuredCosts | PinnedCosts | None:
+    """The cost model hybrid decisions use: pinned by ``hybrid_costs``, else measured (a load:
+    the link's copies, or one timed probe copy until there is one)."""
+    if settings.hybrid == "off":
+        return None
+    if settings.hybrid_costs is not None:
+        return PinnedCosts(*settings.hybrid_costs)
+    probe: list[float] = []
+
+    def load_s() -> float:
+        measured = cache.link.cost.copy_s
+        if measured is not None:
+            return measured
+        if not probe:
+            probe.append(cache.probe_copy_s())
+        return probe[0]
+    return MeasuredCosts(load_s)

@@ -150,6 +150,20 @@ class ExpertCache:
             self._slot_map[e] = slot
             self._copy(e, slot)
 
+    def probe_copy_s(self) -> float:
+        """One expert's copy timed into scratch device memory (the slots are left alone),
+        stretched to an emulated link's rate: what a load costs before any was measured."""
+        w13 = torch.empty_like(self.w13[0])
+        w2 = torch.empty_like(self.w2[0])
+        start = time.perf_counter()
+        w13.copy_(self.store.w13[0])
+        w2.copy_(self.store.w2[0])
+        if w13.device.type == "cuda":
+            torch.cuda.synchronize(w13.device)
+        seconds = time.perf_counter() - start
+        rate = self.link.bytes_per_s
+        return max(seconds, self.store.expert_bytes / rate) if rate else seconds
+
     # -- internals ----------------------------------------------------------------------------
     def _stalled(self, seconds: float) -> None:
         self.stats.stall_s += seconds

@@ -5,43 +5,58 @@ Per wave: book slots for its loads and queue their copies (``ExpertCache.start_l
 first, copies already queued by a prefetch are promoted); after the first wave's own loads, queue
 the plan's prefetch guesses into the look-ahead layers' caches (behind them on the link); compute
 the wave's tokens whose experts have landed while copies run; wait; compute the rest. Every
-kernel call gets whole tokens with expert ids remapped to slot ids.
+kernel call gets whole tokens with expert ids remapped to slot ids. Tokens the plan sends to the
+host are computed from the host store with their expert ids (``HostExecutor``): on CPU with the
+same kernel on the same layout, so a token's output is the same wherever it runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import time
+
 import torch
 
 from vllm_adapmoe.engine.cache import ExpertCache
+from vllm_adapmoe.engine.costs import MeasuredCosts, PinnedCosts
 from vllm_adapmoe.engine.kernels import ExpertKernel
 from vllm_adapmoe.engine.plan import StepPlan
 from vllm_adapmoe.engine.routing import Routing
 from vllm_adapmoe.engine.stats import LayerStats
 from vllm_adapmoe.engine.step import PhaseClock
+from vllm_adapmoe.engine.store import HostExpertStore
 
 
 class StepExecutor:
-    def __init__(self, cache: ExpertCache, kernel: ExpertKernel, stats: LayerStats) -> None:
-        self.cache, self.kernel, self.stats = cache, kernel, stats
+    def __init__(self, cache: ExpertCache, kernel: ExpertKernel, stats: LayerStats,
+                 host: HostExecutor | None = None) -> None:
+        self.cache, self.kernel, self.stats, self.host = cache, kernel, stats, host
         self.clock: PhaseClock | None = None  # set by benchmarks to time the phases
 
     def run(self, plan: StepPlan, x: torch.Tensor, routing: Routing,
             prefetch_caches: Sequence[ExpertCache], counted: bool) -> torch.Tensor:
         out = torch.empty_like(x)
         clock = self.clock
+        if plan.host_rows is not None:
+            self.host.compute(out, x, routing, plan.host_rows, len(plan.host_experts), counted)
+            clock and clock.mark("host")
         for i, wave in enumerate(plan.waves):
             pending = self.cache.start_loads(wave.experts)
             clock and clock.mark("residency")
             if i == 0:  # our own first loads go on the link first, then the guesses
-                for booking in plan.prefetch:
-                    prefetch_caches[booking.depth - 1].prefetch(
-                        booking.issue, keep=booking.named, evictable=booking.evictable)
-                clock and clock.mark("prefetch")
+                self._prefetch(plan, prefetch_caches)
             self._compute_wave(out, x, routing, wave.rows, wave.experts, pending, counted)
+        if not plan.waves:  # every token ran on the host
+            self._prefetch(plan, prefetch_caches)
         self.cache.end_step()
         return out
+
+    def _prefetch(self, plan: StepPlan, prefetch_caches: Sequence[ExpertCache]) -> None:
+        for booking in plan.prefetch:
+            prefetch_caches[booking.depth - 1].prefetch(
+                booking.issue, keep=booking.named, evictable=booking.evictable)
+        self.clock and self.clock.mark("prefetch")
 
     def _compute_wave(self, out: torch.Tensor, x: torch.Tensor, routing: Routing,
                       rows: torch.Tensor | None, experts: list[int], pending: list,
@@ -79,3 +94,45 @@ class StepExecutor:
         part = torch.empty((rows.numel(), x.shape[1]), dtype=x.dtype, device=x.device)
         self.kernel(part, x[rows], cache.w13, cache.w2, weights, slot_ids)
         out[rows] = part
+
+
+class HostExecutor:
+    """Computes tokens whole from the host store (every expert lives there), by expert id.
+
+    On CPU the host *is* the device: the same kernel on the store (which is in the kernel's
+    layout) runs inline on vLLM's own OpenMP threads, so it adds no threads beside vLLM's
+    binding. On CUDA the tokens' activations go to the host and the engine's grouped GEMM
+    computes them from the pinned store (the device kernel's plain layout); their outputs
+    come back. (The CUDA path has not run on a GPU yet.)
+    """
+
+    def __init__(self, store: HostExpertStore, kernel: ExpertKernel, stats: LayerStats,
+                 costs: MeasuredCosts | PinnedCosts, device: torch.device) -> None:
+        from vllm_adapmoe.engine.kernels import GroupedKernel
+
+        self.store, self.stats, self.costs, self.device = store, stats, costs, device
+        self.kernel = kernel if device.type == "cpu" else GroupedKernel()
+
+    def compute(self, out: torch.Tensor, x: torch.Tensor, routing: Routing, rows: torch.Tensor,
+                experts: int, counted: bool) -> None:
+        start = time.perf_counter()
+        ids, weights = routing.kernel_args(rows)
+        xs = x[rows]
+        if self.device.type != "cpu":
+            xs, ids, weights = xs.cpu(), ids.cpu(), weights.cpu()
+        part = torch.empty_like(xs)
+        self.kernel(part, xs, self.store.w13, self.store.w2, weights, ids)
+        out[rows] = part.to(out.device, non_blocking=True)
+        seconds = time.perf_counter() - start
+        self.costs.observe_host(experts, int((ids >= 0).sum()), seconds)
+        if counted:
+            self.stats.host_tokens += rows.numel()
+            self.stats.host_experts += experts
+            self.stats.host_s += seconds
+
+    def time_one_expert(self, tokens: int) -> None:
+        """One expert over ``tokens`` tokens, for the cost model's start-up microbenchmark."""
+        x = torch.randn(tokens, self.store.hidden, dtype=self.store.w13.dtype)
+        ids = torch.zeros(tokens, 1, dtype=torch.int32)
+        weights = torch.ones(tokens, 1, dtype=torch.float32)
+        self.kernel(torch.empty_like(x), x, self.store.w13, self.store.w2, weights, ids)

@@ -51,6 +51,11 @@ class LinkCost:
             self._layer_s = _average(self._layer_s, max(now - last[1] - (self.stall_s - last[2]), 0.0))
         self._last = (layer, now, self.stall_s)
 
+    @property
+    def copy_s(self) -> float | None:
+        """One expert copy's measured duration (moving average; None before the first)."""
+        return self._copy_s
+
     def layers_per_load(self) -> float:
         if self.pinned is not None:
             return self.pinned

@@ -10,23 +10,30 @@ the recorded settings reproduces the live counters exactly.
 
 A token is always computed whole, by one kernel call over all its kept experts (the fused
 kernel sums a token's experts internally, and splitting that sum would change the rounding), so
-waves group whole tokens and outputs equal stock's wherever the plan puts them. Today an
-expert runs from a device slot, resident or loaded; ``Wave.resident`` / ``Wave.loads`` say
-which, the place where a third answer (compute it on the host) belongs.
+waves group whole tokens and outputs equal stock's wherever the plan puts them. A needed expert
+runs from a device slot (resident, or loaded first: ``Wave.resident`` / ``Wave.loads``) or, with
+hybrid execution, where it lives: a cold expert whose tokens cost less to compute on the host
+than the expert costs to load (``costs.py``) sends those tokens, whole, to the host
+(``StepPlan.host_rows``); with ``"host-only"`` every cold expert does, and nothing is loaded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, Union
 
 import torch
 
 from vllm_adapmoe.engine.prefetch import PredictionScore, worth_prefetching
 
 if TYPE_CHECKING:
+    from vllm_adapmoe.engine.costs import MeasuredCosts, PinnedCosts
     from vllm_adapmoe.engine.link import LinkCost
+
+    ExpertCosts = Union[MeasuredCosts, PinnedCosts]
+
+HYBRID_MODES = ("off", "auto", "host-only")
 
 
 class Residency(Protocol):
@@ -49,6 +56,7 @@ class StepSummary:
                                       # when the needed experts do not fit at once
     guesses: dict[int, list[int]] = field(default_factory=dict)
     # ``guesses[d]``: decode tokens per expert that the layer d ahead is predicted to need
+    tokens_per_expert: list[int] | None = None  # [E] (hybrid: what a host computation costs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,20 +91,54 @@ class PrefetchBooking:
 
 @dataclass(slots=True)
 class StepPlan:
-    waves: list[Wave]
+    waves: list[Wave]                 # the device's tokens
     prefetch: list[PrefetchBooking]   # queued after the first wave's own loads
+    host_rows: torch.Tensor | None = None  # tokens computed whole on the host (None: none)
+    host_experts: list[int] = field(default_factory=list)  # distinct experts those need
 
 
 def plan_step(summary: StepSummary, residency: Residency, targets: Sequence[Target] = (),
-              cost: LinkCost | None = None) -> StepPlan:
-    """Waves for this layer's tokens, and the guesses for the look-ahead ``targets`` that pay."""
-    waves = plan_waves(summary.expert_sets, summary.needed, residency.num_slots, residency.slot_of)
+              cost: LinkCost | None = None, hybrid: str = "off",
+              host: ExpertCosts | None = None) -> StepPlan:
+    """Where this layer's tokens run (waves on the device, or the host), and the guesses for the
+    look-ahead ``targets`` that pay."""
     bookings = []
     for target in targets:
         counts = summary.guesses.get(target.depth)
         if counts is not None and cost is not None:
             bookings.append(plan_prefetch(counts, target, cost))
-    return StepPlan(waves, bookings)
+    on_host = host_experts(summary, residency, hybrid, host)
+    if not on_host:
+        waves = plan_waves(summary.expert_sets, summary.needed, residency.num_slots,
+                           residency.slot_of)
+        return StepPlan(waves, bookings)
+    sets = summary.expert_sets
+    host_rows = torch.isin(sets, torch.tensor(on_host, dtype=sets.dtype, device=sets.device)).any(1)
+    device_rows = (~host_rows).nonzero().squeeze(1)
+    host_rows = host_rows.nonzero().squeeze(1)
+    device_sets = sets[device_rows]
+    waves = plan_waves(device_sets, _distinct(device_sets), residency.num_slots, residency.slot_of)
+    for wave in waves:  # rows of the device tokens → rows of the step
+        wave.rows = device_rows if wave.rows is None else device_rows[wave.rows]
+    return StepPlan([w for w in waves if w.rows.numel()], bookings, host_rows,
+                    _distinct(sets[host_rows]))
+
+
+def host_experts(summary: StepSummary, residency: Residency, hybrid: str,
+                 host: ExpertCosts | None) -> list[int]:
+    """The cold experts whose tokens go to the host: every one (``"host-only"``), or those whose
+    tokens cost less to compute there than the expert costs to load (``"auto"``)."""
+    if hybrid == "off" or host is None:
+        return []
+    cold = [e for e in summary.needed if e not in residency.slot_of]
+    if hybrid == "host-only" or not cold:
+        return cold
+    load_s, tokens = host.load_s, summary.tokens_per_expert
+    return [e for e in cold if host.host_s(tokens[e]) < load_s]
+
+
+def _distinct(expert_sets: torch.Tensor) -> list[int]:
+    return [e for e in expert_sets.unique().tolist() if e >= 0]
 
 
 def plan_prefetch(counts: list[int], target: Target, cost: LinkCost) -> PrefetchBooking:

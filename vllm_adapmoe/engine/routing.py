@@ -110,6 +110,7 @@ class Routing:
     weights: torch.Tensor              # [T, k] float32
     keep: torch.Tensor | None = None   # [T] experts kept per token; None = all k
     _summary: tuple[list[int], int, int] | None = None
+    in_graph: bool = False  # described by ``prepare``'s summary (its counts are this routing's)
 
     @classmethod
     def gated(cls, ids: torch.Tensor, weights: torch.Tensor, gate: AdaptiveGate,

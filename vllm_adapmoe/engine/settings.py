@@ -21,3 +21,6 @@ class EngineSettings:
     prefetch_lookahead: int = 1       # how many layers ahead the prefetcher guesses
     link_gbps: float | None = None    # emulated host→device bandwidth, GB/s (CPU experiments)
     link_layers: float | None = None  # one load in decode layers, pinned (None: measured)
+    hybrid: str = "off"               # where a cold expert runs: "off" (loaded), "auto", "host-only"
+    # pinned (load_s, host_fixed_s, host_token_s) for hybrid decisions (None: measured)
+    hybrid_costs: tuple[float, float, float] | None = None

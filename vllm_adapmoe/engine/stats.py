@@ -22,6 +22,9 @@ class LayerStats:
     prefetch_wasted: int = 0     # copied prefetches it did not use
     prefetch_dropped: int = 0    # prefetches cancelled before copying (correct + wasted + dropped = issued)
     waves: int = 0               # kernel launches (>1 per step when loads overlap or needed > slots)
+    host_tokens: int = 0         # tokens computed on the host (hybrid), each whole
+    host_experts: int = 0        # distinct experts those needed, per step
+    host_s: float = 0.0          # time spent computing on the host
     steps: int = 0
 
     def reset(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vllm_adapmoe.engine.costs import PinnedCosts
 from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.link import LinkCost
 from vllm_adapmoe.engine.plan import StepSummary, Target, plan_prefetch, plan_step
@@ -34,14 +35,18 @@ POLICIES = (*LIVE_POLICIES, "belady")
 def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
              threshold: float = 0.0, sensitivity: list[float] | None = None,
              gate_prefill: bool = False, prefetch: bool = False, warm_start: bool = True,
-             expert_bytes: int | None = None, link_layers: float | None = None) -> dict[str, Any]:
+             expert_bytes: int | None = None, link_layers: float | None = None,
+             hybrid: str = "off",
+             hybrid_costs: tuple[float, float, float] | None = None) -> dict[str, Any]:
     """Replay ``trace``; returns the ``vllm_adapmoe.stats`` shape (plus per-token ratios).
 
     ``warm_start`` starts each layer from the cache state recorded at trace start (needed for
     exact agreement with the engine); otherwise caches start empty. ``prefetch`` replays the
     prefetcher from the predictions recorded in the trace (every look-ahead distance it
     recorded), with its pay-off rule at ``link_layers`` (one load ≈ that many decode layers;
-    None: a free link, as a live run whose link costs at most one layer).
+    None: a free link, as a live run whose link costs at most one layer). ``hybrid`` replays
+    where cold experts run, with ``hybrid_costs`` (load_s, host_fixed_s, host_token_s) pinned as
+    the live run pinned them ("auto" needs them; timings are not replayed).
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -66,6 +71,9 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
             table.release_staging()  # a trace recorded with more own slots: not staging's
         tables.append(table)
 
+    if hybrid == "auto" and hybrid_costs is None:
+        raise ValueError('hybrid="auto" replays need hybrid_costs (the pinned cost model)')
+    host = PinnedCosts(*hybrid_costs) if hybrid_costs is not None else PinnedCosts(0.0, 0.0, 0.0)
     cost = LinkCost(link_layers)
     depths = list(range(trace.lookahead, 0, -1)) if prefetch else []  # live order: farthest first
     logs = _prediction_logs(trace, depths, warm_start)
@@ -89,7 +97,14 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
         if block.decode.all():
             decode_step_misses[block.layer] += st.misses - misses_before
             decode_step_tokens[block.layer] += len(block.ids)
-        for wave in plan_step(StepSummary(needed, routing.expert_sets), table).waves:
+        tokens = (expert_counts(routing.expert_sets, int(trace.meta["num_experts"])).tolist()
+                  if hybrid != "off" else None)
+        plan = plan_step(StepSummary(needed, routing.expert_sets, {}, tokens), table,
+                         hybrid=hybrid, host=host)
+        if plan.host_rows is not None:
+            st.host_tokens += plan.host_rows.numel()
+            st.host_experts += len(plan.host_experts)
+        for wave in plan.waves:
             table.admit(wave.experts)
         table.release_staging()
 
