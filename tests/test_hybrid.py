@@ -11,11 +11,10 @@ import vllm_adapmoe
 from conftest import PROMPTS, greedy
 from test_engine import BATCHES, _decode, _stack
 from test_exactness import assert_same
+from test_plan import _sets, _table
 from test_trace_sim import _assert_counters_equal
 from vllm_adapmoe.engine.costs import MeasuredCosts, PinnedCosts
 from vllm_adapmoe.engine.plan import StepSummary, plan_step
-from vllm_adapmoe.engine.slot_table import SlotTable, make_policy
-from vllm_adapmoe.engine.stats import LayerStats
 from vllm_adapmoe.offline.simulator import simulate
 from vllm_adapmoe.offline.trace import Trace
 
@@ -26,29 +25,22 @@ FORCE_HOST = (1e9, 0.0, 0.0)  # loading never pays
 
 
 def _summary(sets: list[list[int]], experts: int = 4) -> StepSummary:
-    t = torch.tensor(sets, dtype=torch.int32)
     needed = sorted({e for row in sets for e in row if e >= 0})
     tokens = [sum(row.count(e) for row in sets) for e in range(experts)]
-    return StepSummary(needed, t, {}, tokens)
-
-
-def _table(resident: list[int], slots: int = 2) -> SlotTable:
-    table = SlotTable(slots, make_policy("lru"), LayerStats())
-    table.admit(resident)
-    return table
+    return StepSummary(needed, _sets(sets), {}, tokens)
 
 
 def test_cold_experts_of_few_tokens_go_to_the_host():
     """Experts 0, 1 resident; 2 and 3 cold, one token each: both tokens run on the host, whole
     (token 1 needs resident 0 too), and the device computes token 0 without a load."""
-    plan = plan_step(_summary([[0, 1], [2, 0], [3, 1]]), _table([0, 1]), hybrid="auto", host=COSTS)
+    plan = plan_step(_summary([[0, 1], [2, 0], [3, 1]]), _table(2, [0, 1]), hybrid="auto", host=COSTS)
     assert plan.host_rows.tolist() == [1, 2] and plan.host_experts == [0, 1, 2, 3]
     [wave] = plan.waves
     assert wave.rows.tolist() == [0] and wave.experts == [0, 1] and wave.loads == []
 
 
 def test_an_expert_many_tokens_need_is_loaded():
-    plan = plan_step(_summary([[0, 2], [2, 1], [3, 1]]), _table([0, 1]), hybrid="auto", host=COSTS)
+    plan = plan_step(_summary([[0, 2], [2, 1], [3, 1]]), _table(2, [0, 1]), hybrid="auto", host=COSTS)
     assert plan.host_rows.tolist() == [2] and plan.host_experts == [1, 3]  # 3: one token
     loads = [e for w in plan.waves for e in w.loads]
     # 2 slots for the device tokens {0,2}, {2,1}: two waves, 2 loaded, then 1 again
@@ -57,9 +49,9 @@ def test_an_expert_many_tokens_need_is_loaded():
 
 def test_host_only_never_loads_and_off_never_computes_on_the_host():
     sets = [[0, 2], [2, 1], [3, 1]]
-    only = plan_step(_summary(sets), _table([0, 1]), hybrid="host-only", host=COSTS)
+    only = plan_step(_summary(sets), _table(2, [0, 1]), hybrid="host-only", host=COSTS)
     assert only.host_rows.tolist() == [0, 1, 2] and only.waves == []
-    off = plan_step(_summary(sets), _table([0, 1]), hybrid="off", host=COSTS)
+    off = plan_step(_summary(sets), _table(2, [0, 1]), hybrid="off", host=COSTS)
     # off: three waves of one token each on 2 slots (1 is evicted for 2, then loaded back)
     assert off.host_rows is None and [e for w in off.waves for e in w.loads] == [2, 1, 3]
 

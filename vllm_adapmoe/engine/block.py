@@ -112,8 +112,15 @@ class AdapMoEBlock(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = load_moe_weights(weights, self.gate, self.store, self.shard)
         if self.store.complete and not self.cache.slot_of:
-            self.cache.warm(range(self.num_experts))
+            self.warm()
         return loaded
+
+    def warm(self) -> None:
+        """Once every expert is in the host store: fill the slots, and (hybrid with measured
+        costs) time the host computation the planner weighs against a load."""
+        self.cache.warm(range(self.num_experts))
+        if isinstance(self.host_costs, MeasuredCosts) and not self.host_costs.calibrated:
+            self.host_costs.calibrate(self.executor.host.time_one_expert)
 
     def set_lookahead_map(self, depth: int, fitted: torch.Tensor) -> None:
         """Guess the layer ``depth`` ahead with a fitted map [H + 1, E] (``offline/predictor.py``)
@@ -204,8 +211,9 @@ class AdapMoEBlock(nn.Module):
         if step.counted:
             self._count(routing, needed, counts)
         guesses = self.lookahead.guesses(x, counts[self._guess_offset:], predicted, step)
-        summary_ = StepSummary(needed, routing.expert_sets, guesses, self._tokens(routing, counts))
-        plan = plan_step(summary_, self.cache.table,
+        step_summary = StepSummary(needed, routing.expert_sets, guesses,
+                                   self._tokens(routing, counts))
+        plan = plan_step(step_summary, self.cache.table,
                          self.lookahead.planning_targets(guesses) if guesses else (),
                          self.cache.link.cost, self.hybrid, self.host_costs)
         self.lookahead.expect(plan.prefetch, step.all_decode)
@@ -236,8 +244,6 @@ class AdapMoEBlock(nn.Module):
         where they describe this routing, else counted on the routing the step gated here."""
         if self.host_costs is None:
             return None
-        if isinstance(self.host_costs, MeasuredCosts) and not self.host_costs.calibrated:
-            self.host_costs.calibrate(self.executor.host.time_one_expert)
         if routing.in_graph:
             return counts[:self.num_experts]
         return expert_counts(routing.expert_sets, self.num_experts).tolist()

@@ -20,7 +20,7 @@ import torch
 
 from vllm_adapmoe.engine.cache import ExpertCache
 from vllm_adapmoe.engine.costs import MeasuredCosts, PinnedCosts
-from vllm_adapmoe.engine.kernels import ExpertKernel
+from vllm_adapmoe.engine.kernels import ExpertKernel, GroupedKernel
 from vllm_adapmoe.engine.plan import StepPlan
 from vllm_adapmoe.engine.routing import Routing
 from vllm_adapmoe.engine.stats import LayerStats
@@ -108,8 +108,6 @@ class HostExecutor:
 
     def __init__(self, store: HostExpertStore, kernel: ExpertKernel, stats: LayerStats,
                  costs: MeasuredCosts | PinnedCosts, device: torch.device) -> None:
-        from vllm_adapmoe.engine.kernels import GroupedKernel
-
         self.store, self.stats, self.costs, self.device = store, stats, costs, device
         self.kernel = kernel if device.type == "cpu" else GroupedKernel()
 
@@ -124,7 +122,8 @@ class HostExecutor:
         self.kernel(part, xs, self.store.w13, self.store.w2, weights, ids)
         out[rows] = part.to(out.device, non_blocking=True)
         seconds = time.perf_counter() - start
-        self.costs.observe_host(experts, int((ids >= 0).sum()), seconds)
+        # kernel ids are never negative (a gated position repeats the token's first expert)
+        self.costs.observe_host(experts, ids.numel(), seconds)
         if counted:
             self.stats.host_tokens += rows.numel()
             self.stats.host_experts += experts

@@ -107,7 +107,7 @@ def plan_step(summary: StepSummary, residency: Residency, targets: Sequence[Targ
         counts = summary.guesses.get(target.depth)
         if counts is not None and cost is not None:
             bookings.append(plan_prefetch(counts, target, cost))
-    on_host = host_experts(summary, residency, hybrid, host)
+    on_host = experts_for_host(summary, residency, hybrid, host)
     if not on_host:
         waves = plan_waves(summary.expert_sets, summary.needed, residency.num_slots,
                            residency.slot_of)
@@ -124,7 +124,7 @@ def plan_step(summary: StepSummary, residency: Residency, targets: Sequence[Targ
                     _distinct(sets[host_rows]))
 
 
-def host_experts(summary: StepSummary, residency: Residency, hybrid: str,
+def experts_for_host(summary: StepSummary, residency: Residency, hybrid: str,
                  host: ExpertCosts | None) -> list[int]:
     """The cold experts whose tokens go to the host: every one (``"host-only"``), or those whose
     tokens cost less to compute there than the expert costs to load (``"auto"``)."""

@@ -70,7 +70,7 @@ class ExpertStack:
             for i, n in enumerate(slots)]
         if stores:  # filled already: warm the slots as at start-up
             for block in self.blocks:
-                block.cache.warm(range(shape.experts))
+                block.warm()
         for i, block in enumerate(self.blocks):
             block.lookahead.targets = self.blocks[i + 1:i + 1 + settings.prefetch_lookahead]
         self.blocks[-1].last = True
@@ -91,7 +91,7 @@ class ExpertStack:
                 block.store.put(e, name, w.to(self.dtype))
         for block in self.blocks:
             block.check_loaded()
-            block.cache.warm(range(self.shape.experts))
+            block.warm()
 
     def decode_step(self, x: torch.Tensor,
                     router_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
