@@ -58,3 +58,26 @@ def test_budget_pays_for_shared_staging_rows():
     assert cfg.slots_per_layer(4, 8, 10, top_k=1) == [2, 2, 1, 1]
     with pytest.raises(AdapMoEConfigError, match="staging row"):
         AdapMoEConfig.from_dict({"cache_total_slots": 4}).slots_per_layer(4, 8, 10, top_k=2)
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"emulate": "a100"}, "emulate must be one of"),
+    ({"emulate": "h100-pcie4", "link_gbps": 10}, "drop \"link_gbps\""),
+    ({"host_threads": 4}, "host_threads needs hybrid"),
+    ({"hybrid": "auto", "host_threads": 0}, "host_threads must be >= 1"),
+])
+def test_emulation_and_host_settings_are_checked(raw, match):
+    with pytest.raises(AdapMoEConfigError, match=match):
+        AdapMoEConfig.from_dict(raw)
+
+
+def test_settings_for_one_kind_of_machine():
+    emulated = AdapMoEConfig.from_dict({"emulate": "rtx4090-pcie4", "hybrid": "auto"})
+    emulated.check_platform("cpu")
+    assert emulated.engine_settings().emulate == "rtx4090-pcie4"
+    with pytest.raises(AdapMoEConfigError, match="for CPU experiments"):
+        emulated.check_platform("cuda")
+    threads = AdapMoEConfig.from_dict({"hybrid": "auto", "host_threads": 8})
+    threads.check_platform("cuda")
+    with pytest.raises(AdapMoEConfigError, match="VLLM_CPU_OMP_THREADS_BIND"):
+        threads.check_platform("cpu")

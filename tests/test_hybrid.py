@@ -25,26 +25,53 @@ FORCE_HOST = (1e9, 0.0, 0.0)  # loading never pays
 
 
 def _summary(sets: list[list[int]], experts: int = 4) -> StepSummary:
+    """The step's summary as the block builds it (tokens per expert for the cost model)."""
     needed = sorted({e for row in sets for e in row if e >= 0})
     tokens = [sum(row.count(e) for row in sets) for e in range(experts)]
     return StepSummary(needed, _sets(sets), {}, tokens)
 
 
-def test_cold_experts_of_few_tokens_go_to_the_host():
-    """Experts 0, 1 resident; 2 and 3 cold, one token each: both tokens run on the host, whole
-    (token 1 needs resident 0 too), and the device computes token 0 without a load."""
+def test_the_host_takes_a_cold_expert_while_it_shortens_the_critical_path():
+    """Experts 0, 1 resident; 2 and 3 cold, one token each. Loading both: the link's path is
+    2.0 s. Token 1 to the host (experts 2 and 0, whole: 2 x 0.8 s) → max(link 1.0, host 1.6);
+    token 2 too would make the host's path 3.2 s, so expert 3 is loaded."""
     plan = plan_step(_summary([[0, 1], [2, 0], [3, 1]]), _table(2, [0, 1]), hybrid="auto", host=COSTS)
-    assert plan.host_rows.tolist() == [1, 2] and plan.host_experts == [0, 1, 2, 3]
-    [wave] = plan.waves
-    assert wave.rows.tolist() == [0] and wave.experts == [0, 1] and wave.loads == []
+    assert plan.host_rows.tolist() == [1] and plan.host_experts == [0, 2]
+    assert sorted(torch.cat([w.rows for w in plan.waves]).tolist()) == [0, 2]
+    assert [e for w in plan.waves for e in w.loads] == [3]
+    assert plan.promote == []  # both own slots hold experts the device tokens use
 
 
 def test_an_expert_many_tokens_need_is_loaded():
+    """Expert 3 (one token) goes to the host; expert 2 (two tokens) would add 2.2 s there
+    against a 1 s load."""
     plan = plan_step(_summary([[0, 2], [2, 1], [3, 1]]), _table(2, [0, 1]), hybrid="auto", host=COSTS)
-    assert plan.host_rows.tolist() == [2] and plan.host_experts == [1, 3]  # 3: one token
-    loads = [e for w in plan.waves for e in w.loads]
-    # 2 slots for the device tokens {0,2}, {2,1}: two waves, 2 loaded, then 1 again
-    assert loads == [2, 1] and sorted(torch.cat([w.rows for w in plan.waves]).tolist()) == [0, 1]
+    assert plan.host_rows.tolist() == [2] and plan.host_experts == [1, 3]
+    assert 2 in [e for w in plan.waves for e in w.loads]
+    assert sorted(torch.cat([w.rows for w in plan.waves]).tolist()) == [0, 1]
+
+
+def test_a_link_queue_sends_even_a_dearer_expert_to_the_host():
+    """Three cold experts, one token each, 1.2 s each on the host against a 1 s load: loading
+    all three is a 3 s path; one on the host runs beside the other two loads (max(2, 1.2))."""
+    dear = PinnedCosts(load_s=1.0, host_fixed_s=1.0, host_token_s=0.2)
+    plan = plan_step(_summary([[2], [3], [4]], experts=5), _table(2, [0, 1]), hybrid="auto", host=dear)
+    assert plan.host_rows.tolist() == [0] and plan.host_experts == [2]
+
+
+def test_a_host_expert_is_promoted_into_an_idle_slot():
+    """Every token on the host: its cold expert is promoted, evicting the least recently used
+    resident (none of them was used by the step); the table counts a load and a promotion."""
+    cheap = PinnedCosts(load_s=1.0, host_fixed_s=0.1, host_token_s=0.1)
+    table = _table(2, [0, 1])
+    plan = plan_step(_summary([[2, 1]]), table, hybrid="auto", host=cheap)
+    assert plan.host_rows.tolist() == [0] and plan.waves == [] and plan.promote == [2]
+    loads = table.stats.loads
+    assert table.promote(2, set()) == [(2, 0)]  # 0 touched before 1: the LRU victim
+    assert table.stats.promotions == 1 and table.stats.loads == loads + 1 and 2 in table.slot_of
+    assert table.promote(3, {1, 2}) == []  # every own slot holds an expert the step used
+    only = plan_step(_summary([[3, 1]]), table, hybrid="host-only", host=cheap)
+    assert only.promote == []  # host-only never loads
 
 
 def test_host_only_never_loads_and_off_never_computes_on_the_host():
@@ -70,7 +97,10 @@ def test_hybrid_stack_equals_all_resident(hybrid, slots):
     stack = _stack("cpu", slots, hybrid=hybrid, hybrid_costs=FORCE_HOST)
     assert torch.equal(_decode(stack, BATCHES, "cpu"), expected)
     total = stack.stats()["total"]
-    assert total["host_experts"] > 0 and total["host_tokens"] > 0 and total["loads"] == 0
+    assert total["host_experts"] > 0 and total["host_tokens"] > 0
+    # loading never pays: the only loads are promotions into idle slots (auto), none host-only
+    assert total["loads"] == total["promotions"]
+    assert (total["promotions"] > 0) == (hybrid == "auto")
 
 
 def test_measured_hybrid_stack_equals_all_resident():

@@ -220,6 +220,9 @@ def validate_budget(vllm_config: Any) -> list[int]:
     shape = SUPPORTED[arch].shape(model_config.hf_text_config)
     cfg = AdapMoEConfig.from_additional_config(vllm_config.additional_config)
     cfg.sensitivities(shape.num_layers, model_config.hf_config)
+    from vllm.platforms import current_platform
+
+    cfg.check_platform(current_platform.device_type)
     tp = vllm_config.parallel_config.tensor_parallel_size  # budgets are per rank: 1/tp of each expert
     if tp > 1 and not SUPPORTED[arch].tensor_parallel:
         checked = sorted(a for a, entry in SUPPORTED.items() if entry.tensor_parallel)

@@ -52,6 +52,11 @@ class AdapMoEConfig:
     # Extension: pin the hybrid cost model {"load_s", "host_fixed_s", "host_token_s"} (seconds)
     # for timing-independent, replayable decisions; None = measured.
     hybrid_costs: tuple[float, float, float] | None = None
+    # Extension: emulate a named machine's link, device and host on CPU ("h100-pcie4",
+    # "rtx4090-pcie4": engine/emulation.py); results are labelled "emulated <preset>".
+    emulate: str | None = None
+    # Extension (CUDA, hybrid): torch threads computing on the host (None: torch's default).
+    host_threads: int | None = None
 
     @classmethod
     def from_additional_config(cls, additional_config: dict[str, Any] | None) -> AdapMoEConfig:
@@ -133,6 +138,19 @@ class AdapMoEConfig:
                 'prefetch; drop "prefetch" (or use hybrid="auto")')
         if self.hybrid_costs is not None and self.hybrid == "off":
             raise AdapMoEConfigError('adapmoe: hybrid_costs needs hybrid "auto" or "host-only"')
+        from vllm_adapmoe.engine.emulation import PRESETS
+
+        if self.emulate is not None and self.emulate not in PRESETS:
+            raise AdapMoEConfigError(
+                f"adapmoe: emulate must be one of {sorted(PRESETS)}, got {self.emulate!r}")
+        if self.emulate is not None and self.link_gbps is not None:
+            raise AdapMoEConfigError(
+                f'adapmoe: emulate="{self.emulate}" sets the link from its preset; drop '
+                '"link_gbps" (or drop "emulate" to emulate the link alone)')
+        if self.host_threads is not None and self.host_threads < 1:
+            raise AdapMoEConfigError(f"adapmoe: host_threads must be >= 1, got {self.host_threads}")
+        if self.host_threads is not None and self.hybrid == "off":
+            raise AdapMoEConfigError('adapmoe: host_threads needs hybrid "auto" or "host-only"')
         if self.prefetch_lookahead < 1:
             raise AdapMoEConfigError(
                 f"adapmoe: prefetch_lookahead must be >= 1, got {self.prefetch_lookahead}")
@@ -164,7 +182,19 @@ class AdapMoEConfig:
                               gate_prefill=self.gate_prefill, prefetch=self.prefetch,
                               prefetch_lookahead=self.prefetch_lookahead,
                               link_gbps=self.link_gbps, link_layers=self.link_layers,
-                              hybrid=self.hybrid, hybrid_costs=self.hybrid_costs)
+                              hybrid=self.hybrid, hybrid_costs=self.hybrid_costs,
+                              emulate=self.emulate, host_threads=self.host_threads)
+
+    def check_platform(self, device_type: str) -> None:
+        """Settings that only make sense on one kind of machine (checked in the main process)."""
+        if self.emulate is not None and device_type != "cpu":
+            raise AdapMoEConfigError(
+                f'adapmoe: emulate="{self.emulate}" is for CPU experiments; on {device_type} the '
+                "link and the host are real: drop it")
+        if self.host_threads is not None and device_type == "cpu":
+            raise AdapMoEConfigError(
+                "adapmoe: host_threads applies on a GPU; on CPU the host computation runs on "
+                "vLLM's own OpenMP threads (set them with VLLM_CPU_OMP_THREADS_BIND): drop it")
 
     def sensitivities(self, num_layers: int, hf_config: Any) -> list[float]:
         """Per-layer S_l from ``sensitivity`` or the profile (checked against the model)."""
@@ -179,6 +209,19 @@ class AdapMoEConfig:
                 f"adapmoe: {len(values)} sensitivities for {num_layers} MoE layers; "
                 "give one per layer (or recalibrate the profile for this model)")
         return values
+
+    def placement(self, num_layers: int, hf_config: Any) -> list[list[int]] | None:
+        """Host-only placement (llama.cpp's static split): per MoE layer the experts by the
+        profile's routing frequency, most used first, so the fixed device slots hold those.
+        None (slots filled by expert id) without host-only or without a profile."""
+        if self.hybrid != "host-only" or self.profile is None:
+            return None
+        routing = self._profile(hf_config).routing
+        if len(routing) != num_layers or not all("topk_freq" in r for r in routing):
+            raise AdapMoEConfigError(
+                f"adapmoe: {self.profile} has no expert frequencies for {num_layers} MoE layers "
+                "(host-only placement reads them); recreate it with `adapmoe calibrate`")
+        return [frequency_order(r["topk_freq"]) for r in routing]
 
     def predictor_maps(self, hf_config: Any) -> dict[tuple[int, int], Any]:
         """The profile's fitted look-ahead maps, {(target layer, distance): [H + 1, E] tensor}
@@ -268,6 +311,11 @@ class AdapMoEConfig:
                                  lambda slots: plan_cost(slots, curves))
 
 
+def frequency_order(freq: list[float]) -> list[int]:
+    """Expert ids by frequency, most used first (ties: lower id)."""
+    return sorted(range(len(freq)), key=lambda e: (-freq[e], e))
+
+
 def _check_le_experts(slots: int, num_experts: int) -> int:
     if slots > num_experts:
         raise AdapMoEConfigError(
@@ -292,7 +340,7 @@ def _normalise(key: str, value: Any) -> Any:
         ):
             return tuple(value)
         raise bad("an integer or a list of integers (one per MoE layer)")
-    if key in ("cache_total_slots", "prefetch_lookahead"):
+    if key in ("cache_total_slots", "prefetch_lookahead", "host_threads"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
         return value
@@ -316,7 +364,7 @@ def _normalise(key: str, value: Any) -> Any:
                 and math.isfinite(value[n]) and value[n] >= 0 for n in names)):
             raise bad('an object {"load_s": s, "host_fixed_s": s, "host_token_s": s} of seconds >= 0')
         return tuple(float(value[n]) for n in names)
-    if key in ("plan", "eviction", "profile", "kernel", "hybrid"):
+    if key in ("plan", "eviction", "profile", "kernel", "hybrid", "emulate"):
         if not isinstance(value, str):
             raise bad("a string")
         return value

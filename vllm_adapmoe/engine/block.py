@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from vllm_adapmoe.engine.cache import ExpertCache
-from vllm_adapmoe.engine.costs import MeasuredCosts, PinnedCosts
+from vllm_adapmoe.engine.costs import EmulatedCosts, ExpertCosts, MeasuredCosts, PinnedCosts
 from vllm_adapmoe.engine.execute import HostExecutor, StepExecutor
 from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.kernels import make_kernel
@@ -96,8 +96,12 @@ class AdapMoEBlock(nn.Module):
         self.predictions = PredictionLog()  # how well the layers before guess this one
         self.hybrid = settings.hybrid
         self.host_costs = _host_costs(settings, self.cache)
-        host = (HostExecutor(self.store, self.kernel, self.stats, self.host_costs, device)
+        host = (HostExecutor(self.store, self.kernel, self.stats, self.host_costs, device,
+                             self.cache.link.emulation, settings.host_threads)
                 if self.host_costs is not None else None)
+        # experts the slots are filled with at start-up, most wanted first (None: by id); set
+        # by the model from the profile's expert frequencies under host-only placement
+        self.placement: list[int] | None = None
         self.executor = StepExecutor(self.cache, self.kernel, self.stats, host)
         self.last = False  # the model's last MoE block (ends the step), wired by the model
         # Set by the vLLM side: calls this block through the opaque op the compiled graph keeps.
@@ -116,11 +120,26 @@ class AdapMoEBlock(nn.Module):
         return loaded
 
     def warm(self) -> None:
-        """Once every expert is in the host store: fill the slots, and (hybrid with measured
-        costs) time the host computation the planner weighs against a load."""
-        self.cache.warm(range(self.num_experts))
+        """Once every expert is in the host store: fill the slots (``placement`` first), measure
+        an emulated machine's scale (the first block to warm), and (hybrid with measured costs)
+        time the host computation the planner weighs against a load."""
+        order = self.placement or []
+        self.cache.warm(order + [e for e in range(self.num_experts) if e not in order])
+        emulation = self.cache.link.emulation
+        if emulation is not None and not emulation.calibrated:
+            emulation.calibrate(self._one_expert_on_device)
         if isinstance(self.host_costs, MeasuredCosts) and not self.host_costs.calibrated:
             self.host_costs.calibrate(self.executor.host.time_one_expert)
+
+    def _one_expert_on_device(self) -> None:
+        """One expert for one token from slot 0 (the emulation's measure of device time)."""
+        cache = self.cache
+        x = torch.zeros(1, self.hidden_size, dtype=cache.w13.dtype, device=cache.device)
+        ids = torch.zeros(1, 1, dtype=torch.int32, device=cache.device)
+        weights = torch.ones(1, 1, dtype=torch.float32, device=cache.device)
+        self.kernel(torch.empty_like(x), x, cache.w13, cache.w2, weights, ids)
+        if cache.device.type == "cuda":
+            torch.cuda.synchronize(cache.device)
 
     def set_lookahead_map(self, depth: int, fitted: torch.Tensor) -> None:
         """Guess the layer ``depth`` ahead with a fitted map [H + 1, E] (``offline/predictor.py``)
@@ -273,13 +292,15 @@ class AdapMoEBlock(nn.Module):
                 **self.stats.as_dict()}
 
 
-def _host_costs(settings: EngineSettings, cache: ExpertCache) -> MeasuredCosts | PinnedCosts | None:
-    """The cost model hybrid decisions use: pinned by ``hybrid_costs``, else measured (a load:
-    the link's copies, or one timed probe copy until there is one)."""
+def _host_costs(settings: EngineSettings, cache: ExpertCache) -> ExpertCosts | None:
+    """The cost model hybrid decisions use: pinned by ``hybrid_costs``, an ``emulate`` preset's,
+    else measured (a load: the link's copies, or one timed probe copy until there is one)."""
     if settings.hybrid == "off":
         return None
     if settings.hybrid_costs is not None:
         return PinnedCosts(*settings.hybrid_costs)
+    if cache.link.emulation is not None:
+        return EmulatedCosts(cache.link.emulation)
     probe: list[float] = []
 
     def load_s() -> float:

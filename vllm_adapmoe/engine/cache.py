@@ -128,6 +128,15 @@ class ExpertCache:
         for expert, slot in placed:
             self._queue(expert, slot, prefetch=True)
 
+    def promote(self, experts: list[int], used: set[int]) -> None:
+        """Copy host-computed ``experts`` into idle own slots behind any on-demand copy (see
+        ``SlotTable.promote``); the next step finds them resident."""
+        for expert in experts:
+            placed = self.table.promote(expert, used)
+            self._cancel_evicted()
+            for e, slot in placed:
+                self._queue(e, slot, prefetch=True)
+
     def wait(self, pending: list[Future]) -> None:
         if pending:
             start = time.perf_counter()

@@ -9,7 +9,10 @@ simulator (both hand it to ``plan_step``).
   microbenchmark at 1 and 16 tokens, refreshed by every live host computation.
 
 ``PinnedCosts`` fixes all three numbers (the ``hybrid_costs`` setting): decisions that do not
-depend on timing, which tests and replays need.
+depend on timing, which tests and replays need. ``EmulatedCosts`` reads an ``emulate`` preset
+(``emulation.py``): the durations the engine pads its copies and host work to.
+
+A host computation of several experts costs the sum of theirs: they share one memory bus.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    from vllm_adapmoe.engine.emulation import Emulation
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,23 @@ class PinnedCosts:
 
     def observe_host(self, experts: int, tokens: int, seconds: float) -> None:
         pass  # pinned: nothing to learn
+
+
+class EmulatedCosts:
+    """The preset's load and host times on this machine's clock (``Emulation``)."""
+
+    def __init__(self, emulation: Emulation) -> None:
+        self.emulation = emulation
+
+    @property
+    def load_s(self) -> float:
+        return self.emulation.copy_s(self.emulation.expert_bytes)
+
+    def host_s(self, tokens: int) -> float:
+        return self.emulation.host_s(tokens)
+
+    def observe_host(self, experts: int, tokens: int, seconds: float) -> None:
+        pass  # the preset's figures rule
 
 
 class MeasuredCosts:
@@ -70,3 +94,6 @@ def _timed(run: Callable[[int], None], tokens: int) -> float:
     start = time.perf_counter()
     run(tokens)
     return time.perf_counter() - start
+
+
+ExpertCosts = Union[PinnedCosts, EmulatedCosts, MeasuredCosts]

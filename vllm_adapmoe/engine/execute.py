@@ -6,20 +6,27 @@ first, copies already queued by a prefetch are promoted); after the first wave's
 the plan's prefetch guesses into the look-ahead layers' caches (behind them on the link); compute
 the wave's tokens whose experts have landed while copies run; wait; compute the rest. Every
 kernel call gets whole tokens with expert ids remapped to slot ids. Tokens the plan sends to the
-host are computed from the host store with their expert ids (``HostExecutor``): on CPU with the
-same kernel on the same layout, so a token's output is the same wherever it runs.
+host are computed from the host store with their expert ids (``HostExecutor``), started before
+the waves and waited for after them: on CPU with the same kernel on the same layout, so a
+token's output is the same wherever it runs. Last, a host expert the plan promotes is copied into
+an idle own slot if the link is idle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from vllm_adapmoe.engine.cache import ExpertCache
-from vllm_adapmoe.engine.costs import MeasuredCosts, PinnedCosts
+from vllm_adapmoe.engine.costs import ExpertCosts
+from vllm_adapmoe.engine.emulation import Emulation
+from vllm_adapmoe.engine.link import sleep_until
+from vllm_adapmoe.engine.prefetch import expert_counts
 from vllm_adapmoe.engine.kernels import ExpertKernel, GroupedKernel
 from vllm_adapmoe.engine.plan import StepPlan
 from vllm_adapmoe.engine.routing import Routing
@@ -38,8 +45,9 @@ class StepExecutor:
             prefetch_caches: Sequence[ExpertCache], counted: bool) -> torch.Tensor:
         out = torch.empty_like(x)
         clock = self.clock
-        if plan.host_rows is not None:
-            self.host.compute(out, x, routing, plan.host_rows, len(plan.host_experts), counted)
+        job = None
+        if plan.host_rows is not None:  # started first: the host works while the device does
+            job = self.host.start(out, x, routing, plan.host_rows, len(plan.host_experts))
             clock and clock.mark("host")
         for i, wave in enumerate(plan.waves):
             pending = self.cache.start_loads(wave.experts)
@@ -49,6 +57,11 @@ class StepExecutor:
             self._compute_wave(out, x, routing, wave.rows, wave.experts, pending, counted)
         if not plan.waves:  # every token ran on the host
             self._prefetch(plan, prefetch_caches)
+        if job is not None:
+            self.host.finish(job, out, counted)
+            clock and clock.mark("host wait")
+        if plan.promote and self.cache.link.idle():
+            self.cache.promote(plan.promote, {e for w in plan.waves for e in w.experts})
         self.cache.end_step()
         return out
 
@@ -101,33 +114,72 @@ class HostExecutor:
 
     On CPU the host *is* the device: the same kernel on the store (which is in the kernel's
     layout) runs inline on vLLM's own OpenMP threads, so it adds no threads beside vLLM's
-    binding. On CUDA the tokens' activations go to the host and the engine's grouped GEMM
-    computes them from the pinned store (the device kernel's plain layout); their outputs
-    come back. (The CUDA path has not run on a GPU yet.)
+    binding; with an ``emulate`` preset the step then waits until the preset's host time for
+    those experts has passed since the host started (the device's waves run meanwhile). On
+    CUDA the tokens' activations go to pinned host memory and one host thread computes them
+    with the engine's grouped GEMM from the pinned store (the device kernel's plain layout)
+    while the device computes its waves; their outputs come back at the end of the step.
+    (The CUDA path has not run on a GPU yet.)
     """
 
     def __init__(self, store: HostExpertStore, kernel: ExpertKernel, stats: LayerStats,
-                 costs: MeasuredCosts | PinnedCosts, device: torch.device) -> None:
+                 costs: ExpertCosts, device: torch.device,
+                 emulation: Emulation | None = None, threads: int | None = None) -> None:
         self.store, self.stats, self.costs, self.device = store, stats, costs, device
+        self.emulation, self.threads = emulation, threads
         self.kernel = kernel if device.type == "cpu" else GroupedKernel()
+        self._pool: ThreadPoolExecutor | None = None
 
-    def compute(self, out: torch.Tensor, x: torch.Tensor, routing: Routing, rows: torch.Tensor,
-                experts: int, counted: bool) -> None:
-        start = time.perf_counter()
+    def start(self, out: torch.Tensor, x: torch.Tensor, routing: Routing, rows: torch.Tensor,
+              experts: int) -> _HostJob:
+        """Start computing ``rows`` (their ``experts`` distinct experts) on the host."""
+        started = time.perf_counter()
         ids, weights = routing.kernel_args(rows)
         xs = x[rows]
-        if self.device.type != "cpu":
-            xs, ids, weights = xs.cpu(), ids.cpu(), weights.cpu()
+        emulated = self._emulated_s(routing.expert_sets[rows]) if self.emulation else None
+        job = _HostJob(rows, experts, ids.numel(), started, emulated)
+        if self.device.type == "cpu":
+            part = torch.empty_like(xs)
+            self.kernel(part, xs, self.store.w13, self.store.w2, weights, ids)
+            out[rows] = part
+            job.seconds = time.perf_counter() - started
+            return job
+        xs, ids, weights = (t.to("cpu", non_blocking=True) for t in (xs, ids, weights))
+        ready = torch.cuda.current_stream(self.device).record_event()
+        if self._pool is None:
+            if self.threads:  # torch's intra-op pool is per process: the CUDA worker's only user
+                torch.set_num_threads(self.threads)
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapmoe-host")
+        job.future = self._pool.submit(self._compute_on_host, ready, xs, ids, weights)
+        return job
+
+    def finish(self, job: _HostJob, out: torch.Tensor, counted: bool) -> None:
+        """Wait for the host's part (a failure in it raises here, in the step) and count it."""
+        if job.future is not None:
+            part = job.future.result()
+            out[job.rows] = part.to(out.device, non_blocking=True)
+            job.seconds = time.perf_counter() - job.started
+        if job.emulated is not None:
+            sleep_until(job.started + job.emulated)
+        seconds = job.emulated if job.emulated is not None else job.seconds
+        self.costs.observe_host(job.experts, job.pairs, seconds)
+        if counted:
+            self.stats.host_tokens += job.rows.numel()
+            self.stats.host_experts += job.experts
+            self.stats.host_s += seconds
+
+    def _compute_on_host(self, ready: Any, xs: torch.Tensor, ids: torch.Tensor,
+                         weights: torch.Tensor) -> torch.Tensor:
+        ready.synchronize()  # the activations have reached host memory
         part = torch.empty_like(xs)
         self.kernel(part, xs, self.store.w13, self.store.w2, weights, ids)
-        out[rows] = part.to(out.device, non_blocking=True)
-        seconds = time.perf_counter() - start
-        # kernel ids are never negative (a gated position repeats the token's first expert)
-        self.costs.observe_host(experts, ids.numel(), seconds)
-        if counted:
-            self.stats.host_tokens += rows.numel()
-            self.stats.host_experts += experts
-            self.stats.host_s += seconds
+        return part
+
+    def _emulated_s(self, sets: torch.Tensor) -> float:
+        """The preset's host time for these tokens: each expert they need, for its tokens,
+        one after another (the experts share the host's memory bus)."""
+        counts = expert_counts(sets, self.store.num_experts).tolist()
+        return sum(self.emulation.host_s(n) for n in counts if n)
 
     def time_one_expert(self, tokens: int) -> None:
         """One expert over ``tokens`` tokens, for the cost model's start-up microbenchmark."""
@@ -135,3 +187,14 @@ class HostExecutor:
         ids = torch.zeros(tokens, 1, dtype=torch.int32)
         weights = torch.ones(tokens, 1, dtype=torch.float32)
         self.kernel(torch.empty_like(x), x, self.store.w13, self.store.w2, weights, ids)
+
+
+@dataclass(slots=True)
+class _HostJob:
+    rows: torch.Tensor
+    experts: int            # distinct experts computed
+    pairs: int              # token-expert pairs (kernel ids are never negative)
+    started: float
+    emulated: float | None  # the preset's duration (emulated runs)
+    seconds: float = 0.0    # measured
+    future: Future | None = None  # CUDA: the host thread's part

@@ -4,7 +4,8 @@ All loads go through one ``Link`` per model — one loader thread (CPU) or one c
 pinned memory (CUDA) — one copy at a time, as on one PCIe link. Copies compute waits for go
 first; prefetches wait behind them. A queued copy can still be cancelled or promoted; one
 already running always completes. With ``link_gbps`` (GB/s) each copy is stretched to what it
-would take over that link (an *emulated* link for CPU experiments). ``LinkCost`` turns measured
+would take over that link (an *emulated* link for CPU experiments; an ``emulate`` preset,
+``emulation.py``, sets that rate from its physics). ``LinkCost`` turns measured
 copy and layer times (or a pinned ``link_layers``) into the prefetch pay-off rule's threshold.
 """
 
@@ -17,9 +18,12 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from vllm_adapmoe.engine.emulation import Emulation
 
 
 class LinkCost:
@@ -84,9 +88,11 @@ class Link:
     later copy into the same slot lands after it."""
 
     def __init__(self, device: torch.device, link_gbps: float | None = None,
-                 link_layers: float | None = None) -> None:
+                 link_layers: float | None = None, emulation: Emulation | None = None) -> None:
         self.device = device
-        self.bytes_per_s = link_gbps * 1e9 if link_gbps else None
+        self._gbps_rate = link_gbps * 1e9 if link_gbps else None
+        # an emulated machine (``emulate``): its link rate, known once its scale is measured
+        self.emulation = emulation
         self.cost = LinkCost(link_layers)
         self._stream = None
         self._queues: tuple[deque[_Copy], deque[_Copy]] = (deque(), deque())  # on demand, ahead
@@ -96,7 +102,20 @@ class Link:
         # the hand-off to a loader thread costs more than the copy (bundled model, 2 cores: LRU
         # decode 0.33x → 0.89x of all resident when copied inline); big ones still overlap
         # compute on the thread (Mixtral shape: 0.87x threaded vs 0.61x inline). See ExpertCache.
-        self.cpu_free = device.type == "cpu" and self.bytes_per_s is None
+        self.cpu_free = device.type == "cpu" and link_gbps is None and emulation is None
+        self._running = 0  # copies taken off the queues and not finished
+
+    @property
+    def bytes_per_s(self) -> float | None:
+        """The emulated link's rate on this machine's clock (None: copies as fast as they go)."""
+        if self.emulation is not None:
+            return self.emulation.link_bytes_per_s
+        return self._gbps_rate
+
+    def idle(self) -> bool:
+        """No copy queued or running (a promotion then costs later loads no wait)."""
+        with self._wake:
+            return not (self._running or self._queues[False] or self._queues[True])
 
     def submit(self, copy: Callable[[], None], nbytes: int, prefetch: bool = False) -> Future:
         future: Future = Future()
@@ -128,13 +147,18 @@ class Link:
                 while not (self._queues[False] or self._queues[True]):
                     self._wake.wait()
                 item = (self._queues[False] or self._queues[True]).popleft()
-            if not item.future.set_running_or_notify_cancel():
-                continue  # cancelled while queued: the link skips it
+                self._running += 1
             try:
-                self._run(item)
-                item.future.set_result(None)
-            except BaseException as exc:  # surfaces in the waiting compute thread
-                item.future.set_exception(exc)
+                if not item.future.set_running_or_notify_cancel():
+                    continue  # cancelled while queued: the link skips it
+                try:
+                    self._run(item)
+                    item.future.set_result(None)
+                except BaseException as exc:  # surfaces in the waiting compute thread
+                    item.future.set_exception(exc)
+            finally:
+                with self._wake:
+                    self._running -= 1
 
     def _run(self, item: _Copy) -> None:
         start = time.perf_counter()
@@ -145,8 +169,9 @@ class Link:
             self._stream.synchronize()
         else:
             item.copy()  # torch releases the GIL inside copy_, so this overlaps compute
-        if self.bytes_per_s:
-            _sleep_until(start + item.nbytes / self.bytes_per_s)
+        rate = self.bytes_per_s
+        if rate:
+            sleep_until(start + item.nbytes / rate)
         self.cost.observe_copy(time.perf_counter() - start)
 
 
@@ -162,7 +187,7 @@ def _average(mean: float | None, sample: float, weight: float = 0.1) -> float:
     return sample if mean is None else mean + weight * (sample - mean)
 
 
-def _sleep_until(deadline: float) -> None:
+def sleep_until(deadline: float) -> None:
     remaining = deadline - time.perf_counter()
     if remaining > 0:
         time.sleep(remaining)

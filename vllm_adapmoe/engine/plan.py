@@ -12,26 +12,28 @@ A token is always computed whole, by one kernel call over all its kept experts (
 kernel sums a token's experts internally, and splitting that sum would change the rounding), so
 waves group whole tokens and outputs equal stock's wherever the plan puts them. A needed expert
 runs from a device slot (resident, or loaded first: ``Wave.resident`` / ``Wave.loads``) or, with
-hybrid execution, where it lives: a cold expert whose tokens cost less to compute on the host
-than the expert costs to load (``costs.py``) sends those tokens, whole, to the host
-(``StepPlan.host_rows``); with ``"host-only"`` every cold expert does, and nothing is loaded.
+hybrid execution, where it lives: the tokens of some cold experts go, whole, to the host
+(``StepPlan.host_rows``). ``"auto"`` picks those experts to shorten the layer's critical path,
+max(link: the loads the device waits for, host: the host computations, which share one memory
+bus), with costs from ``costs.py``; ``"host-only"`` sends every cold expert there and loads
+nothing. Under ``"auto"`` one host-computed expert per step may be promoted into an own slot
+that no token of the step used (``StepPlan.promote``; the executor copies it only while the link
+is idle), so the cache keeps adapting although misses no longer load.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, Union
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from vllm_adapmoe.engine.prefetch import PredictionScore, worth_prefetching
 
 if TYPE_CHECKING:
-    from vllm_adapmoe.engine.costs import MeasuredCosts, PinnedCosts
+    from vllm_adapmoe.engine.costs import ExpertCosts
     from vllm_adapmoe.engine.link import LinkCost
-
-    ExpertCosts = Union[MeasuredCosts, PinnedCosts]
 
 HYBRID_MODES = ("off", "auto", "host-only")
 
@@ -95,6 +97,7 @@ class StepPlan:
     prefetch: list[PrefetchBooking]   # queued after the first wave's own loads
     host_rows: torch.Tensor | None = None  # tokens computed whole on the host (None: none)
     host_experts: list[int] = field(default_factory=list)  # distinct experts those need
+    promote: list[int] = field(default_factory=list)  # host experts to copy in after the step
 
 
 def plan_step(summary: StepSummary, residency: Residency, targets: Sequence[Target] = (),
@@ -117,24 +120,94 @@ def plan_step(summary: StepSummary, residency: Residency, targets: Sequence[Targ
     device_rows = (~host_rows).nonzero().squeeze(1)
     host_rows = host_rows.nonzero().squeeze(1)
     device_sets = sets[device_rows]
-    waves = plan_waves(device_sets, _distinct(device_sets), residency.num_slots, residency.slot_of)
+    device_needed = _distinct(device_sets)
+    waves = plan_waves(device_sets, device_needed, residency.num_slots, residency.slot_of)
     for wave in waves:  # rows of the device tokens → rows of the step
         wave.rows = device_rows if wave.rows is None else device_rows[wave.rows]
+    host_sets = sets[host_rows]
+    promote = (_promotion(host_sets, residency, set(device_needed), summary.tokens_per_expert)
+               if hybrid == "auto" else [])
     return StepPlan([w for w in waves if w.rows.numel()], bookings, host_rows,
-                    _distinct(sets[host_rows]))
+                    _distinct(host_sets), promote)
 
 
 def experts_for_host(summary: StepSummary, residency: Residency, hybrid: str,
-                 host: ExpertCosts | None) -> list[int]:
-    """The cold experts whose tokens go to the host: every one (``"host-only"``), or those whose
-    tokens cost less to compute there than the expert costs to load (``"auto"``)."""
+                     host: ExpertCosts | None) -> list[int]:
+    """The cold experts whose tokens go to the host: every one (``"host-only"``), or (``"auto"``)
+    those that shorten the layer's critical path ``max(link, host)`` (``split_by_critical_path``)."""
     if hybrid == "off" or host is None:
         return []
     cold = [e for e in summary.needed if e not in residency.slot_of]
     if hybrid == "host-only" or not cold:
         return cold
-    load_s, tokens = host.load_s, summary.tokens_per_expert
-    return [e for e in cold if host.host_s(tokens[e]) < load_s]
+    return split_by_critical_path(summary.expert_sets, cold, summary.tokens_per_expert, host)
+
+
+def split_by_critical_path(expert_sets: torch.Tensor, cold: list[int], tokens: list[int],
+                           host: ExpertCosts) -> list[int]:
+    """Greedy over the cold experts, fewest tokens first: send an expert's tokens (whole: with
+    all their experts, resident ones included) to the host when that lowers
+    ``max(link, host)``, where ``link`` = load_s × the cold experts the device tokens still need
+    and ``host`` = Σ over the host's experts of host_s(its host tokens). A load and a host
+    computation run side by side (the link and the host are separate resources), so even an
+    expert dearer on the host than one load can go there while the link has a queue."""
+    load_s = host.load_s
+    link = load_s * len(cold)
+    # alone on the host it would already cost at least what loading every cold expert does
+    candidates = sorted((e for e in cold if _host(host, tokens[e]) < link), key=lambda e: (tokens[e], e))
+    if not candidates:
+        return []
+    rows = [[e for e in row if e >= 0] for row in expert_sets.tolist()]
+    rows_of: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        for e in row:
+            rows_of.setdefault(e, []).append(i)
+    on_host_rows: set[int] = set()
+    host_tokens: dict[int, int] = {}  # expert → tokens of it on the host
+    device_rows_of = {e: len(rows_of[e]) for e in cold}  # cold expert → its device tokens
+    host_time, needing_load = 0.0, len(cold)
+    chosen = []
+    for e in candidates:
+        if device_rows_of[e] == 0:
+            continue  # its tokens went to the host with an earlier choice
+        moving = [i for i in rows_of[e] if i not in on_host_rows]
+        added: dict[int, int] = {}
+        for i in moving:
+            for f in rows[i]:
+                added[f] = added.get(f, 0) + 1
+        extra = sum(_host(host, host_tokens.get(f, 0) + n) - _host(host, host_tokens.get(f, 0))
+                    for f, n in added.items())
+        freed = sum(1 for f, n in added.items() if f in device_rows_of and device_rows_of[f] == n)
+        before = max(load_s * needing_load, host_time)
+        if max(load_s * (needing_load - freed), host_time + extra) >= before:
+            continue
+        chosen.append(e)
+        on_host_rows.update(moving)
+        host_time += extra
+        needing_load -= freed
+        for f, n in added.items():
+            host_tokens[f] = host_tokens.get(f, 0) + n
+            if f in device_rows_of:
+                device_rows_of[f] -= n
+    return sorted(chosen)  # their rows are every row moved
+
+
+def _host(costs: ExpertCosts, tokens: int) -> float:
+    """One expert's host time for ``tokens`` tokens (none: not computed there)."""
+    return costs.host_s(tokens) if tokens else 0.0
+
+
+def _promotion(host_sets: torch.Tensor, residency: Residency, used: set[int],
+               tokens: list[int]) -> list[int]:
+    """The cold host expert most tokens of the step wanted, if an own slot can take it without
+    evicting an expert the step used on the device (an empty slot, or an idle resident)."""
+    cold = [e for e in _distinct(host_sets) if e not in residency.slot_of]
+    if not cold or residency.own == 0:
+        return []
+    owned = [e for e, s in residency.slot_of.items() if s < residency.own]
+    if len(owned) >= residency.own and all(e in used for e in owned):
+        return []
+    return [max(cold, key=lambda e: (tokens[e], -e))]
 
 
 def _distinct(expert_sets: torch.Tensor) -> list[int]:

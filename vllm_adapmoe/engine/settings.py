@@ -20,7 +20,9 @@ class EngineSettings:
     prefetch: bool = False            # cross-layer prefetch
     prefetch_lookahead: int = 1       # how many layers ahead the prefetcher guesses
     link_gbps: float | None = None    # emulated host→device bandwidth, GB/s (CPU experiments)
+    emulate: str | None = None        # a hardware preset of emulation.PRESETS (CPU experiments)
     link_layers: float | None = None  # one load in decode layers, pinned (None: measured)
     hybrid: str = "off"               # where a cold expert runs: "off" (loaded), "auto", "host-only"
     # pinned (load_s, host_fixed_s, host_token_s) for hybrid decisions (None: measured)
     hybrid_costs: tuple[float, float, float] | None = None
+    host_threads: int | None = None   # CUDA: torch threads of the host computation (None: torch's)

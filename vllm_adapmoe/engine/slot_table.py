@@ -238,6 +238,22 @@ class SlotTable:
         self.stats.loads += len(placed)
         return placed
 
+    def promote(self, expert: int, used: set[int]) -> list[tuple[int, int]]:
+        """Book ``expert`` (computed on the host this step) into an own slot: a free one, or the
+        policy's victim among residents the step did not use. Returns the placement (a load,
+        counted as one and as a promotion), or none when every own slot holds a used expert."""
+        if expert in self.slot_of or self.own == 0:
+            return []
+        own = self.expert_in_slot[:self.own]
+        if -1 not in own and used.issuperset(self._owned()):
+            return []
+        slot = self._free_slot(used, staging=False)
+        self.place(expert, slot)
+        self.policy.touch(expert)
+        self.stats.loads += 1
+        self.stats.promotions += 1
+        return [(expert, slot)]
+
     def drop(self, expert: int) -> None:
         """Un-book ``expert`` if resident (its copy was cancelled): its slot is free again."""
         slot = self.slot_of.pop(expert, None)

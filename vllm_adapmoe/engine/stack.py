@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vllm_adapmoe.engine.block import AdapMoEBlock
+from vllm_adapmoe.engine.emulation import Emulation, make_emulation
 from vllm_adapmoe.engine.link import Link
 from vllm_adapmoe.engine.settings import EngineSettings
 from vllm_adapmoe.engine.staging import StagingArea
@@ -52,10 +53,16 @@ class ExpertStack:
     def __init__(self, shape: LayerShape, slots: list[int], settings: EngineSettings,
                  device: torch.device, dtype: torch.dtype = torch.bfloat16,
                  sensitivity: list[float] | None = None, routers: list[nn.Module] | None = None,
-                 stores: list[HostExpertStore] | None = None) -> None:
+                 stores: list[HostExpertStore] | None = None,
+                 emulation: Emulation | None = None) -> None:
+        """``emulation``: an ``emulate`` preset's, shared with other stacks so that they run on
+        one measured scale (else one is made from ``settings.emulate`` and measured here)."""
         self.shape, self.device, self.dtype = shape, device, dtype
         self.step_info = StepInfo(counted=True)
-        self.link = Link(device, settings.link_gbps, settings.link_layers)
+        if emulation is None:
+            emulation = make_emulation(settings.emulate, shape.expert_bytes(dtype.itemsize),
+                                       shape.hidden, shape.intermediate)
+        self.link = Link(device, settings.link_gbps, settings.link_layers, emulation)
         self.staging = StagingArea.for_plan(slots, shape.top_k)
         sensitivity = sensitivity or [0.0] * len(slots)
         routers = routers or [nn.Linear(shape.hidden, shape.experts, bias=False, device=device,

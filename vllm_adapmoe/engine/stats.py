@@ -24,7 +24,8 @@ class LayerStats:
     waves: int = 0               # kernel launches (>1 per step when loads overlap or needed > slots)
     host_tokens: int = 0         # tokens computed on the host (hybrid), each whole
     host_experts: int = 0        # distinct experts those needed, per step
-    host_s: float = 0.0          # time spent computing on the host
+    host_s: float = 0.0          # time spent computing on the host (emulated: the preset's)
+    promotions: int = 0          # host-computed experts then copied into an idle slot (loads too)
     steps: int = 0
 
     def reset(self) -> None:

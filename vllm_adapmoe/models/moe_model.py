@@ -33,6 +33,7 @@ from vllm.sequence import IntermediateTensors
 
 from vllm_adapmoe.config import AdapMoEConfig, AdapMoEConfigError
 from vllm_adapmoe.engine.block import AdapMoEBlock
+from vllm_adapmoe.engine.emulation import make_emulation
 from vllm_adapmoe.engine.link import Link
 from vllm_adapmoe.engine.step import StepInfo
 from vllm_adapmoe.engine.staging import StagingArea
@@ -63,7 +64,11 @@ class MoEBlocks:
                                             hf_config, shape.top_k)
         self.sensitivity = config.sensitivities(shape.num_layers, hf_config)
         self.device = torch.device(current_platform.device_type)
-        self.link = Link(self.device, config.link_gbps, config.link_layers)
+        rank_expert_bytes = shape.expert_bytes(self.dtype.itemsize) // self.shard[1]
+        self.link = Link(self.device, config.link_gbps, config.link_layers,
+                         make_emulation(config.emulate, rank_expert_bytes, shape.hidden_size,
+                                        shape.intermediate_size // self.shard[1]))
+        self.placement = config.placement(shape.num_layers, hf_config)
         # shared by this pipeline stage's layers (the ones this process builds)
         pp = get_pp_group()
         start, end = get_pp_indices(hf_config.num_hidden_layers, pp.rank_in_group, pp.world_size)
@@ -84,6 +89,8 @@ class MoEBlocks:
             sensitivity=self.sensitivity[moe_idx], link=self.link, gate=gate, device=self.device,
             params_dtype=self.dtype, prefix=prefix, router=router, shard=self.shard,
             staging=self.staging)
+        if self.placement is not None:
+            block.placement = self.placement[moe_idx]
         if self.shard[1] > 1:
             block.reduce = tensor_model_parallel_all_reduce
         self.blocks.append(block)
@@ -243,6 +250,8 @@ class AdapMoECausalLM(nn.Module, SupportsPP):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
         self.moe.check_loaded()
+        if self.moe.link.emulation is not None:  # its scale is measured once the slots are filled
+            logger.info("AdapMoE %s", self.moe.link.emulation.describe())
         return loaded
 
     def _log_active(self) -> None:
@@ -251,7 +260,7 @@ class AdapMoECausalLM(nn.Module, SupportsPP):
         rank, size = moe.shard
         logger.info(
             "AdapMoE active: %s with %d MoE layers x %d experts (top-%d)%s; device slots per layer "
-            "%s%s%s (%s kernel, %s eviction%s%s%s); CPU %s, MoE kernel path: %s",
+            "%s%s%s (%s kernel, %s eviction%s%s%s%s%s); CPU %s, MoE kernel path: %s",
             type(self).__name__, shape.num_layers,
             shape.num_experts, shape.top_k, f", {dense} dense layers (resident)" if dense else "",
             [b.cache.own_slots for b in moe.blocks],
@@ -260,6 +269,8 @@ class AdapMoECausalLM(nn.Module, SupportsPP):
             f" on TP rank {rank} of {size}, each slot 1/{size} of an expert" if size > 1 else "",
             moe.blocks[0].kernel.name, cfg.eviction,
             f", emulated link {cfg.link_gbps} GB/s" if cfg.link_gbps else "",
+            f", {moe.link.emulation.describe()}" if moe.link.emulation else "",
+            f", hybrid {cfg.hybrid}" if cfg.hybrid != "off" else "",
             f", gating T={cfg.threshold}" if cfg.threshold else "",
             f", prefetch {cfg.prefetch_lookahead} layer(s) ahead" if cfg.prefetch else "",
             cpu_features.describe_cpu(), getattr(moe.blocks[0].kernel, "path", moe.blocks[0].kernel.name))

@@ -106,6 +106,8 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
             st.host_experts += len(plan.host_experts)
         for wave in plan.waves:
             table.admit(wave.experts)
+        for expert in plan.promote:  # a replay's link is idle between steps
+            table.promote(expert, {e for w in plan.waves for e in w.experts})
         table.release_staging()
 
     size = expert_bytes or int(trace.meta.get("expert_bytes", 0))
