@@ -15,12 +15,23 @@ layers. Settings, one run each, the same experts and routing:
                          ``--threshold`` with the profile's sensitivities;
   * ``layer streaming``— top_k slots per layer and nothing kept between steps: every needed expert
                          is copied every step (what offloading without a cache amounts to, e.g.
-                         vLLM's ``--cpu-offload-gb``).
+                         vLLM's ``--cpu-offload-gb``);
+  * ``host-only``      — hybrid "host-only": the budget's slots hold each layer's most frequent
+                         experts (the profile's), fixed; every other expert's tokens are computed
+                         on the host (llama.cpp's static placement);
+  * ``layer split``    — llama.cpp's ``--n-cpu-moe N``: the first layers' experts all on the host,
+                         the last budget ÷ E layers all resident;
+  * ``uniform + hybrid`` / ``hybrid AdapMoE`` — the uniform / AdapMoE rows with hybrid "auto"
+                         (a cold expert's tokens computed on the host when that shortens the
+                         layer's critical path).
 
 Also measured: host→device GB/s of one expert copy through the engine's link (pinned memory on
 CUDA), compute time per layer, and the ratio "one expert load ≈ N layers of compute".
 On CPU "host" and "device" are the same memory: a free-link run measures the engine's overhead,
-and ``--link-gbps`` emulates a slower link (results labelled emulated).
+``--link-gbps`` emulates a slower link, ``--emulate PRESET`` a whole machine (link, device and
+host rates of ``vllm_adapmoe/engine/emulation.py``, on one scale measured here and shared by
+every row); results are labelled emulated. ``--rounds`` runs every setting that many times,
+alternating, and reports medians.
 JSON to ``benchmarks/results/engine_<device>.json`` (+ a plot), printed as a table.
 """
 
@@ -39,7 +50,8 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
 
-from vllm_adapmoe.config import AdapMoEConfig  # noqa: E402
+from vllm_adapmoe.config import AdapMoEConfig, frequency_order  # noqa: E402
+from vllm_adapmoe.engine.emulation import PRESETS, make_emulation  # noqa: E402
 from vllm_adapmoe.engine.settings import EngineSettings  # noqa: E402
 from vllm_adapmoe.engine.cache_plan import plan_dp, plan_uniform  # noqa: E402
 from vllm_adapmoe.engine.stack import ExpertStack, LayerShape, ReplayRouter  # noqa: E402
@@ -154,7 +166,16 @@ def run_setting(stack: ExpertStack, routing, batch: int, device: torch.device,
             "stall_s": total["stall_s"], "bytes_loaded": total["bytes_loaded"],
             "activated_per_token_layer": total["activated_experts"] / max(total["tokens"], 1),
             "prefetch_issued": total["prefetch_issued"], "prefetch_correct": total["prefetch_correct"],
+            "host_token_share": total["host_tokens"] / max(total["tokens"], 1),
+            "host_experts_per_layer_step": total["host_experts"] / max(total["steps"], 1),
+            "promotions_per_token": total["promotions"] / tokens, "host_s": total["host_s"],
             "device_expert_bytes": stack.device_bytes()}
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median tok/s (its counters with it), plus every round's tok/s."""
+    ordered = sorted(runs, key=lambda r: r["tok_s"])
+    return {**ordered[len(ordered) // 2], "tok_s_rounds": [r["tok_s"] for r in runs]}
 
 
 def tile(values: list, n: int) -> list:
@@ -162,20 +183,29 @@ def tile(values: list, n: int) -> list:
 
 
 def settings(shape: LayerShape, layers: int, profile: dict, threshold: float,
-             link: float | None) -> dict[str, tuple[list[int], AdapMoEConfig, bool]]:
-    """name → (slots per layer, engine config, streaming)."""
+             link: float | None, emulate: str | None) -> dict[str, tuple]:
+    """name → (slots per layer, engine config, streaming, placement per layer or None)."""
     E, k = shape.experts, shape.top_k
     curves = tile(profile["miss_curves"], layers)
     sens = tuple(tile(profile["sensitivity"], layers))
-    out = {"all resident": ([E] * layers, AdapMoEConfig(link_gbps=link), False)}
+    frequent = [frequency_order(r["topk_freq"]) for r in tile(profile["routing"], layers)]
+    base = dict(link_gbps=link, emulate=emulate)
+    out = {"all resident": ([E] * layers, AdapMoEConfig(**base), False, None)}
     for pct in (50, 25):
         total = max(layers * E * pct // 100, layers * k)
-        out[f"uniform LRU {pct}%"] = (plan_uniform(layers, E, total, lo=k),
-                                      AdapMoEConfig(link_gbps=link), False)
-        out[f"AdapMoE {pct}%"] = (plan_dp(curves, total, lo=k),
-                                  AdapMoEConfig(link_gbps=link, prefetch=True, threshold=threshold,
-                                                sensitivity=sens), False)
-    out["layer streaming"] = ([k] * layers, AdapMoEConfig(link_gbps=link), True)
+        uniform = plan_uniform(layers, E, total, lo=k)
+        dp = plan_dp(curves, total, lo=k)
+        full = dict(prefetch=True, threshold=threshold, sensitivity=sens)
+        out[f"uniform LRU {pct}%"] = (uniform, AdapMoEConfig(**base), False, None)
+        out[f"AdapMoE {pct}%"] = (dp, AdapMoEConfig(**base, **full), False, None)
+        out[f"host-only {pct}%"] = (uniform, AdapMoEConfig(**base, hybrid="host-only"), False,
+                                    frequent)
+        gpu_layers = total // E  # llama.cpp --n-cpu-moe (layers - gpu_layers)
+        out[f"layer split {pct}%"] = ([0] * (layers - gpu_layers) + [E] * gpu_layers,
+                                      AdapMoEConfig(**base, hybrid="host-only"), False, None)
+        out[f"uniform + hybrid {pct}%"] = (uniform, AdapMoEConfig(**base, hybrid="auto"), False, None)
+        out[f"hybrid AdapMoE {pct}%"] = (dp, AdapMoEConfig(**base, **full, hybrid="auto"), False, None)
+    out["layer streaming"] = ([k] * layers, AdapMoEConfig(**base), True, None)
     return out
 
 
@@ -194,6 +224,9 @@ def main() -> None:
                     help="sensitivities + miss curves (tiled over the layers)")
     ap.add_argument("--threshold", type=float, default=0.013, help="gating T of the AdapMoE rows")
     ap.add_argument("--link-gbps", type=float, default=None, help="emulate a slower link (CPU)")
+    ap.add_argument("--emulate", choices=sorted(PRESETS), default=None,
+                    help="emulate a whole machine: link, device and host (CPU)")
+    ap.add_argument("--rounds", type=int, default=1, help="alternating runs of every setting")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -205,8 +238,11 @@ def main() -> None:
     profile = json.loads(args.profile.read_text())
     from tqdm.auto import tqdm
 
-    # One set of host experts, shared by every setting (random bf16, pinned on CUDA).
-    base = ExpertStack(shape, [shape.top_k] * layers, EngineSettings(), device)
+    # One set of host experts, shared by every setting (random bf16, pinned on CUDA); with
+    # --emulate one measured scale, shared too (each row's durations on the same clock).
+    emulation = make_emulation(args.emulate, shape.expert_bytes(2), shape.hidden, shape.intermediate)
+    base = ExpertStack(shape, [shape.top_k] * layers, EngineSettings(emulate=args.emulate), device,
+                       emulation=emulation)
     base.load_random(seed=0, progress=True)
     stores = [b.store for b in base.blocks]
     per_copy, gbps = link_gbps(base)
@@ -214,35 +250,49 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "shape": args.shape, "layer_shape": vars(shape), "layers": layers,
               "expert_bytes": shape.expert_bytes(2), "routing": "synthetic" if args.synthetic
-              else str(args.trace.name), "threshold": args.threshold,
+              else str(args.trace.name), "threshold": args.threshold, "rounds": args.rounds,
               "link": {"measured_gbps": gbps, "copy_ms": per_copy * 1e3,
                        "emulated_gbps": args.link_gbps},
+              "emulated": emulation.label if emulation else None,
+              "emulation": None if emulation is None else {
+                  "preset": vars(emulation.preset), "scale": emulation.scale,
+                  "device_expert_ms_here": emulation.device_expert_s * 1e3,
+                  "load_ms": emulation.copy_s(shape.expert_bytes(2)) * 1e3,
+                  "host_ms_1_token": emulation.host_s(1) * 1e3},
               "torch": torch.__version__, "batches": {}}
-    plan = settings(shape, layers, profile, args.threshold, args.link_gbps)
+    plan = settings(shape, layers, profile, args.threshold, args.link_gbps, args.emulate)
     for batch in args.batch:
         steps = args.steps + args.warmup
         routing = (synthetic_routing(layers, batch, steps, shape.experts) if args.synthetic
                    else trace_routing(args.trace, layers, batch, steps, shape.experts))
-        rows = {}
-        for name in tqdm(plan, desc=f"batch {batch}", unit="setting"):
-            slots, config, streaming = plan[name]
-            stack = ExpertStack(shape, slots, config.engine_settings(), device,
-                                sensitivity=list(config.sensitivity or [0.0] * layers),
-                                routers=[ReplayRouter() for _ in range(layers)], stores=stores)
-            rows[name] = {"slots": slots, **run_setting(stack, routing, batch, device, streaming,
-                                                        args.warmup)}
-            del stack
-            gc.collect()
+        runs: dict[str, list[dict]] = {name: [] for name in plan}
+        bar = tqdm(total=len(plan) * args.rounds, desc=f"batch {batch}", unit="run")
+        for _ in range(args.rounds):  # alternating: every setting once per round
+            for name, (slots, config, streaming, placement) in plan.items():
+                stack = ExpertStack(shape, slots, config.engine_settings(), device,
+                                    sensitivity=list(config.sensitivity or [0.0] * layers),
+                                    routers=[ReplayRouter() for _ in range(layers)],
+                                    stores=stores, emulation=emulation, placement=placement)
+                runs[name].append(run_setting(stack, routing, batch, device, streaming,
+                                              args.warmup))
+                del stack
+                gc.collect()
+                bar.update()
+        bar.close()
+        rows = {name: {"slots": plan[name][0], **_median_run(r)} for name, r in runs.items()}
         resident = rows["all resident"]
         layer_ms = resident["step_ms"] / layers
-        load_ms = (shape.expert_bytes(2) / (args.link_gbps * 1e9) * 1e3 if args.link_gbps
+        load_ms = (emulation.copy_s(shape.expert_bytes(2)) * 1e3 if emulation else
+                   shape.expert_bytes(2) / (args.link_gbps * 1e9) * 1e3 if args.link_gbps
                    else per_copy * 1e3)
-        lru = {pct: rows[f"uniform LRU {pct}%"]["tok_s"] for pct in (25, 50)}
         for name, row in rows.items():
             row["vs_resident"] = row["tok_s"] / resident["tok_s"]
             pct = 25 if "25%" in name else 50 if "50%" in name else None
             if pct:
-                row["vs_uniform_lru"] = row["tok_s"] / lru[pct]
+                for other in ("uniform LRU", "host-only"):
+                    if f"{other} {pct}%" in rows:
+                        key = "vs_" + other.replace(" ", "_").replace("-", "_").lower()
+                        row[key] = row["tok_s"] / rows[f"{other} {pct}%"]["tok_s"]
         result["batches"][str(batch)] = {"layer_compute_ms": layer_ms, "load_ms": load_ms,
                                          "load_in_layers": load_ms / layer_ms, "settings": rows}
     out = args.out or HERE / "results" / f"engine_{args.device}.json"
@@ -257,16 +307,21 @@ def table(result: dict) -> str:
     lines = [f"engine on {result['device']}, shape {result['shape']} x {result['layers']} layers, "
              f"routing {result['routing']}; link measured {link['measured_gbps']:.1f} GB/s "
              f"({link['copy_ms']:.2f} ms per expert)"
-             + (f", emulated {link['emulated_gbps']} GB/s" if link["emulated_gbps"] else "")]
+             + (f", emulated {link['emulated_gbps']} GB/s" if link["emulated_gbps"] else "")
+             + (f", {result['emulated']} (scale x{result['emulation']['scale']:.0f})"
+                if result.get("emulated") else "")]
     for batch, b in result["batches"].items():
         lines.append(f"\nbatch {batch}: layer compute {b['layer_compute_ms']:.3f} ms, one expert "
                      f"load = {b['load_in_layers']:.1f} layers")
-        lines.append(f"| setting | tok/s | × resident | × uniform LRU | loads/token | hit rate |")
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("| setting | tok/s | × resident | × uniform LRU | × host-only | loads/token "
+                     "| hit rate | tokens on host |")
+        lines.append("|---|---|---|---|---|---|---|---|")
         for name, r in b["settings"].items():
             vs = f"{r['vs_uniform_lru']:.2f}" if "vs_uniform_lru" in r else "—"
-            lines.append(f"| {name} | {r['tok_s']:.1f} | {r['vs_resident']:.2f} | {vs} | "
-                         f"{r['loads_per_token']:.2f} | {r['hit_rate']:.2f} |")
+            vh = f"{r['vs_host_only']:.2f}" if "vs_host_only" in r else "—"
+            lines.append(f"| {name} | {r['tok_s']:.1f} | {r['vs_resident']:.2f} | {vs} | {vh} | "
+                         f"{r['loads_per_token']:.2f} | {r['hit_rate']:.2f} | "
+                         f"{r.get('host_token_share', 0):.2f} |")
     return "\n".join(lines)
 
 

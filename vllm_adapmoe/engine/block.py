@@ -231,7 +231,8 @@ class AdapMoEBlock(nn.Module):
             self._count(routing, needed, counts)
         guesses = self.lookahead.guesses(x, counts[self._guess_offset:], predicted, step)
         step_summary = StepSummary(needed, routing.expert_sets, guesses,
-                                   self._tokens(routing, counts))
+                                   self._tokens(routing, counts),
+                                   self.cache.landing() if self.host_costs else frozenset())
         plan = plan_step(step_summary, self.cache.table,
                          self.lookahead.planning_targets(guesses) if guesses else (),
                          self.cache.link.cost, self.hybrid, self.host_costs)

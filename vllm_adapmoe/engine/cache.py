@@ -90,6 +90,12 @@ class ExpertCache:
         f = self._pending.get(expert)
         return expert in self.table.slot_of and (f is None or f.done())
 
+    def landing(self) -> frozenset[int]:
+        """Resident experts whose copies are still queued or running."""
+        if not self._pending:
+            return frozenset()
+        return frozenset(e for e, f in self._pending.items() if not f.done())
+
     # -- what the MoE layer calls -------------------------------------------------------------
     def count_step(self, needed: list[int], mass: list[int] | None = None) -> None:
         """Count the step (``SlotTable.count_step``); prefetches for this layer that it does not

@@ -59,6 +59,9 @@ class StepSummary:
     guesses: dict[int, list[int]] = field(default_factory=dict)
     # ``guesses[d]``: decode tokens per expert that the layer d ahead is predicted to need
     tokens_per_expert: list[int] | None = None  # [E] (hybrid: what a host computation costs)
+    # (hybrid) resident experts whose copies are still on the link: the device would wait for
+    # them, so the planner weighs them like cold ones (the copy lands anyway, for later steps)
+    landing: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +140,8 @@ def experts_for_host(summary: StepSummary, residency: Residency, hybrid: str,
     those that shorten the layer's critical path ``max(link, host)`` (``split_by_critical_path``)."""
     if hybrid == "off" or host is None:
         return []
-    cold = [e for e in summary.needed if e not in residency.slot_of]
+    landing = summary.landing
+    cold = [e for e in summary.needed if e not in residency.slot_of or e in landing]
     if hybrid == "host-only" or not cold:
         return cold
     return split_by_critical_path(summary.expert_sets, cold, summary.tokens_per_expert, host)

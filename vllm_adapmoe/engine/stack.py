@@ -54,9 +54,11 @@ class ExpertStack:
                  device: torch.device, dtype: torch.dtype = torch.bfloat16,
                  sensitivity: list[float] | None = None, routers: list[nn.Module] | None = None,
                  stores: list[HostExpertStore] | None = None,
-                 emulation: Emulation | None = None) -> None:
+                 emulation: Emulation | None = None,
+                 placement: list[list[int]] | None = None) -> None:
         """``emulation``: an ``emulate`` preset's, shared with other stacks so that they run on
-        one measured scale (else one is made from ``settings.emulate`` and measured here)."""
+        one measured scale (else one is made from ``settings.emulate`` and measured here).
+        ``placement``: per layer, the experts its slots are filled with first."""
         self.shape, self.device, self.dtype = shape, device, dtype
         self.step_info = StepInfo(counted=True)
         if emulation is None:
@@ -75,6 +77,8 @@ class ExpertStack:
                          params_dtype=dtype, prefix=f"layers.{i}",
                          store=stores[i] if stores else None, staging=self.staging)
             for i, n in enumerate(slots)]
+        for block, order in zip(self.blocks, placement or []):
+            block.placement = order
         if stores:  # filled already: warm the slots as at start-up
             for block in self.blocks:
                 block.warm()
