@@ -23,7 +23,8 @@ layers. Settings, one run each, the same experts and routing:
                          the last budget ÷ E layers all resident;
   * ``uniform + hybrid`` / ``hybrid AdapMoE`` — the uniform / AdapMoE rows with hybrid "auto"
                          (a cold expert's tokens computed on the host when that shortens the
-                         layer's critical path).
+                         layer's critical path); hybrid AdapMoE's budget split is the DP over
+                         this batch's host curves (``cache_plan.plan_hybrid``), not miss curves.
 
 Also measured: host→device GB/s of one expert copy through the engine's link (pinned memory on
 CUDA), compute time per layer, and the ratio "one expert load ≈ N layers of compute".
@@ -53,7 +54,8 @@ sys.path.insert(0, str(HERE.parent))
 from vllm_adapmoe.config import AdapMoEConfig, frequency_order  # noqa: E402
 from vllm_adapmoe.engine.emulation import PRESETS, make_emulation  # noqa: E402
 from vllm_adapmoe.engine.settings import EngineSettings  # noqa: E402
-from vllm_adapmoe.engine.cache_plan import plan_dp, plan_uniform  # noqa: E402
+from vllm_adapmoe.engine.cache_plan import plan_dp, plan_hybrid, plan_uniform  # noqa: E402
+from vllm_adapmoe.offline.simulator import host_work_curves  # noqa: E402
 from vllm_adapmoe.engine.stack import ExpertStack, LayerShape, ReplayRouter  # noqa: E402
 
 BUNDLED_PROFILE = HERE.parent / "vllm_adapmoe" / "bundled" / "shakespeare_moe.profile.json"
@@ -172,6 +174,17 @@ def run_setting(stack: ExpertStack, routing, batch: int, device: torch.device,
             "device_expert_bytes": stack.device_bytes()}
 
 
+def held_out_routing(args, layers: int, batch: int, steps: int, experts: int):
+    """Routing of the trace steps after the measured ones (the hybrid plan's "profile"), or
+    None when the trace is too short (or synthetic): then the measured steps themselves."""
+    if args.synthetic:
+        return None
+    try:
+        return trace_routing(args.trace, layers, batch, 2 * steps, experts)[steps:]
+    except SystemExit:
+        return None
+
+
 def _median_run(runs: list[dict]) -> dict:
     """The run with the median tok/s (its counters with it), plus every round's tok/s."""
     ordered = sorted(runs, key=lambda r: r["tok_s"])
@@ -183,8 +196,10 @@ def tile(values: list, n: int) -> list:
 
 
 def settings(shape: LayerShape, layers: int, profile: dict, threshold: float,
-             link: float | None, emulate: str | None) -> dict[str, tuple]:
-    """name → (slots per layer, engine config, streaming, placement per layer or None)."""
+             link: float | None, emulate: str | None,
+             host: list[list[float]]) -> dict[str, tuple]:
+    """name → (slots per layer, engine config, streaming, placement per layer or None).
+    ``host``: the host curves of this batch's routing (the hybrid DP plan's input)."""
     E, k = shape.experts, shape.top_k
     curves = tile(profile["miss_curves"], layers)
     sens = tuple(tile(profile["sensitivity"], layers))
@@ -204,7 +219,8 @@ def settings(shape: LayerShape, layers: int, profile: dict, threshold: float,
         out[f"layer split {pct}%"] = ([0] * (layers - gpu_layers) + [E] * gpu_layers,
                                       AdapMoEConfig(**base, hybrid="host-only"), False, None)
         out[f"uniform + hybrid {pct}%"] = (uniform, AdapMoEConfig(**base, hybrid="auto"), False, None)
-        out[f"hybrid AdapMoE {pct}%"] = (dp, AdapMoEConfig(**base, **full, hybrid="auto"), False, None)
+        out[f"hybrid AdapMoE {pct}%"] = (plan_hybrid(host, total, k),
+                                         AdapMoEConfig(**base, **full, hybrid="auto"), False, None)
     out["layer streaming"] = ([k] * layers, AdapMoEConfig(**base), True, None)
     return out
 
@@ -260,11 +276,15 @@ def main() -> None:
                   "load_ms": emulation.copy_s(shape.expert_bytes(2)) * 1e3,
                   "host_ms_1_token": emulation.host_s(1) * 1e3},
               "torch": torch.__version__, "batches": {}}
-    plan = settings(shape, layers, profile, args.threshold, args.link_gbps, args.emulate)
     for batch in args.batch:
         steps = args.steps + args.warmup
         routing = (synthetic_routing(layers, batch, steps, shape.experts) if args.synthetic
                    else trace_routing(args.trace, layers, batch, steps, shape.experts))
+        held_out = held_out_routing(args, layers, batch, steps, shape.experts)
+        steps_ = held_out or routing
+        host = host_work_curves([[a[n].topk(shape.top_k, dim=1).indices for a, _ in steps_]
+                                 for n in range(layers)], shape.experts)
+        plan = settings(shape, layers, profile, args.threshold, args.link_gbps, args.emulate, host)
         runs: dict[str, list[dict]] = {name: [] for name in plan}
         bar = tqdm(total=len(plan) * args.rounds, desc=f"batch {batch}", unit="run")
         for _ in range(args.rounds):  # alternating: every setting once per round
@@ -293,7 +313,9 @@ def main() -> None:
                     if f"{other} {pct}%" in rows:
                         key = "vs_" + other.replace(" ", "_").replace("-", "_").lower()
                         row[key] = row["tok_s"] / rows[f"{other} {pct}%"]["tok_s"]
-        result["batches"][str(batch)] = {"layer_compute_ms": layer_ms, "load_ms": load_ms,
+        result["batches"][str(batch)] = {"host_curves": host, "host_curves_from":
+                                         "held-out trace steps" if held_out else "measured steps",
+                                         "layer_compute_ms": layer_ms, "load_ms": load_ms,
                                          "load_in_layers": load_ms / layer_ms, "settings": rows}
     out = args.out or HERE / "results" / f"engine_{args.device}.json"
     out.write_text(json.dumps(result, indent=1))

@@ -118,20 +118,35 @@ def layer_section(data: dict) -> list[str]:
 def engine_section(data: dict) -> list[str]:
     link = data["link"]
     emulated = f", emulated link {link['emulated_gbps']} GB/s" if link.get("emulated_gbps") else ""
+    emu = data.get("emulation")
+    if emu:
+        p = emu["preset"]
+        emulated = (f"; **{data['emulated']}** (link {p['link_gbps']:g} GB/s, device "
+                    f"{p['device_gbps']:g} GB/s, host {p['host_gbps']:g} GB/s and "
+                    f"{p['host_tflops']:g} TFLOP/s; scale x{emu['scale']:.0f} from one expert on "
+                    f"the device here, {emu['device_expert_ms_here']:.3f} ms: a load "
+                    f"{emu['load_ms']:.1f} ms, one expert on the host {emu['host_ms_1_token']:.2f} ms "
+                    "for 1 token, all emulated)")
+    rounds = data.get("rounds", 1)
     out = [f"**The vLLM-free engine on {data['device']}** (`benchmarks/bench_engine.py --device "
-           f"{'cpu' if data['device'] == 'cpu' else 'cuda'} --shape {data['shape']}`: {data['layers']} "
+           f"{'cpu' if data['device'] == 'cpu' else 'cuda'} --shape {data['shape']}"
+           f"{' --emulate ' + emu['preset']['name'] if emu else ''}`: {data['layers']} "
            f"MoE layers, residual stream only, bf16 random experts, routing `{data['routing']}`, "
            f"gating T={data['threshold']}; one expert copy through the engine's link "
-           f"{link['copy_ms']:.2f} ms = {link['measured_gbps']:.1f} GB/s measured{emulated}; one run):"]
+           f"{link['copy_ms']:.2f} ms = {link['measured_gbps']:.1f} GB/s measured{emulated}; "
+           + (f"{rounds} alternating rounds, medians, one run):" if rounds > 1 else "one run):")]
     for batch, b in data["batches"].items():
         out += ["", f"batch {batch}: layer compute {b['layer_compute_ms']:.3f} ms; one expert load ≈ "
                 f"{b['load_in_layers']:.1f} layers", "",
-                "| setting | tok/s | × all resident | × uniform LRU | loads / token | hit rate | "
-                "experts / token·layer |", "|---|---|---|---|---|---|---|"]
+                "| setting | tok/s | × all resident | × uniform LRU | × host-only | loads / token | "
+                "hit rate | experts / token·layer | tokens on host | promotions / token |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in b["settings"].items():
             out.append(f"| {name} | {r['tok_s']:.1f} | {r['vs_resident']:.2f} | "
-                       f"{_fmt(r.get('vs_uniform_lru'))} | {r['loads_per_token']:.2f} | "
-                       f"{r['hit_rate']:.2f} | {r['activated_per_token_layer']:.2f} |")
+                       f"{_fmt(r.get('vs_uniform_lru'))} | {_fmt(r.get('vs_host_only'))} | "
+                       f"{r['loads_per_token']:.2f} | {r['hit_rate']:.2f} | "
+                       f"{r['activated_per_token_layer']:.2f} | {_fmt(r.get('host_token_share'))} | "
+                       f"{_fmt(r.get('promotions_per_token'))} |")
     return out
 
 
@@ -176,7 +191,8 @@ def render() -> str:
     data = _load("gating_sweep_qwen3moe.json")
     if data:
         parts.append(gating_section(data, "Adaptive gating, fine-grained model (64 experts, top-8)"))
-    for name in ("engine_cuda.json", "engine_cpu_mixtral-8x7b.json", "engine_cpu.json"):
+    for name in ("engine_cuda.json", "engine_cpu_h100-pcie4.json", "engine_cpu_mixtral-8x7b_h100-pcie4.json",
+                 "engine_cpu_free_hybrid.json", "engine_cpu_mixtral-8x7b.json", "engine_cpu.json"):
         data = _load(name)
         if data:
             parts.append(engine_section(data))

@@ -54,6 +54,18 @@ def test_family_offloaded_matches_stock(engines, family_models, family):
     assert total["activated_experts"] == 4 * total["tokens"]  # top-4, no gating
 
 
+def test_fine_grained_family_with_host_decisions_matches_stock(engines, family_models):
+    """Qwen3-MoE (16 experts, top-4) at 2 slots with every cold expert's tokens on the host:
+    a token's four experts run in one host kernel call, so tokens equal stock's."""
+    model = family_models("qwen3_moe")
+    llm = engines.get(model, "adapmoe", cache_slots=2, hybrid="auto",
+                      hybrid_costs={"load_s": 1e9, "host_fixed_s": 0.0, "host_token_s": 0.0})
+    vllm_adapmoe.reset_stats(llm)
+    assert_same(greedy(engines.get(model)), greedy(llm))
+    total = vllm_adapmoe.stats(llm)["total"]
+    assert total["host_tokens"] > 0 and total["loads"] == total["promotions"]
+
+
 # The offloaded runs above are the stronger check (same code path plus misses and waves); keep one
 # all-resident family in the default run, the rest with -m slow.
 @pytest.mark.parametrize("family", [

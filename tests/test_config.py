@@ -81,3 +81,10 @@ def test_settings_for_one_kind_of_machine():
     threads.check_platform("cuda")
     with pytest.raises(AdapMoEConfigError, match="VLLM_CPU_OMP_THREADS_BIND"):
         threads.check_platform("cpu")
+
+
+def test_a_layer_may_live_on_the_host_only_with_hybrid():
+    cfg = AdapMoEConfig.from_dict({"cache_slots": [0, 8, 0, 8], "hybrid": "host-only"})
+    assert cfg.slots_per_layer(4, 8, 10) == [0, 8, 0, 8]
+    with pytest.raises(AdapMoEConfigError, match="needs \"hybrid\""):
+        AdapMoEConfig.from_dict({"cache_slots": [0, 8, 0, 8]})

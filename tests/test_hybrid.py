@@ -15,7 +15,8 @@ from test_plan import _sets, _table
 from test_trace_sim import _assert_counters_equal
 from vllm_adapmoe.engine.costs import MeasuredCosts, PinnedCosts
 from vllm_adapmoe.engine.plan import StepSummary, plan_step
-from vllm_adapmoe.offline.simulator import simulate
+from vllm_adapmoe.engine.cache_plan import plan_hybrid
+from vllm_adapmoe.offline.simulator import host_work_curves, simulate
 from vllm_adapmoe.offline.trace import Trace
 
 # one load = 1 s; one expert on the host = 0.5 s + 0.3 s per token: 1 token goes to the host
@@ -123,6 +124,36 @@ def test_a_failing_host_computation_raises():
         _decode(stack, [4], "cpu")
 
 
+def test_host_curves_and_the_hybrid_plan():
+    """h(s) per decoded token: every needed expert on the host at 0 slots, none at E; at batch
+    4 a token rarely has both experts resident, so the curve stays high until s = E, and the
+    DP over such curves keeps whole layers resident rather than spreading the slots."""
+    g = torch.Generator().manual_seed(0)
+    steps = [[torch.randperm(4, generator=g)[:2].repeat(4, 1) if i % 2 else
+              torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(4)])
+              for i in range(20)] for _ in range(2)]
+    curves = host_work_curves(steps, 4)
+    for layer_steps, curve in zip(steps, curves):
+        distinct = sum(len(s.unique()) for s in layer_steps)
+        assert curve[0] == pytest.approx(distinct / 80) and curve[4] == 0.0
+    concave = [[1.0, 0.9, 0.8, 0.7, 0.0]] * 2
+    assert plan_hybrid(concave, 6, 2) == [4, 2]  # one layer whole, not [3, 3]
+    convex = [[1.0, 0.5, 0.2, 0.15, 0.12]] * 2  # diminishing returns: spread
+    assert plan_hybrid(convex, 6, 2) == [3, 3]
+    with pytest.raises(ValueError, match="staging rows"):
+        plan_hybrid(concave, 1, 2)  # below the 2 staging rows a 0-slot layer needs
+
+
+def test_a_layer_wholly_on_the_host_equals_all_resident():
+    """llama.cpp's --n-cpu-moe form: layers 0 and 1 keep no expert on the device."""
+    expected = _decode(_stack("cpu", None), BATCHES, "cpu")
+    stack = _stack("cpu", [0, 0, 8, 8], hybrid="host-only")
+    assert torch.equal(_decode(stack, BATCHES, "cpu"), expected)
+    layers = stack.stats()["layers"]
+    assert layers[0]["host_tokens"] == layers[0]["tokens"] and layers[3]["host_tokens"] == 0
+    assert sum(layer["loads"] for layer in layers) == 0
+
+
 PINNED = {"load_s": 1.0, "host_fixed_s": 0.5, "host_token_s": 0.3}
 
 
@@ -152,3 +183,13 @@ def test_host_only_compiled_matches_stock(engines, tiny_model):
     assert_same(greedy(engines.get(tiny_model, eager=False)), greedy(llm))
     total = vllm_adapmoe.stats(llm)["total"]
     assert total["loads"] == 0 and total["host_experts"] > 0
+
+
+def test_emulated_hybrid_in_vllm_matches_stock(engines, tiny_model):
+    """``emulate`` inside vLLM: the worker measures its scale, pads copies and host work to the
+    H100 preset's durations, and tokens still equal stock's."""
+    llm = engines.get(tiny_model, "adapmoe", cache_slots=2, hybrid="auto", emulate="h100-pcie4")
+    vllm_adapmoe.reset_stats(llm)
+    assert_same(greedy(engines.get(tiny_model)), greedy(llm))
+    total = vllm_adapmoe.stats(llm)["total"]
+    assert total["host_experts"] > 0 and total["host_s"] > 0

@@ -28,6 +28,20 @@ def test_tp2_offloaded_with_prefetch_matches_stock(engines, tiny_model, tp2_stoc
     assert total["misses"] > 0 and total["prefetch_issued"] > 0
 
 
+FORCE_HOST = {"load_s": 1e9, "host_fixed_s": 0.0, "host_token_s": 0.0}
+
+
+def test_tp2_hybrid_host_decisions_match_stock(engines, tiny_model, tp2_stock):
+    """Every cold expert's tokens on the host, each rank computing its half of every expert
+    from its own host store (partial sums all-reduced as on the device)."""
+    llm = engines.get(tiny_model, "adapmoe", tp=2, cache_slots=2, hybrid="auto",
+                      hybrid_costs=FORCE_HOST)
+    vllm_adapmoe.reset_stats(llm)
+    assert_same(tp2_stock, greedy(llm))
+    total = vllm_adapmoe.stats(llm)["total"]
+    assert total["host_experts"] > 0 and total["loads"] == total["promotions"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
 def test_tp2_families_match_stock(engines, family_models, family):

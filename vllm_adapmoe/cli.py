@@ -165,7 +165,7 @@ def _add_profile(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     from vllm_adapmoe.offline.profile import load_profile, save_profile
-    from vllm_adapmoe.offline.simulator import miss_curves, prediction_accuracy
+    from vllm_adapmoe.offline.simulator import host_curves, miss_curves, prediction_accuracy
     from vllm_adapmoe.offline.trace import Trace
 
     profile = load_profile(args.profile)
@@ -175,6 +175,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     settings = {"prefetch": not args.no_prefetch, "threshold": args.threshold,
                 "sensitivity": profile.sensitivity}
     profile.miss_curves = miss_curves(trace, args.policy, **settings)
+    profile.host_curves = host_curves(trace, args.policy)  # what plan "dp" uses with hybrid on
     profile.prediction = prediction_accuracy(trace)
     profile.trace_settings = {"trace": str(args.trace), "policy": args.policy,
                               "prefetch": settings["prefetch"], "threshold": args.threshold,

@@ -171,10 +171,14 @@ class AdapMoEConfig:
             raise AdapMoEConfigError(
                 f"adapmoe: cache_slots must be >= 1 (one device slot per MoE layer at least), got {slots}"
             )
-        if isinstance(slots, tuple) and (not slots or any(s < 1 for s in slots)):
+        # with hybrid execution a layer may keep no expert on the device (llama.cpp's
+        # --n-cpu-moe: whole layers on the host): 0 is allowed in a per-layer list then
+        least = 0 if self.hybrid != "off" else 1
+        if isinstance(slots, tuple) and (not slots or any(s < least for s in slots)):
             raise AdapMoEConfigError(
-                f"adapmoe: cache_slots as a list needs one integer >= 1 per MoE layer, got {list(slots)}"
-            )
+                f"adapmoe: cache_slots as a list needs one integer >= {least} per MoE layer, got "
+                f"{list(slots)}" + ("" if least == 0 else
+                                    ' (0, a layer wholly on the host, needs "hybrid")'))
 
     def engine_settings(self) -> EngineSettings:
         """What the engine itself reads (budgets and profiles are resolved here, before it)."""
@@ -301,6 +305,8 @@ class AdapMoEConfig:
         from vllm_adapmoe.engine.cache_plan import plan_cost, plan_dp, plan_with_staging
 
         profile = self._profile(hf_config)
+        if self.hybrid != "off":
+            return self._hybrid_split(profile, total, num_layers, top_k)
         curves = getattr(profile, "miss_curves", None)
         if not curves or len(curves) != num_layers:
             raise AdapMoEConfigError(
@@ -309,6 +315,21 @@ class AdapMoEConfig:
         return plan_with_staging(total, top_k, num_layers,
                                  lambda budget, lo: plan_dp(curves, budget, lo=lo),
                                  lambda slots: plan_cost(slots, curves))
+
+    def _hybrid_split(self, profile: Any, total: int, num_layers: int, top_k: int) -> list[int]:
+        """With hybrid on, a miss costs host work rather than a load: DP over the profile's host
+        curves (0 own slots allowed: a layer may live on the host whole)."""
+        from vllm_adapmoe.engine.cache_plan import plan_hybrid
+
+        curves = getattr(profile, "host_curves", None)
+        if not curves or len(curves) != num_layers:
+            raise AdapMoEConfigError(
+                f'adapmoe: plan="dp" with hybrid "{self.hybrid}" needs host curves in '
+                f"{self.profile}; add them with `adapmoe profile {self.profile} --trace T.npz`")
+        try:
+            return plan_hybrid(curves, total, top_k)
+        except ValueError as exc:
+            raise AdapMoEConfigError(f"adapmoe: {exc}") from None
 
 
 def frequency_order(freq: list[float]) -> list[int]:

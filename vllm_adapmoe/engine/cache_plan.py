@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 
-__all__ = ["plan_dp", "plan_uniform", "plan_with_staging", "staging_rows", "plan_cost", "closed_form_curve",
+__all__ = ["plan_dp", "plan_hybrid", "plan_uniform", "plan_with_staging", "staging_rows", "plan_cost", "closed_form_curve",
            "miss_curves_from_profile", "uniform_split", "layer_costs"]
 
 
@@ -153,6 +153,34 @@ def plan_with_staging(total: int, top_k: int, num_layers: int,
         raise ValueError(f"{total} slots cannot give every layer one slot plus the "
                          f"{top_k - 1} shared staging row(s) a top-{top_k} token needs; "
                          "raise the budget")
+    return best[1]
+
+
+def plan_hybrid(host_curves: Sequence[Sequence[float]], total: int, top_k: int) -> list[int]:
+    """Own slots per layer (0 allowed) minimising ``sum_l h_l(s_l)`` for hybrid execution, where
+    ``host_curves[l][s] = h_l(s)``, s = 0..E, is the host work per decoded token with s slots
+    (``offline/simulator.py: host_curves``). ``total`` pays for the shared staging rows too
+    (``top_k - min(s)``: a layer below top_k own slots may still load into them). At large
+    batches the curves favour whole resident layers (llama.cpp's ``--n-cpu-moe`` split) over
+    the same slots spread thin; at batch 1, the frequent experts of every layer."""
+    h = _check_curves(host_curves)
+    num_layers = len(h)
+    best: tuple[float, list[int]] | None = None
+    for g in range(top_k + 1):
+        lo = top_k - g  # the smallest own count these g staging rows serve
+        budget = total - g
+        if budget < lo * num_layers or budget > sum(len(c) - 1 for c in h):
+            continue
+        # plan_dp indexes f(k) from k = 1: f(k) = h(k - 1) is the same list, one slot shifted
+        slots = [k - 1 for k in plan_dp(h, budget + num_layers, lo=lo + 1)]
+        if staging_rows(slots, top_k) > g:
+            continue
+        value = sum(curve[s] for curve, s in zip(h, slots))
+        if best is None or value < best[0]:
+            best = (value, slots)
+    if best is None:
+        raise ValueError(f"{total} slots cannot pay for the staging rows a top-{top_k} token "
+                         "needs; raise the budget")
     return best[1]
 
 

@@ -51,6 +51,7 @@ class Profile:
     format_version: int = FORMAT_VERSION
     # Added by `adapmoe profile PROFILE --trace T.npz` (optional):
     miss_curves: list[list[float]] | None = None    # f_l(k), k = 1..E, misses per decoded token
+    host_curves: list[list[float]] | None = None    # h_l(s), s = 0..E, host experts per decoded token
     prediction: list[dict[str, Any]] | None = None  # next-layer prediction accuracy per layer
     trace_settings: dict[str, Any] | None = None    # trace and simulator settings behind them
     # Written by calibrate: look-ahead predictors per (target layer, distance), held-out
@@ -184,9 +185,14 @@ def load_profile(path: str | Path, hf_config_or_model_dir: Any = None) -> Profil
             isinstance(c, list) and c and all(isinstance(v, (int, float)) for v in c) for c in curves)):
         raise ProfileError(f"profile file {path}: 'miss_curves' must hold one list of numbers per "
                            f"layer; rerun `adapmoe profile {path} --trace TRACE.npz`")
+    host = data.get("host_curves")
+    if host is not None and (not isinstance(host, list) or len(host) != len(sens) or not all(
+            isinstance(c, list) and c and all(isinstance(v, (int, float)) for v in c) for c in host)):
+        raise ProfileError(f"profile file {path}: 'host_curves' must hold one list of numbers per "
+                           f"layer; rerun `adapmoe profile {path} --trace TRACE.npz`")
     profile = Profile(model=model, sensitivity=[float(s) for s in sens],
                       calibration=data["calibration"], routing=data["routing"],
-                      format_version=version, miss_curves=curves,
+                      format_version=version, miss_curves=curves, host_curves=host,
                       prediction=data.get("prediction"), trace_settings=data.get("trace_settings"),
                       predictor=_check_predictor(data.get("predictor"), path, model_arg))
     if hf_config_or_model_dir is not None:

@@ -140,6 +140,55 @@ def miss_curves(trace: Trace, policy: str = "lru", progress: bool = True,
     return curves
 
 
+def host_curves(trace: Trace, policy: str = "lru", progress: bool = True) -> list[list[float]]:
+    """``h_l(s)`` for s = 0..E: experts computed on the host per decoded token of layer l with
+    ``s`` own slots under hybrid execution, over the trace's pure-decode steps (see
+    ``host_work_curves``); what ``plan: "dp"`` minimises when ``hybrid`` is on."""
+    per_layer: list[list[torch.Tensor]] = [[] for _ in range(trace.num_layers)]
+    for block in trace:
+        if len(block.ids) and block.decode.all():
+            per_layer[block.layer].append(torch.from_numpy(block.ids.astype(np.int64)))
+    return host_work_curves(per_layer, int(trace.meta["num_experts"]), policy, progress)
+
+
+def host_work_curves(steps: list[list[torch.Tensor]], num_experts: int, policy: str = "lru",
+                     progress: bool = False) -> list[list[float]]:
+    """For each layer's decode steps (``steps[l]``: one [T, k] expert-set tensor per step) and
+    s = 0..E own slots: distinct experts computed on the host per decoded token when every
+    cold expert's tokens go there (whole) and idle slots take promotions — hybrid execution on
+    a link slow enough that no miss is loaded. A token whose experts are all resident stays
+    on the device, so the curve falls slowly while a step's tokens rarely have all their
+    experts resident (large batches) and drops to 0 at s = E: whole resident layers can beat
+    the same slots spread over every layer, which a miss curve cannot show."""
+    from tqdm.auto import tqdm
+
+    force_host = PinnedCosts(load_s=1e9, host_fixed_s=0.0, host_token_s=0.0)
+    curves = []
+    for layer_steps in tqdm(steps, desc="host curves", unit="layer", disable=not progress):
+        tokens = sum(len(sets) for sets in layer_steps)
+        curve = []
+        for slots in range(num_experts + 1):
+            table = SlotTable(max(slots, 1), make_policy(policy), LayerStats(), own=slots)
+            for expert in range(slots):  # filled at start-up, as the engine's warm() does
+                table.place(expert, expert)
+                table.policy.touch(expert)
+            host = 0
+            for sets in layer_steps:
+                needed = sorted(e for e in sets.unique().tolist() if e >= 0)
+                counts = expert_counts(sets, num_experts).tolist()
+                plan = plan_step(StepSummary(needed, sets, {}, counts), table, hybrid="auto",
+                                 host=force_host)
+                host += len(plan.host_experts)
+                used = {e for wave in plan.waves for e in wave.experts}
+                for wave in plan.waves:
+                    table.admit(wave.experts)
+                for expert in plan.promote:
+                    table.promote(expert, used)
+            curve.append(host / max(tokens, 1))
+        curves.append(curve)
+    return curves
+
+
 def prediction_accuracy(trace: Trace) -> list[dict[str, float]]:
     """Per layer, for decode tokens: how often the router of layer l applied to layer l−1's
     input got layer l's top-1 expert right, and the share of its top-k it recovered."""
