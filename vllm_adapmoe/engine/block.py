@@ -129,7 +129,7 @@ class AdapMoEBlock(nn.Module):
         if emulation is not None and not emulation.calibrated:
             emulation.calibrate(self._one_expert_on_device)
         if isinstance(self.host_costs, MeasuredCosts) and not self.host_costs.calibrated:
-            self.host_costs.calibrate(self.executor.host.time_one_expert)
+            self.host_costs.calibrate(self.executor.host.time_host)
 
     def _one_expert_on_device(self) -> None:
         """One expert for one token from slot 0 (the emulation's measure of device time)."""
@@ -232,7 +232,7 @@ class AdapMoEBlock(nn.Module):
         guesses = self.lookahead.guesses(x, counts[self._guess_offset:], predicted, step)
         step_summary = StepSummary(needed, routing.expert_sets, guesses,
                                    self._tokens(routing, counts),
-                                   self.cache.landing() if self.host_costs else frozenset())
+                                   *self._link_state())
         plan = plan_step(step_summary, self.cache.table,
                          self.lookahead.planning_targets(guesses) if guesses else (),
                          self.cache.link.cost, self.hybrid, self.host_costs)
@@ -258,6 +258,13 @@ class AdapMoEBlock(nn.Module):
         # built without gating and a threshold was set since: gate here, with the mask
         return Routing.gated(ids, weights, self.gating, self.step.decode_mask,
                              self.router_spec.renormalize)
+
+    def _link_state(self) -> tuple[frozenset[int], float]:
+        """(hybrid "auto") this layer's copies still in flight, and the link's backlog: what a
+        load planned now would wait for."""
+        if self.hybrid != "auto" or isinstance(self.host_costs, PinnedCosts):
+            return frozenset(), 0.0  # pinned costs: decisions that do not depend on timing
+        return self.cache.landing(), self.cache.link.backlog_s()
 
     def _tokens(self, routing: Routing, counts: list[int]) -> list[int] | None:
         """Tokens per expert, for hybrid decisions (None without hybrid): the summary's counts
@@ -311,4 +318,5 @@ def _host_costs(settings: EngineSettings, cache: ExpertCache) -> ExpertCosts | N
         if not probe:
             probe.append(cache.probe_copy_s())
         return probe[0]
-    return MeasuredCosts(load_s)
+    # inline CPU copies run on the cores that compute: link and host work add up
+    return MeasuredCosts(load_s, parallel=not cache.inline)

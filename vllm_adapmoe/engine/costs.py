@@ -5,14 +5,18 @@ simulator (both hand it to ``plan_step``).
 * ``load_s``: one expert's copy over the link (the link's measured copy time);
 * ``host_s(tokens)``: one expert computed on the host for ``tokens`` tokens. Reading the expert's
   weights from host memory dominates at decode sizes (a few tokens cost about what one does), so
-  the model is a fixed part plus a per-token part, both measured on this host: a start-up
-  microbenchmark at 1 and 16 tokens, refreshed by every live host computation.
+  the model is a fixed part plus a per-token part; a step's host experts run in one kernel
+  call, so they cost the sum of theirs (they share one memory bus) plus ``host_call_s`` once;
+* ``parallel``: whether host work runs beside the link's copies (a GPU machine: the link, the
+  host and the device are three resources; an emulated link) or after them on the same cores
+  (CPU without emulation: copies are inline memcpys). The planner minimises the layer's
+  critical path, max(link, host), in the first case and their sum in the second.
 
-``PinnedCosts`` fixes all three numbers (the ``hybrid_costs`` setting): decisions that do not
-depend on timing, which tests and replays need. ``EmulatedCosts`` reads an ``emulate`` preset
+``PinnedCosts`` fixes the numbers (the ``hybrid_costs`` setting): decisions that do not depend
+on timing, which tests and replays need. ``EmulatedCosts`` reads an ``emulate`` preset
 (``emulation.py``): the durations the engine pads its copies and host work to.
-
-A host computation of several experts costs the sum of theirs: they share one memory bus.
+``MeasuredCosts`` times the host at start-up (one call of 1 expert x 1 token, 1 x 16, 4 x 1)
+and refreshes the per-expert part from live host computations.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ class PinnedCosts:
     load_s: float
     host_fixed_s: float
     host_token_s: float
+    host_call_s: float = 0.0
+    parallel: bool = True
 
     def host_s(self, tokens: int) -> float:
         return self.host_fixed_s + self.host_token_s * tokens
@@ -41,6 +47,9 @@ class PinnedCosts:
 
 class EmulatedCosts:
     """The preset's load and host times on this machine's clock (``Emulation``)."""
+
+    host_call_s = 0.0  # the preset's physics: memory-bound experts, no per-call part
+    parallel = True
 
     def __init__(self, emulation: Emulation) -> None:
         self.emulation = emulation
@@ -58,12 +67,14 @@ class EmulatedCosts:
 
 class MeasuredCosts:
     """``load`` reads the link's current copy-time estimate; the host part is fitted from
-    timings of one expert at 1 and 16 tokens (``calibrate``), then tracked from live calls."""
+    timed host calls (``calibrate``), then its per-expert part tracked from live calls."""
 
-    def __init__(self, load: Callable[[], float]) -> None:
+    def __init__(self, load: Callable[[], float], parallel: bool) -> None:
         self._load = load
-        self.host_fixed_s: float | None = None
+        self.parallel = parallel
+        self.host_fixed_s: float | None = None  # per expert
         self.host_token_s = 0.0
+        self.host_call_s = 0.0
 
     @property
     def calibrated(self) -> bool:
@@ -73,26 +84,30 @@ class MeasuredCosts:
     def load_s(self) -> float:
         return self._load()
 
-    def calibrate(self, run: Callable[[int], None], repeats: int = 5) -> None:
-        """``run(tokens)`` computes one expert on the host for that many tokens."""
-        one, many = (min(_timed(run, t) for _ in range(repeats)) for t in (1, 16))
+    def calibrate(self, run: Callable[[int, int], None], repeats: int = 5) -> None:
+        """``run(experts, tokens)`` computes that many experts, ``tokens`` tokens each, in one
+        host call: c + e·experts + t·pairs fitted from (1, 1), (1, 16) and (4, 1)."""
+        one, many, wide = (min(_timed(run, e, t) for _ in range(repeats))
+                           for e, t in ((1, 1), (1, 16), (4, 1)))
         self.host_token_s = max(many - one, 0.0) / 15
-        self.host_fixed_s = max(one - self.host_token_s, 0.0)
+        per_expert = max(wide - one - 3 * self.host_token_s, 0.0) / 3
+        self.host_call_s = max(one - per_expert - self.host_token_s, 0.0)
+        self.host_fixed_s = per_expert
 
     def host_s(self, tokens: int) -> float:
         return (self.host_fixed_s or 0.0) + self.host_token_s * tokens
 
     def observe_host(self, experts: int, tokens: int, seconds: float) -> None:
-        """A live host computation of ``experts`` distinct experts over ``tokens`` token-expert
-        pairs: move the fixed part toward what it showed (the per-token slope stays fitted)."""
+        """A live host call of ``experts`` distinct experts over ``tokens`` token-expert pairs:
+        move the per-expert part toward what it showed (the call and token parts stay fitted)."""
         if experts and self.host_fixed_s is not None:
-            sample = max(seconds - self.host_token_s * tokens, 0.0) / experts
+            sample = max(seconds - self.host_call_s - self.host_token_s * tokens, 0.0) / experts
             self.host_fixed_s += 0.1 * (sample - self.host_fixed_s)
 
 
-def _timed(run: Callable[[int], None], tokens: int) -> float:
+def _timed(run: Callable[[int, int], None], experts: int, tokens: int) -> float:
     start = time.perf_counter()
-    run(tokens)
+    run(experts, tokens)
     return time.perf_counter() - start
 
 

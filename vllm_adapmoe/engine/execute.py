@@ -181,11 +181,13 @@ class HostExecutor:
         counts = expert_counts(sets, self.store.num_experts).tolist()
         return sum(self.emulation.host_s(n) for n in counts if n)
 
-    def time_one_expert(self, tokens: int) -> None:
-        """One expert over ``tokens`` tokens, for the cost model's start-up microbenchmark."""
-        x = torch.randn(tokens, self.store.hidden, dtype=self.store.w13.dtype)
-        ids = torch.zeros(tokens, 1, dtype=torch.int32)
-        weights = torch.ones(tokens, 1, dtype=torch.float32)
+    def time_host(self, experts: int, tokens: int) -> None:
+        """One host call of ``experts`` experts, ``tokens`` tokens each (the cost model's
+        start-up microbenchmark)."""
+        n = experts * tokens
+        x = torch.randn(n, self.store.hidden, dtype=self.store.w13.dtype)
+        ids = torch.arange(n, dtype=torch.int32).remainder(experts).view(n, 1)
+        weights = torch.ones(n, 1, dtype=torch.float32)
         self.kernel(torch.empty_like(x), x, self.store.w13, self.store.w2, weights, ids)
 
 

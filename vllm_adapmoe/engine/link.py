@@ -104,6 +104,7 @@ class Link:
         # compute on the thread (Mixtral shape: 0.87x threaded vs 0.61x inline). See ExpertCache.
         self.cpu_free = device.type == "cpu" and link_gbps is None and emulation is None
         self._running = 0  # copies taken off the queues and not finished
+        self._started: dict[int, tuple[float, int]] = {}  # running copy → (start, bytes)
 
     @property
     def bytes_per_s(self) -> float | None:
@@ -111,6 +112,19 @@ class Link:
         if self.emulation is not None:
             return self.emulation.link_bytes_per_s
         return self._gbps_rate
+
+    def backlog_s(self) -> float:
+        """Seconds until the link is free: what a copy queued now waits for (queued copies at
+        the link's rate, or its measured copy time; the running one's remainder)."""
+        rate, per_copy = self.bytes_per_s, self.cost.copy_s or 0.0
+        with self._wake:
+            queued = [item.nbytes for queue in self._queues for item in queue]
+            running = list(self._started.values())
+        def duration(nbytes: int) -> float:
+            return nbytes / rate if rate else per_copy
+        now = time.perf_counter()
+        return (sum(duration(n) for n in queued)
+                + sum(max(duration(n) - (now - start), 0.0) for start, n in running))
 
     def idle(self) -> bool:
         """No copy queued or running (a promotion then costs later loads no wait)."""
@@ -162,6 +176,8 @@ class Link:
 
     def _run(self, item: _Copy) -> None:
         start = time.perf_counter()
+        with self._wake:
+            self._started[id(item)] = (start, item.nbytes)
         if self._stream is not None:
             self._stream.wait_event(item.after)
             with torch.cuda.stream(self._stream):
@@ -173,6 +189,8 @@ class Link:
         if rate:
             sleep_until(start + item.nbytes / rate)
         self.cost.observe_copy(time.perf_counter() - start)
+        with self._wake:
+            del self._started[id(item)]
 
 
 @dataclass

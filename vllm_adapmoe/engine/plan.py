@@ -23,7 +23,7 @@ is idle), so the cache keeps adapting although misses no longer load.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -62,6 +62,7 @@ class StepSummary:
     # (hybrid) resident experts whose copies are still on the link: the device would wait for
     # them, so the planner weighs them like cold ones (the copy lands anyway, for later steps)
     landing: frozenset[int] = frozenset()
+    link_backlog_s: float = 0.0  # (hybrid) until the link is free: copies queued or running
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,21 +145,27 @@ def experts_for_host(summary: StepSummary, residency: Residency, hybrid: str,
     cold = [e for e in summary.needed if e not in residency.slot_of or e in landing]
     if hybrid == "host-only" or not cold:
         return cold
-    return split_by_critical_path(summary.expert_sets, cold, summary.tokens_per_expert, host)
+    return split_by_critical_path(summary.expert_sets, cold, summary.tokens_per_expert, host,
+                                  summary.link_backlog_s)
 
 
 def split_by_critical_path(expert_sets: torch.Tensor, cold: list[int], tokens: list[int],
-                           host: ExpertCosts) -> list[int]:
+                           host: ExpertCosts, backlog_s: float = 0.0) -> list[int]:
     """Greedy over the cold experts, fewest tokens first: send an expert's tokens (whole: with
-    all their experts, resident ones included) to the host when that lowers
-    ``max(link, host)``, where ``link`` = load_s × the cold experts the device tokens still need
-    and ``host`` = Σ over the host's experts of host_s(its host tokens). A load and a host
-    computation run side by side (the link and the host are separate resources), so even an
-    expert dearer on the host than one load can go there while the link has a queue."""
+    all their experts, resident ones included) to the host when that lowers the layer's path,
+    ``max(link, host)`` where host work runs beside the link's copies (``host.parallel``), else
+    ``link + host``. ``link`` = ``backlog_s`` (copies already on the link: a promotion, a
+    prefetch) + load_s × the cold experts the device tokens still need; ``host`` =
+    ``host_call_s`` + Σ over the host's experts of host_s(its host tokens). With the link and
+    the host side by side even an expert dearer on the host than one load can go there while
+    the link has a queue. Every candidate on the host at once is tried too (one host call's
+    fixed part can make the first expert alone look dear while all of them pay)."""
     load_s = host.load_s
-    link = load_s * len(cold)
+    path = max if host.parallel else (lambda link, work: link + work)
+    link = backlog_s + load_s * len(cold)
     # alone on the host it would already cost at least what loading every cold expert does
-    candidates = sorted((e for e in cold if _host(host, tokens[e]) < link), key=lambda e: (tokens[e], e))
+    candidates = sorted((e for e in cold if host.host_call_s + _host(host, tokens[e]) < link),
+                        key=lambda e: (tokens[e], e))
     if not candidates:
         return []
     rows = [[e for e in row if e >= 0] for row in expert_sets.tolist()]
@@ -166,34 +173,58 @@ def split_by_critical_path(expert_sets: torch.Tensor, cold: list[int], tokens: l
     for i, row in enumerate(rows):
         for e in row:
             rows_of.setdefault(e, []).append(i)
-    on_host_rows: set[int] = set()
-    host_tokens: dict[int, int] = {}  # expert → tokens of it on the host
-    device_rows_of = {e: len(rows_of[e]) for e in cold}  # cold expert → its device tokens
-    host_time, needing_load = 0.0, len(cold)
-    chosen = []
+    greedy = _HostSplit(rows, rows_of, cold, host, backlog_s, path)
     for e in candidates:
-        if device_rows_of[e] == 0:
-            continue  # its tokens went to the host with an earlier choice
-        moving = [i for i in rows_of[e] if i not in on_host_rows]
+        greedy.try_add(e)
+    every = _HostSplit(rows, rows_of, cold, host, backlog_s, path)
+    for e in candidates:
+        every.try_add(e, force=True)
+    best = min((greedy, every), key=lambda split: split.value())
+    return sorted(best.chosen) if best.value() < path(link, 0.0) else []
+
+
+class _HostSplit:
+    """A growing choice of experts whose tokens go to the host, with its link and host paths."""
+
+    def __init__(self, rows: list[list[int]], rows_of: dict[int, list[int]], cold: list[int],
+                 host: ExpertCosts, backlog_s: float, path: Callable[[float, float], float]):
+        self.rows, self.rows_of, self.costs, self.path = rows, rows_of, host, path
+        self.backlog_s, self.load_s = backlog_s, host.load_s
+        self.on_host: set[int] = set()            # token rows moved
+        self.tokens: dict[int, int] = {}          # expert → its tokens on the host
+        self.device_rows = {e: len(rows_of[e]) for e in cold}  # cold expert → device tokens
+        self.host_s, self.needing_load = 0.0, len(cold)
+        self.chosen: list[int] = []
+
+    def value(self) -> float:
+        return self.path(self.backlog_s + self.load_s * self.needing_load, self.host_s)
+
+    def try_add(self, expert: int, force: bool = False) -> None:
+        if self.device_rows[expert] == 0:
+            return  # its tokens went to the host with an earlier choice
+        moving = [i for i in self.rows_of[expert] if i not in self.on_host]
         added: dict[int, int] = {}
         for i in moving:
-            for f in rows[i]:
+            for f in self.rows[i]:
                 added[f] = added.get(f, 0) + 1
-        extra = sum(_host(host, host_tokens.get(f, 0) + n) - _host(host, host_tokens.get(f, 0))
+        costs = self.costs
+        extra = sum(_host(costs, self.tokens.get(f, 0) + n) - _host(costs, self.tokens.get(f, 0))
                     for f, n in added.items())
-        freed = sum(1 for f, n in added.items() if f in device_rows_of and device_rows_of[f] == n)
-        before = max(load_s * needing_load, host_time)
-        if max(load_s * (needing_load - freed), host_time + extra) >= before:
-            continue
-        chosen.append(e)
-        on_host_rows.update(moving)
-        host_time += extra
-        needing_load -= freed
+        if not self.chosen:
+            extra += costs.host_call_s  # the host's one call of the step
+        freed = sum(1 for f, n in added.items() if self.device_rows.get(f) == n)
+        after = self.path(self.backlog_s + self.load_s * (self.needing_load - freed),
+                          self.host_s + extra)
+        if not force and after >= self.value():
+            return
+        self.chosen.append(expert)
+        self.on_host.update(moving)
+        self.host_s += extra
+        self.needing_load -= freed
         for f, n in added.items():
-            host_tokens[f] = host_tokens.get(f, 0) + n
-            if f in device_rows_of:
-                device_rows_of[f] -= n
-    return sorted(chosen)  # their rows are every row moved
+            self.tokens[f] = self.tokens.get(f, 0) + n
+            if f in self.device_rows:
+                self.device_rows[f] -= n
 
 
 def _host(costs: ExpertCosts, tokens: int) -> float:
