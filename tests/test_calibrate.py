@@ -167,6 +167,8 @@ def test_other_families_match_finite_difference_reference(tmp_path, text_file, f
     shape = SUPPORTED[cfg.architectures[0]].shape(cfg)
     got = calibrate(model_dir, text_file, window=12, max_tokens=12, seed=3, progress=False)
     assert len(got.sensitivity) == len(got.routing) == shape.num_layers  # dense layers skipped
+    # read back for the model it was calibrated on: MoE layers numbered as serving numbers them
+    assert load_profile(save_profile(got, tmp_path / "p.json"), model_dir).sensitivity == got.sensitivity
     scale = got.calibration["weight_scale"]
     assert scale == (2.0 if family == "deepseek_v2" else 1.0)
     ids = load_windows(AutoTokenizer.from_pretrained(str(model_dir)), text_file, 12, 12, 3)[0]
@@ -186,6 +188,17 @@ def test_save_load_roundtrip(profile, tiny_model, tmp_path):
     for target in (tiny_model, str(tiny_model), cfg_obj, cfg_dict, None):
         assert load_profile(path, target) == profile
     assert config_hash(cfg_obj) == config_hash(cfg_dict) == config_hash(tiny_model)
+
+
+@pytest.mark.parametrize("family, fields, value", [
+    ("deepseek_v2", ["n_routed_experts"], 32), ("deepseek_v2", ["moe_intermediate_size"], 64),
+    ("deepseek_v2", ["first_k_dense_replace"], 0),
+    ("qwen3_moe", ["num_experts", "num_local_experts"], 32),  # transformers 5 writes the latter
+    ("qwen3_moe", ["mlp_only_layers"], []), ("olmoe", ["num_experts_per_tok"], 2)])
+def test_config_hash_covers_each_familys_expert_fields(tmp_path, family, fields, value):
+    cfg = json.loads((build_tiny_moe(tmp_path / family, family) / "config.json").read_text())
+    [field] = [f for f in fields if f in cfg]
+    assert config_hash({**cfg, field: value}) != config_hash(cfg)
 
 
 @pytest.mark.parametrize("change", [{"num_layers": 2}, {"hidden_size": 32}])

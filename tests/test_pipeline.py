@@ -3,8 +3,11 @@ calibrate → trace → profile (miss curves) → plan → LLM(plan="dp", prefet
 
 import json
 
+import pytest
+
 import vllm_adapmoe
 from conftest import greedy
+from test_architectures import family_models  # noqa: F401  (fixture)
 from test_exactness import assert_same
 from vllm_adapmoe.cli import main
 from vllm_adapmoe.offline.profile import load_profile
@@ -40,3 +43,37 @@ def test_plan_without_miss_curves_is_a_clear_error(tiny_model, tmp_path, capsys)
                  "--max-tokens", "256", "--quiet"]) == 0
     assert main(["plan", str(prof), "--total-slots", "9"]) == 2
     assert "adapmoe profile" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", [
+    "deepseek_v2", *(pytest.param(f, marks=pytest.mark.slow) for f in ("qwen2_moe", "qwen3_moe", "olmoe"))])
+def test_family_workflow_calibrate_trace_profile_serve(engines, family_models, family, tmp_path):
+    """The documented workflow on families with dense layers and their own config names:
+    the profile numbers MoE layers as serving does, and serving with it gates and plans."""
+    from vllm_adapmoe.config import AdapMoEConfig
+    from vllm_adapmoe.offline.profile import moe_shape_of
+
+    model = family_models(family)
+    shape = moe_shape_of(model)
+    prof, trace = tmp_path / "p.json", tmp_path / "t.npz"
+    assert main(["calibrate", str(model), "--out", str(prof), "--window", "64",
+                 "--max-tokens", "256", "--quiet"]) == 0
+    assert main(["trace", str(model), "--out", str(trace), "--prompts", "4",
+                 "--prompt-tokens", "16", "--max-tokens", "16", "--batch", "1"]) == 0
+    assert main(["profile", str(prof), "--trace", str(trace)]) == 0
+    profile = load_profile(prof, model)
+    assert len(profile.sensitivity) == len(profile.miss_curves) == shape.num_layers
+    assert all(len(c) == shape.num_experts + 1 for c in profile.host_curves)
+    total = shape.num_layers * 6 + shape.top_k - 1  # the hybrid plan may also use 0-slot layers
+    hybrid = AdapMoEConfig.from_dict({"profile": str(prof), "cache_total_slots": total,
+                                      "plan": "dp", "hybrid": "auto"})
+    assert sum(hybrid.slots_per_layer(shape.num_layers, shape.num_experts, 1, str(model),
+                                      shape.top_k)) <= total
+
+    llm = engines.get(model, "adapmoe", profile=str(prof), threshold=0.05, plan="dp",
+                      cache_total_slots=total)
+    vllm_adapmoe.reset_stats(llm)
+    tokens, _ = greedy(llm, max_tokens=8)
+    assert all(len(t) == 8 for t in tokens)
+    stats = vllm_adapmoe.stats(llm)["total"]
+    assert stats["activated_experts"] < shape.top_k * stats["tokens"] and stats["misses"] > 0

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FORMAT_VERSION", "CONFIG_HASH_FIELDS", "Profile", "ProfileError", "config_hash",
+__all__ = ["FORMAT_VERSION", "CONFIG_HASH_FIELDS", "Profile", "ProfileError", "config_hash", "moe_shape_of",
            "architecture_of", "save_profile", "load_profile"]
 
 FORMAT_VERSION = 1
@@ -83,9 +83,10 @@ def _as_config_dict(hf_config: Any) -> dict[str, Any]:
         if not any(k in cfg for k in CONFIG_HASH_FIELDS) and isinstance(cfg.get("text_config"), dict):
             cfg = {**cfg["text_config"], "architectures": cfg.get("architectures")}
         return cfg
-    if hasattr(hf_config, "get_text_config"):  # multimodal wrappers keep the LM config inside
-        text = hf_config.get_text_config()
-        d = {k: getattr(text, k, None) for k in CONFIG_HASH_FIELDS}
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    if hasattr(text, "to_dict"):  # as config.json spells it (no attribute aliases such as
+        d = text.to_dict()        # OLMoE's num_local_experts → num_experts)
+        d = {k: d.get(k) for k in CONFIG_HASH_FIELDS}
         d["architectures"] = getattr(hf_config, "architectures", None)
         return d
     d = {k: getattr(hf_config, k, None) for k in CONFIG_HASH_FIELDS}
@@ -94,14 +95,45 @@ def _as_config_dict(hf_config: Any) -> dict[str, Any]:
 
 
 def config_hash(hf_config: Any) -> str:
-    """sha256 over the MoE-relevant config fields (``CONFIG_HASH_FIELDS``).
+    """sha256 over the config fields that shape the model (``CONFIG_HASH_FIELDS``) and, for a
+    supported architecture, its routed-expert shape as the plugin reads it (which decoder layers
+    are MoE layers, experts, top-k, hidden and expert sizes): each family names these fields
+    differently (``num_local_experts``, ``num_experts``, ``n_routed_experts``,
+    ``moe_intermediate_size``, ``first_k_dense_replace``, ``mlp_only_layers``...).
 
     ``hf_config`` may be a transformers config object, a ``config.json`` dict, or a model dir.
     """
     cfg = _as_config_dict(hf_config)
-    payload = {k: cfg.get(k) for k in CONFIG_HASH_FIELDS}
+    payload: dict[str, Any] = {k: cfg.get(k) for k in CONFIG_HASH_FIELDS}
+    shape = moe_shape_of(hf_config)
+    if shape is not None:
+        payload["moe"] = [list(shape.moe_layers), shape.num_experts, shape.top_k,
+                          shape.hidden_size, shape.intermediate_size]
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def moe_shape_of(hf_config: Any) -> Any:
+    """The plugin's ``MoEShape`` of a supported architecture (None for others)."""
+    from vllm_adapmoe.models import SUPPORTED
+
+    arch = architecture_of(hf_config)
+    if arch not in SUPPORTED:
+        return None
+    return SUPPORTED[arch].shape(_config_object(hf_config))
+
+
+def _config_object(hf_config: Any) -> Any:
+    """A transformers config object (its text config) from an object, a dict or a model dir."""
+    if isinstance(hf_config, (str, Path)) or isinstance(hf_config, dict):
+        from transformers import AutoConfig
+
+        if isinstance(hf_config, dict):
+            hf_config = AutoConfig.for_model(**hf_config)
+        else:
+            path = Path(hf_config)
+            hf_config = AutoConfig.from_pretrained(str(path.parent if path.is_file() else path))
+    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
 
 
 def architecture_of(hf_config: Any) -> str:
@@ -204,8 +236,10 @@ def load_profile(path: str | Path, hf_config_or_model_dir: Any = None) -> Profil
                 f"config_hash {str(model['config_hash'])[:12]}…) than the one being served "
                 f"({_describe(hf_config_or_model_dir)}, config_hash {want[:12]}…); "
                 f"run `adapmoe calibrate {model_arg} --out {path}`")
-        n_layers = _as_config_dict(hf_config_or_model_dir).get("num_hidden_layers")
-        if isinstance(n_layers, int) and n_layers != len(profile.sensitivity):
+        # MoE layers as the plugin numbers them (dense layers have no sensitivity)
+        shape = moe_shape_of(hf_config_or_model_dir)
+        n_layers = shape.num_layers if shape is not None else None
+        if n_layers is not None and n_layers != len(profile.sensitivity):
             raise ProfileError(f"profile {path} has {len(profile.sensitivity)} sensitivities but "
                                f"the model has {n_layers} MoE layers; {_fix(path, model_arg)}")
     return profile
