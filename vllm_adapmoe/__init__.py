@@ -212,7 +212,9 @@ def compile_around_block(compilation_config: Any) -> Any:
 
 
 def validate_budget(vllm_config: Any) -> list[int]:
-    """Resolve the slot budget against the model's shape here, so errors surface before workers."""
+    """Resolve the slot budget against the model's shape here, and check the checkpoint's files
+    and the host memory its experts need (``preflight.py``), so errors surface before workers."""
+    from vllm_adapmoe import preflight
     from vllm_adapmoe.models import SUPPORTED
 
     model_config = vllm_config.model_config
@@ -229,9 +231,19 @@ def validate_budget(vllm_config: Any) -> list[int]:
         raise AdapMoEConfigError(
             f"adapmoe: tensor parallelism is checked for {', '.join(checked)}, not yet for {arch}; "
             "run it with tensor_parallel_size=1")
-    return cfg.slots_per_layer(shape.num_layers, shape.num_experts,
-                               shape.expert_bytes(model_config.dtype.itemsize) // tp,
-                               model_config.hf_config, shape.top_k)
+    model_dir = preflight.local_model_dir(str(model_config.model))
+    if model_dir is not None:  # headers only; a model vLLM still has to download is checked by it
+        preflight.check_checkpoint(model_dir, model_config.hf_config, shape, SUPPORTED[arch].experts)
+    slots = cfg.slots_per_layer(shape.num_layers, shape.num_experts,
+                                shape.expert_bytes(model_config.dtype.itemsize) // tp,
+                                model_config.hf_config, shape.top_k)
+    from vllm_adapmoe.engine.cache_plan import staging_rows
+
+    pool, what = preflight.expert_pool_bytes(shape, model_config.dtype.itemsize, slots,
+                                             current_platform.device_type,
+                                             staging_rows(slots, shape.top_k))
+    preflight.check_host_memory(pool, what)
+    return slots
 
 
 def _hook_worker() -> None:

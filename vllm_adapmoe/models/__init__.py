@@ -74,22 +74,38 @@ def deepseek_shape(c: Any) -> MoEShape:
 
 
 @dataclass(frozen=True)
+class ExpertNames:
+    """Where a family's routed experts live in its checkpoint:
+    ``model.layers.N.<block>.experts.E.<gate|up|down>.weight``."""
+
+    block: str
+    gate: str
+    up: str
+    down: str
+
+
+MIXTRAL_NAMES = ExpertNames("block_sparse_moe", "w1", "w3", "w2")
+MLP_NAMES = ExpertNames("mlp", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
 class Supported:
     class_name: str
     target: str  # module:class, imported lazily by vLLM's registry
     shape: Callable[[Any], MoEShape]
+    experts: ExpertNames
     # tensor parallelism checked equal to stock (tests/test_parallel.py); else TP > 1 is refused
     tensor_parallel: bool = False
 
 
 def _entry(module: str, name: str, shape: Callable[[Any], MoEShape],
-           tensor_parallel: bool = False) -> Supported:
-    return Supported(name, f"vllm_adapmoe.models.{module}:{name}", shape, tensor_parallel)
+           tensor_parallel: bool = False, experts: ExpertNames = MLP_NAMES) -> Supported:
+    return Supported(name, f"vllm_adapmoe.models.{module}:{name}", shape, experts, tensor_parallel)
 
 
 SUPPORTED: dict[str, Supported] = {
     "MixtralForCausalLM": _entry("mixtral", "AdapMoEMixtralForCausalLM", mixtral_shape,
-                                 tensor_parallel=True),
+                                 tensor_parallel=True, experts=MIXTRAL_NAMES),
     "Qwen2MoeForCausalLM": _entry("qwen2_moe", "AdapMoEQwen2MoeForCausalLM", qwen_moe_shape,
                                   tensor_parallel=True),
     "Qwen3MoeForCausalLM": _entry("qwen3_moe", "AdapMoEQwen3MoeForCausalLM", qwen_moe_shape,

@@ -1,0 +1,177 @@
+"""Start-up checks in the main process, before vLLM starts its workers: the checkpoint's files
+and the host memory the expert pool will take. A fault found here is one error that names the
+shard, the weight or the sizes and what fixes it, instead of a worker dying later with a
+message buried in its log ("WorkerProc initialization failed").
+
+* ``check_checkpoint``: every safetensors shard's header parses and its tensors fit in the file
+  (headers only: cheap on a 90 GB model); every routed expert weight of every MoE layer is
+  present with the shape the config implies and one floating dtype; quantized checkpoints
+  (not supported yet) are refused by name.
+* ``check_host_memory``: the expert pool's bytes (plus, on CPU, the device slots, which live in
+  the same memory) against what the machine can give: the smaller of ``MemAvailable`` and the
+  cgroup's limit minus its usage (``available_memory``, readable from any root for tests).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from vllm_adapmoe.engine.errors import AdapMoEConfigError
+
+FLOAT_DTYPES = {"BF16", "F16", "F32"}
+_REDOWNLOAD = "re-download it (e.g. `huggingface-cli download REPO --include NAME --force-download`)"
+
+
+# -- checkpoint ----------------------------------------------------------------------------------
+def read_header(path: Path) -> dict[str, Any]:
+    """The safetensors header of ``path`` (tensor name → dtype, shape, data_offsets), checked
+    against the file's size."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise ValueError(f"its header length ({n} bytes) is beyond the file ({size} bytes)")
+            header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AdapMoEConfigError(
+            f"adapmoe: checkpoint shard {path} is damaged ({exc}); {_REDOWNLOAD}") from None
+    if not isinstance(header, dict):
+        raise AdapMoEConfigError(f"adapmoe: checkpoint shard {path} has no tensor table; {_REDOWNLOAD}")
+    data = size - 8 - n
+    header.pop("__metadata__", None)
+    end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    if end > data:
+        raise AdapMoEConfigError(
+            f"adapmoe: checkpoint shard {path} is truncated: its tensors need {end} bytes after "
+            f"the header, the file holds {data}; {_REDOWNLOAD}")
+    return header
+
+
+def shard_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (model_dir / n).is_file()]
+        if missing:
+            raise AdapMoEConfigError(
+                f"adapmoe: checkpoint {model_dir} lacks the shard(s) {missing} its index lists; "
+                "download them")
+        return [model_dir / n for n in names]
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def check_checkpoint(model_dir: Path, hf_config: Any, shape: Any, names: Any) -> None:
+    """``shape``: the family's ``MoEShape``; ``names``: its ``ExpertNames`` (where the routed
+    experts live in the checkpoint and what their three weights are called)."""
+    quant = getattr(hf_config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", quant)
+        raise AdapMoEConfigError(
+            f"adapmoe: {model_dir} is a quantized checkpoint ({method}); --model-impl adapmoe "
+            "serves bf16, fp16 and fp32 experts so far: use such a checkpoint, or stock vLLM for "
+            "this one")
+    files = shard_files(model_dir)
+    if not files:
+        return  # not safetensors (vLLM reads .bin / .pt itself): nothing to check cheaply
+    found: dict[str, tuple[str, list[int], Path]] = {}
+    for path in files:
+        for name, t in read_header(path).items():
+            found[name] = (t["dtype"], t["shape"], path)
+    h, i = shape.hidden_size, shape.intermediate_size
+    want = {names.gate: [i, h], names.up: [i, h], names.down: [h, i]}
+    dtypes: set[str] = set()
+    for moe_idx, layer in enumerate(shape.moe_layers):
+        missing = []
+        for e in range(shape.num_experts):
+            for weight, dims in want.items():
+                key = f"model.layers.{layer}.{names.block}.experts.{e}.{weight}.weight"
+                entry = found.get(key)
+                if entry is None:
+                    missing.append(e)
+                    continue
+                dtype, got, path = entry
+                if list(got) != dims:
+                    raise AdapMoEConfigError(
+                        f"adapmoe: {key} in {path.name} has shape {list(got)}, the config implies "
+                        f"{dims} (hidden_size {h}, expert intermediate size {i}); the checkpoint "
+                        "does not match its config.json")
+                dtypes.add(dtype)
+        if missing:
+            raise AdapMoEConfigError(
+                f"adapmoe: layer {moe_idx} (decoder layer {layer}) is missing experts "
+                f"{sorted(set(missing))} in the checkpoint {model_dir}; re-download it")
+    odd = dtypes - FLOAT_DTYPES
+    if odd or len(dtypes) > 1:
+        raise AdapMoEConfigError(
+            f"adapmoe: the routed experts of {model_dir} are stored as {sorted(dtypes)}; "
+            "--model-impl adapmoe needs them in one of BF16, F16, F32")
+
+
+def local_model_dir(model: str) -> Path | None:
+    """The model's local directory: the path given, or its snapshot in the Hugging Face cache
+    (never downloaded here); None when neither exists."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception:  # not cached (vLLM will download it) or not a repo id
+        return None
+
+
+# -- host memory ---------------------------------------------------------------------------------
+def available_memory(root: Path = Path("/")) -> tuple[int, str]:
+    """(bytes this process can still allocate, where that figure comes from): the smaller of
+    ``MemAvailable`` and the cgroup's limit minus its usage (cgroup v2, else v1)."""
+    limits: list[tuple[int, str]] = []
+    meminfo = root / "proc/meminfo"
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append((int(line.split()[1]) * 1024, "MemAvailable"))
+    for limit_file, usage_file in (("sys/fs/cgroup/memory.max", "sys/fs/cgroup/memory.current"),
+                                   ("sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = root / limit_file, root / usage_file
+        if limit.is_file() and usage.is_file():
+            text = limit.read_text().strip()
+            if text != "max" and int(text) < 2**60:  # v1 writes a huge number for "no limit"
+                limits.append((int(text) - int(usage.read_text().strip()), "the cgroup's limit minus its usage"))
+            break
+    if not limits:
+        return 2**63, "unknown (no /proc/meminfo)"
+    return min(limits)
+
+
+def check_host_memory(pool_bytes: int, what: str, root: Path = Path("/")) -> None:
+    """One error when ``pool_bytes`` do not fit in what the machine can give."""
+    available, source = available_memory(root)
+    if pool_bytes > available:
+        gib = 2**30
+        raise AdapMoEConfigError(
+            f"adapmoe: {what} needs {pool_bytes / gib:.1f} GiB of host memory, "
+            f"{max(available, 0) / gib:.1f} GiB are available ({source}); what helps: a smaller "
+            "model, a quantized checkpoint once supported, a machine (or cgroup) with more "
+            "memory, or tensor parallelism across machines (each rank holds 1/tp of every expert)")
+
+
+def expert_pool_bytes(shape: Any, itemsize: int, slots: list[int], device_type: str,
+                      staging_rows: int = 0) -> tuple[int, str]:
+    """Host bytes the engine allocates for the experts on one machine (all TP ranks together)."""
+    per_expert = shape.expert_bytes(itemsize)
+    pool = shape.num_layers * shape.num_experts * per_expert
+    what = (f"the host expert pool ({shape.num_layers} MoE layers x {shape.num_experts} experts x "
+            f"{per_expert / 2**20:.1f} MiB)")
+    if device_type == "cpu":  # the "device" slots are host memory too
+        pool += (sum(slots) + staging_rows) * per_expert
+        what += f" plus the {sum(slots) + staging_rows} device slots (on CPU, the same memory)"
+    return pool, what
