@@ -111,6 +111,16 @@ def test_where_copies_and_host_work_share_the_cores_they_add_up():
     assert plan_step(_summary(sets), _table(2, [0, 1]), hybrid="auto", host=dear_call).host_rows is None
 
 
+def test_where_host_and_device_are_the_same_cores_one_host_call_can_take_every_token():
+    """A device wave costs 0.5 s (its kernel call), one host call 0.1 s + 0.01 s per expert:
+    the resident tokens too are cheaper in the host's one call than in a device wave, and no
+    promotion is planned (a copy there would only add device waves)."""
+    cpu = PinnedCosts(load_s=1.0, host_fixed_s=0.01, host_token_s=0.0, host_call_s=0.1,
+                      parallel=False, device_call_s=0.5)
+    plan = plan_step(_summary([[0, 1], [1, 0], [2, 3]]), _table(2, [0, 1]), hybrid="auto", host=cpu)
+    assert plan.host_rows.tolist() == [0, 1, 2] and plan.waves == [] and plan.promote == []
+
+
 @pytest.mark.parametrize("hybrid, slots", [("auto", 2), ("auto", [1, 2, 1, 3]), ("host-only", 2)])
 def test_hybrid_stack_equals_all_resident(hybrid, slots):
     expected = _decode(_stack("cpu", None), BATCHES, "cpu")

@@ -7,6 +7,8 @@ simulator (both hand it to ``plan_step``).
   weights from host memory dominates at decode sizes (a few tokens cost about what one does), so
   the model is a fixed part plus a per-token part; a step's host experts run in one kernel
   call, so they cost the sum of theirs (they share one memory bus) plus ``host_call_s`` once;
+* ``device_call_s``: one kernel call on the device (a wave); more waves when the device tokens'
+  experts do not fit the slots at once (measured from live waves where it matters: CPU);
 * ``parallel``: whether host work runs beside the link's copies (a GPU machine: the link, the
   host and the device are three resources; an emulated link) or after them on the same cores
   (CPU without emulation: copies are inline memcpys). The planner minimises the layer's
@@ -37,6 +39,7 @@ class PinnedCosts:
     host_token_s: float
     host_call_s: float = 0.0
     parallel: bool = True
+    device_call_s: float = 0.0
 
     def host_s(self, tokens: int) -> float:
         return self.host_fixed_s + self.host_token_s * tokens
@@ -44,11 +47,15 @@ class PinnedCosts:
     def observe_host(self, experts: int, tokens: int, seconds: float) -> None:
         pass  # pinned: nothing to learn
 
+    def observe_wave(self, seconds: float) -> None:
+        pass
+
 
 class EmulatedCosts:
     """The preset's load and host times on this machine's clock (``Emulation``)."""
 
     host_call_s = 0.0  # the preset's physics: memory-bound experts, no per-call part
+    device_call_s = 0.0  # a wave's launch is small against the preset's loads
     parallel = True
 
     def __init__(self, emulation: Emulation) -> None:
@@ -64,6 +71,9 @@ class EmulatedCosts:
     def observe_host(self, experts: int, tokens: int, seconds: float) -> None:
         pass  # the preset's figures rule
 
+    def observe_wave(self, seconds: float) -> None:
+        pass
+
 
 class MeasuredCosts:
     """``load`` reads the link's current copy-time estimate; the host part is fitted from
@@ -75,6 +85,9 @@ class MeasuredCosts:
         self.host_fixed_s: float | None = None  # per expert
         self.host_token_s = 0.0
         self.host_call_s = 0.0
+        # a wave where waves cost what matters against a load (inline CPU copies: the same
+        # cores); on a GPU the launch is small against a PCIe copy and is left out
+        self.device_call_s = 0.0
 
     @property
     def calibrated(self) -> bool:
@@ -93,6 +106,8 @@ class MeasuredCosts:
         per_expert = max(wide - one - 3 * self.host_token_s, 0.0) / 3
         self.host_call_s = max(one - per_expert - self.host_token_s, 0.0)
         self.host_fixed_s = per_expert
+        if not self.parallel:  # the device runs the same kernel here: start from the host's
+            self.device_call_s = self.host_call_s
 
     def host_s(self, tokens: int) -> float:
         return (self.host_fixed_s or 0.0) + self.host_token_s * tokens
@@ -103,6 +118,12 @@ class MeasuredCosts:
         if experts and self.host_fixed_s is not None:
             sample = max(seconds - self.host_call_s - self.host_token_s * tokens, 0.0) / experts
             self.host_fixed_s += 0.1 * (sample - self.host_fixed_s)
+
+
+    def observe_wave(self, seconds: float) -> None:
+        """A live wave (its kernel call and the step's work around it) took ``seconds``."""
+        if not self.parallel:
+            self.device_call_s += 0.1 * (seconds - self.device_call_s)
 
 
 def _timed(run: Callable[[int, int], None], experts: int, tokens: int) -> float:

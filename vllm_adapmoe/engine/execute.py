@@ -50,11 +50,15 @@ class StepExecutor:
             job = self.host.start(out, x, routing, plan.host_rows, len(plan.host_experts))
             clock and clock.mark("host")
         for i, wave in enumerate(plan.waves):
+            started, stalled = time.perf_counter(), self.stats.stall_s
             pending = self.cache.start_loads(wave.experts)
             clock and clock.mark("residency")
             if i == 0:  # our own first loads go on the link first, then the guesses
                 self._prefetch(plan, prefetch_caches)
             self._compute_wave(out, x, routing, wave.rows, wave.experts, pending, counted)
+            if self.host is not None:  # what a wave costs beside its loads (hybrid decisions)
+                self.host.costs.observe_wave(time.perf_counter() - started
+                                             - (self.stats.stall_s - stalled))
         if not plan.waves:  # every token ran on the host
             self._prefetch(plan, prefetch_caches)
         if job is not None:

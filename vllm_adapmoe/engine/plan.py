@@ -16,14 +16,15 @@ hybrid execution, where it lives: the tokens of some cold experts go, whole, to 
 (``StepPlan.host_rows``). ``"auto"`` picks those experts to shorten the layer's critical path,
 max(link: the loads the device waits for, host: the host computations, which share one memory
 bus), with costs from ``costs.py``; ``"host-only"`` sends every cold expert there and loads
-nothing. Under ``"auto"`` one host-computed expert per step may be promoted into an own slot
-that no token of the step used (``StepPlan.promote``; the executor copies it only while the link
-is idle), so the cache keeps adapting although misses no longer load.
+nothing. Under ``"auto"`` (where the link works beside the host) one host-computed expert per
+step may be promoted into an own slot that no token of the step used (``StepPlan.promote``; the
+executor copies it only while the link is idle), so the cache keeps adapting although misses no
+longer load.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -129,8 +130,10 @@ def plan_step(summary: StepSummary, residency: Residency, targets: Sequence[Targ
     for wave in waves:  # rows of the device tokens → rows of the step
         wave.rows = device_rows if wave.rows is None else device_rows[wave.rows]
     host_sets = sets[host_rows]
+    # promotions pay where the link works beside the host (a copy in the background); where
+    # copies and host work share the cores a promotion only adds a copy and device waves
     promote = (_promotion(host_sets, residency, set(device_needed), summary.tokens_per_expert)
-               if hybrid == "auto" else [])
+               if hybrid == "auto" and host.parallel else [])
     return StepPlan([w for w in waves if w.rows.numel()], bookings, host_rows,
                     _distinct(host_sets), promote)
 
@@ -146,58 +149,78 @@ def experts_for_host(summary: StepSummary, residency: Residency, hybrid: str,
     if hybrid == "host-only" or not cold:
         return cold
     return split_by_critical_path(summary.expert_sets, cold, summary.tokens_per_expert, host,
-                                  summary.link_backlog_s)
+                                  summary.link_backlog_s, residency.num_slots)
 
 
 def split_by_critical_path(expert_sets: torch.Tensor, cold: list[int], tokens: list[int],
-                           host: ExpertCosts, backlog_s: float = 0.0) -> list[int]:
+                           host: ExpertCosts, backlog_s: float = 0.0,
+                           capacity: int | None = None) -> list[int]:
     """Greedy over the cold experts, fewest tokens first: send an expert's tokens (whole: with
-    all their experts, resident ones included) to the host when that lowers the layer's path,
-    ``max(link, host)`` where host work runs beside the link's copies (``host.parallel``), else
-    ``link + host``. ``link`` = ``backlog_s`` (copies already on the link: a promotion, a
-    prefetch) + load_s × the cold experts the device tokens still need; ``host`` =
-    ``host_call_s`` + Σ over the host's experts of host_s(its host tokens). With the link and
-    the host side by side even an expert dearer on the host than one load can go there while
-    the link has a queue. Every candidate on the host at once is tried too (one host call's
-    fixed part can make the first expert alone look dear while all of them pay)."""
-    load_s = host.load_s
-    path = max if host.parallel else (lambda link, work: link + work)
-    link = backlog_s + load_s * len(cold)
-    # alone on the host it would already cost at least what loading every cold expert does
-    candidates = sorted((e for e in cold if host.host_call_s + _host(host, tokens[e]) < link),
-                        key=lambda e: (tokens[e], e))
-    if not candidates:
-        return []
+    all their experts, resident ones included) to the host when that shortens the layer:
+    ``max(device, host)`` where host work runs beside the device and the link
+    (``host.parallel``), else ``device + host``. ``device`` = ``backlog_s`` (copies already on
+    the link: a promotion, a prefetch) + load_s × the cold experts the device tokens still need
+    + ``device_call_s`` × the waves they take (their distinct experts over ``capacity`` slots);
+    ``host`` = ``host_call_s`` + Σ over the host's experts of host_s(its host tokens). Side by
+    side, even an expert dearer on the host than one load can go there while the link has a
+    queue. Every candidate on the host at once is tried too (one host call's fixed part can make
+    the first expert alone look dear while all of them pay), and, where host and device share
+    the cores, every token on the host (one call instead of the device's waves). The experts
+    returned may then include resident ones: their tokens all go to the host."""
     rows = [[e for e in row if e >= 0] for row in expert_sets.tolist()]
     rows_of: dict[int, list[int]] = {}
     for i, row in enumerate(rows):
         for e in row:
             rows_of.setdefault(e, []).append(i)
-    greedy = _HostSplit(rows, rows_of, cold, host, backlog_s, path)
+    def split() -> _HostSplit:
+        return _HostSplit(rows, rows_of, cold, host, backlog_s, capacity)
+    everything_loaded = split().value()
+    # alone on the host it would already cost at least what loading every cold expert does
+    candidates = sorted((e for e in cold if host.host_call_s + _host(host, tokens[e]) < everything_loaded),
+                        key=lambda e: (tokens[e], e))
+    greedy, every = split(), split()
     for e in candidates:
         greedy.try_add(e)
-    every = _HostSplit(rows, rows_of, cold, host, backlog_s, path)
-    for e in candidates:
         every.try_add(e, force=True)
-    best = min((greedy, every), key=lambda split: split.value())
-    return sorted(best.chosen) if best.value() < path(link, 0.0) else []
+    choices = [greedy, every]
+    if not host.parallel:
+        # the host and the device are the same cores: one host call for every token may beat
+        # a device wave for the tokens whose experts are resident (what a CPU-only box does)
+        whole = split()
+        for e in sorted(rows_of):
+            whole.try_add(e, force=True)
+        choices.append(whole)
+    # ties (to float noise): the fewest tokens moved
+    best = min(choices, key=lambda s: (round(s.value(), 12), len(s.on_host)))
+    return sorted(best.chosen) if best.value() < everything_loaded else []
 
 
 class _HostSplit:
-    """A growing choice of experts whose tokens go to the host, with its link and host paths."""
+    """A growing choice of experts whose tokens go to the host, with the device's and the
+    host's paths."""
 
     def __init__(self, rows: list[list[int]], rows_of: dict[int, list[int]], cold: list[int],
-                 host: ExpertCosts, backlog_s: float, path: Callable[[float, float], float]):
-        self.rows, self.rows_of, self.costs, self.path = rows, rows_of, host, path
-        self.backlog_s, self.load_s = backlog_s, host.load_s
-        self.on_host: set[int] = set()            # token rows moved
-        self.tokens: dict[int, int] = {}          # expert → its tokens on the host
-        self.device_rows = {e: len(rows_of[e]) for e in cold}  # cold expert → device tokens
-        self.host_s, self.needing_load = 0.0, len(cold)
+                 host: ExpertCosts, backlog_s: float, capacity: int | None) -> None:
+        self.rows, self.rows_of, self.costs = rows, rows_of, host
+        self.backlog_s, self.capacity = backlog_s, capacity
+        self.cold = set(cold)
+        self.on_host: set[int] = set()                       # token rows moved
+        self.tokens: dict[int, int] = {}                     # expert → its tokens on the host
+        self.device_rows = {e: len(r) for e, r in rows_of.items()}  # expert → device tokens
+        self.device_experts = len(rows_of)
+        self.needing_load = len(cold)
+        self.host_s = 0.0
         self.chosen: list[int] = []
 
+    def _path(self, needing_load: int, device_experts: int, host_s: float) -> float:
+        costs = self.costs
+        waves = -(-device_experts // self.capacity) if self.capacity and device_experts else 0
+        device = (self.backlog_s + costs.load_s * needing_load
+                  + getattr(costs, "device_call_s", 0.0) * waves)
+        return max(device, host_s) if costs.parallel else device + host_s
+
     def value(self) -> float:
-        return self.path(self.backlog_s + self.load_s * self.needing_load, self.host_s)
+        return self._path(self.needing_load, self.device_experts, self.host_s)
 
     def try_add(self, expert: int, force: bool = False) -> None:
         if self.device_rows[expert] == 0:
@@ -212,19 +235,20 @@ class _HostSplit:
                     for f, n in added.items())
         if not self.chosen:
             extra += costs.host_call_s  # the host's one call of the step
-        freed = sum(1 for f, n in added.items() if self.device_rows.get(f) == n)
-        after = self.path(self.backlog_s + self.load_s * (self.needing_load - freed),
-                          self.host_s + extra)
+        gone = [f for f, n in added.items() if self.device_rows[f] == n]  # no device token left
+        freed = sum(1 for f in gone if f in self.cold)
+        after = self._path(self.needing_load - freed, self.device_experts - len(gone),
+                           self.host_s + extra)
         if not force and after >= self.value():
             return
         self.chosen.append(expert)
         self.on_host.update(moving)
         self.host_s += extra
         self.needing_load -= freed
+        self.device_experts -= len(gone)
         for f, n in added.items():
             self.tokens[f] = self.tokens.get(f, 0) + n
-            if f in self.device_rows:
-                self.device_rows[f] -= n
+            self.device_rows[f] -= n
 
 
 def _host(costs: ExpertCosts, tokens: int) -> float:
