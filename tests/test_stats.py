@@ -1,4 +1,4 @@
-"""Counters users and benchmarks rely on (DESIGN.md §6) are consistent with each other."""
+"""Counters users and benchmarks rely on (README, "Statistics") are consistent with each other."""
 
 import vllm_adapmoe
 from conftest import PROMPTS, greedy

@@ -147,16 +147,21 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 # -- profile (miss curves + prediction accuracy from a trace) --------------------------------
 def _add_profile(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from vllm_adapmoe.engine.slot_table import POLICIES as LIVE_POLICIES
+
     p = sub.add_parser(
         "profile", help="add miss curves and prefetch accuracy from a trace to a profile",
         description="Replay a routing trace through the cache simulator for every per-layer "
                     "slot count k = 1..E (live policy + prefetcher + gating) and store each "
-                    "layer's miss curve f_l(k) — on-demand misses per decoded token — and the "
-                    "next-layer prediction accuracy in the profile (used by plan='dp').")
+                    "layer's miss curve f_l(k) — on-demand misses per decoded token —, its host "
+                    "curve h_l(s) for s = 0..E (host experts per decoded token under hybrid "
+                    "execution) and the next-layer prediction accuracy in the profile (used by "
+                    "plan='dp'; the host curves with hybrid on).")
     p.add_argument("profile")
     p.add_argument("--trace", required=True)
     p.add_argument("--out", default=None, help="write here instead of updating PROFILE")
-    p.add_argument("--policy", default="lru", choices=["lru", "lfu"])
+    p.add_argument("--policy", default="lru", choices=list(LIVE_POLICIES),
+                   help="the eviction policy served with (the live engine's)")
     p.add_argument("--no-prefetch", action="store_true", help="curves without the prefetcher")
     p.add_argument("--threshold", type=float, default=0.0,
                    help="gating budget T the curves assume (default 0: no gating)")

@@ -39,7 +39,7 @@ class AdapMoEConfig:
     # Extension: one expert load costs this many decode layers (the prefetch pay-off rule);
     # None = measured while decoding. Pin it to make prefetch decisions independent of timing.
     link_layers: float | None = None
-    # Not in DESIGN §6's table: an extension. Compute path for the experts resident in slots:
+    # Extension: the compute path for the experts resident in slots:
     # "auto" = the serving stack's fused kernel where it fits, else the torch grouped GEMM;
     # "grouped" / "reference" (per-expert loop) force one of the engine's own kernels.
     kernel: str = "auto"

@@ -184,9 +184,10 @@ class SlotTable:
 
     def count_step(self, needed: list[int], mass: list[int] | None = None,
                    dropped: set[int] | frozenset[int] = frozenset()) -> None:
-        """One step of this layer: hits/misses, each distinct needed expert once (DESIGN §6;
-        a booked prefetch is a hit), and what became of the prefetches booked for it: used
-        (correct), cancelled before copying (``dropped``, by the live link) or not (wasted);
+        """One step of this layer: hits/misses, each distinct needed expert once (as README's
+        "Statistics" defines them; a booked prefetch is a hit), and what became of the
+        prefetches booked for it: used (correct), cancelled before copying (``dropped``, by the
+        live link) or not (wasted);
         ``mass`` (router weight per expert, fixed point) feeds a score-based policy."""
         if mass is not None:
             self.policy.observe(mass)

@@ -1,4 +1,5 @@
-"""Per-layer counters (DESIGN.md §6) and the snapshot returned by ``vllm_adapmoe.stats(llm)``."""
+"""Per-layer counters and the snapshot returned by ``vllm_adapmoe.stats(llm)`` (meanings: README,
+"Statistics")."""
 
 from __future__ import annotations
 
