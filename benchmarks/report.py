@@ -136,13 +136,16 @@ def engine_section(data: dict) -> list[str]:
            f"{link['copy_ms']:.2f} ms = {link['measured_gbps']:.1f} GB/s measured{emulated}; "
            + (f"{rounds} alternating rounds, medians, one run):" if rounds > 1 else "one run):")]
     for batch, b in data["batches"].items():
+        split = (f"; hybrid AdapMoE's split: the DP over the host curves of "
+                 f"{b['host_curves_from']}" if b.get("host_curves_from") else "")
         out += ["", f"batch {batch}: layer compute {b['layer_compute_ms']:.3f} ms; one expert load ≈ "
-                f"{b['load_in_layers']:.1f} layers", "",
+                f"{b['load_in_layers']:.1f} layers{split}", "",
                 "| setting | tok/s | × all resident | × uniform LRU | × host-only | loads / token | "
                 "hit rate | experts / token·layer | tokens on host | promotions / token |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
+        label = " (emulated)" if emu else ""
         for name, r in b["settings"].items():
-            out.append(f"| {name} | {r['tok_s']:.1f} | {r['vs_resident']:.2f} | "
+            out.append(f"| {name}{label} | {r['tok_s']:.1f} | {r['vs_resident']:.2f} | "
                        f"{_fmt(r.get('vs_uniform_lru'))} | {_fmt(r.get('vs_host_only'))} | "
                        f"{r['loads_per_token']:.2f} | {r['hit_rate']:.2f} | "
                        f"{r['activated_per_token_layer']:.2f} | {_fmt(r.get('host_token_share'))} | "
