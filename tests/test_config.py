@@ -65,6 +65,7 @@ def test_budget_pays_for_shared_staging_rows():
     ({"emulate": "h100-pcie4", "link_gbps": 10}, "drop \"link_gbps\""),
     ({"host_threads": 4}, "host_threads needs hybrid"),
     ({"hybrid": "auto", "host_threads": 0}, "host_threads must be >= 1"),
+    ({"copy_timeout_s": 0}, "copy_timeout_s must be a number of seconds > 0"),
 ])
 def test_emulation_and_host_settings_are_checked(raw, match):
     with pytest.raises(AdapMoEConfigError, match=match):

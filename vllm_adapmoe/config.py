@@ -57,6 +57,9 @@ class AdapMoEConfig:
     emulate: str | None = None
     # Extension (CUDA, hybrid): torch threads computing on the host (None: torch's default).
     host_threads: int | None = None
+    # Extension: seconds a step waits for an expert copy beyond the link's queue before it fails
+    # (a stuck link); an emulated slow link never trips it (its queue's durations are added).
+    copy_timeout_s: float = 60.0
 
     @classmethod
     def from_additional_config(cls, additional_config: dict[str, Any] | None) -> AdapMoEConfig:
@@ -147,6 +150,9 @@ class AdapMoEConfig:
             raise AdapMoEConfigError(
                 f'adapmoe: emulate="{self.emulate}" sets the link from its preset; drop '
                 '"link_gbps" (or drop "emulate" to emulate the link alone)')
+        if not (self.copy_timeout_s > 0 and math.isfinite(self.copy_timeout_s)):
+            raise AdapMoEConfigError(
+                f"adapmoe: copy_timeout_s must be a number of seconds > 0, got {self.copy_timeout_s}")
         if self.host_threads is not None and self.host_threads < 1:
             raise AdapMoEConfigError(f"adapmoe: host_threads must be >= 1, got {self.host_threads}")
         if self.host_threads is not None and self.hybrid == "off":
@@ -187,7 +193,8 @@ class AdapMoEConfig:
                               prefetch_lookahead=self.prefetch_lookahead,
                               link_gbps=self.link_gbps, link_layers=self.link_layers,
                               hybrid=self.hybrid, hybrid_costs=self.hybrid_costs,
-                              emulate=self.emulate, host_threads=self.host_threads)
+                              emulate=self.emulate, host_threads=self.host_threads,
+                              copy_timeout_s=self.copy_timeout_s)
 
     def check_platform(self, device_type: str) -> None:
         """Settings that only make sense on one kind of machine (checked in the main process)."""
@@ -365,7 +372,7 @@ def _normalise(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
         return value
-    if key in ("cache_gib", "threshold", "link_gbps", "link_layers"):
+    if key in ("cache_gib", "threshold", "link_gbps", "link_layers", "copy_timeout_s"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         return float(value)

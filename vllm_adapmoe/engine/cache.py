@@ -19,10 +19,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import torch
 
-from vllm_adapmoe.engine.link import Link
+from vllm_adapmoe.engine.errors import ExpertCopyError
+from vllm_adapmoe.engine.link import Link, run_with_retry
 from vllm_adapmoe.engine.store import HostExpertStore
 from vllm_adapmoe.engine.stats import LayerStats
 from vllm_adapmoe.engine.slot_table import SlotTable, make_policy
@@ -41,6 +43,7 @@ class ExpertCache:
                  policy: str, stats: LayerStats, link: Link | None = None,
                  staging: StagingArea | None = None, layer: int = 0) -> None:
         self.store = store
+        self.layer = layer
         self.own_slots = num_slots
         self.device = device
         self.stats = stats
@@ -144,10 +147,20 @@ class ExpertCache:
                 self._queue(e, slot, prefetch=True)
 
     def wait(self, pending: list[Future]) -> None:
+        """Until ``pending`` copies have landed; one that takes longer than the link's backlog
+        plus ``copy_timeout_s`` is stuck: the step fails with an ``ExpertCopyError``."""
         if pending:
             start = time.perf_counter()
+            limit = self.link.copy_timeout_s + self.link.backlog_s()
             for future in pending:
-                future.result()
+                try:
+                    future.result(timeout=max(limit - (time.perf_counter() - start), 0.0))
+                except FutureTimeout:
+                    raise ExpertCopyError(
+                        f"adapmoe: an expert copy to layer {self.layer}'s slots has not finished "
+                        f"after {time.perf_counter() - start:.1f} s (copy_timeout_s = "
+                        f"{self.link.copy_timeout_s:g} beyond the link's queue): the host→device "
+                        "link is stuck; the step fails instead of waiting forever") from None
             self._stalled(time.perf_counter() - start)
         if self._pending:
             self._pending = {e: f for e, f in self._pending.items() if not f.done()}
@@ -207,7 +220,7 @@ class ExpertCache:
         self.stats.bytes_loaded += self.store.expert_bytes
         if self.inline:  # compute waits for this copy as it would for a queued one
             start = time.perf_counter()
-            self._copy(expert, slot)
+            run_with_retry(lambda: self._copy(expert, slot))
             self._stalled(time.perf_counter() - start)
             self.link.cost.observe_copy(time.perf_counter() - start)
             return

@@ -43,6 +43,13 @@ class StepExecutor:
 
     def run(self, plan: StepPlan, x: torch.Tensor, routing: Routing,
             prefetch_caches: Sequence[ExpertCache], counted: bool) -> torch.Tensor:
+        try:
+            return self._run(plan, x, routing, prefetch_caches, counted)
+        finally:  # also when a copy or the host failed: no staging row stays booked
+            self.cache.end_step()
+
+    def _run(self, plan: StepPlan, x: torch.Tensor, routing: Routing,
+             prefetch_caches: Sequence[ExpertCache], counted: bool) -> torch.Tensor:
         out = torch.empty_like(x)
         clock = self.clock
         job = None
@@ -66,7 +73,6 @@ class StepExecutor:
             clock and clock.mark("host wait")
         if plan.promote and self.cache.link.idle():
             self.cache.promote(plan.promote, {e for w in plan.waves for e in w.experts})
-        self.cache.end_step()
         return out
 
     def _prefetch(self, plan: StepPlan, prefetch_caches: Sequence[ExpertCache]) -> None:

@@ -11,6 +11,7 @@ copy and layer times (or a pinned ``link_layers``) into the prefetch pay-off rul
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -22,8 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vllm_adapmoe.engine.errors import ExpertCopyError
+
 if TYPE_CHECKING:
     from vllm_adapmoe.engine.emulation import Emulation
+
+logger = logging.getLogger("vllm.adapmoe")
 
 
 class LinkCost:
@@ -88,8 +93,12 @@ class Link:
     later copy into the same slot lands after it."""
 
     def __init__(self, device: torch.device, link_gbps: float | None = None,
-                 link_layers: float | None = None, emulation: Emulation | None = None) -> None:
+                 link_layers: float | None = None, emulation: Emulation | None = None,
+                 copy_timeout_s: float = 60.0) -> None:
         self.device = device
+        # how long compute waits for a copy beyond the link's own backlog (emulated or measured
+        # durations of what is queued ahead): a stuck copy fails the step, a slow link does not
+        self.copy_timeout_s = copy_timeout_s
         self._gbps_rate = link_gbps * 1e9 if link_gbps else None
         # an emulated machine (``emulate``): its link rate, known once its scale is measured
         self.emulation = emulation
@@ -166,7 +175,7 @@ class Link:
                 if not item.future.set_running_or_notify_cancel():
                     continue  # cancelled while queued: the link skips it
                 try:
-                    self._run(item)
+                    run_with_retry(lambda: self._run(item))
                     item.future.set_result(None)
                 except BaseException as exc:  # surfaces in the waiting compute thread
                     item.future.set_exception(exc)
@@ -203,6 +212,20 @@ class _Copy:
 
 def _average(mean: float | None, sample: float, weight: float = 0.1) -> float:
     return sample if mean is None else mean + weight * (sample - mean)
+
+
+def run_with_retry(copy: Callable[[], None]) -> None:
+    """A copy that raises is tried once more (a transient fault); a second failure is an
+    ``ExpertCopyError`` for the step."""
+    try:
+        copy()
+    except Exception as first:
+        logger.warning("adapmoe: an expert copy to the device failed (%s); retrying once", first)
+        try:
+            copy()
+        except Exception as exc:
+            raise ExpertCopyError(f"adapmoe: an expert copy to the device failed twice ({exc}); "
+                                  "the step fails") from exc
 
 
 def sleep_until(deadline: float) -> None:

@@ -26,3 +26,4 @@ class EngineSettings:
     # pinned (load_s, host_fixed_s, host_token_s) for hybrid decisions (None: measured)
     hybrid_costs: tuple[float, float, float] | None = None
     host_threads: int | None = None   # CUDA: torch threads of the host computation (None: torch's)
+    copy_timeout_s: float = 60.0      # a copy this late beyond the link's queue fails the step

@@ -64,7 +64,8 @@ class ExpertStack:
         if emulation is None:
             emulation = make_emulation(settings.emulate, shape.expert_bytes(dtype.itemsize),
                                        shape.hidden, shape.intermediate)
-        self.link = Link(device, settings.link_gbps, settings.link_layers, emulation)
+        self.link = Link(device, settings.link_gbps, settings.link_layers, emulation,
+                         settings.copy_timeout_s)
         self.staging = StagingArea.for_plan(slots, shape.top_k)
         sensitivity = sensitivity or [0.0] * len(slots)
         routers = routers or [nn.Linear(shape.hidden, shape.experts, bias=False, device=device,
