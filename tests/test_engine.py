@@ -328,8 +328,11 @@ def test_bench_engine_runs_without_vllm(tmp_path):
     result = json.loads(out.read_text())
     for batch in ("1", "4"):
         rows = result["batches"][batch]["settings"]
-        assert set(rows) == {"all resident", "uniform LRU 50%", "AdapMoE 50%", "uniform LRU 25%",
-                             "AdapMoE 25%", "layer streaming"}
+        expected = {"all resident", "layer streaming"} | {
+            f"{name} {pct}" for pct in ("50%", "25%")
+            for name in ("uniform LRU", "AdapMoE", "host-only", "layer split", "uniform + hybrid",
+                         "hybrid AdapMoE")}
+        assert set(rows) == expected
         assert rows["all resident"]["loads_per_token"] == 0 and rows["all resident"]["hit_rate"] == 1
         assert rows["layer streaming"]["hit_rate"] == 0 and rows["layer streaming"]["loads_per_token"] > 0
         assert rows["AdapMoE 25%"]["activated_per_token_layer"] < 2
