@@ -28,14 +28,13 @@ def server(tiny_model, tmp_path_factory):
     port = free_port()
     workdir = tmp_path_factory.mktemp("server")
     log = workdir / "serve.log"
-    prom = workdir / "prometheus"
-    prom.mkdir()
     vllm_cmd = Path(sys.executable).with_name("vllm")
     cmd = [str(vllm_cmd), "serve", str(tiny_model), "--model-impl", "adapmoe",
            "--additional-config", json.dumps(SETTINGS), "--host", "127.0.0.1",
            "--port", str(port), "--max-model-len", "512", "--seed", "0"]
     with open(log, "w") as out:
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prom)}  # worker counters → /metrics
+        # nothing set up for /metrics: the plugin brings the workers' counters there itself
+        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -85,23 +84,36 @@ def test_server_completions_match_offline_llm(server, engines, tiny_model):
 
 
 def test_metrics_endpoint_exports_adapmoe_counters(server, tiny_model):
+    """A plain ``vllm serve`` (no PROMETHEUS_MULTIPROC_DIR): /metrics has the worker's adapmoe_
+    counters, consistent and within a moment of the request, next to vLLM's own metrics."""
     import re
 
     import requests
 
-    base, _ = server
-    requests.post(f"{base}/v1/completions", json={"model": str(tiny_model), "prompt": PROMPTS[2],
-                                                  "max_tokens": 8, "temperature": 0.0}).raise_for_status()
-    text = requests.get(f"{base}/metrics").text
+    from vllm_adapmoe.metrics import FLUSH_S
 
-    def value(name: str, layer: int) -> float:
+    base, _ = server
+
+    def value(text: str, name: str, layer: int) -> float:
         m = re.search(rf'^adapmoe_{name}_total{{layer="{layer}"}} ([0-9.e+]+)$', text, re.M)
         assert m, f"adapmoe_{name}_total for layer {layer} missing from /metrics"
         return float(m.group(1))
 
+    before = value(requests.get(f"{base}/metrics").text, "tokens", 0)
+    requests.post(f"{base}/v1/completions", json={"model": str(tiny_model), "prompt": PROMPTS[2],
+                                                  "max_tokens": 8, "temperature": 0.0}).raise_for_status()
+    deadline = time.time() + 20 * FLUSH_S
+    while True:  # the worker writes its snapshot every FLUSH_S
+        text = requests.get(f"{base}/metrics").text
+        if value(text, "tokens", 2) > before or time.time() > deadline:
+            break
+        time.sleep(FLUSH_S)
+    assert "vllm:num_requests_running" in text and "vllm:prompt_tokens_total" in text, \
+        "vLLM's own metrics must stay on /metrics"
     for layer in range(3):
-        tokens, decode = value("tokens", layer), value("decode_tokens", layer)
+        tokens, decode = value(text, "tokens", layer), value(text, "decode_tokens", layer)
         assert tokens > decode >= 7
-        assert value("activated_experts", layer) == 2 * tokens
-        assert value("hits", layer) + value("misses", layer) > 0
-        assert value("loads", layer) >= value("misses", layer)  # every miss is loaded
+        assert value(text, "activated_experts", layer) == 2 * tokens
+        assert value(text, "hits", layer) + value(text, "misses", layer) > 0
+        assert value(text, "loads", layer) >= value(text, "misses", layer)  # every miss is loaded
+    assert 'adapmoe_tokens_total{layer="3"}' not in text  # the tiny model has 3 MoE layers

