@@ -31,13 +31,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(model: str, settings: dict | None, log: Path,
-          eager: bool = True) -> tuple[subprocess.Popen, str]:
+def start(model: str, settings: dict | None, log: Path, eager: bool = True,
+          extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [str(Path(sys.executable).with_name("vllm")), "serve", model, "--host", "127.0.0.1",
            "--port", str(port), "--max-model-len", "512", "--seed", "0"]
     if eager:
         cmd.append("--enforce-eager")
+    cmd += list(extra)
     if settings is not None:
         cmd += ["--model-impl", "adapmoe", "--additional-config", json.dumps({"adapmoe": settings})]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}

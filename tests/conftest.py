@@ -79,6 +79,10 @@ class Engines:
                                          **kwargs)
         return self._engines[key]
 
+    def forget(self, llm: object) -> None:
+        """Stop sharing ``llm`` (a test that kills its engine shuts it down itself)."""
+        self._engines = {k: v for k, v in self._engines.items() if v is not llm}
+
     def close(self) -> None:
         for llm in self._engines.values():
             llm.llm_engine.engine_core.shutdown()

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import vllm_adapmoe
 from test_engine import BATCHES, SHAPE, _decode, _stack
 from vllm_adapmoe.engine.errors import ExpertCopyError
 from vllm_adapmoe.engine.settings import EngineSettings
@@ -82,3 +83,86 @@ def test_a_slow_emulated_link_never_trips_the_timeout():
     stack = _offloaded(SHAPE.expert_bytes(2) / 0.1 / 1e9, copy_timeout_s=0.05, slots=2)
     assert torch.equal(_decode(stack, BATCHES[:4], "cpu"), expected)
     assert stack.stats()["total"]["stall_s"] > 0.2
+
+
+# -- inside vLLM: faults injected into the workers' copies (``engine/fault_injection.py``) ------
+
+PREFETCHING = dict(cache_slots=[2, 1, 2], prefetch=True, link_layers=1, prefetch_lookahead=2)
+
+
+def test_a_transient_copy_fault_in_vllm_is_retried(engines, tiny_model, capfd):
+    """A copy that fails once is retried in the worker: the requests complete, tokens equal
+    stock's, and the layers are left clean."""
+    from conftest import PROMPTS, greedy
+
+    llm = engines.get(tiny_model, "adapmoe", cache_slots=1)
+    vllm_adapmoe.reset_stats(llm)
+    llm.collective_rpc("adapmoe_inject_copy_fault", args=("transient", 3))
+    try:
+        ours = greedy(llm, PROMPTS[:4], 8)
+    finally:
+        llm.collective_rpc("adapmoe_inject_copy_fault", args=("off",))
+    assert ours[0] == greedy(engines.get(tiny_model), PROMPTS[:4], 8)[0]
+    assert vllm_adapmoe.stats(llm)["total"]["loads"] > 0
+    assert llm.collective_rpc("adapmoe_idle_problems") == [[]]
+    out, err = capfd.readouterr()
+    assert "injected DMA error); retrying once" in out + err  # the faults were injected
+
+
+def test_a_stuck_copy_in_vllm_fails_the_requests_within_the_timeout(engines, tiny_model, capfd):
+    """A copy that hangs (on the link's thread) ends the step after ``copy_timeout_s``: the caller gets vLLM's
+    EngineDeadError (its requests fail, the engine reports itself dead) within seconds, the
+    worker's log names the stuck copy — never a hang."""
+    from vllm import SamplingParams
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from conftest import PROMPTS
+
+    llm = engines.get(tiny_model, "adapmoe", cache_slots=1, copy_timeout_s=1.0, link_gbps=100.0)
+    engines.forget(llm)  # this engine will not survive the test
+    try:
+        llm.collective_rpc("adapmoe_inject_copy_fault", args=("stuck", 0, 60.0))
+        start = time.perf_counter()
+        with pytest.raises(EngineDeadError):
+            llm.generate(PROMPTS[:4], SamplingParams(temperature=0.0, max_tokens=8),
+                         use_tqdm=False)
+        assert time.perf_counter() - start < 30
+        assert llm.llm_engine.engine_core.resources.engine_dead
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    out, err = capfd.readouterr()
+    assert "has not finished after" in out + err and "copy_timeout_s = 1" in out + err
+
+
+def test_aborts_under_load_leave_no_slot_held(engines, tiny_model):
+    """Sixteen requests with prefetch and a staging row; half are aborted mid-decode. The rest
+    complete, no layer holds a staging row or an unlanded copy after, the prefetch counters
+    still add up, and the engine then decodes exactly as stock."""
+    from vllm import SamplingParams
+
+    from conftest import PROMPTS, greedy
+
+    llm = engines.get(tiny_model, "adapmoe", **PREFETCHING)
+    engine = llm.llm_engine
+    vllm_adapmoe.reset_stats(llm)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"load-{i}", prompt, params)
+    finished: dict[str, int] = {}
+    aborted = False
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = len(out.outputs[0].token_ids)
+        if not aborted and vllm_adapmoe.stats(llm)["total"]["decode_tokens"] > 0:
+            engine.abort_request([f"load-{i}" for i in range(0, len(PROMPTS), 2)])
+            aborted = True
+    assert aborted
+    survivors = {f"load-{i}" for i in range(1, len(PROMPTS), 2)}
+    assert survivors <= set(finished) and all(finished[r] == 24 for r in survivors)
+    assert llm.collective_rpc("adapmoe_idle_problems") == [[]]
+    total = vllm_adapmoe.stats(llm)["total"]
+    assert total["prefetch_issued"] > 0
+    assert total["prefetch_issued"] == (total["prefetch_correct"] + total["prefetch_wasted"]
+                                        + total["prefetch_dropped"])
+    assert greedy(llm, PROMPTS[:4], 8)[0] == greedy(engines.get(tiny_model), PROMPTS[:4], 8)[0]

@@ -299,6 +299,18 @@ def _hook_worker() -> None:
         recorder, step.trace = step.trace, None
         return str(recorder.save(path))
 
+    def adapmoe_idle_problems(self) -> list[str]:
+        """What a layer still holds with no step running (see ``ExpertCache.idle_problems``)."""
+        return [p for b in self.get_model().moe_blocks() for p in b.cache.idle_problems()]
+
+    def adapmoe_inject_copy_fault(self, mode: str, count: int = 3, seconds: float = 5.0) -> None:
+        """Test-only (``engine/fault_injection.py``): make this worker's expert copies fail."""
+        from vllm_adapmoe.engine.fault_injection import inject_copy_faults
+
+        inject_copy_faults([b.cache for b in self.get_model().moe_blocks()], mode, count, seconds)
+
+    WorkerBase.adapmoe_idle_problems = adapmoe_idle_problems
+    WorkerBase.adapmoe_inject_copy_fault = adapmoe_inject_copy_fault
     WorkerBase.adapmoe_trace_start = adapmoe_trace_start
     WorkerBase.adapmoe_trace_stop = adapmoe_trace_stop
     WorkerBase.adapmoe_stats = adapmoe_stats

@@ -170,6 +170,33 @@ class ExpertCache:
         if self.staging is not None:
             self.table.release_staging()
 
+    def idle_problems(self, settle_s: float = 5.0) -> list[str]:
+        """With no step running (every request finished or aborted): what is still held that
+        should not be — staging rows, copies that never land, slot bookkeeping out of step with
+        the kernel's map. Empty when the layer is clean. Copies still queued (prefetches for a
+        step that never came) get ``settle_s`` to land first."""
+        problems = []
+        deadline = time.perf_counter() + settle_s
+        for expert, future in list(self._pending.items()):
+            try:
+                future.result(timeout=max(deadline - time.perf_counter(), 0.0))
+            except FutureTimeout:
+                problems.append(f"layer {self.layer}: expert {expert}'s copy never landed")
+            except Exception as exc:  # a failed copy: its slot must not stay booked
+                if expert in self.table.slot_of:
+                    problems.append(f"layer {self.layer}: expert {expert} booked after its copy "
+                                    f"failed ({exc})")
+        held = [e for e in self.table.expert_in_slot[self.own_slots:] if e >= 0]
+        if held:
+            problems.append(f"layer {self.layer}: staging rows still hold experts {held}")
+        for expert, slot in self.table.slot_of.items():
+            row = slot if self._rows is None else self._rows[slot]
+            if self.table.expert_in_slot[slot] != expert or (
+                    not self.table.in_place and int(self._slot_map[expert]) != row):
+                problems.append(f"layer {self.layer}: expert {expert}'s slot {slot} is out of "
+                                "step with the kernel's slot map")
+        return problems
+
     def warm(self, experts: Iterable[int]) -> None:
         """Fill the empty own slots at start-up (not counted as loads)."""
         for slot, e in zip(range(self.own_slots), experts):
