@@ -160,3 +160,47 @@ def test_llm_start_up_refuses_a_pool_the_host_cannot_hold(pristine, monkeypatch)
     with pytest.raises(AdapMoEConfigError, match=r"host expert pool \(3 MoE layers x 8 experts .* "
                                                  r"plus the 24 device slots"):
         LLM(model=str(pristine), model_impl="adapmoe", enforce_eager=True, max_model_len=128)
+
+
+def test_device_slots_beyond_the_usable_device_memory_are_one_error():
+    """CUDA start-up check (pure arithmetic, run here without a GPU): vLLM may use
+    gpu_memory_utilization of the device less what others hold; slots + one sequence's KV
+    must fit in it."""
+    gib = 2**30
+    preflight.check_device_memory(60 * gib, 2 * gib, free=80 * gib, total=80 * gib, utilization=0.9)
+    with pytest.raises(AdapMoEConfigError, match=r"slots need 60.00 GiB .* at least 2.00 GiB .* "
+                                                 r"56.00 GiB are usable .* 16.0 GiB held by other"):
+        preflight.check_device_memory(60 * gib, 2 * gib, free=64 * gib, total=80 * gib,
+                                      utilization=0.9)
+
+
+def test_kv_bytes_per_token_follows_the_attention_layout():
+    from types import SimpleNamespace
+
+    mixtral = SimpleNamespace(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                              hidden_size=4096, head_dim=None)
+    assert preflight.kv_bytes_per_token(mixtral, 2, tp=1) == 2 * 32 * 8 * 128 * 2  # 128 KiB
+    assert preflight.kv_bytes_per_token(mixtral, 2, tp=2) == 2 * 32 * 4 * 128 * 2
+    mla = SimpleNamespace(num_hidden_layers=61, kv_lora_rank=512, qk_rope_head_dim=64)
+    assert preflight.kv_bytes_per_token(mla, 2, tp=8) == 61 * 576 * 2  # latent: not split by TP
+
+
+def test_the_cuda_check_reads_the_engine_config(pristine, monkeypatch):
+    """``validate_budget``'s CUDA branch on a real vLLM config of the tiny model, NVML faked."""
+    from types import SimpleNamespace
+
+    import vllm_adapmoe
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(pristine)
+    shape = moe_shape_of(hf)
+    config = SimpleNamespace(
+        model_config=SimpleNamespace(dtype=SimpleNamespace(itemsize=2), hf_text_config=hf,
+                                     max_model_len=128),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        cache_config=SimpleNamespace(gpu_memory_utilization=0.9))
+    per_expert = shape.expert_bytes(2)
+    monkeypatch.setattr(preflight, "device_memory", lambda: (10 * per_expert, 10 * per_expert))
+    vllm_adapmoe._check_cuda_memory(config, shape, [2, 2, 2], 0)  # 6 experts in 9 usable
+    with pytest.raises(AdapMoEConfigError, match="expert slots need"):
+        vllm_adapmoe._check_cuda_memory(config, shape, [4, 4, 4], 0)

@@ -247,7 +247,28 @@ def validate_budget(vllm_config: Any) -> list[int]:
                                              current_platform.device_type,
                                              staging_rows(slots, shape.top_k))
     preflight.check_host_memory(pool, what)
+    if current_platform.device_type == "cuda":
+        _check_cuda_memory(vllm_config, shape, slots, staging_rows(slots, shape.top_k))
     return slots
+
+
+def _check_cuda_memory(vllm_config: Any, shape: Any, slots: list[int], staging: int) -> None:
+    """One rank's slots and a minimal KV cache against the device (NVML, read before any worker
+    holds memory); vLLM's own profiling then sizes the KV cache from what is left."""
+    from vllm_adapmoe import preflight
+
+    model_config, parallel = vllm_config.model_config, vllm_config.parallel_config
+    memory = preflight.device_memory()
+    if memory is None:
+        logger.debug("adapmoe: NVML unavailable; device memory is checked by vLLM's profiling")
+        return
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    itemsize = model_config.dtype.itemsize
+    # under PP a rank holds its stage's layers: an even share (vLLM's profiling has the last word)
+    slot_bytes = (sum(slots) // pp + staging) * (shape.expert_bytes(itemsize) // tp)
+    kv = preflight.kv_bytes_per_token(model_config.hf_text_config, itemsize, tp) * model_config.max_model_len
+    preflight.check_device_memory(slot_bytes, kv, *memory,
+                                  vllm_config.cache_config.gpu_memory_utilization)
 
 
 def _hook_worker() -> None:

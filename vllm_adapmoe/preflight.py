@@ -175,3 +175,49 @@ def expert_pool_bytes(shape: Any, itemsize: int, slots: list[int], device_type: 
         pool += (sum(slots) + staging_rows) * per_expert
         what += f" plus the {sum(slots) + staging_rows} device slots (on CPU, the same memory)"
     return pool, what
+
+
+def device_memory(device_index: int = 0) -> tuple[int, int] | None:
+    """(free, total) bytes of a CUDA device from NVML — no CUDA context in this (the API
+    server's) process; None where NVML is not there."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        try:
+            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(device_index))
+            return int(info.free), int(info.total)
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return None
+
+
+def check_device_memory(slot_bytes: int, kv_min_bytes: int, free: int, total: int,
+                        utilization: float) -> None:
+    """One error when one rank's expert slots (own + staging) and the KV cache of a single
+    ``max_model_len`` sequence cannot fit in what vLLM may use of the device: its
+    ``gpu_memory_utilization`` share of the total, less what other processes already hold."""
+    usable = int(utilization * total) - (total - free)
+    if slot_bytes + kv_min_bytes > usable:
+        gib = 2**30
+        raise AdapMoEConfigError(
+            f"adapmoe: the expert slots need {slot_bytes / gib:.2f} GiB of device memory and the KV "
+            f"cache at least {kv_min_bytes / gib:.2f} GiB for one max_model_len sequence, but "
+            f"{max(usable, 0) / gib:.2f} GiB are usable (gpu_memory_utilization = {utilization:g} "
+            f"of {total / gib:.1f} GiB, {(total - free) / gib:.1f} GiB held by other processes); "
+            "what helps: a smaller cache_gib / cache_slots, hybrid (computes cold experts on the "
+            "host), a shorter max_model_len, a larger gpu_memory_utilization, or more ranks")
+
+
+def kv_bytes_per_token(hf_config: Any, itemsize: int, tp: int) -> int:
+    """K and V of one token in every attention layer, one rank's share (MLA models: their
+    compressed latent, as vLLM stores it)."""
+    layers = hf_config.num_hidden_layers
+    if getattr(hf_config, "kv_lora_rank", None):  # DeepSeek MLA: one latent + rope key
+        return layers * (hf_config.kv_lora_rank + hf_config.qk_rope_head_dim) * itemsize
+    heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    return 2 * layers * max(heads // tp, 1) * head_dim * itemsize
