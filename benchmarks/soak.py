@@ -200,7 +200,7 @@ def main() -> None:
     settings = args.settings if args.impl == "adapmoe" else None
     proc, base = start(args.model, settings, log, eager=args.eager,
                        extra=["--max-num-batched-tokens", str(args.max_num_batched_tokens),
-                              "--max-num-seqs", "256"])
+                              "--max-num-seqs", str(args.max_num_batched_tokens)])
     try:
         wait_ready(proc, base, log)
         t0 = time.perf_counter()
