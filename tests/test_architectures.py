@@ -1,4 +1,4 @@
-"""Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V2 behind the same block: greedy tokens equal stock
+"""Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2 and GLM-4.5 behind the same block: greedy tokens equal stock
 vLLM's on seeded tiny checkpoints (16 experts, top-4, a dense layer and shared experts where the
 family has them), all experts resident and at 4 slots per layer (waves at batch 16), with
 prefetch; and the routing rules equal vLLM's CPU router bit for bit.
@@ -25,7 +25,8 @@ from vllm_adapmoe.engine.routing import RouterSpec
 BATCHED = ["qwen2_moe", "qwen3_moe", "olmoe"]
 # link_layers pinned: on CPU copies are inline, and a measured link would never prefetch
 OFFLOADED = {"cache_slots": 4, "prefetch": True, "link_layers": 1}
-MOE_LAYERS = {"qwen2_moe": 2, "qwen3_moe": 2, "olmoe": 3, "deepseek_v2": 2}  # of 3 decoder layers
+MOE_LAYERS = {"qwen2_moe": 2, "qwen3_moe": 2, "olmoe": 3, "deepseek_v2": 2,
+              "glm4_moe": 2}  # of 3 decoder layers
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,24 @@ def test_deepseek_v2_matches_stock_per_prompt(engines, family_models, settings):
     for i in (0, 2, 5, 8, 14):
         assert greedy(ours, [PROMPTS[i]]) == greedy(stock, [PROMPTS[i]]), f"prompt {i}"
     assert len(vllm_adapmoe.stats(ours)["layers"]) == MOE_LAYERS["deepseek_v2"]
+
+
+def test_glm4_moe_matches_stock(engines, family_models):
+    """GLM-4.5's layout — a dense first layer, sigmoid routing with a correction bias in groups, a
+    shared expert, routed_scaling_factor, QK norm, partial rotary, qkv bias — and an MTP layer in
+    the checkpoint (skipped by the loader, routed experts included): batch 16 and batch 1 at 4
+    slots with prefetch equal stock."""
+    model = family_models("glm4_moe")
+    stock, ours = engines.get(model), engines.get(model, "adapmoe", **OFFLOADED)
+    vllm_adapmoe.reset_stats(ours)
+    assert_same(greedy(stock), greedy(ours))
+    for i in (0, 5, 14):
+        assert greedy(ours, [PROMPTS[i]]) == greedy(stock, [PROMPTS[i]]), f"prompt {i}"
+    s = vllm_adapmoe.stats(ours)
+    assert [layer["layer"] for layer in s["layers"]] == list(range(MOE_LAYERS["glm4_moe"]))
+    total = s["total"]
+    assert total["misses"] > 0 and total["waves"] > total["steps"]
+    assert total["activated_experts"] == 4 * total["tokens"]
 
 
 # -- routing rules, against vLLM's CPU router -----------------------------------------------------

@@ -153,10 +153,11 @@ def test_matches_finite_difference_reference(tmp_path, text_file, top_k):
     assert got.sensitivity == pytest.approx(ref, rel=3e-3)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "deepseek_v2"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "deepseek_v2", "glm4_moe"])
 def test_other_families_match_finite_difference_reference(tmp_path, text_file, family):
     """Shared experts and a dense layer (Qwen2-MoE, DeepSeek), no renormalisation (OLMoE),
-    grouped top-k with the routed scale folded into Hugging Face's weights (DeepSeek): one S
+    grouped top-k with the routed scale folded into Hugging Face's weights (DeepSeek; GLM-4.5
+    with sigmoid scores and a correction bias): one S
     per MoE layer, equal to the brute-force loss curvature in the serving block's weight scale."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -170,7 +171,7 @@ def test_other_families_match_finite_difference_reference(tmp_path, text_file, f
     # read back for the model it was calibrated on: MoE layers numbered as serving numbers them
     assert load_profile(save_profile(got, tmp_path / "p.json"), model_dir).sensitivity == got.sensitivity
     scale = got.calibration["weight_scale"]
-    assert scale == (2.0 if family == "deepseek_v2" else 1.0)
+    assert scale == {"deepseek_v2": 2.0, "glm4_moe": 2.5}.get(family, 1.0)
     ids = load_windows(AutoTokenizer.from_pretrained(str(model_dir)), text_file, 12, 12, 3)[0]
     # fp32 calibration vs fp64 reference on S ~ 1e-5: 1% (a wrong scale or layer is far off)
     assert got.sensitivity == pytest.approx(_reference_s(model_dir, ids, scale), rel=1e-2)

@@ -87,11 +87,18 @@ def _tiny_config(family: str, vocab: dict[str, int], num_layers: int):
             topk_method="group_limited_greedy", first_k_dense_replace=1, norm_topk_prob=False,
             routed_scaling_factor=2.0, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=32,
             qk_rope_head_dim=64, v_head_dim=32)
+    if family == "glm4_moe":  # GLM-4.5's layout: QK norm, partial rotary, qkv bias, an MTP layer
+        return transformers.Glm4MoeConfig(
+            **common, head_dim=32, intermediate_size=96, moe_intermediate_size=32,
+            n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=2,
+            topk_group=1, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+            use_qk_norm=True, attention_bias=True, num_nextn_predict_layers=1)
     raise ValueError(f"unknown family {family!r}")
 
 
 FAMILIES = {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-            "olmoe": "OlmoeForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}
+            "olmoe": "OlmoeForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+            "glm4_moe": "Glm4MoeForCausalLM"}
 
 
 def build_tiny_moe(path: str | Path, family: str, seed: int = 0, num_layers: int = 3) -> Path:
@@ -110,5 +117,31 @@ def build_tiny_moe(path: str | Path, family: str, seed: int = 0, num_layers: int
         for name, param in model.named_parameters():
             if name.endswith("mlp.gate.weight"):
                 param.mul_(8.0)
+        if family == "glm4_moe":  # a random correction bias, so routing depends on it
+            for name, param in model.named_parameters():
+                if name.endswith("e_score_correction_bias"):
+                    param.copy_(torch.randn_like(param) * 0.1)
     model.save_pretrained(path, safe_serialization=True)
+    if family == "glm4_moe":
+        _add_mtp_layer(path, config)
     return path
+
+
+def _add_mtp_layer(path: Path, config) -> None:
+    """GLM checkpoints carry their next-token-prediction layer as ``model.layers.<L>.*`` (L =
+    num_hidden_layers), which transformers does not build: write one (random) for the loader to
+    skip, routed experts included."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    last, mtp = config.num_hidden_layers - 1, config.num_hidden_layers
+    for name in [n for n in tensors if n.startswith(f"model.layers.{last}.")]:
+        tensors[name.replace(f"layers.{last}.", f"layers.{mtp}.", 1)] = torch.randn_like(tensors[name])
+    h = config.hidden_size
+    tensors.update({f"model.layers.{mtp}.eh_proj.weight": torch.randn(h, 2 * h),
+                    f"model.layers.{mtp}.enorm.weight": torch.ones(h),
+                    f"model.layers.{mtp}.hnorm.weight": torch.ones(h),
+                    f"model.layers.{mtp}.shared_head.norm.weight": torch.ones(h)})
+    save_file(tensors, file, metadata={"format": "pt"})

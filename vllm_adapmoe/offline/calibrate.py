@@ -137,7 +137,8 @@ def _windows(stream: list[int], window: int, max_tokens: int, seed: int):
 # Hugging Face routers that fold ``routed_scaling_factor`` into the routing weights; the serving
 # block applies it to the routed output instead, so its weights are HF's divided by the factor.
 _HF_WEIGHT_SCALE = {"DeepseekV2ForCausalLM": "routed_scaling_factor",
-                    "DeepseekV3ForCausalLM": "routed_scaling_factor"}
+                    "DeepseekV3ForCausalLM": "routed_scaling_factor",
+                    "Glm4MoeForCausalLM": "routed_scaling_factor"}
 
 
 def _routed_experts(model: Any, num_layers: int) -> list[Any]:
