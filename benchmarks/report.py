@@ -183,6 +183,37 @@ def parity_section(data: dict) -> list[str]:
     return out
 
 
+def soak_section(runs: list[dict]) -> list[str]:
+    """``benchmarks/soak.py`` results, one row per server (and the soak phase where run)."""
+    first = runs[0]
+    out = [f"**Load and soak through the OpenAI server** (`benchmarks/soak.py`, bundled model, "
+           f"{first['load']['completed'] + first['load']['aborted'] + first['load']['n_errors']} "
+           f"streamed requests with {first['concurrency']} in flight, "
+           f"{first['distinct_prompts']['long']} of the {sum(first['distinct_prompts'].values())} "
+           f"distinct prompts long (about 200–350 tokens; prefill chunked at "
+           f"`--max-num-batched-tokens {first['max_num_batched_tokens']}`), {first['max_tokens']} "
+           "greedy tokens, about a tenth closed mid-stream; "
+           f"{'eager' if first['eager'] else 'default flags (compiled)'}; one run):", "",
+           "| server | completed | aborted | errors | short | drift from serial | wall (s) |",
+           "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        name = "stock" if r["impl"] == "stock" else "adapmoe " + ", ".join(
+            f"{k}={v}" for k, v in r["settings"].items() if k != "profile")
+        ld = r["load"]
+        out.append(f"| {name} | {ld['completed']} | {ld['aborted']} | {ld['n_errors']} | "
+                   f"{ld['short']} | {ld['drift']} of {ld['completed']} | {ld['wall_s']:.0f} |")
+    for r in runs:
+        sk = r.get("soak")
+        if sk:
+            out += ["", f"Soak ({r['impl']}): {sk['completed'] + sk['aborted'] + sk['n_errors']} more "
+                    f"requests, {sk['n_errors']} errors, {sk['short']} short, drift {sk['drift']} of "
+                    f"{sk['completed']}; server RSS (API server + engine core + workers) "
+                    f"{sk['rss_after_warmup_mib']:.0f} MiB after the first tenth, growth to the end "
+                    f"{sk['rss_growth_mib']:+.0f} MiB (peak {sk['rss_peak_growth_mib']:+.0f} MiB), "
+                    f"{sk['wall_s']:.0f} s."]
+    return out
+
+
 def render() -> str:
     parts: list[list[str]] = []
     for name, fn in (("parity.json", parity_section), ("decode.json", decode_section), ("decode_link_50.json", decode_section),
@@ -191,6 +222,10 @@ def render() -> str:
         data = _load(name)
         if data:
             parts.append(fn(data))
+    soaks = [d for d in (_load("soak_stock.json"), _load("soak_adapmoe.json"),
+                         _load("soak_adapmoe_nogating.json")) if d]
+    if soaks:
+        parts.append(soak_section(soaks))
     data = _load("gating_sweep_qwen3moe.json")
     if data:
         parts.append(gating_section(data, "Adaptive gating, fine-grained model (64 experts, top-8)"))

@@ -69,20 +69,25 @@ class Outcome:
 
 async def stream_one(client: httpx.AsyncClient, base: str, model: str, prompt: str,
                      max_tokens: int, abort_after: int | None) -> tuple[str, int, bool]:
-    """One streamed completion: (text, chunks, aborted). ``abort_after`` chunks: close it."""
+    """One streamed completion: (text, tokens, aborted). ``abort_after`` chunks: close it.
+    Tokens come from the final usage chunk (a busy server merges several tokens into one chunk)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "stream": True}
-    text, chunks = [], 0
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    text, chunks, tokens = [], 0, 0
     async with client.stream("POST", f"{base}/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            text.append(json.loads(line[6:])["choices"][0]["text"])
-            chunks += 1
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices"):
+                text.append(chunk["choices"][0]["text"])
+                chunks += 1
             if abort_after is not None and chunks >= abort_after:
                 return "".join(text), chunks, True  # leaving the block closes the stream
-    return "".join(text), chunks, False
+    return "".join(text), tokens, False
 
 
 async def run_load(base: str, model: str, prompts: list[str], reference: dict[str, str] | None,
@@ -94,10 +99,11 @@ async def run_load(base: str, model: str, prompts: list[str], reference: dict[st
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
         async def one(prompt: str) -> None:
-            abort_after = rng.randint(1, max_tokens - 1) if rng.random() < abort else None
+            # chunks before closing: few enough that the stream is still open then
+            abort_after = rng.randint(1, max_tokens // 4) if rng.random() < abort else None
             async with sem:
                 try:
-                    text, chunks, aborted = await stream_one(client, base, model, prompt,
+                    text, tokens, aborted = await stream_one(client, base, model, prompt,
                                                              max_tokens, abort_after)
                 except httpx.HTTPError as exc:
                     out.errors.append(f"{type(exc).__name__}: {exc}")
@@ -106,8 +112,8 @@ async def run_load(base: str, model: str, prompts: list[str], reference: dict[st
                 out.aborted += 1
             else:
                 out.completed += 1
-                out.tokens += chunks
-                out.short += chunks < max_tokens
+                out.tokens += tokens
+                out.short += tokens < max_tokens
                 out.drift += reference is not None and text != reference[prompt]
             if on_done is not None:
                 on_done()

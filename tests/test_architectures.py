@@ -128,6 +128,16 @@ def test_glm4_moe_matches_stock(engines, family_models):
     assert total["activated_experts"] == 4 * total["tokens"]
 
 
+def test_speculation_with_the_mtp_layers_is_one_clear_error(family_models):
+    from vllm import LLM
+
+    from vllm_adapmoe.config import AdapMoEConfigError
+
+    with pytest.raises(AdapMoEConfigError, match=r"method 'mtp' needs a draft model .* \"ngram\""):
+        LLM(model=str(family_models("glm4_moe")), model_impl="adapmoe", enforce_eager=True,
+            speculative_config={"method": "mtp", "num_speculative_tokens": 1})
+
+
 # -- routing rules, against vLLM's CPU router -----------------------------------------------------
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_softmax_routing_equals_vllm_cpu_router(renormalize):

@@ -158,7 +158,7 @@ def _hook_engine_config() -> None:
 
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
-        validate_engine_args(self.model_impl, self.additional_config)
+        validate_engine_args(self.model_impl, self.additional_config, self.speculative_config)
         if self.model_impl == MODEL_IMPL:
             self.compilation_config = compile_around_block(self.compilation_config)
         vllm_config = original(self, *args, **kwargs)
@@ -169,10 +169,25 @@ def _hook_engine_config() -> None:
     EngineArgs.create_engine_config = create_engine_config
 
 
-def validate_engine_args(model_impl: Any, additional_config: dict[str, Any] | None) -> None:
-    """Main-process check: config well-formed, and never an adapmoe config without the impl."""
+# Speculative methods that propose without a second model; a draft model (EAGLE, MTP layers, a
+# small LM) would be built by vLLM beside ours with every expert of its own on the device.
+_MODEL_FREE_SPECULATION = ("ngram", "suffix")
+
+
+def validate_engine_args(model_impl: Any, additional_config: dict[str, Any] | None,
+                         speculative_config: Any = None) -> None:
+    """Main-process check: config well-formed, never an adapmoe config without the impl, and
+    speculative decoding only by a method without a draft model."""
     if model_impl == MODEL_IMPL:
         AdapMoEConfig.from_additional_config(additional_config)
+        method = (speculative_config.get("method") if isinstance(speculative_config, dict)
+                  else getattr(speculative_config, "method", None))
+        if speculative_config and method not in _MODEL_FREE_SPECULATION:
+            raise AdapMoEConfigError(
+                f"adapmoe: speculative decoding with method {method!r} needs a draft model (for "
+                "GLM / DeepSeek \"mtp\": the checkpoint's MTP layers), which --model-impl adapmoe "
+                "does not offload yet; use {\"method\": \"ngram\", ...} or serve without "
+                "--speculative-config")
     elif additional_config and CONFIG_KEY in additional_config:
         raise AdapMoEConfigError(
             f'additional_config has "{CONFIG_KEY}" settings but model_impl is {model_impl!r}; '
