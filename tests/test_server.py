@@ -1,5 +1,6 @@
 """`vllm serve ... --model-impl adapmoe` (the console script) answers like LLM(...) does."""
 
+import contextlib
 import json
 import os
 import socket
@@ -21,17 +22,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
+@contextlib.contextmanager
+def serve(model, workdir: Path, extra: tuple[str, ...] = ()):
+    """``vllm serve`` (the console script) on a free port; yields (base URL, log path)."""
     import requests
 
     port = free_port()
-    workdir = tmp_path_factory.mktemp("server")
     log = workdir / "serve.log"
     vllm_cmd = Path(sys.executable).with_name("vllm")
-    cmd = [str(vllm_cmd), "serve", str(tiny_model), "--model-impl", "adapmoe",
+    cmd = [str(vllm_cmd), "serve", str(model), "--model-impl", "adapmoe",
            "--additional-config", json.dumps(SETTINGS), "--host", "127.0.0.1",
-           "--port", str(port), "--max-model-len", "512", "--seed", "0"]
+           "--port", str(port), "--max-model-len", "512", "--seed", "0", *extra]
     with open(log, "w") as out:
         # nothing set up for /metrics: the plugin brings the workers' counters there itself
         env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
@@ -57,6 +58,12 @@ def server(tiny_model, tmp_path_factory):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    with serve(tiny_model, tmp_path_factory.mktemp("server")) as running:
+        yield running
 
 
 def test_server_completions_match_offline_llm(server, engines, tiny_model):
@@ -86,20 +93,32 @@ def test_server_completions_match_offline_llm(server, engines, tiny_model):
 def test_metrics_endpoint_exports_adapmoe_counters(server, tiny_model):
     """A plain ``vllm serve`` (no PROMETHEUS_MULTIPROC_DIR): /metrics has the worker's adapmoe_
     counters, consistent and within a moment of the request, next to vLLM's own metrics."""
+    check_metrics(server[0], tiny_model)
+
+
+@pytest.mark.slow
+def test_metrics_with_two_api_servers(tiny_model, tmp_path):
+    """``--api-server-count 2``: vLLM switches Prometheus to multiprocess mode itself; the
+    workers' counters reach /metrics of either API server."""
+    with serve(tiny_model, tmp_path, ("--api-server-count", "2")) as (base, _):
+        for _ in range(2):  # requests and scrapes go round-robin over the two servers
+            check_metrics(base, tiny_model)
+
+
+def check_metrics(base: str, tiny_model) -> None:
     import re
 
     import requests
 
     from vllm_adapmoe.metrics import FLUSH_S
 
-    base, _ = server
 
     def value(text: str, name: str, layer: int) -> float:
         m = re.search(rf'^adapmoe_{name}_total{{layer="{layer}"}} ([0-9.e+]+)$', text, re.M)
         assert m, f"adapmoe_{name}_total for layer {layer} missing from /metrics"
         return float(m.group(1))
 
-    before = value(requests.get(f"{base}/metrics").text, "tokens", 0)
+    before = value(requests.get(f"{base}/metrics").text, "tokens", 2)
     requests.post(f"{base}/v1/completions", json={"model": str(tiny_model), "prompt": PROMPTS[2],
                                                   "max_tokens": 8, "temperature": 0.0}).raise_for_status()
     deadline = time.time() + 20 * FLUSH_S

@@ -83,6 +83,8 @@ class PrometheusExporter:
             if name not in _COUNTERS:
                 _COUNTERS[name] = Counter(f"adapmoe_{name}", f"AdapMoE {name} per MoE layer",
                                           ["layer"])
+            for layer in self.layers:  # every layer on /metrics from the start, at 0
+                _COUNTERS[name].labels(layer=layer)
 
     def sync(self) -> None:
         for i, name, delta in self.mirror.poll():
