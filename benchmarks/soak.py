@@ -96,7 +96,9 @@ async def run_load(base: str, model: str, prompts: list[str], reference: dict[st
     rng = random.Random(seed)
     sem = asyncio.Semaphore(concurrency)
     out = Outcome()
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # a fresh connection per request: a pooled one the server is just closing (uvicorn's 5 s
+    # keep-alive) fails as a ReadError that is the client's race, not a failed request
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
         async def one(prompt: str) -> None:
             # chunks before closing: few enough that the stream is still open then
