@@ -79,6 +79,25 @@ def test_default_gates_decode_tokens_only(engines, tiny_model):
         assert layer["activated_experts"] == 2 * layer["tokens"] - layer["decode_tokens"]
 
 
+def test_a_prompts_one_token_last_chunk_is_not_a_decode_token(tiny_model):
+    """Chunked prefill at 16 tokens: a 33-token prompt ends in a one-token chunk. It is still
+    a prompt token — not gated by default, not counted as decode — so gating cannot depend on
+    where the scheduler cut the prompt; the next step's token is the first decode token."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(tiny_model), model_impl="adapmoe", enforce_eager=True, max_model_len=128,
+              max_num_batched_tokens=16, max_num_seqs=16, kv_cache_memory_bytes=64 * 2**20,
+              additional_config={"adapmoe": {"threshold": 1e9, "sensitivity": SENS}})
+    try:
+        vllm_adapmoe.reset_stats(llm)
+        llm.generate([{"prompt_token_ids": list(range(5, 38))}],
+                     SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+        for layer in vllm_adapmoe.stats(llm)["layers"]:
+            assert layer["tokens"] == 34 and layer["decode_tokens"] == layer["top1_tokens"] == 1
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
 # CI time: the larger threshold (more top-1 tokens) runs with -m slow
 @pytest.mark.parametrize("threshold", [0.02, pytest.param(0.2, marks=pytest.mark.slow)])
 def test_gated_offloaded_fused_path_equals_reference_loop(engines, bundled_model, threshold):

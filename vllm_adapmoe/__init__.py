@@ -287,7 +287,25 @@ def _check_cuda_memory(vllm_config: Any, shape: Any, slots: list[int], staging: 
 
 
 def _hook_worker() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.worker_base import WorkerBase
+
+    update_states = GPUModelRunner._update_states
+
+    @functools.wraps(update_states)
+    def _update_states(self, scheduler_output, *args, **kwargs):
+        # Once the batch is in its final order (vLLM may reorder it for attention): which
+        # scheduled requests are still prefilling. The CPU runner inherits this method.
+        out = update_states(self, scheduler_output, *args, **kwargs)
+        model = self.get_model() if hasattr(self, "model") else None
+        describe = getattr(getattr(getattr(model, "moe", None), "step", None), "describe", None)
+        if describe is not None and hasattr(describe, "set_prompt_requests"):
+            batch = self.input_batch
+            n = batch.num_reqs
+            describe.set_prompt_requests(batch.num_computed_tokens_cpu[:n] < batch.num_prompt_tokens[:n])
+        return out
+
+    GPUModelRunner._update_states = _update_states
 
     def adapmoe_stats(self) -> list[dict[str, float]] | None:
         model = self.get_model()

@@ -17,7 +17,7 @@ Python runs once, at trace time. ``describe_step`` does it lazily, on the first 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from vllm.forward_context import ForwardContext, get_forward_context, is_forward_context_available
@@ -72,6 +72,16 @@ class StepDescriber:
     def __init__(self, step: StepInfo) -> None:
         self.step = step
         self._context: ForwardContext | None = None
+        # per scheduled request (batch order), True while its prompt is still being computed:
+        # set by the model runner hook before each forward pass. A prompt's last chunk may be a
+        # single token; query length alone would call it a decode token (and gate it).
+        self.prompt_requests: torch.Tensor | None = None
+        self.any_prompt = False
+
+    def set_prompt_requests(self, flags: Any) -> None:
+        """``flags``: bool array, one per scheduled request, True while it is still prefilling."""
+        self.prompt_requests = torch.from_numpy(flags)
+        self.any_prompt = bool(flags.any())
 
     def __call__(self, num_tokens: int) -> None:
         context = get_forward_context() if is_forward_context_available() else None
@@ -90,13 +100,17 @@ class StepDescriber:
         step.counted = True
         step.decode_rows = None  # computed on first use (prefetch, tracing)
         requests = qsl.shape[0] - 1
-        if requests == num_tokens and step.trace is None:
+        if requests == num_tokens and step.trace is None and not self.any_prompt:
             # as many tokens as requests (each has one or more): a pure decode step, the hot
             # path, known without touching a tensor; nothing reads the mask then
             step.decode_tokens, step.all_decode, step.decode_mask = num_tokens, True, None
             return
         lens = qsl[1:] - qsl[:-1]
         is_decode = lens == 1
+        prompt = self.prompt_requests
+        if self.any_prompt and prompt is not None and prompt.numel() <= requests:
+            # extra (padding) requests, if any, schedule no tokens
+            is_decode[:prompt.numel()] &= ~prompt.to(is_decode.device)
         mask = torch.repeat_interleave(is_decode, lens)
         # tokens beyond the scheduled ones (padding) count as prefill: never gated
         pad = num_tokens - mask.numel()
