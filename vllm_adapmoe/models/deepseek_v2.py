@@ -11,8 +11,6 @@ routed output before the shared experts (always resident, stock's MLP) are added
 
 from __future__ import annotations
 
-import re
-from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
@@ -37,10 +35,8 @@ from vllm.sequence import IntermediateTensors
 from vllm_adapmoe.engine.errors import AdapMoEConfigError
 from vllm_adapmoe.engine.routing import RouterSpec
 from vllm_adapmoe.models import deepseek_shape
-from vllm_adapmoe.models.moe_model import AdapMoECausalLM, MoEBlocks, SharedExpertsMoE, run_decoder
-
-_ROUTED_WEIGHT = re.compile(r"layers\.(\d+)\.mlp\.((?:gate|experts)\..+)")
-
+from vllm_adapmoe.models.moe_model import (AdapMoECausalLM, MoEBlocks, load_routed_apart, run_decoder,
+                                           with_shared_experts)
 
 def deepseek_moe(config, vllm_config: VllmConfig, prefix: str, moe: MoEBlocks) -> nn.Module:
     """A MoE layer: router (+ V3's correction bias), our block, stock's shared experts."""
@@ -54,17 +50,12 @@ def deepseek_moe(config, vllm_config: VllmConfig, prefix: str, moe: MoEBlocks) -
                         num_groups=getattr(config, "n_group", 1) or 1,
                         topk_groups=getattr(config, "topk_group", 1) or 1)
     block = moe.block(prefix, gate, router)
-    scale = getattr(config, "routed_scaling_factor", 1.0)
-    if config.n_shared_experts is None:
-        if scale != 1.0:
-            raise AdapMoEConfigError("adapmoe: routed_scaling_factor without shared experts "
-                                     "is not supported")
-        return block
-    shared = DeepseekV2MLP(hidden_size=config.hidden_size,
-                           intermediate_size=config.moe_intermediate_size * config.n_shared_experts,
-                           hidden_act=config.hidden_act, quant_config=vllm_config.quant_config,
-                           reduce_results=False, prefix=f"{prefix}.shared_experts")
-    return SharedExpertsMoE(block, ("shared_experts", shared), routed_scale=scale)
+    shared = None if config.n_shared_experts is None else DeepseekV2MLP(
+        hidden_size=config.hidden_size,
+        intermediate_size=config.moe_intermediate_size * config.n_shared_experts,
+        hidden_act=config.hidden_act, quant_config=vllm_config.quant_config,
+        reduce_results=False, prefix=f"{prefix}.shared_experts")
+    return with_shared_experts(block, shared, getattr(config, "routed_scaling_factor", 1.0))
 
 
 class AdapMoEDeepseekV2DecoderLayer(DeepseekV2DecoderLayer):
@@ -137,22 +128,8 @@ class AdapMoEDeepseekV2Model(nn.Module):
         return run_decoder(self, input_ids, positions, intermediate_tensors, inputs_embeds, None)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        routed: dict[int, list[tuple[str, torch.Tensor]]] = defaultdict(list)
-        moe_layers = set(deepseek_shape(self.config).moe_layers)
-
-        def rest() -> Iterable[tuple[str, torch.Tensor]]:
-            for name, tensor in weights:
-                m = _ROUTED_WEIGHT.fullmatch(name)
-                if m and int(m[1]) in moe_layers:
-                    routed[int(m[1])].append((m[2], tensor))
-                else:
-                    yield name, tensor
-
-        loaded = DeepseekV2Model.load_weights(self, rest())  # stock's loader, on our modules
-        for idx, layer_weights in routed.items():
-            names = self.layers[idx].mlp.load_weights(layer_weights)
-            loaded |= {f"layers.{idx}.mlp.{n}" for n in names}
-        return loaded
+        return load_routed_apart(self, weights, DeepseekV2Model.load_weights,
+                                 deepseek_shape(self.config).moe_layers)
 
 
 class AdapMoEDeepseekV2ForCausalLM(AdapMoECausalLM):

@@ -12,8 +12,6 @@ weight; speculative decoding with them is refused at start-up (see ``validate_en
 
 from __future__ import annotations
 
-import re
-from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
@@ -28,13 +26,10 @@ from vllm.model_executor.models.glm4_moe import (Glm4MoeAttention, Glm4MoeDecode
 from vllm.model_executor.models.utils import make_empty_intermediate_tensors_factory, make_layers
 from vllm.sequence import IntermediateTensors
 
-from vllm_adapmoe.engine.errors import AdapMoEConfigError
 from vllm_adapmoe.engine.routing import RouterSpec
 from vllm_adapmoe.models import deepseek_shape
-from vllm_adapmoe.models.moe_model import AdapMoECausalLM, MoEBlocks, SharedExpertsMoE, run_decoder
-
-_ROUTED_WEIGHT = re.compile(r"layers\.(\d+)\.mlp\.((?:gate|experts)\..+)")
-
+from vllm_adapmoe.models.moe_model import (AdapMoECausalLM, MoEBlocks, load_routed_apart, run_decoder,
+                                           with_shared_experts)
 
 def glm4_moe(config, vllm_config: VllmConfig, prefix: str, moe: MoEBlocks) -> nn.Module:
     """A MoE layer: fp32 router with its correction bias (as stock), our block, the shared expert."""
@@ -46,17 +41,12 @@ def glm4_moe(config, vllm_config: VllmConfig, prefix: str, moe: MoEBlocks) -> nn
                         scoring="sigmoid", num_groups=config.n_group or 1,
                         topk_groups=config.topk_group or 1)
     block = moe.block(prefix, gate, router)
-    if not config.n_shared_experts:
-        if config.routed_scaling_factor != 1.0:
-            raise AdapMoEConfigError("adapmoe: routed_scaling_factor without shared experts "
-                                     "is not supported")
-        return block
-    shared = Glm4MoeMLP(hidden_size=config.hidden_size,
-                        intermediate_size=config.moe_intermediate_size * config.n_shared_experts,
-                        hidden_act=config.hidden_act, quant_config=vllm_config.quant_config,
-                        reduce_results=False, prefix=f"{prefix}.shared_experts")
-    return SharedExpertsMoE(block, ("shared_experts", shared),
-                            routed_scale=config.routed_scaling_factor)
+    shared = None if not config.n_shared_experts else Glm4MoeMLP(
+        hidden_size=config.hidden_size,
+        intermediate_size=config.moe_intermediate_size * config.n_shared_experts,
+        hidden_act=config.hidden_act, quant_config=vllm_config.quant_config,
+        reduce_results=False, prefix=f"{prefix}.shared_experts")
+    return with_shared_experts(block, shared, config.routed_scaling_factor)
 
 
 class AdapMoEGlm4MoeDecoderLayer(Glm4MoeDecoderLayer):
@@ -117,22 +107,8 @@ class AdapMoEGlm4MoeModel(nn.Module):
         return run_decoder(self, input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        routed: dict[int, list[tuple[str, torch.Tensor]]] = defaultdict(list)
-        moe_layers = set(deepseek_shape(self.config).moe_layers)
-
-        def rest() -> Iterable[tuple[str, torch.Tensor]]:
-            for name, tensor in weights:
-                m = _ROUTED_WEIGHT.fullmatch(name)
-                if m and int(m[1]) in moe_layers:
-                    routed[int(m[1])].append((m[2], tensor))
-                else:
-                    yield name, tensor
-
-        loaded = Glm4MoeModel.load_weights(self, rest())  # stock's loader (skips MTP layers)
-        for idx, layer_weights in routed.items():
-            names = self.layers[idx].mlp.load_weights(layer_weights)
-            loaded |= {f"layers.{idx}.mlp.{n}" for n in names}
-        return loaded
+        return load_routed_apart(self, weights, Glm4MoeModel.load_weights,
+                                 deepseek_shape(self.config).moe_layers)
 
 
 class AdapMoEGlm4MoeForCausalLM(AdapMoECausalLM):

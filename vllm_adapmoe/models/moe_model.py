@@ -4,7 +4,10 @@
   (dense layers have no block): slot budget, gating sensitivities, the shared step and link, and
   the wiring once the layers exist (prefetch targets, op registration, metrics).
 * ``SharedExpertsMoE``: routed experts (offloaded, our block) plus shared experts (vLLM's own
-  dense MLP, always resident), combined as stock's MoE runner does: ``shared + routed``.
+  dense MLP, always resident), combined as stock's MoE runner does: ``shared + routed``;
+  ``with_shared_experts`` builds it (or the bare block) for the DeepSeek-style families.
+* ``load_routed_apart``: stock's own model loader for every weight except the MoE layers'
+  routers and routed experts, which go to our blocks (the DeepSeek-style families).
 * ``AdapMoECausalLM``: the causal-LM shell (lm_head, logits, weight loading, start-up log line);
   a family subclass says how to read its MoE shape and how to build its decoder stack.
 * ``PreNormDecoderLayer`` / ``run_decoder``: the pre-norm decoder layer's forward and the decoder
@@ -15,6 +18,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -215,6 +220,47 @@ class SharedExpertsMoE(nn.Module):
             (routed if name.split(".", 1)[0] in ("gate", "experts") else rest).append((name, tensor))
         loaded = {f"routed.{n}" for n in self.routed.load_weights(routed)}
         return loaded | AutoWeightsLoader(self).load_weights(rest)  # never reaches `routed`
+
+
+def with_shared_experts(block: AdapMoEBlock, shared: nn.Module | None,
+                        routed_scale: float) -> nn.Module:
+    """The MoE layer of a DeepSeek-style family: ``block`` alone when the model has no shared
+    experts, else block + ``shared`` (named ``shared_experts``, as in its checkpoints)."""
+    if shared is None:
+        if routed_scale != 1.0:  # stock scales inside its shared-expert runner only
+            raise AdapMoEConfigError("adapmoe: routed_scaling_factor without shared experts "
+                                     "is not supported")
+        return block
+    return SharedExpertsMoE(block, ("shared_experts", shared), routed_scale=routed_scale)
+
+
+_ROUTED_WEIGHT = re.compile(r"layers\.(\d+)\.mlp\.((?:gate|experts)\..+)")
+
+
+def load_routed_apart(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                      stock_load: Callable[[nn.Module, Iterable[tuple[str, torch.Tensor]]], set[str]],
+                      moe_layers: Iterable[int]) -> set[str]:
+    """Load ``weights`` into ``model`` (a decoder stack): ``layers.N.mlp.gate.*`` and
+    ``layers.N.mlp.experts.*`` of MoE layers go to that layer's ``mlp`` (our block), all else to
+    ``stock_load`` — stock's own loader run on our modules, so its name mapping, stacked
+    parameters and skipped extras (MTP layers) stay stock's. Dense layers' ``mlp.gate*`` weights
+    are stock's."""
+    routed: dict[int, list[tuple[str, torch.Tensor]]] = defaultdict(list)
+    moe = set(moe_layers)
+
+    def rest() -> Iterable[tuple[str, torch.Tensor]]:
+        for name, tensor in weights:
+            m = _ROUTED_WEIGHT.fullmatch(name)
+            if m and int(m[1]) in moe:
+                routed[int(m[1])].append((m[2], tensor))
+            else:
+                yield name, tensor
+
+    loaded = stock_load(model, rest())  # consumes `weights`, filling `routed`
+    for idx, layer_weights in routed.items():
+        names = model.layers[idx].mlp.load_weights(layer_weights)
+        loaded |= {f"layers.{idx}.mlp.{n}" for n in names}
+    return loaded
 
 
 class AdapMoECausalLM(nn.Module, SupportsPP):
