@@ -86,6 +86,7 @@ def test_family_batch_of_one_offloaded_matches_stock(engines, family_models, fam
                 == greedy(engines.get(model), [PROMPTS[i]]))
 
 
+@pytest.mark.slow  # ~3 min (two compiles); the block op compiled is covered by test_compiled.py
 def test_qwen3_moe_compiled_offloaded_matches_stock_compiled(engines, family_models):
     model = family_models("qwen3_moe")
     assert_same(greedy(engines.get(model, eager=False)),

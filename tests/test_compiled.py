@@ -19,6 +19,11 @@ def tiny_resident_compiled(engines, tiny_model):
     return greedy(engines.get(tiny_model, "adapmoe", eager=False))
 
 
+@pytest.fixture(scope="module")
+def tiny_stock_compiled(engines, tiny_model):
+    return greedy(engines.get(tiny_model, eager=False))
+
+
 # CI time: 2 slots (no prefetch) runs with -m slow; 1 slot + prefetch covers waves and prefetch
 @pytest.mark.parametrize("settings", [pytest.param({"cache_slots": 2}, marks=pytest.mark.slow),
                                       {"cache_slots": 1, "prefetch": True, "link_layers": 1}],
@@ -33,10 +38,19 @@ def test_tiny_compiled_offloaded_matches_compiled_all_resident(engines, tiny_mod
     assert total["decode_tokens"] > 0 and total["loads"] > 0 and total["misses"] > 0
 
 
-def test_tiny_compiled_matches_stock_compiled(engines, tiny_model, tiny_resident_compiled):
+def test_tiny_compiled_matches_stock_compiled(tiny_stock_compiled, tiny_resident_compiled):
     """Needs the top-k softmax traced in the graph as stock's CPU router is (inductor keeps its
     weights in float32; eager softmax would round them to bf16 and flip near-tie tokens)."""
-    assert_same(greedy(engines.get(tiny_model, eager=False)), tiny_resident_compiled)
+    assert_same(tiny_stock_compiled, tiny_resident_compiled)
+
+
+def test_host_only_compiled_matches_stock(engines, tiny_model, tiny_stock_compiled):
+    """Hybrid execution compiled: every expert computed on the host, inside the opaque op."""
+    llm = engines.get(tiny_model, "adapmoe", eager=False, cache_slots=1, hybrid="host-only")
+    vllm_adapmoe.reset_stats(llm)
+    assert_same(tiny_stock_compiled, greedy(llm))
+    total = vllm_adapmoe.stats(llm)["total"]
+    assert total["loads"] == 0 and total["host_experts"] > 0
 
 
 @pytest.mark.slow  # ~2 min; the tiny model covers 1 slot + prefetch compiled in the default run

@@ -206,14 +206,6 @@ def test_hybrid_in_vllm_matches_stock_and_replays(engines, tiny_model, tmp_path)
         assert live["total"][key] == sim["total"][key], key
 
 
-def test_host_only_compiled_matches_stock(engines, tiny_model):
-    llm = engines.get(tiny_model, "adapmoe", eager=False, cache_slots=1, hybrid="host-only")
-    vllm_adapmoe.reset_stats(llm)
-    assert_same(greedy(engines.get(tiny_model, eager=False)), greedy(llm))
-    total = vllm_adapmoe.stats(llm)["total"]
-    assert total["loads"] == 0 and total["host_experts"] > 0
-
-
 def test_emulated_hybrid_in_vllm_matches_stock(engines, tiny_model):
     """``emulate`` inside vLLM: the worker measures its scale, pads copies and host work to the
     H100 preset's durations, and tokens still equal stock's."""
