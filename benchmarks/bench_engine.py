@@ -33,6 +33,10 @@ On CPU "host" and "device" are the same memory: a free-link run measures the eng
 host rates of ``vllm_adapmoe/engine/emulation.py``, on one scale measured here and shared by
 every row); results are labelled emulated. ``--rounds`` runs every setting that many times,
 alternating, and reports medians.
+On CPU with a free link each row is also **replayed** by the simulator with time (``simulate(...,
+timing=StepTimes)``): the routing as a trace, the row's settings, the kernel's measured call /
+expert / token costs and the measured copy time; a layer's remaining overhead is fitted once on
+the all-resident row. ``predicted_vs_measured`` in each row is the check of that model.
 JSON to ``benchmarks/results/engine_<device>.json`` (+ a plot), printed as a table.
 """
 
@@ -55,6 +59,11 @@ from vllm_adapmoe.config import AdapMoEConfig, frequency_order  # noqa: E402
 from vllm_adapmoe.engine.emulation import PRESETS, make_emulation  # noqa: E402
 from vllm_adapmoe.engine.settings import EngineSettings  # noqa: E402
 from vllm_adapmoe.engine.cache_plan import plan_dp, plan_hybrid, plan_uniform  # noqa: E402
+from vllm_adapmoe.engine.costs import MeasuredCosts, StepTimes  # noqa: E402
+from vllm_adapmoe.engine.execute import HostExecutor  # noqa: E402
+from vllm_adapmoe.engine.stats import LayerStats  # noqa: E402
+from vllm_adapmoe.offline.simulator import simulate  # noqa: E402
+from vllm_adapmoe.offline.trace import FORMAT, Trace  # noqa: E402
 from vllm_adapmoe.offline.simulator import host_work_curves  # noqa: E402
 from vllm_adapmoe.engine.stack import ExpertStack, LayerShape, ReplayRouter  # noqa: E402
 
@@ -174,6 +183,64 @@ def run_setting(stack: ExpertStack, routing, batch: int, device: torch.device,
             "device_expert_bytes": stack.device_bytes()}
 
 
+def kernel_costs(stack: ExpertStack, per_copy: float) -> MeasuredCosts:
+    """The kernel's call / expert / token costs, timed on a layer's host store (on CPU the
+    device slots are the same memory and run the same kernel)."""
+    block = stack.blocks[0]
+    costs = MeasuredCosts(lambda: per_copy, parallel=False)
+    host = HostExecutor(block.store, block.kernel, LayerStats(), costs, stack.device)
+    costs.calibrate(host.time_host, repeats=9)
+    return costs
+
+
+def as_trace(routing, top_k: int, experts: int, expert_bytes: int) -> Trace:
+    """The replayed routing as a trace (every token a decode token): each layer's top-k of its
+    logits, and of the logits its look-ahead saw."""
+    ids, weights, pred_ids, pred_weights, layer, step = [], [], [], [], [], []
+    for s, (actual, predicted) in enumerate(routing):
+        for n, (a, p) in enumerate(zip(actual, predicted)):
+            for logits, i_out, w_out in ((a, ids, weights), (p, pred_ids, pred_weights)):
+                w, i = torch.softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
+                i_out.append(i.numpy().astype(np.int16))
+                w_out.append((w / w.sum(-1, keepdim=True)).numpy().astype(np.float32))
+            layer.append(np.full(len(a), n, np.int16))
+            step.append(np.full(len(a), s, np.int32))
+    n_rows = sum(len(x) for x in layer)
+    meta = {"format": FORMAT, "num_layers": len(routing[0][0]), "top_k": top_k,
+            "num_experts": experts, "expert_bytes": expert_bytes, "steps": len(routing)}
+    return Trace(meta, np.concatenate(ids), np.concatenate(weights), np.concatenate(layer),
+                 np.concatenate(step), np.ones(n_rows, bool), np.zeros(n_rows, np.int32),
+                 np.concatenate(pred_ids), np.concatenate(pred_weights), {})
+
+
+def replay_times(rows: dict, plan: dict, trace: Trace, costs: MeasuredCosts, per_copy: float,
+                 warmup: int, batch: int, layers: int) -> float:
+    """Each row's simulated tok/s beside its measured one (``predicted_tok_s``,
+    ``predicted_vs_measured``); the layer overhead (returned) is fitted on the all-resident row."""
+    def replay(name: str, layer_s: float) -> tuple[float, dict]:
+        slots, config, streaming, placement = plan[name]
+        out = simulate(trace, slots, "lru", threshold=config.threshold,
+                       sensitivity=list(config.sensitivity or [0.0] * layers),
+                       prefetch=config.prefetch, warm_start=False, hybrid=config.hybrid,
+                       host_costs=costs, placement=placement or [[]] * layers,
+                       streaming=streaming,
+                       timing=StepTimes.measured(costs, per_copy, layer_s))
+        return float(sum(out["time"]["step_s"][warmup:])), out
+
+    steps = trace.meta["steps"] - warmup
+    bare, _ = replay("all resident", 0.0)
+    layer_s = max(rows["all resident"]["step_ms"] * 1e-3 * steps - bare, 0.0) / (steps * layers)
+    for name, row in rows.items():
+        try:
+            seconds, _ = replay(name, layer_s)
+        except RuntimeError as e:
+            raise RuntimeError(f"{name}: {e}") from e
+        row["predicted_tok_s"] = steps * batch / seconds
+        row["predicted_vs_measured"] = row["predicted_tok_s"] / row["tok_s"]
+    rows["all resident"]["predicted_from"] = "fit (the layer overhead)"
+    return layer_s
+
+
 def held_out_routing(args, layers: int, batch: int, steps: int, experts: int):
     """Routing of the trace steps after the measured ones (the hybrid plan's "profile"), or
     None when the trace is too short (or synthetic): then the measured steps themselves."""
@@ -262,6 +329,9 @@ def main() -> None:
     base.load_random(seed=0, progress=True)
     stores = [b.store for b in base.blocks]
     per_copy, gbps = link_gbps(base)
+    # the time replay's unit costs (CPU, free link: the device kernel is the host's)
+    replayed = args.device == "cpu" and not args.emulate and not args.link_gbps
+    costs = kernel_costs(base, per_copy) if replayed else None
     del base
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "shape": args.shape, "layer_shape": vars(shape), "layers": layers,
@@ -300,6 +370,14 @@ def main() -> None:
                 bar.update()
         bar.close()
         rows = {name: {"slots": plan[name][0], **_median_run(r)} for name, r in runs.items()}
+        replay = None
+        if replayed:
+            layer_s = replay_times(rows, plan, as_trace(routing, shape.top_k, shape.experts,
+                                                        shape.expert_bytes(2)),
+                                   costs, per_copy, args.warmup, batch, layers)
+            replay = {"call_ms": costs.host_call_s * 1e3, "expert_ms": costs.host_fixed_s * 1e3,
+                      "pair_ms": costs.host_token_s * 1e3, "load_ms": per_copy * 1e3,
+                      "layer_overhead_ms": layer_s * 1e3}
         resident = rows["all resident"]
         layer_ms = resident["step_ms"] / layers
         load_ms = (emulation.copy_s(shape.expert_bytes(2)) * 1e3 if emulation else
@@ -316,7 +394,8 @@ def main() -> None:
         result["batches"][str(batch)] = {"host_curves": host, "host_curves_from":
                                          "held-out trace steps" if held_out else "measured steps",
                                          "layer_compute_ms": layer_ms, "load_ms": load_ms,
-                                         "load_in_layers": load_ms / layer_ms, "settings": rows}
+                                         "load_in_layers": load_ms / layer_ms,
+                                         "time_replay": replay, "settings": rows}
     out = args.out or HERE / "results" / f"engine_{args.device}.json"
     out.write_text(json.dumps(result, indent=1))
     print(table(result))
@@ -336,14 +415,16 @@ def table(result: dict) -> str:
         lines.append(f"\nbatch {batch}: layer compute {b['layer_compute_ms']:.3f} ms, one expert "
                      f"load = {b['load_in_layers']:.1f} layers")
         lines.append("| setting | tok/s | × resident | × uniform LRU | × host-only | loads/token "
-                     "| hit rate | tokens on host |")
-        lines.append("|---|---|---|---|---|---|---|---|")
+                     "| hit rate | tokens on host | replayed ÷ measured |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for name, r in b["settings"].items():
             vs = f"{r['vs_uniform_lru']:.2f}" if "vs_uniform_lru" in r else "—"
             vh = f"{r['vs_host_only']:.2f}" if "vs_host_only" in r else "—"
             lines.append(f"| {name} | {r['tok_s']:.1f} | {r['vs_resident']:.2f} | {vs} | {vh} | "
                          f"{r['loads_per_token']:.2f} | {r['hit_rate']:.2f} | "
-                         f"{r.get('host_token_share', 0):.2f} |")
+                         f"{r.get('host_token_share', 0):.2f} | "
+                         + (f"{r['predicted_vs_measured']:.2f}" if "predicted_vs_measured" in r
+                            else "—") + " |")
     return "\n".join(lines)
 
 

@@ -138,18 +138,26 @@ def engine_section(data: dict) -> list[str]:
     for batch, b in data["batches"].items():
         split = (f"; hybrid AdapMoE's split: the DP over the host curves of "
                  f"{b['host_curves_from']}" if b.get("host_curves_from") else "")
+        replay = b.get("time_replay")
+        replayed = (f"; simulator time replay (kernel call {replay['call_ms']:.3f} ms + "
+                    f"{replay['expert_ms']:.3f} ms per expert + {replay['pair_ms']:.4f} ms per "
+                    f"token-expert pair, a copy {replay['load_ms']:.3f} ms, measured; layer "
+                    f"overhead {replay['layer_overhead_ms']:.3f} ms fitted on all resident): "
+                    "replayed tok/s ÷ measured" if replay else "")
         out += ["", f"batch {batch}: layer compute {b['layer_compute_ms']:.3f} ms; one expert load ≈ "
-                f"{b['load_in_layers']:.1f} layers{split}", "",
+                f"{b['load_in_layers']:.1f} layers{split}{replayed}", "",
                 "| setting | tok/s | × all resident | × uniform LRU | × host-only | loads / token | "
-                "hit rate | experts / token·layer | tokens on host | promotions / token |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "hit rate | experts / token·layer | tokens on host | promotions / token |"
+                + (" replayed ÷ measured |" if replay else ""),
+                "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if replay else "")]
         label = " (emulated)" if emu else ""
         for name, r in b["settings"].items():
             out.append(f"| {name}{label} | {r['tok_s']:.1f} | {r['vs_resident']:.2f} | "
                        f"{_fmt(r.get('vs_uniform_lru'))} | {_fmt(r.get('vs_host_only'))} | "
                        f"{r['loads_per_token']:.2f} | {r['hit_rate']:.2f} | "
                        f"{r['activated_per_token_layer']:.2f} | {_fmt(r.get('host_token_share'))} | "
-                       f"{_fmt(r.get('promotions_per_token'))} |")
+                       f"{_fmt(r.get('promotions_per_token'))} |"
+                       + (f" {_fmt(r.get('predicted_vs_measured'))} |" if replay else ""))
     return out
 
 

@@ -9,6 +9,7 @@ import torch
 
 import vllm_adapmoe
 from conftest import PROMPTS, greedy
+from vllm_adapmoe.engine.costs import PinnedCosts, StepTimes
 from vllm_adapmoe.offline.simulator import simulate
 from vllm_adapmoe.offline.trace import Trace, TraceRecorder
 
@@ -57,6 +58,46 @@ def test_lru_and_lfu_hand_worked(tmp_path):
     # LFU (counts survive eviction): same decisions here; 0 is always the most used
     assert (lfu["loads"], lfu["hits"]) == (5, 3)
     assert lfu["bytes_loaded"] == 500
+
+
+# unit times of the replay: a copy 10, a kernel call 1 + 0.1 per expert + 0.01 per pair
+TIMES = StepTimes(load_s=10.0, call_s=1.0, expert_s=0.1, pair_s=0.01, layer_s=0.5)
+
+
+def test_time_replay_hand_worked(tmp_path):
+    """Slots start with experts 0 and 1. Step 0: two tokens on (0,1), resident: one call of
+    2 experts, 4 pairs. Step 1: one token on (2,3): two copies, then one call of 2 experts."""
+    trace = make_trace(tmp_path, [[(0, 1), (1, 0)], [(2, 3)]])
+    out = simulate(trace, 2, "lru", placement=[[0, 1]], timing=TIMES)
+    assert out["total"]["loads"] == 2 and "time" not in simulate(trace, 2, "lru")
+    assert out["time"]["step_s"] == pytest.approx([0.5 + 1.2 + 0.04, 0.5 + 20.0 + 1.2 + 0.02])
+    assert out["time"]["total_s"] == pytest.approx(sum(out["time"]["step_s"]))
+    assert out["time"]["per_decoded_token_s"] == pytest.approx(out["time"]["total_s"] / 3)
+
+
+def test_time_replay_prices_the_host_beside_or_after_the_device(tmp_path):
+    """host-only at 2 slots holding (0,1): the token on (0,2) runs whole on the host (2 experts,
+    2 pairs), the one on (0,1) on the device. Where host and device share the cores the step
+    costs both; where they run side by side, the longer of the two."""
+    trace = make_trace(tmp_path, [[(0, 1), (0, 2)]])
+    host = StepTimes(10.0, 1.0, 0.1, 0.01, 0.5, host=(2.0, 1.0, 0.1))
+    device_s, host_s = 0.5 + 1.0 + 0.2 + 0.02, 2.0 + 2.0 + 0.2
+    out = simulate(trace, 2, "lru", placement=[[0, 1]], hybrid="host-only",
+                   host_costs=PinnedCosts(10.0, 1.0, 0.1), timing=host)
+    assert out["total"]["host_tokens"] == 1 and out["total"]["loads"] == 0
+    assert out["time"]["step_s"] == pytest.approx([device_s + host_s])
+    side_by_side = StepTimes(10.0, 1.0, 0.1, 0.01, 0.5, parallel=True, host=(2.0, 1.0, 0.1))
+    out = simulate(trace, 2, "lru", placement=[[0, 1]], hybrid="host-only",
+                   host_costs=PinnedCosts(10.0, 1.0, 0.1), timing=side_by_side)
+    assert out["time"]["step_s"] == pytest.approx([max(device_s, host_s)])
+
+
+def test_time_replay_streaming_copies_every_step(tmp_path):
+    """Layer streaming: slots forget between steps, so the same experts are copied again."""
+    trace = make_trace(tmp_path, [[(0, 1)], [(0, 1)]])
+    out = simulate(trace, 2, "lru", placement=[[0, 1]], streaming=True, timing=TIMES)
+    assert out["total"]["loads"] == 2
+    assert out["time"]["step_s"] == pytest.approx([0.5 + 1.22, 0.5 + 20.0 + 1.22])
 
 
 def test_belady_lower_bound_hand_worked(tmp_path):

@@ -19,6 +19,9 @@ on timing, which tests and replays need. ``EmulatedCosts`` reads an ``emulate`` 
 (``emulation.py``): the durations the engine pads its copies and host work to.
 ``MeasuredCosts`` times the host at start-up (one call of 1 expert x 1 token, 1 x 16, 4 x 1)
 and refreshes the per-expert part from live host computations.
+
+``StepTimes`` turns what a layer's plan does (its waves, copies, host call) into seconds: the
+simulator's time replay (``offline/simulator.py``) with the same call / expert / token split.
 """
 
 from __future__ import annotations
@@ -124,6 +127,52 @@ class MeasuredCosts:
         """A live wave (its kernel call and the step's work around it) took ``seconds``."""
         if not self.parallel:
             self.device_call_s += 0.1 * (seconds - self.device_call_s)
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """What one layer's step takes, from what its plan does: the simulator's time replay.
+
+    A kernel call costs ``call_s`` + ``expert_s`` per distinct expert it reads + ``pair_s`` per
+    token-expert pair (the host's call likewise, with ``host`` = its (call, expert, pair) parts;
+    None: the device's, as on CPU, where both run the same kernel on the same cores); a copy
+    ``load_s``; ``layer_s`` the rest of a layer's step (routing, planning, small ops). Where copies
+    and host work run beside the device (``parallel``: a GPU, an emulated machine) a layer takes
+    max(device + its on-demand copies, host), guesses and promotions landing in the background;
+    else everything adds up, every copy included.
+    """
+
+    load_s: float
+    call_s: float
+    expert_s: float
+    pair_s: float
+    layer_s: float = 0.0
+    parallel: bool = False
+    host: tuple[float, float, float] | None = None
+
+    @classmethod
+    def measured(cls, costs: MeasuredCosts, load_s: float, layer_s: float = 0.0) -> StepTimes:
+        """From a calibrated host cost model; on CPU it times the device's kernel too."""
+        if not costs.calibrated:
+            raise ValueError("StepTimes.measured needs calibrated costs (MeasuredCosts.calibrate)")
+        return cls(load_s, costs.host_call_s, costs.host_fixed_s or 0.0, costs.host_token_s,
+                   layer_s, costs.parallel)
+
+    def kernel_s(self, experts: int, pairs: int, on_host: bool = False) -> float:
+        call, expert, pair = (self.host if on_host and self.host is not None
+                              else (self.call_s, self.expert_s, self.pair_s))
+        return call + expert * experts + pair * pairs
+
+    def step_s(self, waves: list[tuple[int, int]], host: tuple[int, int] | None, copies: int,
+               on_demand: int) -> float:
+        """``waves``: (distinct experts, pairs) per device kernel call; ``host``: the host call's
+        (experts, pairs) or None; ``copies``: every copy the step queued (``on_demand`` of them
+        for its own tokens)."""
+        device = self.layer_s + sum(self.kernel_s(e, p) for e, p in waves)
+        on_host = self.kernel_s(*host, on_host=True) if host else 0.0
+        if self.parallel:
+            return max(device + on_demand * self.load_s, on_host)
+        return device + copies * self.load_s + on_host
 
 
 def _timed(run: Callable[[int, int], None], experts: int, tokens: int) -> float:

@@ -6,7 +6,8 @@ It runs the live code for every decision — ``Routing.gated`` for gating, the e
 for residency and eviction — and applies each plan to the tables alone (no tensors move), so
 replaying a trace with the settings it was recorded under reproduces the engine's counters
 exactly (tested), and any other setting answers "what would this budget/policy/rule have cost
-on this workload".
+on this workload". Given ``timing`` (``StepTimes``: a cost model's unit times) it also replays
+durations: each layer step's plan — its waves, copies and host call — priced and summed per step.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vllm_adapmoe.engine.costs import PinnedCosts
+from vllm_adapmoe.engine.costs import ExpertCosts, PinnedCosts, StepTimes
 from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.link import LinkCost
 from vllm_adapmoe.engine.plan import StepSummary, Target, plan_prefetch, plan_step
@@ -37,7 +38,10 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
              gate_prefill: bool = False, prefetch: bool = False, warm_start: bool = True,
              expert_bytes: int | None = None, link_layers: float | None = None,
              hybrid: str = "off",
-             hybrid_costs: tuple[float, float, float] | None = None) -> dict[str, Any]:
+             hybrid_costs: tuple[float, float, float] | None = None,
+             host_costs: ExpertCosts | None = None, timing: StepTimes | None = None,
+             placement: list[list[int]] | None = None,
+             streaming: bool = False) -> dict[str, Any]:
     """Replay ``trace``; returns the ``vllm_adapmoe.stats`` shape (plus per-token ratios).
 
     ``warm_start`` starts each layer from the cache state recorded at trace start (needed for
@@ -46,7 +50,11 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
     recorded), with its pay-off rule at ``link_layers`` (one load ≈ that many decode layers;
     None: a free link, as a live run whose link costs at most one layer). ``hybrid`` replays
     where cold experts run, with ``hybrid_costs`` (load_s, host_fixed_s, host_token_s) pinned as
-    the live run pinned them ("auto" needs them; timings are not replayed).
+    the live run pinned them ("auto" needs them), or ``host_costs`` (any cost model) instead.
+    ``placement``: per layer, the experts its slots start with (as the engine's start-up fills
+    them: these first, then by id), instead of the trace's recorded state. ``streaming``: every
+    layer forgets its slots after each step (the layer-streaming baseline). ``timing``: adds
+    ``out["time"]`` — predicted seconds per step (``step_s``) and their sum.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -66,19 +74,33 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
         pol = BeladyPolicy(uses[layer]) if uses is not None else make_policy(policy)
         table = SlotTable(max(slots[layer], k), pol, stats[layer], own=slots[layer])
         state = (trace.meta.get("cache_state") or [None] * L)[layer]
-        if warm_start and state is not None and len(state["expert_in_slot"]) == table.num_slots:
+        if placement is not None:
+            start = [*placement[layer], *(e for e in range(int(trace.meta["num_experts"]))
+                                          if e not in placement[layer])]
+            for slot, expert in enumerate(start[:table.own]):  # as ExpertCache.warm
+                table.place(expert, slot)
+                table.policy.touch(expert)
+        elif warm_start and state is not None and len(state["expert_in_slot"]) == table.num_slots:
             table.load_state(state)
             table.release_staging()  # a trace recorded with more own slots: not staging's
         tables.append(table)
 
-    if hybrid == "auto" and hybrid_costs is None:
+    if hybrid == "auto" and hybrid_costs is None and host_costs is None:
         raise ValueError('hybrid="auto" replays need hybrid_costs (the pinned cost model)')
-    host = PinnedCosts(*hybrid_costs) if hybrid_costs is not None else PinnedCosts(0.0, 0.0, 0.0)
+    host = host_costs or (PinnedCosts(*hybrid_costs) if hybrid_costs is not None
+                          else PinnedCosts(0.0, 0.0, 0.0))
+    step_s: dict[int, float] = defaultdict(float)
+    last_step = None
     cost = LinkCost(link_layers)
     depths = list(range(trace.lookahead, 0, -1)) if prefetch else []  # live order: farthest first
     logs = _prediction_logs(trace, depths, warm_start)
     for block, routing in blocks:
         table, st, log = tables[block.layer], stats[block.layer], logs[block.layer]
+        if streaming and last_step is not None and block.step != last_step:
+            for t in tables:
+                t.clear()
+        last_step = block.step
+        before = (st.loads, st.prefetch_issued, st.promotions)
         if isinstance(table.policy, BeladyPolicy):
             table.policy.now = block.step
         for depth in depths:  # what the layers before booked for this one, in the live order
@@ -109,6 +131,8 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
         for expert in plan.promote:  # a replay's link is idle between steps
             table.promote(expert, {e for w in plan.waves for e in w.experts})
         table.release_staging()
+        if timing is not None:
+            step_s[block.step] += _priced(timing, plan, routing, st, before)
 
     size = expert_bytes or int(trace.meta.get("expert_bytes", 0))
     layers = []
@@ -120,7 +144,24 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
     out = summarise(layers)
     decoded = max(stats[0].decode_tokens, 1)
     out["total"]["loads_per_decoded_token"] = out["total"]["loads"] / decoded
+    if timing is not None:
+        steps = [step_s[s] for s in sorted(step_s)]
+        out["time"] = {"step_s": steps, "total_s": float(sum(steps)),
+                       "per_decoded_token_s": float(sum(steps)) / decoded}
     return out
+
+
+def _priced(timing: StepTimes, plan, routing: Routing, st: LayerStats,
+            before: tuple[int, int, int]) -> float:
+    """One layer step's predicted seconds: its plan's kernel calls, copies and host call."""
+    sets = routing.expert_sets
+    waves = [(len(w.experts), int(((sets if w.rows is None else sets[w.rows]) >= 0).sum()))
+             for w in plan.waves]
+    host = (None if plan.host_rows is None else
+            (len(plan.host_experts), int((sets[plan.host_rows] >= 0).sum())))
+    copies = st.loads - before[0]
+    on_demand = copies - (st.prefetch_issued - before[1]) - (st.promotions - before[2])
+    return timing.step_s(waves, host, copies, on_demand)
 
 
 def miss_curves(trace: Trace, policy: str = "lru", progress: bool = True,
