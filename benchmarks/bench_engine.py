@@ -59,7 +59,7 @@ from vllm_adapmoe.config import AdapMoEConfig, frequency_order  # noqa: E402
 from vllm_adapmoe.engine.emulation import PRESETS, make_emulation  # noqa: E402
 from vllm_adapmoe.engine.settings import EngineSettings  # noqa: E402
 from vllm_adapmoe.engine.cache_plan import plan_dp, plan_hybrid, plan_uniform  # noqa: E402
-from vllm_adapmoe.engine.costs import MeasuredCosts, StepTimes  # noqa: E402
+from vllm_adapmoe.engine.costs import MeasuredCosts, PinnedCosts, StepTimes  # noqa: E402
 from vllm_adapmoe.engine.execute import HostExecutor  # noqa: E402
 from vllm_adapmoe.engine.stats import LayerStats  # noqa: E402
 from vllm_adapmoe.offline.simulator import simulate  # noqa: E402
@@ -180,7 +180,20 @@ def run_setting(stack: ExpertStack, routing, batch: int, device: torch.device,
             "host_token_share": total["host_tokens"] / max(total["tokens"], 1),
             "host_experts_per_layer_step": total["host_experts"] / max(total["steps"], 1),
             "promotions_per_token": total["promotions"] / tokens, "host_s": total["host_s"],
-            "device_expert_bytes": stack.device_bytes()}
+            "device_expert_bytes": stack.device_bytes(), "live_costs": live_costs(stack)}
+
+
+def live_costs(stack: ExpertStack) -> dict | None:
+    """The hybrid cost model as the run left it (its parts refreshed from live host calls and
+    waves), averaged over the layers: what the time replay's decisions use for this row."""
+    costs = [b.host_costs for b in stack.blocks if isinstance(b.host_costs, MeasuredCosts)
+             and b.host_costs.calibrated]
+    if not costs:
+        return None
+    mean = lambda name: sum(getattr(c, name) for c in costs) / len(costs)  # noqa: E731
+    return {"load_s": mean("load_s"), "host_fixed_s": mean("host_fixed_s"),
+            "host_token_s": mean("host_token_s"), "host_call_s": mean("host_call_s"),
+            "device_call_s": mean("device_call_s"), "parallel": costs[0].parallel}
 
 
 def kernel_costs(stack: ExpertStack, per_copy: float) -> MeasuredCosts:
@@ -213,32 +226,61 @@ def as_trace(routing, top_k: int, experts: int, expert_bytes: int) -> Trace:
                  np.concatenate(pred_ids), np.concatenate(pred_weights), {})
 
 
-def replay_times(rows: dict, plan: dict, trace: Trace, costs: MeasuredCosts, per_copy: float,
-                 warmup: int, batch: int, layers: int) -> float:
+def features(config: AdapMoEConfig) -> str:
+    """The per-layer machinery a row runs besides its kernel calls and copies."""
+    parts = [name for name, on in (("prefetch", config.prefetch), ("gating", bool(config.threshold)),
+                                   (f"hybrid {config.hybrid}", config.hybrid != "off")) if on]
+    return " + ".join(parts) or "none"
+
+
+def overhead_fits(plan: dict, experts: int, layers: int) -> dict[str, tuple]:
+    """Per feature set of the rows (beyond none, which the all-resident row is): an all-resident
+    run with those features, on which the time replay fits that set's layer overhead."""
+    fits = {}
+    for slots, config, streaming, placement in plan.values():
+        key = features(config)
+        if key != "none" and f"fit: all resident + {key}" not in fits:
+            fits[f"fit: all resident + {key}"] = ([experts] * layers, config, False, None)
+    return fits
+
+
+def replay_times(rows: dict, plan: dict, fits: dict, trace: Trace, costs: MeasuredCosts,
+                 per_copy: float, warmup: int, batch: int, layers: int) -> dict[str, float]:
     """Each row's simulated tok/s beside its measured one (``predicted_tok_s``,
-    ``predicted_vs_measured``); the layer overhead (returned) is fitted on the all-resident row."""
-    def replay(name: str, layer_s: float) -> tuple[float, dict]:
-        slots, config, streaming, placement = plan[name]
+    ``predicted_vs_measured``). A layer's overhead beyond its kernel calls and copies (routing,
+    planning, the look-ahead) is fitted per feature set on an all-resident run with those
+    features (``fits``: name → measured row; returned: feature set → seconds per layer step).
+    Hybrid rows decide with the cost model their live run ended with; every row is priced with
+    the start-up microbenchmark's unit costs (``costs``)."""
+    def measured(name: str) -> dict:
+        return rows[name] if name in plan else fits[name]
+
+    def replay(name: str, layer_s: float) -> float:
+        slots, config, streaming, placement = plan[name] if name in plan else fits[name]["plan"]
+        live = measured(name).get("live_costs")  # decide as the live run did
+        decide = PinnedCosts(**live) if live else costs
         out = simulate(trace, slots, "lru", threshold=config.threshold,
                        sensitivity=list(config.sensitivity or [0.0] * layers),
                        prefetch=config.prefetch, warm_start=False, hybrid=config.hybrid,
-                       host_costs=costs, placement=placement or [[]] * layers,
+                       host_costs=decide, placement=placement or [[]] * layers,
                        streaming=streaming,
                        timing=StepTimes.measured(costs, per_copy, layer_s))
-        return float(sum(out["time"]["step_s"][warmup:])), out
+        return float(sum(out["time"]["step_s"][warmup:]))
 
     steps = trace.meta["steps"] - warmup
-    bare, _ = replay("all resident", 0.0)
-    layer_s = max(rows["all resident"]["step_ms"] * 1e-3 * steps - bare, 0.0) / (steps * layers)
+    fitted = {}
+    for key, name in [("none", "all resident"),
+                      *((n.removeprefix("fit: all resident + "), n) for n in fits)]:
+        seconds = measured(name)["step_ms"] * 1e-3 * steps
+        fitted[key] = max(seconds - replay(name, 0.0), 0.0) / (steps * layers)
     for name, row in rows.items():
         try:
-            seconds, _ = replay(name, layer_s)
+            seconds = replay(name, fitted[features(plan[name][1])])
         except RuntimeError as e:
             raise RuntimeError(f"{name}: {e}") from e
         row["predicted_tok_s"] = steps * batch / seconds
         row["predicted_vs_measured"] = row["predicted_tok_s"] / row["tok_s"]
-    rows["all resident"]["predicted_from"] = "fit (the layer overhead)"
-    return layer_s
+    return fitted
 
 
 def held_out_routing(args, layers: int, batch: int, steps: int, experts: int):
@@ -355,10 +397,11 @@ def main() -> None:
         host = host_work_curves([[a[n].topk(shape.top_k, dim=1).indices for a, _ in steps_]
                                  for n in range(layers)], shape.experts)
         plan = settings(shape, layers, profile, args.threshold, args.link_gbps, args.emulate, host)
-        runs: dict[str, list[dict]] = {name: [] for name in plan}
-        bar = tqdm(total=len(plan) * args.rounds, desc=f"batch {batch}", unit="run")
+        fits = overhead_fits(plan, shape.experts, layers) if replayed else {}
+        runs: dict[str, list[dict]] = {name: [] for name in {**plan, **fits}}
+        bar = tqdm(total=len(runs) * args.rounds, desc=f"batch {batch}", unit="run")
         for _ in range(args.rounds):  # alternating: every setting once per round
-            for name, (slots, config, streaming, placement) in plan.items():
+            for name, (slots, config, streaming, placement) in {**plan, **fits}.items():
                 stack = ExpertStack(shape, slots, config.engine_settings(), device,
                                     sensitivity=list(config.sensitivity or [0.0] * layers),
                                     routers=[ReplayRouter() for _ in range(layers)],
@@ -369,15 +412,17 @@ def main() -> None:
                 gc.collect()
                 bar.update()
         bar.close()
-        rows = {name: {"slots": plan[name][0], **_median_run(r)} for name, r in runs.items()}
+        rows = {name: {"slots": plan[name][0], **_median_run(runs[name])} for name in plan}
         replay = None
         if replayed:
-            layer_s = replay_times(rows, plan, as_trace(routing, shape.top_k, shape.experts,
-                                                        shape.expert_bytes(2)),
-                                   costs, per_copy, args.warmup, batch, layers)
+            fit_rows = {name: {**_median_run(runs[name]), "plan": fits[name]} for name in fits}
+            overhead = replay_times(rows, plan, fit_rows,
+                                    as_trace(routing, shape.top_k, shape.experts,
+                                             shape.expert_bytes(2)),
+                                    costs, per_copy, args.warmup, batch, layers)
             replay = {"call_ms": costs.host_call_s * 1e3, "expert_ms": costs.host_fixed_s * 1e3,
                       "pair_ms": costs.host_token_s * 1e3, "load_ms": per_copy * 1e3,
-                      "layer_overhead_ms": layer_s * 1e3}
+                      "layer_overhead_ms": {k: v * 1e3 for k, v in overhead.items()}}
         resident = rows["all resident"]
         layer_ms = resident["step_ms"] / layers
         load_ms = (emulation.copy_s(shape.expert_bytes(2)) * 1e3 if emulation else

@@ -141,9 +141,10 @@ def engine_section(data: dict) -> list[str]:
         replay = b.get("time_replay")
         replayed = (f"; simulator time replay (kernel call {replay['call_ms']:.3f} ms + "
                     f"{replay['expert_ms']:.3f} ms per expert + {replay['pair_ms']:.4f} ms per "
-                    f"token-expert pair, a copy {replay['load_ms']:.3f} ms, measured; layer "
-                    f"overhead {replay['layer_overhead_ms']:.3f} ms fitted on all resident): "
-                    "replayed tok/s ÷ measured" if replay else "")
+                    f"token-expert pair, a copy {replay['load_ms']:.3f} ms, measured; a layer's "
+                    "overhead fitted on all-resident runs with the row's features: "
+                    + ", ".join(f"{k} {v:.3f} ms" for k, v in replay["layer_overhead_ms"].items())
+                    + "): replayed tok/s ÷ measured" if replay else "")
         out += ["", f"batch {batch}: layer compute {b['layer_compute_ms']:.3f} ms; one expert load ≈ "
                 f"{b['load_in_layers']:.1f} layers{split}{replayed}", "",
                 "| setting | tok/s | × all resident | × uniform LRU | × host-only | loads / token | "

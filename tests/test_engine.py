@@ -341,6 +341,9 @@ def test_bench_engine_runs_without_vllm(tmp_path):
         # unless the timed kernel alone outlasts the measured row, on a noisy machine)
         assert result["batches"][batch]["time_replay"]["expert_ms"] > 0
         assert rows["all resident"]["predicted_vs_measured"] == pytest.approx(1.0, rel=0.25)
+        assert set(result["batches"][batch]["time_replay"]["layer_overhead_ms"]) == {
+            "none", "prefetch + gating", "hybrid host-only", "hybrid auto",
+            "prefetch + gating + hybrid auto"}
         assert all(0 < r["predicted_vs_measured"] < 100 for r in rows.values())
 
 

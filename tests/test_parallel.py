@@ -52,6 +52,16 @@ def test_tp2_families_match_stock(engines, family_models, family):
                                           prefetch=True, link_layers=1)))
 
 
+@pytest.mark.slow
+def test_tp2_glm4_moe_matches_stock(engines, family_models):
+    """GLM-4.5 at TP = 2: the routed block's and the shared expert's partial sums are reduced
+    once, together, after ``routed_scaling_factor``; 4 slots per layer with prefetch."""
+    model = family_models("glm4_moe")
+    assert_same(greedy(engines.get(model, tp=2)),
+                greedy(engines.get(model, "adapmoe", tp=2, cache_slots=4, prefetch=True,
+                                   link_layers=1)))
+
+
 def test_tp_for_a_family_not_checked_yet_is_a_clear_error(engines, family_models):
     with pytest.raises(Exception, match="tensor parallelism is checked for .*not yet for DeepseekV2"):
         engines.get(family_models("deepseek_v2"), "adapmoe", tp=2)

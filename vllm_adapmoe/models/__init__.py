@@ -114,5 +114,6 @@ SUPPORTED: dict[str, Supported] = {
     "DeepseekV2ForCausalLM": _entry("deepseek_v2", "AdapMoEDeepseekV2ForCausalLM", deepseek_shape),
     "DeepseekV3ForCausalLM": _entry("deepseek_v2", "AdapMoEDeepseekV3ForCausalLM", deepseek_shape),
     # GLM-4.5/4.6: DeepSeek-V3's MoE layout and shape fields (dense first layers, one shared expert)
-    "Glm4MoeForCausalLM": _entry("glm4_moe", "AdapMoEGlm4MoeForCausalLM", deepseek_shape),
+    "Glm4MoeForCausalLM": _entry("glm4_moe", "AdapMoEGlm4MoeForCausalLM", deepseek_shape,
+                                 tensor_parallel=True),
 }
