@@ -6,6 +6,7 @@ on the same rows (bit-identical per token), so in practice the difference is exa
 
 import pytest
 
+import vllm_adapmoe
 from conftest import PROMPTS, greedy
 
 LOGPROB_TOL = 1e-4
@@ -45,3 +46,28 @@ def test_tiny_batch_of_one_small_cache_matches_stock(engines, tiny_model):
 
 def test_bundled_all_resident_matches_stock(engines, bundled_model):
     assert_same(greedy(engines.get(bundled_model)), greedy(engines.get(bundled_model, "adapmoe")))
+
+
+# prompts that repeat themselves, so the n-gram proposer has something to propose
+REPEATING = ["the quick brown fox jumps over the lazy dog the quick brown fox",
+             "experts route tokens experts route tokens", "a mixture of a mixture of a mixture of",
+             "the lazy dog while experts route", "to be or not to be, to be or not",
+             "the hot ones the hot ones the", "O fox O fox O", "layers of layers of"]
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+         "prompt_lookup_max": 3}
+
+
+def test_ngram_speculative_decoding_matches_stock(engines, tiny_model):
+    """vLLM's n-gram proposer (no draft model): verify steps carry up to 4 tokens per request, all
+    computed whole by the block (not gated). At 2 slots + prefetch, tokens equal stock's with the
+    same speculation, and verify steps did run (more non-decode tokens than the prompts have)."""
+    stock = engines.get(tiny_model, speculative=NGRAM)
+    ours = engines.get(tiny_model, "adapmoe", speculative=NGRAM, cache_slots=2, prefetch=True,
+                       link_layers=1)
+    vllm_adapmoe.reset_stats(ours)
+    assert_same(greedy(stock, REPEATING, 24), greedy(ours, REPEATING, 24), len(REPEATING), 24)
+    tokenizer = ours.get_tokenizer()
+    prompt_tokens = sum(len(tokenizer.encode(p)) for p in REPEATING)
+    layer = vllm_adapmoe.stats(ours)["layers"][0]
+    assert layer["tokens"] - layer["decode_tokens"] > prompt_tokens
+    assert layer["misses"] > 0
