@@ -1,7 +1,7 @@
 """Shared engines: each distinct (model, impl, settings) starts one ``LLM`` per session.
 
 Starting an engine costs ~20 s on CPU, so tests ask ``engines.get(...)`` and share the result.
-Each engine holds ~0.5 GB of RAM in its worker (64 MiB of it KV cache), so at most
+Each engine holds ~1.5 GB of RAM over its processes (64 MiB of it KV cache), so at most
 ``MAX_ALIVE`` stay up: the least recently used one is shut down first (tests are grouped by
 file, so reuse is local). All are shut down at the end of the session (else vLLM logs errors
 after pytest exits).
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,7 @@ PROMPTS = [
 ]
 
 
-MAX_ALIVE = 5
+MAX_ALIVE = 7  # idle engines cost memory (~1.5 GB each), not CPU: their workers park
 
 
 class Engines:
@@ -74,12 +75,16 @@ class Engines:
             # NUMA node); set only while the workers start, TP=1 engines keep every core.
             ranks = tp * pp
             bind = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, range(ranks)))} if ranks > 1 else {}
+            started = time.perf_counter()
             with _env(bind):
                 self._engines[key] = LLM(model=str(model), model_impl=impl, enforce_eager=eager,
                                          max_model_len=512, seed=0, max_num_seqs=32, dtype=dtype,
                                          kv_cache_memory_bytes=64 * 2**20,
                                          tensor_parallel_size=tp, pipeline_parallel_size=pp,
                                          **kwargs)
+            if os.environ.get("ADAPMOE_TEST_ENGINE_LOG"):  # which engines start, and how often
+                with open(os.environ["ADAPMOE_TEST_ENGINE_LOG"], "a") as log:
+                    log.write(f"{time.perf_counter() - started:.1f}s {key}\n")
         return self._engines[key]
 
     def forget(self, llm: object) -> None:
