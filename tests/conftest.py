@@ -1,9 +1,9 @@
 """Shared engines: each distinct (model, impl, settings) starts one ``LLM`` per session.
 
 Starting an engine costs ~20 s on CPU, so tests ask ``engines.get(...)`` and share the result.
-Each engine holds ~1.5 GB of RAM over its processes (64 MiB of it KV cache), so at most
-``MAX_ALIVE`` stay up: the least recently used one is shut down first (tests are grouped by
-file, so reuse is local). All are shut down at the end of the session (else vLLM logs errors
+Each engine holds ~2.3 GB of RAM over its processes (64 MiB of it KV cache), so at most
+``MAX_ALIVE`` stay up, fewer when memory runs short: the least recently used one is shut down
+first (tests are grouped by file, so reuse is local). All are shut down at the end of the session (else vLLM logs errors
 after pytest exits).
 """
 
@@ -49,7 +49,16 @@ PROMPTS = [
 ]
 
 
-MAX_ALIVE = 7  # idle engines cost memory (~1.5 GB each), not CPU: their workers park
+MAX_ALIVE = 7  # idle engines cost memory, not CPU: their workers park
+MIN_AVAILABLE_GIB = 7.0  # ...and one engine takes ~2.3 GB (a TP=2 one ~4), so keep this much free
+
+
+def _available_gib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    return float("inf")
 
 
 class Engines:
@@ -65,7 +74,8 @@ class Engines:
         if key in self._engines:
             self._engines[key] = self._engines.pop(key)
         else:
-            while len(self._engines) >= MAX_ALIVE:
+            while self._engines and (len(self._engines) >= MAX_ALIVE
+                                     or _available_gib() < MIN_AVAILABLE_GIB):
                 oldest = next(iter(self._engines))
                 self._engines.pop(oldest).llm_engine.engine_core.shutdown()
             kwargs = {"additional_config": {"adapmoe": adapmoe}} if adapmoe else {}

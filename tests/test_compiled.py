@@ -24,18 +24,30 @@ def tiny_stock_compiled(engines, tiny_model):
     return greedy(engines.get(tiny_model, eager=False))
 
 
-# CI time: 2 slots (no prefetch) runs with -m slow; 1 slot + prefetch covers waves and prefetch
+# CI time (a compiled engine starts in ~70 s): one engine serves 1 slot + prefetch and the gating
+# test. Built with gating, the graph reads T from a tensor, so T = 0 runs it ungated.
+ONE_SLOT_GATED = {"cache_slots": 1, "prefetch": True, "link_layers": 1, "threshold": 0.01,
+                  "sensitivity": [1.0] * 3}  # the tiny model's 3 MoE layers
+
+
+# 2 slots (no prefetch) runs with -m slow; 1 slot + prefetch covers waves and prefetch
 @pytest.mark.parametrize("settings", [pytest.param({"cache_slots": 2}, marks=pytest.mark.slow),
-                                      {"cache_slots": 1, "prefetch": True, "link_layers": 1}],
-                         ids=["2-slots", "1-slot-prefetch"])
+                                      ONE_SLOT_GATED], ids=["2-slots", "1-slot-prefetch"])
 def test_tiny_compiled_offloaded_matches_compiled_all_resident(engines, tiny_model,
                                                                tiny_resident_compiled, settings):
     """Inside the compiled graph, the budget never changes a token (waves, copies, prefetch)."""
     llm = engines.get(tiny_model, "adapmoe", eager=False, **settings)
-    vllm_adapmoe.reset_stats(llm)
-    assert_same(tiny_resident_compiled, greedy(llm))
+    if "threshold" in settings:
+        vllm_adapmoe.set_gating(llm, 0.0)
+    try:
+        vllm_adapmoe.reset_stats(llm)
+        assert_same(tiny_resident_compiled, greedy(llm))
+    finally:
+        if "threshold" in settings:
+            vllm_adapmoe.set_gating(llm, settings["threshold"])
     total = vllm_adapmoe.stats(llm)["total"]  # the op ran the block every step, counting it
     assert total["decode_tokens"] > 0 and total["loads"] > 0 and total["misses"] > 0
+    assert total["top1_tokens"] == 0
 
 
 def test_tiny_compiled_matches_stock_compiled(tiny_stock_compiled, tiny_resident_compiled):
@@ -154,9 +166,8 @@ def test_gating_threshold_changes_inside_the_compiled_graph(engines, tiny_model,
                                                             tiny_resident_compiled):
     """Built with gating, the compiled graph reads T and S_l from a tensor: set_gating at run time
     takes effect without recompiling (T = 0 gives back stock's tokens; a high T gates)."""
-    layers = len(vllm_adapmoe.stats(engines.get(tiny_model, "adapmoe", eager=False))["layers"])
-    llm = engines.get(tiny_model, "adapmoe", eager=False, threshold=0.01,
-                      sensitivity=[1.0] * layers)
+    llm = engines.get(tiny_model, "adapmoe", eager=False, **ONE_SLOT_GATED)
+    assert len(vllm_adapmoe.stats(llm)["layers"]) == len(ONE_SLOT_GATED["sensitivity"])
     try:
         vllm_adapmoe.set_gating(llm, 0.0)
         vllm_adapmoe.reset_stats(llm)
@@ -169,4 +180,4 @@ def test_gating_threshold_changes_inside_the_compiled_graph(engines, tiny_model,
         on = vllm_adapmoe.stats(llm)["total"]
         assert on["top1_tokens"] == on["decode_tokens"] > 0
     finally:
-        vllm_adapmoe.set_gating(llm, 0.01)
+        vllm_adapmoe.set_gating(llm, ONE_SLOT_GATED["threshold"])
