@@ -74,8 +74,9 @@ class Engines:
         if key in self._engines:
             self._engines[key] = self._engines.pop(key)
         else:
-            while self._engines and (len(self._engines) >= MAX_ALIVE
-                                     or _available_gib() < MIN_AVAILABLE_GIB):
+            # never the two most recent: the calling test may hold them (stock, then ours)
+            while len(self._engines) >= MAX_ALIVE or (
+                    len(self._engines) > 2 and _available_gib() < MIN_AVAILABLE_GIB):
                 oldest = next(iter(self._engines))
                 self._engines.pop(oldest).llm_engine.engine_core.shutdown()
             kwargs = {"additional_config": {"adapmoe": adapmoe}} if adapmoe else {}
