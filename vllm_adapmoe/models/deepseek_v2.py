@@ -38,6 +38,7 @@ from vllm_adapmoe.models import deepseek_shape
 from vllm_adapmoe.models.moe_model import (AdapMoECausalLM, MoEBlocks, load_routed_apart, run_decoder,
                                            with_shared_experts)
 
+
 def deepseek_moe(config, vllm_config: VllmConfig, prefix: str, moe: MoEBlocks) -> nn.Module:
     """A MoE layer: router (+ V3's correction bias), our block, stock's shared experts."""
     gate = GateLinear(config.hidden_size, config.n_routed_experts,

@@ -31,6 +31,7 @@ from vllm_adapmoe.models import deepseek_shape
 from vllm_adapmoe.models.moe_model import (AdapMoECausalLM, MoEBlocks, load_routed_apart, run_decoder,
                                            with_shared_experts)
 
+
 def glm4_moe(config, vllm_config: VllmConfig, prefix: str, moe: MoEBlocks) -> nn.Module:
     """A MoE layer: fp32 router with its correction bias (as stock), our block, the shared expert."""
     gate = GateLinear(config.hidden_size, config.n_routed_experts, out_dtype=torch.float32,
