@@ -14,6 +14,7 @@ from test_moe_parts import _random_experts, _store
 
 from vllm_adapmoe.engine.settings import EngineSettings
 from vllm_adapmoe.engine import ExpertCache, GroupedKernel, LayerStats, Link, ReferenceKernel, route
+from vllm_adapmoe.engine.expert_tensors import ExpertRows
 from vllm_adapmoe.engine.routing import Routing
 from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.stack import ExpertStack, LayerShape
@@ -44,7 +45,7 @@ def test_engine_imports_and_runs_without_vllm():
 @pytest.mark.parametrize("device", DEVICES)
 def test_grouped_kernel_matches_reference_loop(device):
     w13s, w2s = _random_experts()
-    w13, w2 = torch.stack(w13s).to(device), torch.stack(w2s).to(device)
+    rows = ExpertRows({"w13": torch.stack(w13s).to(device), "w2": torch.stack(w2s).to(device)})
     x = torch.randn(13, 64, device=device)
     weights, ids = route(torch.randn(13, 4, device=device), 2)
     # gated tokens: dropped positions repeat the kept expert with weight 0
@@ -53,7 +54,7 @@ def test_grouped_kernel_matches_reference_loop(device):
         outs = []
         for kernel in (GroupedKernel(), ReferenceKernel()):
             out = torch.empty_like(x)
-            kernel(out, x, w13, w2, w, i)
+            kernel(out, x, rows, w, i)
             outs.append(out)
         torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
 

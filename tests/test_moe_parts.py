@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vllm_adapmoe.engine.cache import ExpertCache
+from vllm_adapmoe.engine.expert_tensors import ExpertFormat
 from vllm_adapmoe.engine.link import Link
 from vllm_adapmoe.engine.slot_table import LFUPolicy, LRUPolicy
 from vllm_adapmoe.engine.kernels import GroupedKernel, ReferenceKernel
@@ -84,10 +85,51 @@ def test_fused_kernel_on_slots_matches_reference_loop():
         cache = ExpertCache(store, 4, torch.device("cpu"), "lru", LayerStats())
         cache.warm(range(4))
         out = torch.empty(9, 64)
-        kernel(out, x, cache.w13, cache.w2, w, cache.slot_map[ids])
+        kernel(out, x, cache.slots, w, cache.slot_map[ids])
         outs[kernel.name] = out
     torch.testing.assert_close(outs["fused-cpu"], outs["reference"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(outs["grouped"], outs["reference"], atol=1e-5, rtol=1e-4)
+
+
+GPT_OSS = ExpertFormat("swigluoai", bias=True)
+
+
+def test_biased_swigluoai_kernels_match_transformers_gpt_oss_experts():
+    """gpt-oss experts (interleaved gate/up, clamped SwiGLU, biases) loaded from its stacked
+    x·W checkpoint tensors: the fused CPU kernel, the grouped and the reference kernel on the
+    slots equal transformers' own ``GptOssExperts`` on the same weights and routing."""
+    import transformers
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    from vllm_adapmoe.engine.weights import load_moe_weights
+
+    E, H, I, T = 4, 64, 32, 9
+    config = transformers.GptOssConfig(num_local_experts=E, hidden_size=H, intermediate_size=I)
+    reference = GptOssExperts(config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in reference.parameters():  # large enough that the ±7 clamps bite
+            p.copy_(torch.randn(p.shape, generator=g) * 2.0)
+    x = torch.randn(T, H, generator=g)
+    w, ids = route(torch.randn(T, E, generator=g), 2)
+    with torch.no_grad():
+        expected = reference(x, ids.long(), w)
+    checkpoint = [(f"experts.{n}", p.detach()) for n, p in reference.named_parameters()]
+    for kernel in (FusedCpuKernel(torch.float32, H, I, GPT_OSS), GroupedKernel(GPT_OSS),
+                   ReferenceKernel(GPT_OSS)):
+        store = HostExpertStore(E, H, I, kernel.padded_intermediate(I), torch.float32,
+                                kernel.pack, pin=False, fmt=GPT_OSS)
+        load_moe_weights(checkpoint, torch.nn.Identity(), store, (0, 1))
+        assert store.complete and store.expert_bytes == (3 * H * I + 2 * I + H) * 4
+        cache = ExpertCache(store, 3, torch.device("cpu"), "lru", LayerStats())
+        cache.wait(cache.start_loads(sorted(set(ids.flatten().tolist()))[:3]))  # loads move biases
+        cache.wait(cache.start_loads(sorted(set(ids.flatten().tolist()))[3:]))
+        resident = torch.tensor(sorted(cache.slot_of))
+        rows = torch.isin(ids, resident).all(1)  # tokens whose experts are both resident
+        out = torch.empty(int(rows.sum()), H)
+        kernel(out, x[rows], cache.slots, w[rows], cache.slot_map[ids[rows]])
+        torch.testing.assert_close(out, expected[rows], atol=1e-4, rtol=1e-4, msg=kernel.name)
+        assert rows.any()
 
 
 def test_cache_loads_count_bytes_and_never_evict_protected():

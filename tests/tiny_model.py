@@ -1,4 +1,5 @@
-"""Seeded random MoE checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2) saved as
+"""Seeded random MoE checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, GLM-4.5,
+gpt-oss) saved as
 local model directories (no hub access).
 
 Random routing is near-uniform: good for exactness tests, meaningless for caching claims.
@@ -93,12 +94,21 @@ def _tiny_config(family: str, vocab: dict[str, int], num_layers: int):
             n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=2,
             topk_group=1, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
             use_qk_norm=True, attention_bias=True, num_nextn_predict_layers=1)
+    if family == "gpt_oss":  # biased router and experts, clamped SwiGLU, sinks, sliding window
+        common["num_key_value_heads"] = 2
+        return transformers.GptOssConfig(
+            **common, head_dim=32, intermediate_size=32, num_local_experts=16,
+            num_experts_per_tok=4, sliding_window=8, rope_parameters={
+                "rope_type": "yarn", "factor": 1.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "truncate": False, "original_max_position_embeddings": 512, "rope_theta": 10000.0},
+            layer_types=["sliding_attention", "full_attention"] * (num_layers // 2)
+            + ["sliding_attention"] * (num_layers % 2))
     raise ValueError(f"unknown family {family!r}")
 
 
 FAMILIES = {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
             "olmoe": "OlmoeForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
-            "glm4_moe": "Glm4MoeForCausalLM"}
+            "glm4_moe": "Glm4MoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 
 
 def build_tiny_moe(path: str | Path, family: str, seed: int = 0, num_layers: int = 3) -> Path:
@@ -115,8 +125,10 @@ def build_tiny_moe(path: str | Path, family: str, seed: int = 0, num_layers: int
     model = getattr(transformers, FAMILIES[family])(config)
     with torch.no_grad():  # larger router weights → decisive (less tie-prone) routing
         for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
                 param.mul_(8.0)
+            if family == "gpt_oss" and ".mlp." in name and "bias" in name:
+                param.copy_(torch.randn_like(param) * 0.02)  # router/expert biases that matter
         if family == "glm4_moe":  # a random correction bias, so routing depends on it
             for name, param in model.named_parameters():
                 if name.endswith("e_score_correction_bias"):

@@ -84,25 +84,21 @@ def check_checkpoint(model_dir: Path, hf_config: Any, shape: Any, names: Any) ->
     for path in files:
         for name, t in read_header(path).items():
             found[name] = (t["dtype"], t["shape"], path)
-    h, i = shape.hidden_size, shape.intermediate_size
-    want = {names.gate: [i, h], names.up: [i, h], names.down: [h, i]}
     dtypes: set[str] = set()
     for moe_idx, layer in enumerate(shape.moe_layers):
         missing = []
-        for e in range(shape.num_experts):
-            for weight, dims in want.items():
-                key = f"model.layers.{layer}.{names.block}.experts.{e}.{weight}.weight"
-                entry = found.get(key)
-                if entry is None:
-                    missing.append(e)
-                    continue
-                dtype, got, path = entry
-                if list(got) != dims:
-                    raise AdapMoEConfigError(
-                        f"adapmoe: {key} in {path.name} has shape {list(got)}, the config implies "
-                        f"{dims} (hidden_size {h}, expert intermediate size {i}); the checkpoint "
-                        "does not match its config.json")
-                dtypes.add(dtype)
+        for key, dims, experts in _expert_tensors(layer, shape, names):
+            entry = found.get(key)
+            if entry is None:
+                missing += experts
+                continue
+            dtype, got, path = entry
+            if list(got) != dims:
+                raise AdapMoEConfigError(
+                    f"adapmoe: {key} in {path.name} has shape {list(got)}, the config implies "
+                    f"{dims} (hidden_size {shape.hidden_size}, expert intermediate size "
+                    f"{shape.intermediate_size}); the checkpoint does not match its config.json")
+            dtypes.add(dtype)
         if missing:
             raise AdapMoEConfigError(
                 f"adapmoe: layer {moe_idx} (decoder layer {layer}) is missing experts "
@@ -112,6 +108,19 @@ def check_checkpoint(model_dir: Path, hf_config: Any, shape: Any, names: Any) ->
         raise AdapMoEConfigError(
             f"adapmoe: the routed experts of {model_dir} are stored as {sorted(dtypes)}; "
             "--model-impl adapmoe needs them in one of BF16, F16, F32")
+
+
+def _expert_tensors(layer: int, shape: Any, names: Any) -> list[tuple[str, list[int], list[int]]]:
+    """(checkpoint key, shape, experts it holds) of each routed-expert tensor of ``layer``."""
+    h, i, n = shape.hidden_size, shape.intermediate_size, shape.num_experts
+    prefix = f"model.layers.{layer}.{names.block}.experts"
+    if names.stacked:  # one tensor per layer, x·W orientation, biases beside
+        dims = {names.gate: [n, h, 2 * i], names.down: [n, i, h]}
+        if shape.expert_format.bias:
+            dims.update({f"{names.gate}_bias": [n, 2 * i], f"{names.down}_bias": [n, h]})
+        return [(f"{prefix}.{w}", d, list(range(n))) for w, d in dims.items()]
+    dims = {names.gate: [i, h], names.up: [i, h], names.down: [h, i]}
+    return [(f"{prefix}.{e}.{w}.weight", d, [e]) for e in range(n) for w, d in dims.items()]
 
 
 def local_model_dir(model: str) -> Path | None:

@@ -1,7 +1,7 @@
 """The AdapMoE MoE block: one MoE layer whose experts live in host memory and run from device slots.
 
-Architecture-agnostic: a router (``gate``), ``num_experts`` SwiGLU experts given as gate/up/down
-weights, and the family's routing rule (``routing.py``). Per-architecture model files build one
+Architecture-agnostic: a router (``gate``), ``num_experts`` gated-MLP experts given as gate/up/down
+weights (and biases: ``expert_tensors.py``), and the family's routing rule (``routing.py``). Per-architecture model files build one
 block per MoE layer (numbered among MoE layers only) and feed it checkpoint weights
 (``weights.py``); shared experts and dense layers stay with the model file.
 
@@ -25,6 +25,7 @@ from torch import nn
 from vllm_adapmoe.engine.cache import ExpertCache
 from vllm_adapmoe.engine.costs import EmulatedCosts, ExpertCosts, MeasuredCosts, PinnedCosts
 from vllm_adapmoe.engine.execute import HostExecutor, StepExecutor
+from vllm_adapmoe.engine.expert_tensors import ExpertFormat
 from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.kernels import make_kernel
 from vllm_adapmoe.engine.link import Link
@@ -50,7 +51,8 @@ class AdapMoEBlock(nn.Module):
     item is that, as vLLM's ``GateLinear``); the serving stack provides it so the router GEMM is
     computed exactly as in its stock model; a ``gate.e_score_correction_bias`` tensor
     (DeepSeek-V3) is used by grouped routing. ``router`` is the family's routing rule (default:
-    softmax top-k, renormalised, as Mixtral). ``device`` is where slots and compute live.
+    softmax top-k, renormalised, as Mixtral); ``expert_format`` its experts' activation and
+    biases (default: SiLU, no biases). ``device`` is where slots and compute live.
 
     ``shard`` = (rank, size) for tensor parallelism: the block keeps, loads and caches only its
     rank's slice of every expert, so its output is a partial sum that ``reduce`` (set by the
@@ -64,7 +66,8 @@ class AdapMoEBlock(nn.Module):
                  link: Link | None = None, params_dtype: torch.dtype | None = None,
                  prefix: str = "", store: HostExpertStore | None = None,
                  router: RouterSpec | None = None, shard: tuple[int, int] = (0, 1),
-                 staging: StagingArea | None = None) -> None:
+                 staging: StagingArea | None = None,
+                 expert_format: ExpertFormat = ExpertFormat()) -> None:
         super().__init__()
         self.shard = shard
         intermediate_size = check_shardable(intermediate_size, shard)  # this rank's slice
@@ -76,12 +79,14 @@ class AdapMoEBlock(nn.Module):
         self.num_experts, self.top_k, self.hidden_size = num_experts, top_k, hidden_size
         self.step = step
         self.gate = gate
-        self.kernel = make_kernel(settings.kernel, device, dtype, hidden_size, intermediate_size)
+        self.kernel = make_kernel(settings.kernel, device, dtype, hidden_size, intermediate_size,
+                                  expert_format)
         # ``store``: a filled host store shared with another block (benchmarks that compare
         # budgets on the same experts); else an empty one, filled by ``load_weights``.
         self.store = store or HostExpertStore(num_experts, hidden_size, intermediate_size,
                                               self.kernel.padded_intermediate(intermediate_size),
-                                              dtype, self.kernel.pack, pin=device.type == "cuda")
+                                              dtype, self.kernel.pack, pin=device.type == "cuda",
+                                              fmt=expert_format)
         self.gating = AdaptiveGate(settings.threshold, sensitivity, settings.gate_prefill, device)
         # a buffer, so vLLM's compiled graph reads the gating rule's parameters by reference
         self.register_buffer("gating_params", self.gating.params, persistent=False)
@@ -134,10 +139,10 @@ class AdapMoEBlock(nn.Module):
     def _one_expert_on_device(self) -> None:
         """One expert for one token from slot 0 (the emulation's measure of device time)."""
         cache = self.cache
-        x = torch.zeros(1, self.hidden_size, dtype=cache.w13.dtype, device=cache.device)
+        x = torch.zeros(1, self.hidden_size, dtype=cache.slots.dtype, device=cache.device)
         ids = torch.zeros(1, 1, dtype=torch.int32, device=cache.device)
         weights = torch.ones(1, 1, dtype=torch.float32, device=cache.device)
-        self.kernel(torch.empty_like(x), x, cache.w13, cache.w2, weights, ids)
+        self.kernel(torch.empty_like(x), x, cache.slots, weights, ids)
         if cache.device.type == "cuda":
             torch.cuda.synchronize(cache.device)
 

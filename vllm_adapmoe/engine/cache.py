@@ -1,7 +1,8 @@
 """Per-layer device cache: a few expert "slots", an expert→slot map and an eviction policy.
 
-The slots are one stacked tensor per weight (``[S, 2I, H]`` and ``[S, H, I]`` in the kernel's
-layout) so a layer computes every resident expert with a single fused-kernel call on slot ids.
+The slots are one stacked tensor per expert part (``ExpertRows``: ``[S, 2I, H]``, ``[S, H, I]``
+and any biases, in the kernel's layout) so a layer computes every resident expert with a single
+fused-kernel call on slot ids.
 Residency and eviction are decided by ``SlotTable`` (shared with the simulator); experts the
 current wave needs are never evicted.
 
@@ -24,6 +25,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import torch
 
 from vllm_adapmoe.engine.errors import ExpertCopyError
+from vllm_adapmoe.engine.expert_tensors import ExpertRows
 from vllm_adapmoe.engine.link import Link, run_with_retry
 from vllm_adapmoe.engine.store import HostExpertStore
 from vllm_adapmoe.engine.stats import LayerStats
@@ -50,13 +52,11 @@ class ExpertCache:
         self.link = link or Link(device)
         self.staging = staging if staging is not None and staging.uses(layer) else None
         # Allocated at construction so vLLM's memory profiling counts them before sizing KV.
-        shape13, shape2, dtype = store.w13.shape[1:], store.w2.shape[1:], store.w13.dtype
         if self.staging is None:
-            self.w13 = torch.zeros((num_slots, *shape13), dtype=dtype, device=device)
-            self.w2 = torch.zeros((num_slots, *shape2), dtype=dtype, device=device)
+            self.slots = ExpertRows.like(store.rows, num_slots, device)
             self._rows: list[int] | None = None  # table slot s is row s
         else:
-            self.w13, self.w2, self._rows = self.staging.view(layer, shape13, shape2, dtype, device)
+            self.slots, self._rows = self.staging.view(layer, store.rows, device)
         self.num_slots = num_slots if self._rows is None else len(self._rows)
         self.table = SlotTable(self.num_slots, make_policy(policy), stats, own=num_slots)
         self._slot_map = torch.zeros(store.num_experts, dtype=torch.int32, device=device)
@@ -65,6 +65,14 @@ class ExpertCache:
         self.inline = self.link.cpu_free and store.expert_bytes <= INLINE_COPY_MAX_BYTES
         if self.inline:
             self.link.cost.overlaps = False
+
+    @property
+    def w13(self) -> torch.Tensor:
+        return self.slots.w13
+
+    @property
+    def w2(self) -> torch.Tensor:
+        return self.slots.w2
 
     @property
     def slot_of(self) -> dict[int, int]:
@@ -85,8 +93,7 @@ class ExpertCache:
     @property
     def device_bytes(self) -> int:
         """Bytes of the layer's own slots (shared staging rows: ``StagingArea.device_bytes``)."""
-        row = self.w13[0].numel() * self.w13.element_size() + self.w2[0].numel() * self.w2.element_size()
-        return self.own_slots * row
+        return self.own_slots * self.slots.row_bytes
 
     def ready(self, expert: int) -> bool:
         """Resident and its data has landed (no copy still queued)."""
@@ -208,13 +215,11 @@ class ExpertCache:
     def probe_copy_s(self) -> float:
         """One expert's copy timed into scratch device memory (the slots are left alone),
         stretched to an emulated link's rate: what a load costs before any was measured."""
-        w13 = torch.empty_like(self.w13[0])
-        w2 = torch.empty_like(self.w2[0])
+        scratch = ExpertRows.like(self.store.rows, 1, self.device)
         start = time.perf_counter()
-        w13.copy_(self.store.w13[0])
-        w2.copy_(self.store.w2[0])
-        if w13.device.type == "cuda":
-            torch.cuda.synchronize(w13.device)
+        scratch.copy_row(0, self.store.rows, 0)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         rate = self.link.bytes_per_s
         return max(seconds, self.store.expert_bytes / rate) if rate else seconds
@@ -255,5 +260,4 @@ class ExpertCache:
                                                  self.store.expert_bytes, prefetch)
 
     def _copy(self, expert: int, slot: int) -> None:
-        self.w13[slot].copy_(self.store.w13[expert], non_blocking=True)
-        self.w2[slot].copy_(self.store.w2[expert], non_blocking=True)
+        self.slots.copy_row(slot, self.store.rows, expert)

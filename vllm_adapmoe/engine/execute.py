@@ -112,10 +112,10 @@ class StepExecutor:
         slot_ids = self.cache.slot_ids(ids)
         cache = self.cache
         if rows is None:
-            self.kernel(out, x, cache.w13, cache.w2, weights, slot_ids)
+            self.kernel(out, x, cache.slots, weights, slot_ids)
             return
         part = torch.empty((rows.numel(), x.shape[1]), dtype=x.dtype, device=x.device)
-        self.kernel(part, x[rows], cache.w13, cache.w2, weights, slot_ids)
+        self.kernel(part, x[rows], cache.slots, weights, slot_ids)
         out[rows] = part
 
 
@@ -137,7 +137,7 @@ class HostExecutor:
                  emulation: Emulation | None = None, threads: int | None = None) -> None:
         self.store, self.stats, self.costs, self.device = store, stats, costs, device
         self.emulation, self.threads = emulation, threads
-        self.kernel = kernel if device.type == "cpu" else GroupedKernel()
+        self.kernel = kernel if device.type == "cpu" else GroupedKernel(store.fmt)
         self._pool: ThreadPoolExecutor | None = None
 
     def start(self, out: torch.Tensor, x: torch.Tensor, routing: Routing, rows: torch.Tensor,
@@ -150,7 +150,7 @@ class HostExecutor:
         job = _HostJob(rows, experts, ids.numel(), started, emulated)
         if self.device.type == "cpu":
             part = torch.empty_like(xs)
-            self.kernel(part, xs, self.store.w13, self.store.w2, weights, ids)
+            self.kernel(part, xs, self.store.rows, weights, ids)
             out[rows] = part
             job.seconds = time.perf_counter() - started
             return job
@@ -182,7 +182,7 @@ class HostExecutor:
                          weights: torch.Tensor) -> torch.Tensor:
         ready.synchronize()  # the activations have reached host memory
         part = torch.empty_like(xs)
-        self.kernel(part, xs, self.store.w13, self.store.w2, weights, ids)
+        self.kernel(part, xs, self.store.rows, weights, ids)
         return part
 
     def _emulated_s(self, sets: torch.Tensor) -> float:
@@ -195,10 +195,10 @@ class HostExecutor:
         """One host call of ``experts`` experts, ``tokens`` tokens each (the cost model's
         start-up microbenchmark)."""
         n = experts * tokens
-        x = torch.randn(n, self.store.hidden, dtype=self.store.w13.dtype)
+        x = torch.randn(n, self.store.hidden, dtype=self.store.rows.dtype)
         ids = torch.arange(n, dtype=torch.int32).remainder(experts).view(n, 1)
         weights = torch.ones(n, 1, dtype=torch.float32)
-        self.kernel(torch.empty_like(x), x, self.store.w13, self.store.w2, weights, ids)
+        self.kernel(torch.empty_like(x), x, self.store.rows, weights, ids)
 
 
 @dataclass(slots=True)

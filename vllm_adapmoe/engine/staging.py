@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_adapmoe.engine.expert_tensors import ExpertRows
+
 
 class StagingArea:
     """The arena of one model (one device): built from the plan's own slots per layer."""
@@ -31,8 +33,7 @@ class StagingArea:
             offset += own_slots[layer]
         self._own_rows = offset
         self._own = {layer: own_slots[layer] for layer in small}
-        self.w13: torch.Tensor | None = None
-        self.w2: torch.Tensor | None = None
+        self.arena: ExpertRows | None = None
 
     @classmethod
     def for_plan(cls, own_slots: list[int], top_k: int,
@@ -51,29 +52,23 @@ class StagingArea:
         """``layer`` is the first that uses the staging rows (reports their bytes)."""
         return layer == min(self._offset)
 
-    def view(self, layer: int, shape13: torch.Size, shape2: torch.Size, dtype: torch.dtype,
-             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """(w13, w2, row of each table slot) for small ``layer``: its own slots, then
-        ``top_k - own`` staging rows. ``shape13``/``shape2`` are one expert's (every layer of a
-        model has the same); the arena is allocated when the first layer is built, so the
-        memory profile of the serving stack sees it."""
-        if self.w13 is None:
-            total = self._own_rows + self.rows
-            self.w13 = torch.zeros((total, *shape13), dtype=dtype, device=device)
-            self.w2 = torch.zeros((total, *shape2), dtype=dtype, device=device)
-        elif self.w13.shape[1:] != shape13 or self.w2.shape[1:] != shape2:
+    def view(self, layer: int, like: ExpertRows,
+             device: torch.device) -> tuple[ExpertRows, list[int]]:
+        """(slot rows, row of each table slot) for small ``layer``: its own slots, then
+        ``top_k - own`` staging rows, with ``like``'s parts (every layer of a model has the same
+        expert shape); the arena is allocated when the first layer is built, so the memory
+        profile of the serving stack sees it."""
+        if self.arena is None:
+            self.arena = ExpertRows.like(like, self._own_rows + self.rows, device)
+        elif self.arena.shapes() != like.shapes():
             raise ValueError("adapmoe: the layers sharing staging rows have different expert "
-                             f"shapes ({tuple(self.w13.shape[1:])} vs {tuple(shape13)})")
+                             f"shapes ({self.arena.shapes()} vs {like.shapes()})")
         start, own = self._offset[layer], self._own[layer]
         first_staging = self._own_rows - start
         rows = list(range(own)) + [first_staging + j for j in range(self.top_k - own)]
-        return self.w13[start:], self.w2[start:], rows
+        return self.arena.tail(start), rows
 
     @property
     def device_bytes(self) -> int:
         """Bytes of the staging rows alone (the small layers' own rows count as their slots)."""
-        if self.w13 is None or self.w2 is None:
-            return 0
-        per_row = (self.w13[0].numel() * self.w13.element_size()
-                   + self.w2[0].numel() * self.w2.element_size())
-        return self.rows * per_row
+        return 0 if self.arena is None else self.rows * self.arena.row_bytes

@@ -1,9 +1,11 @@
 """Host tier: every expert of one MoE layer in host memory, in the compute kernel's layout.
 
-A device load is then one contiguous copy per weight; on CUDA the host tensors are pinned so the
-copy can run asynchronously on a side stream. Checkpoint shards arrive one weight at a time
-(``w1``, ``w2``, ``w3`` per expert); an expert is packed into its row as soon as it is complete,
-so loading never holds more than a few unpacked experts in memory, and never touches the device.
+A device load is then one contiguous copy per part (``expert_tensors.py``); on CUDA the host
+tensors are pinned so the copy can run asynchronously on a side stream. Checkpoint shards arrive
+one weight at a time — ``w1`` (gate), ``w3`` (up), ``w2`` (down) per expert, or ``w13`` already
+stacked (gpt-oss), and biases where the family has them; an expert is packed into its row as
+soon as it is complete, so loading never holds more than a few unpacked experts in memory, and
+never touches the device.
 """
 
 from __future__ import annotations
@@ -12,44 +14,59 @@ from collections.abc import Callable
 
 import torch
 
-PackFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+from vllm_adapmoe.engine.expert_tensors import ExpertFormat, ExpertRows
+
+PackFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 class HostExpertStore:
     def __init__(self, num_experts: int, hidden: int, intermediate: int, padded_intermediate: int,
-                 dtype: torch.dtype, pack: PackFn, pin: bool) -> None:
+                 dtype: torch.dtype, pack: PackFn, pin: bool,
+                 fmt: ExpertFormat = ExpertFormat()) -> None:
         self.num_experts = num_experts
         self.hidden, self.intermediate = hidden, intermediate
+        self.fmt = fmt
         self._pack = pack
         # Explicit device="cpu": the model is built under the target device's context.
-        self.w13 = torch.empty(num_experts, 2 * padded_intermediate, hidden, dtype=dtype,
-                               device="cpu", pin_memory=pin)
-        self.w2 = torch.empty(num_experts, hidden, padded_intermediate, dtype=dtype,
-                              device="cpu", pin_memory=pin)
+        self.rows = ExpertRows.zeros(num_experts, fmt.part_shapes(hidden, padded_intermediate),
+                                     dtype, "cpu", pin)
+        self._bias_parts = {"w13_bias", "w2_bias"} if fmt.bias else set()
         self._pending: dict[int, dict[str, torch.Tensor]] = {}
         self._filled: set[int] = set()
 
     @property
+    def w13(self) -> torch.Tensor:
+        return self.rows.w13
+
+    @property
+    def w2(self) -> torch.Tensor:
+        return self.rows.w2
+
+    @property
     def expert_bytes(self) -> int:
-        return (self.w13[0].numel() + self.w2[0].numel()) * self.w13.element_size()
+        return self.rows.row_bytes
 
     @property
     def complete(self) -> bool:
         return len(self._filled) == self.num_experts
 
     def put(self, expert: int, which: str, weight: torch.Tensor) -> None:
-        """Take one checkpoint weight (``which`` in w1 = gate, w3 = up, w2 = down)."""
+        """Take one checkpoint weight of ``expert``: ``which`` in w1 = gate, w3 = up, w2 = down,
+        w13 = gate and up already stacked as the activation reads them, w13_bias, w2_bias."""
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"checkpoint has expert {expert}, the config says {self.num_experts}")
+        if which.endswith("_bias") and which not in self._bias_parts:
+            raise ValueError(f"adapmoe: the checkpoint has an expert bias ({which}) this "
+                             "family's experts do not have")
         parts = self._pending.setdefault(expert, {})
-        parts[which] = weight.to(device="cpu", dtype=self.w13.dtype)
-        if len(parts) < 3:
+        parts[which] = weight.to(device="cpu", dtype=self.rows.dtype)
+        stacked = {"w13"} if "w13" in parts else {"w1", "w3"}
+        if not parts.keys() >= stacked | {"w2"} | self._bias_parts:
             return
         del self._pending[expert]
-        w13 = torch.cat([parts["w1"], parts["w3"]], dim=0)  # gate | up, as vLLM's w13
-        packed13, packed2 = self._pack(w13, parts["w2"])
-        self.w13[expert].copy_(packed13)
-        self.w2[expert].copy_(packed2)
+        if "w13" not in parts:  # gate | up, as vLLM's w13
+            parts["w13"] = torch.cat([parts.pop("w1"), parts.pop("w3")], dim=0)
+        self.rows.set_row(expert, self._pack(parts))
         self._filled.add(expert)
 
     def missing(self) -> list[int]:

@@ -1,9 +1,16 @@
 """Checkpoint weights of one MoE layer → its router and its host store, this rank's shard only.
 
-Names are relative to the block: ``gate.*`` (the router, and DeepSeek-V3's correction bias) and
-``experts.E.<w>.weight`` with ``<w>`` one of w1/w2/w3 (Mixtral) or gate_proj/down_proj/up_proj
-(Qwen, OLMoE, DeepSeek). Under tensor parallelism a rank keeps gate/up rows and down columns of
-its slice (vLLM's split of ``w13`` / ``w2``), so its output is a partial sum.
+Names are relative to the block: ``gate.*`` (the router, its bias, and DeepSeek-V3's correction
+bias) and either
+  * one tensor per expert, ``experts.E.<w>.weight`` with ``<w>`` one of w1/w2/w3 (Mixtral) or
+    gate_proj/down_proj/up_proj (Qwen, OLMoE, DeepSeek, GLM); or
+  * one tensor per layer with every expert stacked (gpt-oss): ``experts.gate_up_proj``
+    ``[E, H, 2I]`` (gate and up interleaved), ``experts.down_proj`` ``[E, I, H]`` (both in
+    x·W orientation) and their biases ``experts.gate_up_proj_bias`` ``[E, 2I]``,
+    ``experts.down_proj_bias`` ``[E, H]`` (vLLM's names for them, ``w13_weight`` etc., too).
+Under tensor parallelism a rank keeps gate/up rows and down columns of its slice (vLLM's split
+of ``w13`` / ``w2``; interleaved rows split the same way, a pair never straddles two ranks), so
+its output is a partial sum; the down bias is added once, by rank 0, as stock does.
 """
 
 from __future__ import annotations
@@ -17,6 +24,11 @@ from vllm_adapmoe.engine.store import HostExpertStore
 
 EXPERT_WEIGHTS = {"w1": "w1", "w2": "w2", "w3": "w3",
                   "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+# per-layer stacked tensors → (part, transposed from x·W orientation)
+STACKED_WEIGHTS = {"gate_up_proj": ("w13", True), "w13_weight": ("w13", True),
+                   "down_proj": ("w2", True), "w2_weight": ("w2", True),
+                   "gate_up_proj_bias": ("w13_bias", False), "w13_bias": ("w13_bias", False),
+                   "down_proj_bias": ("w2_bias", False), "w2_bias": ("w2_bias", False)}
 
 
 def load_moe_weights(weights: Iterable[tuple[str, torch.Tensor]], gate: nn.Module,
@@ -33,6 +45,12 @@ def load_moe_weights(weights: Iterable[tuple[str, torch.Tensor]], gate: nn.Modul
             loaded.add(name)
             continue
         parts = name.split(".")
+        if len(parts) == 2 and parts[0] == "experts" and parts[1] in STACKED_WEIGHTS:
+            which, transposed = STACKED_WEIGHTS[parts[1]]
+            for expert, weight in enumerate(tensor):
+                weight = weight.t() if transposed else weight
+                store.put(expert, which, own_shard(which, weight, shard))
+            continue
         if len(parts) != 4 or parts[0] != "experts" or parts[2] not in EXPERT_WEIGHTS:
             raise ValueError(f"adapmoe: unexpected MoE weight {name!r} in the checkpoint")
         which = EXPERT_WEIGHTS[parts[2]]
@@ -41,10 +59,13 @@ def load_moe_weights(weights: Iterable[tuple[str, torch.Tensor]], gate: nn.Modul
 
 
 def own_shard(which: str, weight: torch.Tensor, shard: tuple[int, int]) -> torch.Tensor:
-    """This rank's slice: rows of gate/up (column parallel), columns of down (row parallel)."""
+    """This rank's slice: rows of gate/up (column parallel), columns of down (row parallel);
+    the down bias whole on rank 0, zero elsewhere (the ranks' outputs are summed)."""
     rank, size = shard
     if size == 1:
         return weight
+    if which == "w2_bias":
+        return weight if rank == 0 else torch.zeros_like(weight)
     dim = 1 if which == "w2" else 0
     n = weight.shape[dim] // size
     return weight.narrow(dim, rank * n, n)

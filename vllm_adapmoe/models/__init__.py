@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_adapmoe.engine.expert_tensors import ExpertFormat
+
 # The custom op the block runs in (registered by ``moe_op.py``); vLLM splits its compiled
 # graph there, so piecewise CUDA graphs never capture the block's data-dependent host work.
 BLOCK_OP = "vllm::adapmoe_block"
@@ -26,6 +28,7 @@ class MoEShape:
     top_k: int
     hidden_size: int
     intermediate_size: int
+    expert_format: ExpertFormat = ExpertFormat()
 
     @property
     def num_layers(self) -> int:
@@ -35,7 +38,8 @@ class MoEShape:
         return self.moe_layers.index(layer_idx)
 
     def expert_bytes(self, itemsize: int) -> int:
-        return 3 * self.hidden_size * self.intermediate_size * itemsize
+        h, i = self.hidden_size, self.intermediate_size
+        return (3 * h * i + (2 * i + h if self.expert_format.bias else 0)) * itemsize
 
 
 def mixtral_shape(c: Any) -> MoEShape:
@@ -73,19 +77,31 @@ def deepseek_shape(c: Any) -> MoEShape:
                     c.hidden_size, c.moe_intermediate_size)
 
 
+def gpt_oss_shape(c: Any) -> MoEShape:
+    """gpt-oss: every layer MoE; biased experts with the clamped, interleaved SwiGLU."""
+    return MoEShape(tuple(range(c.num_hidden_layers)), c.num_local_experts,
+                    c.num_experts_per_tok, c.hidden_size, c.intermediate_size,
+                    ExpertFormat("swigluoai", bias=True, alpha=getattr(c, "swiglu_alpha", 1.702),
+                                 limit=getattr(c, "swiglu_limit", 7.0)))
+
+
 @dataclass(frozen=True)
 class ExpertNames:
     """Where a family's routed experts live in its checkpoint:
-    ``model.layers.N.<block>.experts.E.<gate|up|down>.weight``."""
+    ``model.layers.N.<block>.experts.E.<gate|up|down>.weight``, or with ``stacked`` one tensor
+    per layer, ``model.layers.N.<block>.experts.<gate>`` (gate and up together, ``up`` unused)
+    and ``...experts.<down>``, their biases ``<name>_bias``."""
 
     block: str
     gate: str
     up: str
     down: str
+    stacked: bool = False
 
 
 MIXTRAL_NAMES = ExpertNames("block_sparse_moe", "w1", "w3", "w2")
 MLP_NAMES = ExpertNames("mlp", "gate_proj", "up_proj", "down_proj")
+GPT_OSS_NAMES = ExpertNames("mlp", "gate_up_proj", "", "down_proj", stacked=True)
 
 
 @dataclass(frozen=True)
@@ -116,4 +132,6 @@ SUPPORTED: dict[str, Supported] = {
     # GLM-4.5/4.6: DeepSeek-V3's MoE layout and shape fields (dense first layers, one shared expert)
     "Glm4MoeForCausalLM": _entry("glm4_moe", "AdapMoEGlm4MoeForCausalLM", deepseek_shape,
                                  tensor_parallel=True),
+    "GptOssForCausalLM": _entry("gpt_oss", "AdapMoEGptOssForCausalLM", gpt_oss_shape,
+                                experts=GPT_OSS_NAMES),
 }

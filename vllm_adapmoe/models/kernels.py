@@ -14,9 +14,11 @@ import math
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from vllm_adapmoe import cpu_features
 from vllm_adapmoe.engine.errors import AdapMoEConfigError
+from vllm_adapmoe.engine.expert_tensors import ExpertFormat, ExpertRows
 from vllm_adapmoe.engine.kernels import register_kernel
 
 
@@ -25,11 +27,13 @@ class FusedCpuKernel:
 
     name = "fused-cpu"
 
-    def __init__(self, dtype: torch.dtype, hidden: int, intermediate: int) -> None:
+    def __init__(self, dtype: torch.dtype, hidden: int, intermediate: int,
+                 fmt: ExpertFormat = ExpertFormat()) -> None:
         from vllm.platforms import CpuArchEnum, current_platform
 
         from vllm._custom_ops import cpu_fused_moe
 
+        self.fmt = fmt
         self._fused_moe = cpu_fused_moe  # bound once: the call is on every layer's hot path
         arch = current_platform.get_cpu_architecture()
         if arch == CpuArchEnum.X86 and dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported():
@@ -50,29 +54,47 @@ class FusedCpuKernel:
                 f"adapmoe: the fused CPU kernel needs hidden_size divisible by {self.align} "
                 f"(got {hidden}); set \"kernel\": \"reference\""
             )
+        if fmt.interleaved and intermediate % self.align:
+            # stock does not pad interleaved gate/up rows either (its kernel refuses the shape)
+            raise AdapMoEConfigError(
+                f"adapmoe: the fused CPU kernel needs a swigluoai expert's intermediate size "
+                f"divisible by {self.align} (got {intermediate}); set \"kernel\": \"grouped\"")
 
     def padded_intermediate(self, intermediate: int) -> int:
+        if self.fmt.interleaved:
+            return intermediate  # checked aligned at construction
         return -(-intermediate // self.align) * self.align
 
-    def pack(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One expert (``[2I, H]``, ``[H, I]``) → zero-padded, prepacked kernel layout."""
+    def pack(self, expert: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One expert (``w13`` ``[2I, H]``, ``w2`` ``[H, I]``, biases) → zero-padded, prepacked
+        kernel layout (biases stay plain, as stock keeps them)."""
         from vllm._custom_ops import cpu_prepack_moe_weight
 
-        inter = w2.shape[1]
+        packed = {name: t.contiguous() for name, t in expert.items()}
+        inter = packed["w2"].shape[1]
         padded = self.padded_intermediate(inter)
         if padded != inter:  # zero rows/cols contribute exactly 0, as in vLLM's own padding
-            gate_up = w13.new_zeros(2 * padded, w13.shape[1])
-            gate_up[:inter], gate_up[padded:padded + inter] = w13[:inter], w13[inter:]
-            down = w2.new_zeros(w2.shape[0], padded)
-            down[:, :inter] = w2
-            w13, w2 = gate_up, down
-        return (cpu_prepack_moe_weight(w13.unsqueeze(0).contiguous(), self.isa)[0],
-                cpu_prepack_moe_weight(w2.unsqueeze(0).contiguous(), self.isa)[0])
+            packed["w13"] = _pad_halves(packed["w13"], padded)
+            packed["w2"] = F.pad(packed["w2"], (0, padded - inter))
+            if "w13_bias" in packed:
+                packed["w13_bias"] = _pad_halves(packed["w13_bias"], padded)
+        w13, w2 = packed["w13"], packed["w2"]
+        packed["w13"] = cpu_prepack_moe_weight(w13.unsqueeze(0).contiguous(), self.isa)[0]
+        packed["w2"] = cpu_prepack_moe_weight(w2.unsqueeze(0).contiguous(), self.isa)[0]
+        return packed
 
-    def __call__(self, out: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+    def __call__(self, out: torch.Tensor, x: torch.Tensor, w: ExpertRows,
                  topk_weights: torch.Tensor, topk_slots: torch.Tensor) -> None:
-        self._fused_moe(out, x, w13, w2, None, None, topk_weights.contiguous(),
-                        topk_slots.contiguous(), "silu", self.isa)
+        self._fused_moe(out, x, w.w13, w.w2, w.get("w13_bias"), w.get("w2_bias"),
+                        topk_weights.contiguous(), topk_slots.contiguous(), self.fmt.activation,
+                        self.isa)
+
+
+def _pad_halves(t: torch.Tensor, padded: int) -> torch.Tensor:
+    """Gate | up halves along dim 0, each zero-padded to ``padded`` rows."""
+    inter = t.shape[0] // 2
+    pad = (0, 0) * (t.dim() - 1) + (0, padded - inter)
+    return torch.cat([F.pad(t[:inter], pad), F.pad(t[inter:], pad)])
 
 
 class FusedTritonKernel:
@@ -81,23 +103,27 @@ class FusedTritonKernel:
 
     name = "fused-triton"
 
-    def __init__(self, dtype: torch.dtype, hidden: int, intermediate: int) -> None:
+    def __init__(self, dtype: torch.dtype, hidden: int, intermediate: int,
+                 fmt: ExpertFormat = ExpertFormat()) -> None:
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise AdapMoEConfigError(f"adapmoe: the fused CUDA kernel does not take {dtype}")
+        if fmt != ExpertFormat():
+            raise AdapMoEConfigError("adapmoe: the fused CUDA kernel is wired for SiLU experts "
+                                     "without biases only; use \"grouped\"")
         self.path = "vLLM Triton fused_experts"
 
     def padded_intermediate(self, intermediate: int) -> int:
         return intermediate
 
-    def pack(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return w13.contiguous(), w2.contiguous()
+    def pack(self, expert: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: t.contiguous() for name, t in expert.items()}
 
-    def __call__(self, out: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+    def __call__(self, out: torch.Tensor, x: torch.Tensor, w: ExpertRows,
                  topk_weights: torch.Tensor, topk_slots: torch.Tensor) -> None:
         from vllm.model_executor.layers.fused_moe import fused_experts
 
-        out.copy_(fused_experts(x, w13, w2, topk_weights, topk_slots,
-                                global_num_experts=w13.shape[0]))
+        out.copy_(fused_experts(x, w.w13, w.w2, topk_weights, topk_slots,
+                                global_num_experts=w.num_rows))
 
 
 register_kernel("cpu", FusedCpuKernel)

@@ -95,7 +95,7 @@ class MoEBlocks:
             num_slots=self.slots[moe_idx], settings=self.settings, step=self.step,
             sensitivity=self.sensitivity[moe_idx], link=self.link, gate=gate, device=self.device,
             params_dtype=self.dtype, prefix=prefix, router=router, shard=self.shard,
-            staging=self.staging)
+            staging=self.staging, expert_format=shape.expert_format)
         if self.placement is not None:
             block.placement = self.placement[moe_idx]
         if self.shard[1] > 1:
@@ -234,25 +234,23 @@ def with_shared_experts(block: AdapMoEBlock, shared: nn.Module | None,
     return SharedExpertsMoE(block, ("shared_experts", shared), routed_scale=routed_scale)
 
 
-_ROUTED_WEIGHT = re.compile(r"layers\.(\d+)\.mlp\.((?:gate|experts)\..+)")
-
-
 def load_routed_apart(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                       stock_load: Callable[[nn.Module, Iterable[tuple[str, torch.Tensor]]], set[str]],
-                      moe_layers: Iterable[int]) -> set[str]:
-    """Load ``weights`` into ``model`` (a decoder stack): ``layers.N.mlp.gate.*`` and
-    ``layers.N.mlp.experts.*`` of MoE layers go to that layer's ``mlp`` (our block), all else to
-    ``stock_load`` — stock's own loader run on our modules, so its name mapping, stacked
-    parameters and skipped extras (MTP layers) stay stock's. Dense layers' ``mlp.gate*`` weights
-    are stock's."""
+                      moe_layers: Iterable[int], router: str = "gate") -> set[str]:
+    """Load ``weights`` into ``model`` (a decoder stack): ``layers.N.mlp.<router>.*`` and
+    ``layers.N.mlp.experts.*`` of MoE layers go to that layer's ``mlp`` (our block, whose router
+    is ``gate``), all else to ``stock_load`` — stock's own loader run on our modules, so its
+    name mapping, stacked parameters and skipped extras (MTP layers) stay stock's. Dense layers'
+    ``mlp.gate*`` weights are stock's."""
     routed: dict[int, list[tuple[str, torch.Tensor]]] = defaultdict(list)
     moe = set(moe_layers)
+    pattern = re.compile(rf"layers\.(\d+)\.mlp\.(?:{router}\.(.+)|(experts\..+))")
 
     def rest() -> Iterable[tuple[str, torch.Tensor]]:
         for name, tensor in weights:
-            m = _ROUTED_WEIGHT.fullmatch(name)
+            m = pattern.fullmatch(name)
             if m and int(m[1]) in moe:
-                routed[int(m[1])].append((m[2], tensor))
+                routed[int(m[1])].append((f"gate.{m[2]}" if m[2] else m[3], tensor))
             else:
                 yield name, tensor
 
