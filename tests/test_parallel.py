@@ -62,6 +62,18 @@ def test_tp2_glm4_moe_matches_stock(engines, family_models):
                                    link_layers=1)))
 
 
+@pytest.mark.slow
+def test_tp2_gpt_oss_matches_stock(engines, tmp_path_factory):
+    """gpt-oss at TP = 2 (intermediate 64: stock's CPU kernel needs 32 per rank): interleaved
+    gate/up rows and their biases split by rank, the down bias added by rank 0 only."""
+    from tiny_model import build_tiny_moe
+
+    model = build_tiny_moe(tmp_path_factory.mktemp("gpt_oss_tp"), "gpt_oss", intermediate_size=64)
+    assert_same(greedy(engines.get(model, tp=2)),
+                greedy(engines.get(model, "adapmoe", tp=2, cache_slots=4, prefetch=True,
+                                   link_layers=1)))
+
+
 def test_tp_for_a_family_not_checked_yet_is_a_clear_error(engines, family_models):
     with pytest.raises(Exception, match="tensor parallelism is checked for .*not yet for DeepseekV2"):
         engines.get(family_models("deepseek_v2"), "adapmoe", tp=2)

@@ -111,8 +111,10 @@ FAMILIES = {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalL
             "glm4_moe": "Glm4MoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 
 
-def build_tiny_moe(path: str | Path, family: str, seed: int = 0, num_layers: int = 3) -> Path:
-    """A random ``family`` checkpoint (see ``FAMILIES``) with sharpened routers."""
+def build_tiny_moe(path: str | Path, family: str, seed: int = 0, num_layers: int = 3,
+                   **config_overrides) -> Path:
+    """A random ``family`` checkpoint (see ``FAMILIES``) with sharpened routers;
+    ``config_overrides`` replace fields of its config (e.g. ``intermediate_size``)."""
     import torch
     import transformers
 
@@ -121,6 +123,8 @@ def build_tiny_moe(path: str | Path, family: str, seed: int = 0, num_layers: int
     build_tokenizer(path)
     vocab = json.loads((path / "tokenizer.json").read_text())["model"]["vocab"]
     config = _tiny_config(family, vocab, num_layers)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = getattr(transformers, FAMILIES[family])(config)
     with torch.no_grad():  # larger router weights → decisive (less tie-prone) routing

@@ -133,5 +133,5 @@ SUPPORTED: dict[str, Supported] = {
     "Glm4MoeForCausalLM": _entry("glm4_moe", "AdapMoEGlm4MoeForCausalLM", deepseek_shape,
                                  tensor_parallel=True),
     "GptOssForCausalLM": _entry("gpt_oss", "AdapMoEGptOssForCausalLM", gpt_oss_shape,
-                                experts=GPT_OSS_NAMES),
+                                tensor_parallel=True, experts=GPT_OSS_NAMES),
 }

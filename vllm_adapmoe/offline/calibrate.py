@@ -171,24 +171,32 @@ def _router_weights(model: Any) -> list[Any] | None:
 
 
 def _expert_outputs(experts: Any, x, idx):
-    """E_{idx[t, i]}(x_t) for every token t and slot i: shape (T, k, H)."""
+    """E_{idx[t, i]}(x_t) for every token t and slot i: shape (T, k, H), read with the layout
+    flags transformers sets on the module (gpt-oss: x·W orientation, interleaved gate/up,
+    biases, and the clamped SwiGLU of its ``_apply_gate``)."""
     import torch
     import torch.nn.functional as F
 
-    if getattr(experts, "has_bias", False):
-        raise NotImplementedError("experts with biases are not supported by calibrate")
+    has_bias = getattr(experts, "has_bias", False)
+    bias13 = experts.gate_up_proj_bias if has_bias else None
+    bias2 = experts.down_proj_bias if has_bias else None
     transposed = getattr(experts, "is_transposed", False)
     concatenated = getattr(experts, "is_concatenated", True)
-    act = experts.act_fn
     out = x.new_zeros(idx.shape[0], idx.shape[1], x.shape[-1])
     for e in torch.unique(idx).tolist():
         tok, slot = torch.where(idx == e)
         xs = x[tok]
         gu_w, down_w = experts.gate_up_proj[e], experts.down_proj[e]
         gu = xs @ gu_w if transposed else F.linear(xs, gu_w)
-        gate, up = gu.chunk(2, dim=-1) if concatenated else (gu[..., 0::2], gu[..., 1::2])
-        h = act(gate) * up
-        out[tok, slot] = (h @ down_w if transposed else F.linear(h, down_w)).to(out.dtype)
+        if bias13 is not None:
+            gu = gu + bias13[e]
+        if hasattr(experts, "_apply_gate"):  # gpt-oss
+            h = experts._apply_gate(gu)
+        else:
+            gate, up = gu.chunk(2, dim=-1) if concatenated else (gu[..., 0::2], gu[..., 1::2])
+            h = experts.act_fn(gate) * up
+        y = h @ down_w if transposed else F.linear(h, down_w)
+        out[tok, slot] = (y + bias2[e] if bias2 is not None else y).to(out.dtype)
     return out
 
 
