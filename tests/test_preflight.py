@@ -92,13 +92,27 @@ def test_an_index_naming_a_missing_shard_is_named(pristine, tmp_path):
         _check(model)
 
 
-def test_a_quantized_checkpoint_is_refused_by_name(pristine):
+@pytest.mark.parametrize("quant", [{"quant_method": "awq", "bits": 4},
+                                   {"quant_method": "fp8"}])  # per-tensor FP8: no block scales
+def test_an_unsupported_quantization_is_refused_by_name(pristine, quant):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(pristine))
+    cfg.quantization_config = quant
+    with pytest.raises(AdapMoEConfigError, match=rf"quantized as '{quant['quant_method']}'.*"
+                                                 r"serves bf16/fp16/fp32 experts and FP8 with block"):
+        moe_shape_of(cfg)
+
+
+def test_an_fp8_config_over_bf16_experts_is_named(pristine):
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(str(pristine))
     cfg.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
-    with pytest.raises(AdapMoEConfigError, match=r"quantized checkpoint \(fp8\)"):
-        preflight.check_checkpoint(pristine, cfg, moe_shape_of(cfg), MIXTRAL_NAMES)
+    shape = moe_shape_of(cfg)
+    assert shape.expert_format.quant == "fp8-block"
+    with pytest.raises(AdapMoEConfigError, match=r"weight_scale_inv|needs them in one of F8_E4M3"):
+        preflight.check_checkpoint(pristine, cfg, shape, MIXTRAL_NAMES)
 
 
 def _fake_root(tmp_path: Path, mem_available_kb: int, cgroup: dict[str, str]) -> Path:

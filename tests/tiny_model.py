@@ -161,3 +161,27 @@ def _add_mtp_layer(path: Path, config) -> None:
                     f"model.layers.{mtp}.hnorm.weight": torch.ones(h),
                     f"model.layers.{mtp}.shared_head.norm.weight": torch.ones(h)})
     save_file(tensors, file, metadata={"format": "pt"})
+
+
+def build_tiny_fp8_mixtral(path: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny Mixtral (hidden 256, expert intermediate 192: 2 × 2 blocks of 128, the last one
+    partial) whose experts are quantized to FP8 with 128 × 128 block scales by the project's
+    ``adapmoe quantize``; each expert's down projection is first scaled by its own factor, so
+    every expert has its own scales and a slot with another expert's scales changes tokens.
+    Returns (the FP8 checkpoint, the same model with those experts dequantized to float32)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from vllm_adapmoe.offline.quantize import quantize_experts_fp8
+
+    path = Path(path)
+    src = build_tiny_mixtral(path / "src", seed, num_layers=2, hidden_size=256,
+                             intermediate_size=192)
+    tensors = load_file(src / "model.safetensors")
+    for name in tensors:
+        if ".experts." in name and name.endswith(".w2.weight"):
+            expert = int(name.split(".experts.")[1].split(".")[0])
+            tensors[name] = tensors[name] * (0.5 + 0.25 * expert)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    fp8 = quantize_experts_fp8(src, path / "fp8", progress=False)
+    return fp8, quantize_experts_fp8(src, path / "dequantized", dequantize=True, progress=False)

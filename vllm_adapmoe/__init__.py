@@ -250,6 +250,9 @@ def validate_budget(vllm_config: Any) -> list[int]:
         raise AdapMoEConfigError(
             f"adapmoe: tensor parallelism is checked for {', '.join(checked)}, not yet for {arch}; "
             "run it with tensor_parallel_size=1")
+    if tp > 1 and shape.expert_format.quant:
+        raise AdapMoEConfigError("adapmoe: quantized experts under tensor parallelism are not "
+                                 "supported yet; run this checkpoint with tensor_parallel_size=1")
     model_dir = preflight.local_model_dir(str(model_config.model))
     if model_dir is not None:  # headers only; a model vLLM still has to download is checked by it
         preflight.check_checkpoint(model_dir, model_config.hf_config, shape, SUPPORTED[arch].experts)

@@ -195,6 +195,29 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- quantize --------------------------------------------------------------------------------
+def _add_quantize(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "quantize", help="write a copy of a checkpoint with its routed experts in FP8",
+        description="Quantize the routed experts of a bf16/fp16/fp32 checkpoint to FP8 e4m3 "
+                    "with one float32 scale per block (quant_method \"fp8\", "
+                    "weight_block_size), everything else unchanged and listed as ignored.")
+    p.add_argument("model_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--block", type=int, default=128, help="block size (default 128)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="write the FP8 model's experts back in the source dtype (for comparisons)")
+    return p
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from vllm_adapmoe.offline.quantize import quantize_experts_fp8
+
+    out = quantize_experts_fp8(args.model_dir, args.out_dir, args.block, args.dequantize)
+    print(f"wrote {out}")
+    return 0
+
+
 # -- plan ------------------------------------------------------------------------------------
 def _add_plan(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -351,6 +374,7 @@ _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "profile": (_add_profile, _cmd_profile),
     "plan": (_add_plan, _cmd_plan),
     "sweep": (_add_sweep, _cmd_sweep),
+    "quantize": (_add_quantize, _cmd_quantize),
 }
 
 

@@ -5,8 +5,9 @@ message buried in its log ("WorkerProc initialization failed").
 
 * ``check_checkpoint``: every safetensors shard's header parses and its tensors fit in the file
   (headers only: cheap on a 90 GB model); every routed expert weight of every MoE layer is
-  present with the shape the config implies and one floating dtype; quantized checkpoints
-  (not supported yet) are refused by name.
+  present with the shape the config implies and one floating dtype — or, for FP8 checkpoints
+  with block scales, as float8 e4m3 with every ``weight_scale_inv``; other quantized formats
+  are refused by name (``models.checkpoint_format``).
 * ``check_host_memory``: the expert pool's bytes (plus, on CPU, the device slots, which live in
   the same memory) against what the machine can give: the smaller of ``MemAvailable`` and the
   cgroup's limit minus its usage (``available_memory``, readable from any root for tests).
@@ -70,13 +71,7 @@ def shard_files(model_dir: Path) -> list[Path]:
 def check_checkpoint(model_dir: Path, hf_config: Any, shape: Any, names: Any) -> None:
     """``shape``: the family's ``MoEShape``; ``names``: its ``ExpertNames`` (where the routed
     experts live in the checkpoint and what their three weights are called)."""
-    quant = getattr(hf_config, "quantization_config", None)
-    if quant:
-        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", quant)
-        raise AdapMoEConfigError(
-            f"adapmoe: {model_dir} is a quantized checkpoint ({method}); --model-impl adapmoe "
-            "serves bf16, fp16 and fp32 experts so far: use such a checkpoint, or stock vLLM for "
-            "this one")
+    quantized = shape.expert_format.quant is not None  # unsupported formats: refused already
     files = shard_files(model_dir)
     if not files:
         return  # not safetensors (vLLM reads .bin / .pt itself): nothing to check cheaply
@@ -86,11 +81,12 @@ def check_checkpoint(model_dir: Path, hf_config: Any, shape: Any, names: Any) ->
             found[name] = (t["dtype"], t["shape"], path)
     dtypes: set[str] = set()
     for moe_idx, layer in enumerate(shape.moe_layers):
-        missing = []
+        missing, missing_keys = [], []
         for key, dims, experts in _expert_tensors(layer, shape, names):
             entry = found.get(key)
             if entry is None:
                 missing += experts
+                missing_keys.append(key)
                 continue
             dtype, got, path = entry
             if list(got) != dims:
@@ -98,16 +94,19 @@ def check_checkpoint(model_dir: Path, hf_config: Any, shape: Any, names: Any) ->
                     f"adapmoe: {key} in {path.name} has shape {list(got)}, the config implies "
                     f"{dims} (hidden_size {shape.hidden_size}, expert intermediate size "
                     f"{shape.intermediate_size}); the checkpoint does not match its config.json")
-            dtypes.add(dtype)
+            if not key.endswith("_scale_inv"):  # the weights' own dtype
+                dtypes.add(dtype)
         if missing:
             raise AdapMoEConfigError(
                 f"adapmoe: layer {moe_idx} (decoder layer {layer}) is missing experts "
-                f"{sorted(set(missing))} in the checkpoint {model_dir}; re-download it")
-    odd = dtypes - FLOAT_DTYPES
-    if odd or len(dtypes) > 1:
+                f"{sorted(set(missing))} in the checkpoint {model_dir} (no {missing_keys[0]}); "
+                "re-download it")
+    allowed = {"F8_E4M3"} if quantized else FLOAT_DTYPES
+    if dtypes - allowed or len(dtypes) > 1:
         raise AdapMoEConfigError(
             f"adapmoe: the routed experts of {model_dir} are stored as {sorted(dtypes)}; "
-            "--model-impl adapmoe needs them in one of BF16, F16, F32")
+            f"--model-impl adapmoe needs them in one of {', '.join(sorted(allowed))}"
+            + (" (its config says FP8)" if quantized else ""))
 
 
 def _expert_tensors(layer: int, shape: Any, names: Any) -> list[tuple[str, list[int], list[int]]]:
@@ -119,8 +118,15 @@ def _expert_tensors(layer: int, shape: Any, names: Any) -> list[tuple[str, list[
         if shape.expert_format.bias:
             dims.update({f"{names.gate}_bias": [n, 2 * i], f"{names.down}_bias": [n, h]})
         return [(f"{prefix}.{w}", d, list(range(n))) for w, d in dims.items()]
-    dims = {names.gate: [i, h], names.up: [i, h], names.down: [h, i]}
-    return [(f"{prefix}.{e}.{w}.weight", d, [e]) for e in range(n) for w, d in dims.items()]
+    dims = {f"{names.gate}.weight": [i, h], f"{names.up}.weight": [i, h],
+            f"{names.down}.weight": [h, i]}
+    fmt = shape.expert_format
+    if fmt.quant:  # one float32 scale per block
+        (b0, b1), up = fmt.block, lambda a, b: -(-a // b)
+        dims.update({f"{names.gate}.weight_scale_inv": [up(i, b0), up(h, b1)],
+                     f"{names.up}.weight_scale_inv": [up(i, b0), up(h, b1)],
+                     f"{names.down}.weight_scale_inv": [up(h, b0), up(i, b1)]})
+    return [(f"{prefix}.{e}.{w}", d, [e]) for e in range(n) for w, d in dims.items()]
 
 
 def local_model_dir(model: str) -> Path | None:

@@ -24,6 +24,7 @@ from torch import nn
 
 from vllm_adapmoe.engine.cache import ExpertCache
 from vllm_adapmoe.engine.costs import EmulatedCosts, ExpertCosts, MeasuredCosts, PinnedCosts
+from vllm_adapmoe.engine.errors import AdapMoEConfigError
 from vllm_adapmoe.engine.execute import HostExecutor, StepExecutor
 from vllm_adapmoe.engine.expert_tensors import ExpertFormat
 from vllm_adapmoe.engine.gating import AdaptiveGate
@@ -71,6 +72,9 @@ class AdapMoEBlock(nn.Module):
         super().__init__()
         self.shard = shard
         intermediate_size = check_shardable(intermediate_size, shard)  # this rank's slice
+        if expert_format.quant and shard[1] > 1:
+            raise AdapMoEConfigError("adapmoe: quantized experts under tensor parallelism are "
+                                     "not supported yet; use --tensor-parallel-size 1")
         dtype = params_dtype or torch.get_default_dtype()
         self.router_spec = router or RouterSpec(top_k)
         if self.router_spec.top_k != top_k:
@@ -139,7 +143,7 @@ class AdapMoEBlock(nn.Module):
     def _one_expert_on_device(self) -> None:
         """One expert for one token from slot 0 (the emulation's measure of device time)."""
         cache = self.cache
-        x = torch.zeros(1, self.hidden_size, dtype=cache.slots.dtype, device=cache.device)
+        x = torch.zeros(1, self.hidden_size, dtype=self.store.dtype, device=cache.device)
         ids = torch.zeros(1, 1, dtype=torch.int32, device=cache.device)
         weights = torch.ones(1, 1, dtype=torch.float32, device=cache.device)
         self.kernel(torch.empty_like(x), x, cache.slots, weights, ids)

@@ -195,7 +195,7 @@ class HostExecutor:
         """One host call of ``experts`` experts, ``tokens`` tokens each (the cost model's
         start-up microbenchmark)."""
         n = experts * tokens
-        x = torch.randn(n, self.store.hidden, dtype=self.store.rows.dtype)
+        x = torch.randn(n, self.store.hidden, dtype=self.store.dtype)
         ids = torch.arange(n, dtype=torch.int32).remainder(experts).view(n, 1)
         weights = torch.ones(n, 1, dtype=torch.float32)
         self.kernel(torch.empty_like(x), x, self.store.rows, weights, ids)

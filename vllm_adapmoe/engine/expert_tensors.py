@@ -5,49 +5,87 @@ An expert is a gated MLP. Its parts, one expert each, in the kernels' convention
     halves ``[gate | up]`` for SiLU (Mixtral, Qwen, OLMoE, DeepSeek, GLM), rows interleaved
     ``gate, up, gate, up, ...`` for gpt-oss's clamped SwiGLU (``"swigluoai"``, vLLM's name);
   * ``w2`` ``[H, I]``: the down projection;
-  * with biases (gpt-oss): ``w13_bias`` ``[2I]`` and ``w2_bias`` ``[H]``.
+  * with biases (gpt-oss): ``w13_bias`` ``[2I]`` and ``w2_bias`` ``[H]``;
+  * FP8 with block scales (``quant="fp8-block"``, DeepSeek-V3's format): ``w13``/``w2`` stay
+    ``float8_e4m3fn`` as the checkpoint stores them, with float32 ``w13_scale``
+    ``[2·⌈I/b⌉, ⌈H/b⌉]`` (the gate half's blocks, then the up half's) and ``w2_scale``
+    ``[⌈H/b⌉, ⌈I/b⌉]``: one scale per b×b block, the checkpoint's ``weight_scale_inv``.
 
 The host store, the device slots and the staging arena each keep one stacked tensor per part,
-one row per expert (store) or slot (device): a load is one copy per part, and any kernel reads
-the rows it is given. Quantized formats would add their scales as further parts.
+one row per expert (store) or slot (device): a load is one copy per part — weights and scales
+together, so a slot can never hold one expert's weights with another's scales — and any kernel
+reads the rows it is given.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 ACTIVATIONS = ("silu", "swigluoai")
+QUANTS = (None, "fp8-block")
+Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 @dataclass(frozen=True)
 class ExpertFormat:
     """A family's expert: its activation (``"silu"`` or ``"swigluoai"``, whose clamp ``limit``
-    and sigmoid slope ``alpha`` are gpt-oss's config values) and whether it has biases."""
+    and sigmoid slope ``alpha`` are gpt-oss's config values), whether it has biases, and how
+    the checkpoint stores its weights (``quant``: None = the model dtype, ``"fp8-block"`` =
+    float8 e4m3 with one float32 scale per ``block`` = (rows, cols) tile)."""
 
     activation: str = "silu"
     bias: bool = False
     alpha: float = 1.702
     limit: float = 7.0
+    quant: str | None = None
+    block: tuple[int, int] = (128, 128)
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"adapmoe: unsupported expert activation {self.activation!r} "
                              f"(supported: {', '.join(ACTIVATIONS)})")
+        if self.quant not in QUANTS:
+            raise ValueError(f"adapmoe: unsupported expert quantization {self.quant!r}")
+        if self.quant and self.interleaved:
+            raise ValueError("adapmoe: quantized swigluoai experts are not supported")
 
     @property
     def interleaved(self) -> bool:
         """``w13`` rows alternate gate and up (else: gate half, then up half)."""
         return self.activation == "swigluoai"
 
-    def part_shapes(self, hidden: int, intermediate: int) -> dict[str, tuple[int, ...]]:
-        """One expert's part shapes (``intermediate``: as the kernel stores it, padded)."""
-        shapes = {"w13": (2 * intermediate, hidden), "w2": (hidden, intermediate)}
+    def part_shapes(self, hidden: int, intermediate: int, dtype: torch.dtype) -> Shapes:
+        """One expert's parts: (shape, dtype) each (``intermediate``: as the kernel stores it,
+        padded; ``dtype``: the model's)."""
+        weight = torch.float8_e4m3fn if self.quant else dtype
+        shapes = {"w13": ((2 * intermediate, hidden), weight), "w2": ((hidden, intermediate), weight)}
         if self.bias:
-            shapes.update(w13_bias=(2 * intermediate,), w2_bias=(hidden,))
+            shapes.update(w13_bias=((2 * intermediate,), dtype), w2_bias=((hidden,), dtype))
+        if self.quant:
+            (bi, bh), (bh2, bi2) = self._blocks(intermediate, hidden), self._blocks(hidden, intermediate)
+            shapes.update(w13_scale=((2 * bi, bh), torch.float32),
+                          w2_scale=((bh2, bi2), torch.float32))
         return shapes
+
+    def expert_bytes(self, hidden: int, intermediate: int, itemsize: int) -> int:
+        """Bytes of one expert, every part (``itemsize``: the model dtype's)."""
+        dtype = {1: torch.float8_e4m3fn, 2: torch.bfloat16, 4: torch.float32}[itemsize]
+        return sum(math.prod(shape) * torch.empty((), dtype=d).element_size()
+                   for shape, d in self.part_shapes(hidden, intermediate, dtype).values())
+
+    def _blocks(self, rows: int, cols: int) -> tuple[int, int]:
+        return -(-rows // self.block[0]), -(-cols // self.block[1])
+
+    def dequantize(self, w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """One quantized weight ``[R, C]`` and its block scales → ``dtype`` (``w13``: call per
+        half, each with its own scale rows)."""
+        b0, b1 = self.block
+        full = scale.repeat_interleave(b0, 0)[:w.shape[0]].repeat_interleave(b1, 1)[:, :w.shape[1]]
+        return (w.float() * full).to(dtype)
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         """``h`` = x·w13ᵀ (+ bias), ``[T, 2I]`` → the activation's ``[T, I]`` (torch reference)."""
@@ -69,10 +107,10 @@ class ExpertRows:
         self.parts = parts
 
     @classmethod
-    def zeros(cls, rows: int, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-              device: torch.device | str, pin: bool = False) -> ExpertRows:
+    def zeros(cls, rows: int, shapes: Shapes, device: torch.device | str,
+              pin: bool = False) -> ExpertRows:
         return cls({name: torch.zeros((rows, *shape), dtype=dtype, device=device, pin_memory=pin)
-                    for name, shape in shapes.items()})
+                    for name, (shape, dtype) in shapes.items()})
 
     @classmethod
     def like(cls, other: ExpertRows, rows: int, device: torch.device | str) -> ExpertRows:
@@ -101,9 +139,17 @@ class ExpertRows:
     def num_rows(self) -> int:
         return self.w13.shape[0]
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.w13.dtype
+    def dequantized(self, fmt: ExpertFormat, row: int,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13, w2) of ``row`` in ``dtype``: the weights themselves, or dequantized."""
+        w13, w2 = self.w13[row], self.w2[row]
+        if fmt.quant is None:
+            return w13, w2
+        inter, s13 = w13.shape[0] // 2, self.parts["w13_scale"][row]
+        half = s13.shape[0] // 2
+        gate = fmt.dequantize(w13[:inter], s13[:half], dtype)
+        up = fmt.dequantize(w13[inter:], s13[half:], dtype)
+        return torch.cat([gate, up]), fmt.dequantize(w2, self.parts["w2_scale"][row], dtype)
 
     @property
     def row_bytes(self) -> int:

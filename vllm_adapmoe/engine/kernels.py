@@ -50,12 +50,14 @@ class _PlainLayout:
         return {name: t.contiguous() for name, t in expert.items()}
 
     def _expert(self, x: torch.Tensor, w: ExpertRows, slot: int) -> torch.Tensor:
-        """One expert's output for rows ``x`` (bias, then activation, as the fused kernels)."""
+        """One expert's output for rows ``x`` (bias, then activation, as the fused kernels);
+        quantized weights are dequantized into ``x``'s dtype first."""
+        w13, w2 = w.dequantized(self.fmt, slot, x.dtype)
         b13, b2 = w.get("w13_bias"), w.get("w2_bias")
-        h = x @ w.w13[slot].t()
+        h = x @ w13.t()
         if b13 is not None:
             h = h + b13[slot]
-        y = self.fmt.activate(h) @ w.w2[slot].t()
+        y = self.fmt.activate(h) @ w2.t()
         return y + b2[slot] if b2 is not None else y
 
 
@@ -74,8 +76,11 @@ class ReferenceKernel(_PlainLayout):
 
 class GroupedKernel(_PlainLayout):
     """Grouped GEMM in torch: (token, expert) pairs sorted by slot, each used slot's rows in one
-    contiguous chunk, weighted outputs summed back in float32. The only host sync is the one
-    list of per-slot counts; zero-weight pairs (gated tokens' dropped positions) are skipped."""
+    contiguous chunk, weighted outputs summed per token in float32 in top-k order — the same
+    sum wherever the experts sit, so offloaded equals all resident bit for bit at any k. The
+    only host sync is the one list of per-slot counts; zero-weight pairs (gated tokens'
+    dropped positions) are skipped. Quantized experts are dequantized per used slot (the
+    engine's own path for checkpoints no fused kernel here takes)."""
 
     name = "grouped"
 
@@ -95,9 +100,9 @@ class GroupedKernel(_PlainLayout):
             if n:
                 ys[start:start + n] = self._expert(xs[start:start + n], w, slot)
                 start += n
-        acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-        acc.index_add_(0, tokens[:start], ys[:start].float() * weights[order[:start]].unsqueeze(-1))
-        out.copy_(acc)
+        pairs = torch.zeros((slots.numel(), x.shape[1]), dtype=torch.float32, device=out.device)
+        pairs[order[:start]] = ys[:start].float() * weights[order[:start]].unsqueeze(-1)
+        out.copy_(pairs.view(-1, k, x.shape[1]).sum(1))
 
 
 KernelFactory = Callable[[torch.dtype, int, int, ExpertFormat], ExpertKernel]

@@ -26,11 +26,13 @@ class HostExpertStore:
         self.num_experts = num_experts
         self.hidden, self.intermediate = hidden, intermediate
         self.fmt = fmt
+        self.dtype = dtype  # the model's: activations, and weights unless quantized
         self._pack = pack
         # Explicit device="cpu": the model is built under the target device's context.
-        self.rows = ExpertRows.zeros(num_experts, fmt.part_shapes(hidden, padded_intermediate),
-                                     dtype, "cpu", pin)
-        self._bias_parts = {"w13_bias", "w2_bias"} if fmt.bias else set()
+        self.rows = ExpertRows.zeros(
+            num_experts, fmt.part_shapes(hidden, padded_intermediate, dtype), "cpu", pin)
+        self._extra_parts = ({"w13_bias", "w2_bias"} if fmt.bias else set()) | (
+            {"w1_scale", "w3_scale", "w2_scale"} if fmt.quant else set())
         self._pending: dict[int, dict[str, torch.Tensor]] = {}
         self._filled: set[int] = set()
 
@@ -52,20 +54,26 @@ class HostExpertStore:
 
     def put(self, expert: int, which: str, weight: torch.Tensor) -> None:
         """Take one checkpoint weight of ``expert``: ``which`` in w1 = gate, w3 = up, w2 = down,
-        w13 = gate and up already stacked as the activation reads them, w13_bias, w2_bias."""
+        w13 = gate and up already stacked as the activation reads them, w13_bias, w2_bias, and
+        for quantized experts w1_scale, w3_scale, w2_scale (stored as they come: no
+        dequantization on the load path)."""
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"checkpoint has expert {expert}, the config says {self.num_experts}")
-        if which.endswith("_bias") and which not in self._bias_parts:
-            raise ValueError(f"adapmoe: the checkpoint has an expert bias ({which}) this "
-                             "family's experts do not have")
+        if which not in ("w1", "w2", "w3", "w13") and which not in self._extra_parts:
+            raise ValueError(f"adapmoe: the checkpoint has an expert tensor ({which}) this "
+                             f"model's experts do not have ({self.fmt})")
+        target = self.rows[{"w1": "w13", "w3": "w13", "w1_scale": "w13_scale",
+                            "w3_scale": "w13_scale"}.get(which, which)]
         parts = self._pending.setdefault(expert, {})
-        parts[which] = weight.to(device="cpu", dtype=self.rows.dtype)
+        parts[which] = weight.to(device="cpu", dtype=target.dtype)
         stacked = {"w13"} if "w13" in parts else {"w1", "w3"}
-        if not parts.keys() >= stacked | {"w2"} | self._bias_parts:
+        if not parts.keys() >= stacked | {"w2"} | self._extra_parts:
             return
         del self._pending[expert]
-        if "w13" not in parts:  # gate | up, as vLLM's w13
+        if "w13" not in parts:  # gate | up, as vLLM's w13 (and their block scales alike)
             parts["w13"] = torch.cat([parts.pop("w1"), parts.pop("w3")], dim=0)
+        if "w1_scale" in parts:
+            parts["w13_scale"] = torch.cat([parts.pop("w1_scale"), parts.pop("w3_scale")], dim=0)
         self.rows.set_row(expert, self._pack(parts))
         self._filled.add(expert)
 

@@ -3,7 +3,8 @@
 Names are relative to the block: ``gate.*`` (the router, its bias, and DeepSeek-V3's correction
 bias) and either
   * one tensor per expert, ``experts.E.<w>.weight`` with ``<w>`` one of w1/w2/w3 (Mixtral) or
-    gate_proj/down_proj/up_proj (Qwen, OLMoE, DeepSeek, GLM); or
+    gate_proj/down_proj/up_proj (Qwen, OLMoE, DeepSeek, GLM), and for FP8 checkpoints its block
+    scales ``experts.E.<w>.weight_scale_inv``; or
   * one tensor per layer with every expert stacked (gpt-oss): ``experts.gate_up_proj``
     ``[E, H, 2I]`` (gate and up interleaved), ``experts.down_proj`` ``[E, I, H]`` (both in
     x·W orientation) and their biases ``experts.gate_up_proj_bias`` ``[E, 2I]``,
@@ -24,6 +25,8 @@ from vllm_adapmoe.engine.store import HostExpertStore
 
 EXPERT_WEIGHTS = {"w1": "w1", "w2": "w2", "w3": "w3",
                   "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+# ``.weight`` and, FP8 with block scales, ``.weight_scale_inv`` (the scale a block is multiplied by)
+PER_EXPERT_SUFFIX = {"weight": "", "weight_scale_inv": "_scale"}
 # per-layer stacked tensors → (part, transposed from x·W orientation)
 STACKED_WEIGHTS = {"gate_up_proj": ("w13", True), "w13_weight": ("w13", True),
                    "down_proj": ("w2", True), "w2_weight": ("w2", True),
@@ -51,9 +54,10 @@ def load_moe_weights(weights: Iterable[tuple[str, torch.Tensor]], gate: nn.Modul
                 weight = weight.t() if transposed else weight
                 store.put(expert, which, own_shard(which, weight, shard))
             continue
-        if len(parts) != 4 or parts[0] != "experts" or parts[2] not in EXPERT_WEIGHTS:
+        if (len(parts) != 4 or parts[0] != "experts" or parts[2] not in EXPERT_WEIGHTS
+                or parts[3] not in PER_EXPERT_SUFFIX):
             raise ValueError(f"adapmoe: unexpected MoE weight {name!r} in the checkpoint")
-        which = EXPERT_WEIGHTS[parts[2]]
+        which = EXPERT_WEIGHTS[parts[2]] + PER_EXPERT_SUFFIX[parts[3]]
         store.put(int(parts[1]), which, own_shard(which, tensor, shard))
     return loaded
 
@@ -66,7 +70,7 @@ def own_shard(which: str, weight: torch.Tensor, shard: tuple[int, int]) -> torch
         return weight
     if which == "w2_bias":
         return weight if rank == 0 else torch.zeros_like(weight)
-    dim = 1 if which == "w2" else 0
+    dim = 1 if which in ("w2", "w2_scale") else 0
     n = weight.shape[dim] // size
     return weight.narrow(dim, rank * n, n)
 

@@ -7,9 +7,10 @@ reading the MoE shape from its config (used to check budgets in the main process
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from vllm_adapmoe.engine.errors import AdapMoEConfigError
 from vllm_adapmoe.engine.expert_tensors import ExpertFormat
 
 # The custom op the block runs in (registered by ``moe_op.py``); vLLM splits its compiled
@@ -38,13 +39,36 @@ class MoEShape:
         return self.moe_layers.index(layer_idx)
 
     def expert_bytes(self, itemsize: int) -> int:
-        h, i = self.hidden_size, self.intermediate_size
-        return (3 * h * i + (2 * i + h if self.expert_format.bias else 0)) * itemsize
+        """One expert's bytes as stored (quantized weights and their scales, biases)."""
+        return self.expert_format.expert_bytes(self.hidden_size, self.intermediate_size, itemsize)
+
+
+SUPPORTED_QUANT = "FP8 with block scales (quant_method \"fp8\" with weight_block_size)"
+
+
+def checkpoint_format(c: Any, base: ExpertFormat = ExpertFormat()) -> ExpertFormat:
+    """``base`` (the family's expert) as this checkpoint stores it: its ``quantization_config``
+    decides the weights' format; one clear error for a format the plugin does not serve."""
+    quant = getattr(c, "quantization_config", None)
+    if not quant:
+        return base
+    q = quant if isinstance(quant, dict) else quant.to_dict()
+    method, block = q.get("quant_method"), q.get("weight_block_size")
+    ignored = q.get("ignored_layers") or q.get("modules_to_not_convert") or []
+    if method == "fp8" and block and q.get("fmt", "e4m3") == "e4m3" and base.quant is None \
+            and not base.interleaved and not any(".experts" in name for name in ignored):
+        return replace(base, quant="fp8-block", block=(int(block[0]), int(block[1])))
+    raise AdapMoEConfigError(
+        f"adapmoe: the routed experts of this checkpoint are quantized as {method!r}"
+        f"{f' (weight_block_size {block})' if block else ''}; --model-impl adapmoe serves "
+        f"bf16/fp16/fp32 experts and {SUPPORTED_QUANT}: use such a checkpoint, or stock vLLM "
+        "for this one")
 
 
 def mixtral_shape(c: Any) -> MoEShape:
     return MoEShape(tuple(range(c.num_hidden_layers)), c.num_local_experts,
-                    c.num_experts_per_tok, c.hidden_size, c.intermediate_size)
+                    c.num_experts_per_tok, c.hidden_size, c.intermediate_size,
+                    checkpoint_format(c))
 
 
 def qwen_moe_layers(c: Any) -> tuple[int, ...]:
@@ -56,12 +80,12 @@ def qwen_moe_layers(c: Any) -> tuple[int, ...]:
 
 def qwen_moe_shape(c: Any) -> MoEShape:
     return MoEShape(qwen_moe_layers(c), c.num_experts, c.num_experts_per_tok, c.hidden_size,
-                    c.moe_intermediate_size)
+                    c.moe_intermediate_size, checkpoint_format(c))
 
 
 def olmoe_shape(c: Any) -> MoEShape:
     return MoEShape(tuple(range(c.num_hidden_layers)), c.num_experts, c.num_experts_per_tok,
-                    c.hidden_size, c.intermediate_size)
+                    c.hidden_size, c.intermediate_size, checkpoint_format(c))
 
 
 def deepseek_moe_layers(c: Any) -> tuple[int, ...]:
@@ -74,15 +98,16 @@ def deepseek_moe_layers(c: Any) -> tuple[int, ...]:
 
 def deepseek_shape(c: Any) -> MoEShape:
     return MoEShape(deepseek_moe_layers(c), c.n_routed_experts, c.num_experts_per_tok,
-                    c.hidden_size, c.moe_intermediate_size)
+                    c.hidden_size, c.moe_intermediate_size, checkpoint_format(c))
 
 
 def gpt_oss_shape(c: Any) -> MoEShape:
     """gpt-oss: every layer MoE; biased experts with the clamped, interleaved SwiGLU."""
     return MoEShape(tuple(range(c.num_hidden_layers)), c.num_local_experts,
                     c.num_experts_per_tok, c.hidden_size, c.intermediate_size,
-                    ExpertFormat("swigluoai", bias=True, alpha=getattr(c, "swiglu_alpha", 1.702),
-                                 limit=getattr(c, "swiglu_limit", 7.0)))
+                    checkpoint_format(c, ExpertFormat(
+                        "swigluoai", bias=True, alpha=getattr(c, "swiglu_alpha", 1.702),
+                        limit=getattr(c, "swiglu_limit", 7.0))))
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,11 @@ class FusedCpuKernel:
 
         from vllm._custom_ops import cpu_fused_moe
 
+        if fmt.quant:
+            # vLLM's CPU FP8 MoE experts need AMX and are not wired to slots yet
+            raise AdapMoEConfigError(
+                f"adapmoe: the fused CPU kernel takes unquantized experts only ({fmt.quant} "
+                'given); "auto" and "grouped" compute them with the engine\'s dequantizing kernel')
         self.fmt = fmt
         self._fused_moe = cpu_fused_moe  # bound once: the call is on every layer's hot path
         arch = current_platform.get_cpu_architecture()
@@ -108,8 +113,8 @@ class FusedTritonKernel:
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise AdapMoEConfigError(f"adapmoe: the fused CUDA kernel does not take {dtype}")
         if fmt != ExpertFormat():
-            raise AdapMoEConfigError("adapmoe: the fused CUDA kernel is wired for SiLU experts "
-                                     "without biases only; use \"grouped\"")
+            raise AdapMoEConfigError("adapmoe: the fused CUDA kernel is wired for unquantized "
+                                     "SiLU experts without biases only; use \"grouped\"")
         self.path = "vLLM Triton fused_experts"
 
     def padded_intermediate(self, intermediate: int) -> int:
