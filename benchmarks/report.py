@@ -223,11 +223,32 @@ def soak_section(runs: list[dict]) -> list[str]:
     return out
 
 
+def quantized_section(data: dict) -> list[str]:
+    q, b = data["heldout"], data["expert_bytes"]
+    out = [f"**FP8 experts vs bf16** (`benchmarks/bench_quantized.py`, bundled model quantized by "
+           f"`adapmoe quantize`, compiled, {data['rounds']} alternating rounds, medians; bytes per "
+           f"expert {b['fp8']} vs {b['bf16']} = **{data['bytes_ratio_fp8']:.3f}×** (scales "
+           f"included); held-out perplexity {q['bf16']['ppl']:.3f} (bf16) vs {q['fp8']['ppl']:.3f} "
+           f"(FP8, {100 * (q['fp8']['ppl'] / q['bf16']['ppl'] - 1):+.2f}%); budgets: "
+           f"`cache_gib` {data['cache_gib']:.4f} = {data['budget']:.0%} of the bf16 experts for both; "
+           f"**emulated link** {data['link_gbps_emulated']:.4f} GB/s (one bf16 expert load ≈ "
+           f"{data['link_layers']:g} decode layers); FP8 computed by the engine's dequantizing "
+           "kernel, bf16 by vLLM's `cpu_fused_moe`):", "",
+           "| batch | config | decode tok/s | vs bf16, same setting | slots | hit rate | bytes / decoded token | experts / token / layer |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        out.append(f"| {r['batch']} | {r['config']} | {r['decode_tok_s']:.1f} | "
+                   f"{r['vs_bf16_same_setting']:.2f} | {r['slots_total']} | {r['hit_rate']:.3f} | "
+                   f"{r['bytes_per_decoded_token']:.0f} | {r['activated_per_token_layer']:.2f} |")
+    return out
+
+
 def render() -> str:
     parts: list[list[str]] = []
     for name, fn in (("parity.json", parity_section), ("decode.json", decode_section), ("decode_link_50.json", decode_section),
                      ("decode_link_25.json", decode_section), ("gating_sweep.json", gating_section),
-                     ("serve.json", serve_section), ("parallel.json", parallel_section)):
+                     ("serve.json", serve_section), ("parallel.json", parallel_section),
+                     ("quantized_cpu.json", quantized_section)):
         data = _load(name)
         if data:
             parts.append(fn(data))

@@ -130,3 +130,16 @@ def test_fp8_model_is_close_to_the_bf16_model_it_dequantizes_to(engines, fp8_mod
 def test_fp8_under_tensor_parallelism_is_one_clear_error(engines, fp8_models):
     with pytest.raises(Exception, match="quantized experts under tensor parallelism"):
         engines.get(fp8_models[0], "adapmoe", dtype="bfloat16", tp=2, cache_slots=2)
+
+
+def test_calibrate_reads_an_fp8_checkpoint_through_its_dequantized_weights(fp8_models, tmp_path):
+    """``adapmoe calibrate`` on the FP8 checkpoint (dequantized into a bf16 copy for the Hugging
+    Face model) gives the S_l of the dequantized model, and a profile for the FP8 one."""
+    from vllm_adapmoe.offline.calibrate import calibrate
+    from vllm_adapmoe.offline.profile import load_profile, save_profile
+
+    fp8, dequantized = fp8_models
+    got = calibrate(fp8, window=16, max_tokens=64, progress=False)
+    ref = calibrate(dequantized, window=16, max_tokens=64, progress=False)
+    assert got.sensitivity == pytest.approx(ref.sensitivity, rel=0.05)
+    assert load_profile(save_profile(got, tmp_path / "p.json"), fp8).sensitivity == got.sensitivity

@@ -2,6 +2,8 @@
 slots, importable with torch alone (no vLLM import here or on any call path).
 
   settings.py    the engine's own settings record (``EngineSettings``); errors.py its error type
+  expert_tensors.py  what an expert is made of (weights, biases, FP8 block scales) and rows
+                 of experts stored as one tensor per part
   store.py       host tier: every expert of a layer in the kernel's layout (pinned on CUDA)
   weights.py     checkpoint names → router and host store (this rank's shard under TP)
   link.py        the one host→device ``Link`` (copy stream on CUDA; small experts inline on
@@ -32,6 +34,7 @@ same classes.
 
 from vllm_adapmoe.engine.block import AdapMoEBlock
 from vllm_adapmoe.engine.cache import ExpertCache
+from vllm_adapmoe.engine.expert_tensors import ExpertFormat, ExpertRows
 from vllm_adapmoe.engine.kernels import GroupedKernel, ReferenceKernel, make_kernel, register_kernel
 from vllm_adapmoe.engine.link import Link
 from vllm_adapmoe.engine.plan import StepPlan, StepSummary, plan_step
@@ -41,7 +44,8 @@ from vllm_adapmoe.engine.step import PhaseClock, StepInfo
 from vllm_adapmoe.engine.stats import LayerStats, summarise
 from vllm_adapmoe.engine.store import HostExpertStore
 
-__all__ = ["AdapMoEBlock", "EngineSettings", "ExpertCache", "GroupedKernel", "HostExpertStore",
+__all__ = ["AdapMoEBlock", "EngineSettings", "ExpertCache", "ExpertFormat", "ExpertRows",
+           "GroupedKernel", "HostExpertStore",
            "LayerStats", "Link", "PhaseClock", "ReferenceKernel", "RouterSpec", "Routing", "StepInfo",
            "StepPlan", "StepSummary", "make_kernel", "plan_step", "register_kernel", "route",
            "summarise"]

@@ -77,6 +77,13 @@ class ExpertFormat:
         return sum(math.prod(shape) * torch.empty((), dtype=d).element_size()
                    for shape, d in self.part_shapes(hidden, intermediate, dtype).values())
 
+    def describe(self, dtype: torch.dtype) -> str:
+        """For the start-up log: how the experts are stored and computed."""
+        weights = (f"FP8 e4m3 + {self.block[0]}x{self.block[1]} block scales" if self.quant
+                   else str(dtype).removeprefix("torch."))
+        return (weights + (" + biases" if self.bias else "")
+                + (f", {self.activation}" if self.activation != "silu" else ""))
+
     def _blocks(self, rows: int, cols: int) -> tuple[int, int]:
         return -(-rows // self.block[0]), -(-cols // self.block[1])
 

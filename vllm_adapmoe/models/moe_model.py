@@ -318,10 +318,12 @@ class AdapMoECausalLM(nn.Module, SupportsPP):
         dense = len(range(*self._layer_range())) - shape.num_layers
         rank, size = moe.shard
         logger.info(
-            "AdapMoE active: %s with %d MoE layers x %d experts (top-%d)%s; device slots per layer "
+            "AdapMoE active: %s with %d MoE layers x %d experts (top-%d)%s, experts %s, %.3f MiB "
+            "each; device slots per layer "
             "%s%s%s (%s kernel, %s eviction%s%s%s%s%s); CPU %s, MoE kernel path: %s",
             type(self).__name__, shape.num_layers,
             shape.num_experts, shape.top_k, f", {dense} dense layers (resident)" if dense else "",
+            shape.expert_format.describe(moe.dtype), moe.blocks[0].store.expert_bytes / 2**20,
             [b.cache.own_slots for b in moe.blocks],
             f" + {moe.staging.rows} staging row(s) shared by the layers below top-{shape.top_k}"
             if moe.staging else "",

@@ -39,7 +39,9 @@ tokenised with the model's tokenizer (BOS before each file), cut into non-overla
 
 from __future__ import annotations
 
+import contextlib
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,6 +287,21 @@ class _Recorder:
         return on_grad
 
 
+@contextlib.contextmanager
+def _hf_readable(model_dir: str | Path, shape: Any):
+    """``model_dir``, or for FP8 experts a temporary copy dequantized to bf16 (``s · q``, the
+    weights the serving kernel computes with): the Hugging Face model calibrates on that."""
+    if shape.expert_format.quant is None:
+        yield model_dir
+        return
+    from vllm_adapmoe.offline.quantize import dequantize_fp8_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="adapmoe-calibrate-") as tmp:
+        print(f"calibrate: dequantizing the FP8 checkpoint into a bf16 copy for the Hugging Face "
+              f"model ({tmp})")
+        yield dequantize_fp8_checkpoint(model_dir, Path(tmp) / "bf16")
+
+
 # -- main entry ------------------------------------------------------------------------------
 def _entropy_bits(p) -> float:
     return float(-sum(x * math.log2(x) for x in p if x > 0))
@@ -322,7 +339,8 @@ def calibrate(model_dir: str | Path, data: str | Path | None = None, *, window: 
                          f"{', '.join(sorted(SUPPORTED))}")
     shape = SUPPORTED[arch].shape(hf_config)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    with _hf_readable(model_dir, shape) as hf_dir:
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     model.to(device).eval()
     model.requires_grad_(False)
     cfg = model.config

@@ -10,6 +10,8 @@ without AMX, where vLLM has no FP8 linear kernel. Expert bytes drop to about hal
 
 ``dequantize=True`` writes the same model with the FP8 experts turned back into the source dtype
 (``s · q``): the bf16 model that the FP8 one computes, for perplexity and logprob comparisons.
+``dequantize_fp8_checkpoint`` does the same for any FP8 block-scaled checkpoint (every weight
+with a ``weight_scale_inv``), e.g. so ``adapmoe calibrate`` can read it with transformers.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,9 +44,6 @@ def quantize_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tenso
 def quantize_experts_fp8(src: str | Path, dst: str | Path, block: int = 128,
                          dequantize: bool = False, progress: bool = True) -> Path:
     """Write ``dst``: ``src`` with its routed experts in FP8 block format (see the module)."""
-    from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
-
     from vllm_adapmoe.models import SUPPORTED
     from vllm_adapmoe.offline.profile import architecture_of
 
@@ -58,34 +58,26 @@ def quantize_experts_fp8(src: str | Path, dst: str | Path, block: int = 128,
     names = SUPPORTED[arch].experts
     expert = re.compile(rf"model\.layers\.\d+\.{names.block}\.experts\.\d+\."
                         rf"(?:{names.gate}|{names.up}|{names.down})\.weight")
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"adapmoe quantize: no .safetensors files in {src}")
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
-            shutil.copy(f, dst / f.name)
     sizes = (block, block)
     fmt = ExpertFormat(quant="fp8-block", block=sizes)  # its dequantize is the kernels'
     ignored: set[str] = set()
-    weight_map: dict[str, str] = {}
-    for path in tqdm(files, desc="adapmoe quantize", disable=not progress):
+
+    def shard(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
-        for name, tensor in load_file(path).items():
-            if expert.fullmatch(name):
-                q, scale = quantize_block(tensor, sizes)
-                if dequantize:
-                    out[name] = fmt.dequantize(q, scale, tensor.dtype)
-                else:
-                    out[name], out[f"{name}_scale_inv"] = q, scale
-            else:
+        for name, tensor in tensors.items():
+            if not expert.fullmatch(name):
                 out[name] = tensor
                 if name.endswith(".weight") and tensor.dim() == 2:
                     ignored.add(name[:-len(".weight")])
-        save_file(out, dst / path.name, metadata={"format": "pt"})
-        weight_map.update({n: path.name for n in out})
-    if len(files) > 1:
-        (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+                continue
+            q, scale = quantize_block(tensor, sizes)
+            if dequantize:
+                out[name] = fmt.dequantize(q, scale, tensor.dtype)
+            else:
+                out[name], out[f"{name}_scale_inv"] = q, scale
+        return out
+
+    _rewrite_shards(src, dst, shard, progress)
     if not dequantize:
         cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
                                       "activation_scheme": "dynamic",
@@ -93,3 +85,49 @@ def quantize_experts_fp8(src: str | Path, dst: str | Path, block: int = 128,
                                       "ignored_layers": sorted(ignored)}
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     return dst
+
+
+def dequantize_fp8_checkpoint(src: str | Path, dst: str | Path,
+                              dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write ``dst``: the FP8 block-scaled checkpoint ``src`` with every quantized weight
+    dequantized to ``dtype`` and no ``quantization_config``."""
+    src, dst = Path(src), Path(dst)
+    cfg = json.loads((src / "config.json").read_text())
+    quant = cfg.pop("quantization_config", None) or {}
+    if quant.get("quant_method") != "fp8" or not quant.get("weight_block_size"):
+        raise ValueError(f"{src} is not an FP8 checkpoint with block scales")
+    fmt = ExpertFormat(quant="fp8-block", block=tuple(quant["weight_block_size"]))
+
+    def shard(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: t if f"{name}_scale_inv" not in tensors
+                else fmt.dequantize(t, tensors[f"{name}_scale_inv"], dtype)
+                for name, t in tensors.items() if not name.endswith("_scale_inv")}
+
+    _rewrite_shards(src, dst, shard, progress=False)
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
+def _rewrite_shards(src: Path, dst: Path,
+                    shard: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+                    progress: bool) -> None:
+    """``dst`` ← ``src`` with each safetensors shard passed through ``shard`` (and an index
+    over the new names); every other file but ``config.json`` copied as it is."""
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no .safetensors files in {src}")
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in (
+                "model.safetensors.index.json", "config.json"):
+            shutil.copy(f, dst / f.name)
+    weight_map: dict[str, str] = {}
+    for path in tqdm(files, desc="adapmoe quantize", disable=not progress):
+        out = shard(load_file(path))
+        save_file(out, dst / path.name, metadata={"format": "pt"})
+        weight_map.update({n: path.name for n in out})
+    if len(files) > 1:
+        (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
