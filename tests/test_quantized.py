@@ -67,6 +67,15 @@ def test_fp8_store_and_slots_keep_weights_quantized_and_move_scales_with_them():
     assert stats.bytes_loaded == stats.loads * store.expert_bytes
 
 
+@pytest.mark.parametrize("shape", [(256, 128), (192, 256), (100, 60)])
+def test_block_dequantization_is_scale_times_code_per_tile(shape):
+    """Whole tiles (broadcast path) and partial ones alike: element (i, j) = q_ij · s_(i/b, j/b)."""
+    q, scale = quantize_block(torch.randn(shape), FP8.block)
+    i, j = torch.meshgrid(torch.arange(shape[0]), torch.arange(shape[1]), indexing="ij")
+    expected = (q.float() * scale[i // 128, j // 128]).to(torch.bfloat16)
+    assert torch.equal(FP8.dequantize(q, scale, torch.bfloat16), expected)
+
+
 def test_dequantizing_kernels_compute_the_dequantized_experts():
     """Grouped and reference kernels on FP8 slots = the bf16 experts ``s · q``, by hand."""
     store, _ = _fp8_store()

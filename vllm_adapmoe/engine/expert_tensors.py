@@ -90,8 +90,11 @@ class ExpertFormat:
     def dequantize(self, w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """One quantized weight ``[R, C]`` and its block scales → ``dtype`` (``w13``: call per
         half, each with its own scale rows)."""
-        b0, b1 = self.block
-        full = scale.repeat_interleave(b0, 0)[:w.shape[0]].repeat_interleave(b1, 1)[:, :w.shape[1]]
+        (b0, b1), (r, c) = self.block, w.shape
+        if r % b0 == 0 and c % b1 == 0:  # whole tiles: broadcast the scales, no expanded copy
+            tiles = w.float().view(r // b0, b0, c // b1, b1) * scale[:, None, :, None]
+            return tiles.view(r, c).to(dtype)
+        full = scale.repeat_interleave(b0, 0)[:r].repeat_interleave(b1, 1)[:, :c]
         return (w.float() * full).to(dtype)
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
