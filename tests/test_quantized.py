@@ -14,7 +14,6 @@ from tiny_model import build_tiny_fp8_mixtral
 
 import vllm_adapmoe
 from conftest import greedy
-from test_exactness import assert_same
 from vllm_adapmoe.engine.cache import ExpertCache
 from vllm_adapmoe.engine.expert_tensors import ExpertFormat
 from vllm_adapmoe.engine.kernels import GroupedKernel, ReferenceKernel
