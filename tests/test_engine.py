@@ -248,7 +248,7 @@ def test_evicting_a_slot_whose_copy_is_in_flight(device):
     assert cache.slot_of == {1: 0} and not cache.ready(1)
     cache.wait(pending)
     assert cache.ready(1)
-    assert torch.equal(cache.w13[0].cpu(), cache.store.w13[1])
+    assert torch.equal(cache.slots.w13[0].cpu(), cache.store.rows.w13[1])
     assert cache.stats.loads == 2 and cache.stats.evictions == 1
 
 
@@ -264,7 +264,7 @@ def test_on_demand_copies_go_ahead_of_queued_prefetches(device):
     assert cache.ready(1) and cache.ready(3) and not cache.ready(2)
     cache.wait(list(cache._pending.values()))
     for e in range(4):
-        assert torch.equal(cache.w13[cache.slot_of[e]].cpu(), cache.store.w13[e])
+        assert torch.equal(cache.slots.w13[cache.slot_of[e]].cpu(), cache.store.rows.w13[e])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -279,7 +279,7 @@ def test_prefetch_dropped_when_its_layer_runs_without_it(device):
     assert (st.prefetch_issued, st.prefetch_correct, st.prefetch_wasted, st.prefetch_dropped) == (1, 0, 0, 1)
     assert 3 not in cache.slot_of and st.loads == 1 and st.bytes_loaded == cache.store.expert_bytes
     cache.wait(busy + cache.start_loads([0, 2]))  # 2 takes the freed slot: no eviction
-    assert st.evictions == 0 and torch.equal(cache.w13[cache.slot_of[2]].cpu(), cache.store.w13[2])
+    assert st.evictions == 0 and torch.equal(cache.slots.w13[cache.slot_of[2]].cpu(), cache.store.rows.w13[2])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -292,7 +292,7 @@ def test_evicted_queued_prefetch_never_lands(device):
     pending = cache.start_loads([0, 2])  # 2 evicts the queued 3
     cache.wait(busy + pending)
     time.sleep(0.3)  # time for a stale copy of 3 to land, if one were still queued
-    assert cache.slot_of == {0: 0, 2: 1} and torch.equal(cache.w13[1].cpu(), cache.store.w13[2])
+    assert cache.slot_of == {0: 0, 2: 1} and torch.equal(cache.slots.w13[1].cpu(), cache.store.rows.w13[2])
     assert (cache.stats.loads, cache.stats.evictions) == (2, 1)
     cache.count_step([0, 2])
     assert (cache.stats.prefetch_dropped, cache.stats.prefetch_wasted) == (1, 0)
@@ -306,7 +306,7 @@ def test_prefetch_then_on_demand_of_the_same_expert_waits_for_one_copy(device):
     pending = cache.start_loads([2, 0])
     assert cache.stats.loads == 2 and len(pending) == 2  # 2's prefetch copy is reused, not repeated
     cache.wait(pending)
-    assert torch.equal(cache.w13[cache.slot_of[2]].cpu(), cache.store.w13[2])
+    assert torch.equal(cache.slots.w13[cache.slot_of[2]].cpu(), cache.store.rows.w13[2])
     assert cache.stats.prefetch_correct == 1 and (cache.stats.hits, cache.stats.misses) == (1, 1)
 
 

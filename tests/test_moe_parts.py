@@ -141,7 +141,7 @@ def test_cache_loads_count_bytes_and_never_evict_protected():
     assert sorted(cache.slot_of) == [1, 2]
     assert stats.loads == 3 and stats.evictions == 1
     assert stats.bytes_loaded == 3 * cache.store.expert_bytes
-    assert torch.equal(cache.w13[cache.slot_of[2]], cache.store.w13[2])
+    assert torch.equal(cache.slots.w13[cache.slot_of[2]], cache.store.rows.w13[2])
 
 
 def test_emulated_link_makes_loads_take_bytes_over_bandwidth():

@@ -36,7 +36,7 @@ def _check(model: Path) -> None:
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(str(model))
-    preflight.check_checkpoint(model, cfg, moe_shape_of(cfg), MIXTRAL_NAMES)
+    preflight.check_checkpoint(model, moe_shape_of(cfg), MIXTRAL_NAMES)
 
 
 def _rewrite(model: Path, change) -> None:
@@ -92,27 +92,47 @@ def test_an_index_naming_a_missing_shard_is_named(pristine, tmp_path):
         _check(model)
 
 
-@pytest.mark.parametrize("quant", [{"quant_method": "awq", "bits": 4},
-                                   {"quant_method": "fp8"}])  # per-tensor FP8: no block scales
+def _compressed(weights: dict, **group) -> dict:
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, **group}}}
+
+
+W4 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}
+
+
+@pytest.mark.parametrize("quant", [
+    {"quant_method": "awq", "bits": 4},
+    {"quant_method": "fp8"},  # per-tensor FP8: no block scales
+    _compressed({**W4, "num_bits": 8}),
+    _compressed({**W4, "symmetric": False}),  # zero points
+    _compressed({**W4, "actorder": "group"}),
+    _compressed(W4, input_activations={"num_bits": 8, "type": "int"}),  # W4A8
+], ids=["awq", "fp8-per-tensor", "int8", "int4-asymmetric", "int4-actorder", "w4a8"])
 def test_an_unsupported_quantization_is_refused_by_name(pristine, quant):
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(str(pristine))
     cfg.quantization_config = quant
     with pytest.raises(AdapMoEConfigError, match=rf"quantized as '{quant['quant_method']}'.*"
-                                                 r"serves bf16/fp16/fp32 experts and FP8 with block"):
+                                                 r"serves bf16/fp16/fp32 experts, FP8 with block"
+                                                 r".*INT4 compressed-tensors pack-quantized"):
         moe_shape_of(cfg)
 
 
-def test_an_fp8_config_over_bf16_experts_is_named(pristine):
+@pytest.mark.parametrize("quant, fmt, expected", [
+    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "fp8-block",
+     r"weight_scale_inv|needs them in one of F8_E4M3"),
+    (_compressed(W4), "int4-group", r"weight_packed"),
+], ids=["fp8", "int4"])
+def test_a_quantized_config_over_bf16_experts_is_named(pristine, quant, fmt, expected):
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(str(pristine))
-    cfg.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    cfg.quantization_config = quant
     shape = moe_shape_of(cfg)
-    assert shape.expert_format.quant == "fp8-block"
-    with pytest.raises(AdapMoEConfigError, match=r"weight_scale_inv|needs them in one of F8_E4M3"):
-        preflight.check_checkpoint(pristine, cfg, shape, MIXTRAL_NAMES)
+    assert shape.expert_format.quant == fmt
+    with pytest.raises(AdapMoEConfigError, match=expected):
+        preflight.check_checkpoint(pristine, shape, MIXTRAL_NAMES)
 
 
 def _fake_root(tmp_path: Path, mem_available_kb: int, cgroup: dict[str, str]) -> Path:

@@ -163,18 +163,20 @@ def _add_mtp_layer(path: Path, config) -> None:
     save_file(tensors, file, metadata={"format": "pt"})
 
 
-def build_tiny_fp8_mixtral(path: str | Path, seed: int = 0) -> tuple[Path, Path]:
-    """A tiny Mixtral (hidden 256, expert intermediate 192: 2 × 2 blocks of 128, the last one
-    partial) whose experts are quantized to FP8 with 128 × 128 block scales by the project's
-    ``adapmoe quantize``; each expert's down projection is first scaled by its own factor, so
-    every expert has its own scales and a slot with another expert's scales changes tokens.
-    Returns (the FP8 checkpoint, the same model with those experts dequantized to float32)."""
-    import torch
+def build_tiny_quantized_mixtral(path: str | Path, scheme: str = "fp8", seed: int = 0,
+                                 block: int | None = None) -> tuple[Path, Path]:
+    """A tiny Mixtral (hidden 256, expert intermediate 192) whose experts are quantized by the
+    project's ``adapmoe quantize``: ``"fp8"`` with 128 × 128 block scales (2 × 2 blocks, the
+    last one partial), ``"int4"`` by compressed-tensors in groups of 64. Each expert's down
+    projection is first scaled by its own factor, so every expert has its own scales and a slot
+    with another expert's scales changes tokens. Returns (the quantized checkpoint, the same
+    model with those experts dequantized to float32)."""
     from safetensors.torch import load_file, save_file
 
-    from vllm_adapmoe.offline.quantize import quantize_experts_fp8
+    from vllm_adapmoe.offline.quantize import quantize_experts
 
     path = Path(path)
+    block = block or {"fp8": 128, "int4": 64}[scheme]
     src = build_tiny_mixtral(path / "src", seed, num_layers=2, hidden_size=256,
                              intermediate_size=192)
     tensors = load_file(src / "model.safetensors")
@@ -183,5 +185,6 @@ def build_tiny_fp8_mixtral(path: str | Path, seed: int = 0) -> tuple[Path, Path]
             expert = int(name.split(".experts.")[1].split(".")[0])
             tensors[name] = tensors[name] * (0.5 + 0.25 * expert)
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
-    fp8 = quantize_experts_fp8(src, path / "fp8", progress=False)
-    return fp8, quantize_experts_fp8(src, path / "dequantized", dequantize=True, progress=False)
+    quantized = quantize_experts(src, path / scheme, scheme, block, progress=False)
+    return quantized, quantize_experts(src, path / "dequantized", scheme, block, dequantize=True,
+                                       progress=False)

@@ -255,7 +255,7 @@ def validate_budget(vllm_config: Any) -> list[int]:
                                  "supported yet; run this checkpoint with tensor_parallel_size=1")
     model_dir = preflight.local_model_dir(str(model_config.model))
     if model_dir is not None:  # headers only; a model vLLM still has to download is checked by it
-        preflight.check_checkpoint(model_dir, model_config.hf_config, shape, SUPPORTED[arch].experts)
+        preflight.check_checkpoint(model_dir, shape, SUPPORTED[arch].experts)
     slots = cfg.slots_per_layer(shape.num_layers, shape.num_experts,
                                 shape.expert_bytes(model_config.dtype.itemsize) // tp,
                                 model_config.hf_config, shape.top_k)

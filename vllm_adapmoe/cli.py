@@ -198,22 +198,27 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 # -- quantize --------------------------------------------------------------------------------
 def _add_quantize(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "quantize", help="write a copy of a checkpoint with its routed experts in FP8",
-        description="Quantize the routed experts of a bf16/fp16/fp32 checkpoint to FP8 e4m3 "
-                    "with one float32 scale per block (quant_method \"fp8\", "
-                    "weight_block_size), everything else unchanged and listed as ignored.")
+        "quantize", help="write a copy of a checkpoint with its routed experts in FP8 or INT4",
+        description="Quantize the routed experts of a bf16/fp16/fp32 checkpoint, everything "
+                    "else unchanged and listed as ignored: --format fp8 = float8 e4m3 with one "
+                    "float32 scale per block (quant_method \"fp8\", weight_block_size); "
+                    "--format int4 = symmetric INT4 in groups, packed by compressed-tensors "
+                    "(quant_method \"compressed-tensors\", format pack-quantized).")
     p.add_argument("model_dir")
     p.add_argument("out_dir")
-    p.add_argument("--block", type=int, default=128, help="block size (default 128)")
+    p.add_argument("--format", choices=("fp8", "int4"), default="fp8", dest="scheme")
+    p.add_argument("--block", type=int, default=128,
+                   help="FP8 block side / INT4 group size (default 128)")
     p.add_argument("--dequantize", action="store_true",
-                   help="write the FP8 model's experts back in the source dtype (for comparisons)")
+                   help="write the quantized model's experts back in the source dtype "
+                        "(for comparisons)")
     return p
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from vllm_adapmoe.offline.quantize import quantize_experts_fp8
+    from vllm_adapmoe.offline.quantize import quantize_experts
 
-    out = quantize_experts_fp8(args.model_dir, args.out_dir, args.block, args.dequantize)
+    out = quantize_experts(args.model_dir, args.out_dir, args.scheme, args.block, args.dequantize)
     print(f"wrote {out}")
     return 0
 

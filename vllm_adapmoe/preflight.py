@@ -5,9 +5,9 @@ message buried in its log ("WorkerProc initialization failed").
 
 * ``check_checkpoint``: every safetensors shard's header parses and its tensors fit in the file
   (headers only: cheap on a 90 GB model); every routed expert weight of every MoE layer is
-  present with the shape the config implies and one floating dtype — or, for FP8 checkpoints
-  with block scales, as float8 e4m3 with every ``weight_scale_inv``; other quantized formats
-  are refused by name (``models.checkpoint_format``).
+  present with the shape the config implies and one floating dtype — or, for quantized
+  checkpoints, in the format's own dtype (float8 e4m3, packed int32) with every block scale;
+  other quantized formats are refused by name (``models.checkpoint_format``).
 * ``check_host_memory``: the expert pool's bytes (plus, on CPU, the device slots, which live in
   the same memory) against what the machine can give: the smaller of ``MemAvailable`` and the
   cgroup's limit minus its usage (``available_memory``, readable from any root for tests).
@@ -20,9 +20,14 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vllm_adapmoe.engine.errors import AdapMoEConfigError
+from vllm_adapmoe.engine.weights import CHECKPOINT_SUFFIXES
 
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
+QUANT_DTYPES = {"fp8-block": {"F8_E4M3"}, "int4-group": {"I32"}}
+SCALE_SUFFIXES = tuple(scale for _, scale in CHECKPOINT_SUFFIXES.values() if scale)
 _REDOWNLOAD = "re-download it (e.g. `huggingface-cli download REPO --include NAME --force-download`)"
 
 
@@ -68,10 +73,10 @@ def shard_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
 
-def check_checkpoint(model_dir: Path, hf_config: Any, shape: Any, names: Any) -> None:
+def check_checkpoint(model_dir: Path, shape: Any, names: Any) -> None:
     """``shape``: the family's ``MoEShape``; ``names``: its ``ExpertNames`` (where the routed
     experts live in the checkpoint and what their three weights are called)."""
-    quantized = shape.expert_format.quant is not None  # unsupported formats: refused already
+    quant = shape.expert_format.quant  # unsupported formats: refused already
     files = shard_files(model_dir)
     if not files:
         return  # not safetensors (vLLM reads .bin / .pt itself): nothing to check cheaply
@@ -94,19 +99,19 @@ def check_checkpoint(model_dir: Path, hf_config: Any, shape: Any, names: Any) ->
                     f"adapmoe: {key} in {path.name} has shape {list(got)}, the config implies "
                     f"{dims} (hidden_size {shape.hidden_size}, expert intermediate size "
                     f"{shape.intermediate_size}); the checkpoint does not match its config.json")
-            if not key.endswith("_scale_inv"):  # the weights' own dtype
+            if not key.endswith(SCALE_SUFFIXES):  # the weights' own dtype
                 dtypes.add(dtype)
         if missing:
             raise AdapMoEConfigError(
                 f"adapmoe: layer {moe_idx} (decoder layer {layer}) is missing experts "
                 f"{sorted(set(missing))} in the checkpoint {model_dir} (no {missing_keys[0]}); "
                 "re-download it")
-    allowed = {"F8_E4M3"} if quantized else FLOAT_DTYPES
+    allowed = QUANT_DTYPES.get(quant, FLOAT_DTYPES)
     if dtypes - allowed or len(dtypes) > 1:
         raise AdapMoEConfigError(
             f"adapmoe: the routed experts of {model_dir} are stored as {sorted(dtypes)}; "
             f"--model-impl adapmoe needs them in one of {', '.join(sorted(allowed))}"
-            + (" (its config says FP8)" if quantized else ""))
+            + (f" (its config says {quant})" if quant else ""))
 
 
 def _expert_tensors(layer: int, shape: Any, names: Any) -> list[tuple[str, list[int], list[int]]]:
@@ -118,14 +123,13 @@ def _expert_tensors(layer: int, shape: Any, names: Any) -> list[tuple[str, list[
         if shape.expert_format.bias:
             dims.update({f"{names.gate}_bias": [n, 2 * i], f"{names.down}_bias": [n, h]})
         return [(f"{prefix}.{w}", d, list(range(n))) for w, d in dims.items()]
-    dims = {f"{names.gate}.weight": [i, h], f"{names.up}.weight": [i, h],
-            f"{names.down}.weight": [h, i]}
     fmt = shape.expert_format
-    if fmt.quant:  # one float32 scale per block
-        (b0, b1), up = fmt.block, lambda a, b: -(-a // b)
-        dims.update({f"{names.gate}.weight_scale_inv": [up(i, b0), up(h, b1)],
-                     f"{names.up}.weight_scale_inv": [up(i, b0), up(h, b1)],
-                     f"{names.down}.weight_scale_inv": [up(h, b0), up(i, b1)]})
+    weight, scale = CHECKPOINT_SUFFIXES[fmt.quant]
+    dims = {}
+    for w, (rows, cols) in ((names.gate, (i, h)), (names.up, (i, h)), (names.down, (h, i))):
+        dims[f"{w}.{weight}"] = list(fmt.weight_shape(rows, cols, torch.bfloat16)[0])
+        if scale:  # one scale per block
+            dims[f"{w}.{scale}"] = list(fmt.blocks(rows, cols))
     return [(f"{prefix}.{e}.{w}", d, [e]) for e in range(n) for w, d in dims.items()]
 
 

@@ -67,14 +67,6 @@ class ExpertCache:
             self.link.cost.overlaps = False
 
     @property
-    def w13(self) -> torch.Tensor:
-        return self.slots.w13
-
-    @property
-    def w2(self) -> torch.Tensor:
-        return self.slots.w2
-
-    @property
     def slot_of(self) -> dict[int, int]:
         return self.table.slot_of
 

@@ -6,10 +6,11 @@ An expert is a gated MLP. Its parts, one expert each, in the kernels' convention
     ``gate, up, gate, up, ...`` for gpt-oss's clamped SwiGLU (``"swigluoai"``, vLLM's name);
   * ``w2`` ``[H, I]``: the down projection;
   * with biases (gpt-oss): ``w13_bias`` ``[2I]`` and ``w2_bias`` ``[H]``;
-  * FP8 with block scales (``quant="fp8-block"``, DeepSeek-V3's format): ``w13``/``w2`` stay
-    ``float8_e4m3fn`` as the checkpoint stores them, with float32 ``w13_scale``
-    ``[2·⌈I/b⌉, ⌈H/b⌉]`` (the gate half's blocks, then the up half's) and ``w2_scale``
-    ``[⌈H/b⌉, ⌈I/b⌉]``: one scale per b×b block, the checkpoint's ``weight_scale_inv``.
+  * quantized (``ExpertFormat.quant``): ``w13``/``w2`` stay as the checkpoint stores them —
+    FP8 e4m3 (DeepSeek-V3's block format) or INT4 packed into int32 (compressed-tensors'
+    ``pack-quantized``) — with float32 ``w13_scale`` ``[2·⌈I/b0⌉, ⌈H/b1⌉]`` (the gate half's
+    scale rows, then the up half's) and ``w2_scale`` ``[⌈H/b0⌉, ⌈I/b1⌉]``: one scale per
+    b0×b1 block (the checkpoint's ``weight_scale_inv`` / ``weight_scale``).
 
 The host store, the device slots and the staging arena each keep one stacked tensor per part,
 one row per expert (store) or slot (device): a load is one copy per part — weights and scales
@@ -26,7 +27,8 @@ from dataclasses import dataclass
 import torch
 
 ACTIVATIONS = ("silu", "swigluoai")
-QUANTS = (None, "fp8-block")
+QUANTS = (None, "fp8-block", "int4-group")
+INT4_PER_INT32 = 8
 Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
@@ -34,8 +36,15 @@ Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
 class ExpertFormat:
     """A family's expert: its activation (``"silu"`` or ``"swigluoai"``, whose clamp ``limit``
     and sigmoid slope ``alpha`` are gpt-oss's config values), whether it has biases, and how
-    the checkpoint stores its weights (``quant``: None = the model dtype, ``"fp8-block"`` =
-    float8 e4m3 with one float32 scale per ``block`` = (rows, cols) tile)."""
+    the checkpoint stores its weights (``quant``):
+      * None: in the model dtype;
+      * ``"fp8-block"``: float8 e4m3, one float32 scale per ``block`` = (rows, cols) tile;
+      * ``"int4-group"``: symmetric 4-bit integers packed eight to an int32 along the input
+        dimension (value ``v`` stored as ``v + 8`` in bits ``4j..4j+3`` of word ``⌊c/8⌋``,
+        ``j = c mod 8``: compressed-tensors' ``pack-quantized``), one scale per ``block`` =
+        (1, group) run of a row; weight = scale · v. Scales are kept as float32 (exact for
+        any source dtype).
+    """
 
     activation: str = "silu"
     bias: bool = False
@@ -52,50 +61,69 @@ class ExpertFormat:
             raise ValueError(f"adapmoe: unsupported expert quantization {self.quant!r}")
         if self.quant and self.interleaved:
             raise ValueError("adapmoe: quantized swigluoai experts are not supported")
+        if self.quant == "int4-group" and self.block[0] != 1:
+            raise ValueError("adapmoe: int4 scales cover (1, group) runs of a row")
 
     @property
     def interleaved(self) -> bool:
         """``w13`` rows alternate gate and up (else: gate half, then up half)."""
         return self.activation == "swigluoai"
 
+    def weight_shape(self, rows: int, cols: int, dtype: torch.dtype
+                     ) -> tuple[tuple[int, ...], torch.dtype]:
+        """How a ``[rows, cols]`` weight is stored (``dtype``: the model's)."""
+        if self.quant == "int4-group":
+            if cols % INT4_PER_INT32:
+                raise ValueError(f"adapmoe: int4 experts need input sizes divisible by "
+                                 f"{INT4_PER_INT32} (got {cols})")
+            return (rows, cols // INT4_PER_INT32), torch.int32
+        return (rows, cols), torch.float8_e4m3fn if self.quant else dtype
+
+    def blocks(self, rows: int, cols: int) -> tuple[int, int]:
+        """Shape of a ``[rows, cols]`` weight's scales: one per (partial) block."""
+        return -(-rows // self.block[0]), -(-cols // self.block[1])
+
     def part_shapes(self, hidden: int, intermediate: int, dtype: torch.dtype) -> Shapes:
         """One expert's parts: (shape, dtype) each (``intermediate``: as the kernel stores it,
         padded; ``dtype``: the model's)."""
-        weight = torch.float8_e4m3fn if self.quant else dtype
-        shapes = {"w13": ((2 * intermediate, hidden), weight), "w2": ((hidden, intermediate), weight)}
+        shapes = {"w13": self.weight_shape(2 * intermediate, hidden, dtype),
+                  "w2": self.weight_shape(hidden, intermediate, dtype)}
         if self.bias:
             shapes.update(w13_bias=((2 * intermediate,), dtype), w2_bias=((hidden,), dtype))
-        if self.quant:
-            (bi, bh), (bh2, bi2) = self._blocks(intermediate, hidden), self._blocks(hidden, intermediate)
+        if self.quant:  # w13_scale: the gate half's scale rows, then the up half's
+            (bi, bh), (bh2, bi2) = self.blocks(intermediate, hidden), self.blocks(hidden, intermediate)
             shapes.update(w13_scale=((2 * bi, bh), torch.float32),
                           w2_scale=((bh2, bi2), torch.float32))
         return shapes
 
     def expert_bytes(self, hidden: int, intermediate: int, itemsize: int) -> int:
         """Bytes of one expert, every part (``itemsize``: the model dtype's)."""
-        dtype = {1: torch.float8_e4m3fn, 2: torch.bfloat16, 4: torch.float32}[itemsize]
-        return sum(math.prod(shape) * torch.empty((), dtype=d).element_size()
-                   for shape, d in self.part_shapes(hidden, intermediate, dtype).values())
+        model_dtype = {2: torch.bfloat16, 4: torch.float32}[itemsize]  # only sizes matter
+        return sum(math.prod(shape) * d.itemsize
+                   for shape, d in self.part_shapes(hidden, intermediate, model_dtype).values())
 
     def describe(self, dtype: torch.dtype) -> str:
         """For the start-up log: how the experts are stored and computed."""
-        weights = (f"FP8 e4m3 + {self.block[0]}x{self.block[1]} block scales" if self.quant
-                   else str(dtype).removeprefix("torch."))
+        weights = {None: str(dtype).removeprefix("torch."),
+                   "fp8-block": f"FP8 e4m3 + {self.block[0]}x{self.block[1]} block scales",
+                   "int4-group": f"INT4 (packed int32) + group-{self.block[1]} scales"}[self.quant]
         return (weights + (" + biases" if self.bias else "")
                 + (f", {self.activation}" if self.activation != "silu" else ""))
 
-    def _blocks(self, rows: int, cols: int) -> tuple[int, int]:
-        return -(-rows // self.block[0]), -(-cols // self.block[1])
-
     def dequantize(self, w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """One quantized weight ``[R, C]`` and its block scales → ``dtype`` (``w13``: call per
-        half, each with its own scale rows)."""
-        (b0, b1), (r, c) = self.block, w.shape
+        """One stored weight and its scales → ``[R, C]`` in ``dtype`` (``w13``: FP8 blocks that
+        straddle the gate/up boundary are dequantized per half, each with its own scale rows)."""
+        if self.quant == "int4-group":
+            shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=w.device)
+            v = ((w.unsqueeze(-1) >> shifts) & 15).view(w.shape[0], -1).float() - 8
+        else:
+            v = w.float()
+        (b0, b1), (r, c) = self.block, v.shape
         if r % b0 == 0 and c % b1 == 0:  # whole tiles: broadcast the scales, no expanded copy
-            tiles = w.float().view(r // b0, b0, c // b1, b1) * scale[:, None, :, None]
+            tiles = v.view(r // b0, b0, c // b1, b1) * scale[:, None, :, None]
             return tiles.view(r, c).to(dtype)
         full = scale.repeat_interleave(b0, 0)[:r].repeat_interleave(b1, 1)[:, :c]
-        return (w.float() * full).to(dtype)
+        return (v * full).to(dtype)
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         """``h`` = x·w13ᵀ (+ bias), ``[T, 2I]`` → the activation's ``[T, I]`` (torch reference)."""
@@ -156,10 +184,13 @@ class ExpertRows:
         if fmt.quant is None:
             return w13, w2
         inter, s13 = w13.shape[0] // 2, self.parts["w13_scale"][row]
+        down = fmt.dequantize(w2, self.parts["w2_scale"][row], dtype)
+        if inter % fmt.block[0] == 0:  # no block straddles gate and up: one call
+            return fmt.dequantize(w13, s13, dtype), down
         half = s13.shape[0] // 2
         gate = fmt.dequantize(w13[:inter], s13[:half], dtype)
         up = fmt.dequantize(w13[inter:], s13[half:], dtype)
-        return torch.cat([gate, up]), fmt.dequantize(w2, self.parts["w2_scale"][row], dtype)
+        return torch.cat([gate, up]), down
 
     @property
     def row_bytes(self) -> int:

@@ -37,14 +37,6 @@ class HostExpertStore:
         self._filled: set[int] = set()
 
     @property
-    def w13(self) -> torch.Tensor:
-        return self.rows.w13
-
-    @property
-    def w2(self) -> torch.Tensor:
-        return self.rows.w2
-
-    @property
     def expert_bytes(self) -> int:
         return self.rows.row_bytes
 

@@ -3,8 +3,9 @@
 Names are relative to the block: ``gate.*`` (the router, its bias, and DeepSeek-V3's correction
 bias) and either
   * one tensor per expert, ``experts.E.<w>.weight`` with ``<w>`` one of w1/w2/w3 (Mixtral) or
-    gate_proj/down_proj/up_proj (Qwen, OLMoE, DeepSeek, GLM), and for FP8 checkpoints its block
-    scales ``experts.E.<w>.weight_scale_inv``; or
+    gate_proj/down_proj/up_proj (Qwen, OLMoE, DeepSeek, GLM) — for quantized checkpoints the
+    names of ``CHECKPOINT_SUFFIXES`` (``weight_packed`` + ``weight_scale`` for INT4,
+    ``weight`` + ``weight_scale_inv`` for FP8); or
   * one tensor per layer with every expert stacked (gpt-oss): ``experts.gate_up_proj``
     ``[E, H, 2I]`` (gate and up interleaved), ``experts.down_proj`` ``[E, I, H]`` (both in
     x·W orientation) and their biases ``experts.gate_up_proj_bias`` ``[E, 2I]``,
@@ -25,8 +26,13 @@ from vllm_adapmoe.engine.store import HostExpertStore
 
 EXPERT_WEIGHTS = {"w1": "w1", "w2": "w2", "w3": "w3",
                   "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
-# ``.weight`` and, FP8 with block scales, ``.weight_scale_inv`` (the scale a block is multiplied by)
-PER_EXPERT_SUFFIX = {"weight": "", "weight_scale_inv": "_scale"}
+# a per-expert weight's checkpoint suffixes by ``ExpertFormat.quant``: (weights, their block
+# scales — what a block is multiplied by); compressed-tensors' ``weight_shape`` is not needed
+CHECKPOINT_SUFFIXES = {None: ("weight", None), "fp8-block": ("weight", "weight_scale_inv"),
+                       "int4-group": ("weight_packed", "weight_scale")}
+PER_EXPERT_SUFFIX = {"weight": "", "weight_packed": "", "weight_scale_inv": "_scale",
+                     "weight_scale": "_scale"}
+SKIPPED_SUFFIX = {"weight_shape"}
 # per-layer stacked tensors → (part, transposed from x·W orientation)
 STACKED_WEIGHTS = {"gate_up_proj": ("w13", True), "w13_weight": ("w13", True),
                    "down_proj": ("w2", True), "w2_weight": ("w2", True),
@@ -53,6 +59,8 @@ def load_moe_weights(weights: Iterable[tuple[str, torch.Tensor]], gate: nn.Modul
             for expert, weight in enumerate(tensor):
                 weight = weight.t() if transposed else weight
                 store.put(expert, which, own_shard(which, weight, shard))
+            continue
+        if len(parts) == 4 and parts[3] in SKIPPED_SUFFIX:
             continue
         if (len(parts) != 4 or parts[0] != "experts" or parts[2] not in EXPERT_WEIGHTS
                 or parts[3] not in PER_EXPERT_SUFFIX):

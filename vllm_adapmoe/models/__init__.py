@@ -7,11 +7,11 @@ reading the MoE shape from its config (used to check budgets in the main process
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from vllm_adapmoe.engine.errors import AdapMoEConfigError
 from vllm_adapmoe.engine.expert_tensors import ExpertFormat
+from vllm_adapmoe.models.checkpoint_quant import checkpoint_format
 
 # The custom op the block runs in (registered by ``moe_op.py``); vLLM splits its compiled
 # graph there, so piecewise CUDA graphs never capture the block's data-dependent host work.
@@ -41,28 +41,6 @@ class MoEShape:
     def expert_bytes(self, itemsize: int) -> int:
         """One expert's bytes as stored (quantized weights and their scales, biases)."""
         return self.expert_format.expert_bytes(self.hidden_size, self.intermediate_size, itemsize)
-
-
-SUPPORTED_QUANT = "FP8 with block scales (quant_method \"fp8\" with weight_block_size)"
-
-
-def checkpoint_format(c: Any, base: ExpertFormat = ExpertFormat()) -> ExpertFormat:
-    """``base`` (the family's expert) as this checkpoint stores it: its ``quantization_config``
-    decides the weights' format; one clear error for a format the plugin does not serve."""
-    quant = getattr(c, "quantization_config", None)
-    if not quant:
-        return base
-    q = quant if isinstance(quant, dict) else quant.to_dict()
-    method, block = q.get("quant_method"), q.get("weight_block_size")
-    ignored = q.get("ignored_layers") or q.get("modules_to_not_convert") or []
-    if method == "fp8" and block and q.get("fmt", "e4m3") == "e4m3" and base.quant is None \
-            and not base.interleaved and not any(".experts" in name for name in ignored):
-        return replace(base, quant="fp8-block", block=(int(block[0]), int(block[1])))
-    raise AdapMoEConfigError(
-        f"adapmoe: the routed experts of this checkpoint are quantized as {method!r}"
-        f"{f' (weight_block_size {block})' if block else ''}; --model-impl adapmoe serves "
-        f"bf16/fp16/fp32 experts and {SUPPORTED_QUANT}: use such a checkpoint, or stock vLLM "
-        "for this one")
 
 
 def mixtral_shape(c: Any) -> MoEShape:

@@ -289,17 +289,17 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _hf_readable(model_dir: str | Path, shape: Any):
-    """``model_dir``, or for FP8 experts a temporary copy dequantized to bf16 (``s · q``, the
-    weights the serving kernel computes with): the Hugging Face model calibrates on that."""
+    """``model_dir``, or for quantized experts a temporary copy dequantized to bf16 (``s · q``,
+    the weights the serving kernel computes with): the Hugging Face model calibrates on that."""
     if shape.expert_format.quant is None:
         yield model_dir
         return
-    from vllm_adapmoe.offline.quantize import dequantize_fp8_checkpoint
+    from vllm_adapmoe.offline.quantize import dequantize_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="adapmoe-calibrate-") as tmp:
-        print(f"calibrate: dequantizing the FP8 checkpoint into a bf16 copy for the Hugging Face "
-              f"model ({tmp})")
-        yield dequantize_fp8_checkpoint(model_dir, Path(tmp) / "bf16")
+        print(f"calibrate: dequantizing the {shape.expert_format.quant} checkpoint into a bf16 "
+              f"copy for the Hugging Face model ({tmp})")
+        yield dequantize_checkpoint(model_dir, Path(tmp) / "bf16")
 
 
 # -- main entry ------------------------------------------------------------------------------

@@ -1,17 +1,22 @@
-"""``adapmoe quantize``: a bf16/fp16/fp32 checkpoint's routed experts → FP8 with block scales.
+"""``adapmoe quantize``: a bf16/fp16/fp32 checkpoint's routed experts → FP8 or INT4.
 
-Each routed-expert weight ``W`` [R, C] is cut into ``block`` = (b, b) tiles; tile (i, j) is
-stored as float8 e4m3 ``W_ij / s_ij`` with ``s_ij = max|W_ij| / 448`` (e4m3's largest finite
-value) in ``<name>.weight``, and ``s`` [⌈R/b⌉, ⌈C/b⌉] float32 in ``<name>.weight_scale_inv``
-(the name and layout of DeepSeek-V3's and Qwen3's FP8 checkpoints, which vLLM reads as
-``quant_method: "fp8"`` with ``weight_block_size``). Everything else is copied unchanged and
-listed in ``ignored_layers``, so attention stays in the source dtype: the output serves on CPUs
-without AMX, where vLLM has no FP8 linear kernel. Expert bytes drop to about half of bf16's.
+Two formats, each the one vLLM reads for it:
+  * ``"fp8"``: each routed-expert weight ``W`` [R, C] is cut into (b, b) tiles; tile (i, j) is
+    stored as float8 e4m3 ``W_ij / s_ij`` with ``s_ij = max|W_ij| / 448`` (e4m3's largest
+    finite value) in ``<name>.weight`` and ``s`` [⌈R/b⌉, ⌈C/b⌉] float32 in
+    ``<name>.weight_scale_inv`` (DeepSeek-V3's and Qwen3's FP8 layout: ``quant_method: "fp8"``
+    with ``weight_block_size``). Expert bytes: about half of bf16's.
+  * ``"int4"``: symmetric 4-bit integers with one scale per ``group`` columns of a row, written
+    by the ``compressed-tensors`` library itself (its min/max scale rule and its
+    ``pack-quantized`` compressor: ``weight_packed`` int32, ``weight_scale``, ``weight_shape``),
+    the format llm-compressor's W4A16 recipes produce. Expert bytes: about a quarter.
+Everything else is copied unchanged and listed as ignored, so attention stays in the source
+dtype: the output serves on CPUs without AMX, where vLLM has no FP8/INT4 linear kernel.
 
-``dequantize=True`` writes the same model with the FP8 experts turned back into the source dtype
-(``s · q``): the bf16 model that the FP8 one computes, for perplexity and logprob comparisons.
-``dequantize_fp8_checkpoint`` does the same for any FP8 block-scaled checkpoint (every weight
-with a ``weight_scale_inv``), e.g. so ``adapmoe calibrate`` can read it with transformers.
+``dequantize=True`` writes the same model with the quantized experts turned back into the source
+dtype: the bf16 model that the quantized one computes, for perplexity and logprob comparisons.
+``dequantize_checkpoint`` does the same for any checkpoint of either format, e.g. so
+``adapmoe calibrate`` can read it with transformers.
 """
 
 from __future__ import annotations
@@ -21,12 +26,15 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from vllm_adapmoe.engine.expert_tensors import ExpertFormat
 
 E4M3_MAX = 448.0
+SCHEMES = ("fp8", "int4")
+Tensors = dict[str, torch.Tensor]
 
 
 def quantize_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,12 +49,46 @@ def quantize_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tenso
     return q[:r, :c].to(torch.float8_e4m3fn).contiguous(), scale
 
 
-def quantize_experts_fp8(src: str | Path, dst: str | Path, block: int = 128,
-                         dequantize: bool = False, progress: bool = True) -> Path:
-    """Write ``dst``: ``src`` with its routed experts in FP8 block format (see the module)."""
+def int4_scheme(group: int) -> Any:
+    """compressed-tensors' scheme for symmetric INT4 weights in groups, activations unquantized."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, type="int", symmetric=True, strategy="group", group_size=group))
+
+
+def quantize_int4(w: torch.Tensor, scheme: Any) -> Tensors:
+    """``w`` [R, C] → compressed-tensors' ``weight_packed`` / ``weight_scale`` / ``weight_shape``,
+    with the library's own scale rule and packer."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    group = scheme.weights.group_size
+    if w.shape[1] % group:
+        raise ValueError(f"adapmoe quantize: input size {w.shape[1]} is not a multiple of the "
+                         f"group size {group}")
+    groups = w.float().view(w.shape[0], -1, group)
+    scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), scheme.weights)
+    state = {"weight": w, "weight_scale": scale.to(w.dtype), "weight_zero_point": zero}
+    return dict(PackedQuantizationCompressor.compress(state, scheme))
+
+
+def dequantize_int4(parts: Tensors, scheme: Any, dtype: torch.dtype) -> torch.Tensor:
+    """compressed-tensors' own decompression of one packed weight."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    return PackedQuantizationCompressor.decompress(parts, scheme)["weight"].to(dtype)
+
+
+def quantize_experts(src: str | Path, dst: str | Path, scheme: str = "fp8", block: int = 128,
+                     dequantize: bool = False, progress: bool = True) -> Path:
+    """Write ``dst``: ``src`` with its routed experts in ``scheme`` (see the module); ``block``:
+    FP8's tile side, INT4's group size."""
     from vllm_adapmoe.models import SUPPORTED
     from vllm_adapmoe.offline.profile import architecture_of
 
+    if scheme not in SCHEMES:
+        raise ValueError(f"adapmoe quantize: unknown format {scheme!r} (one of {SCHEMES})")
     src, dst = Path(src), Path(dst)
     cfg = json.loads((src / "config.json").read_text())
     arch = architecture_of(cfg)
@@ -58,51 +100,87 @@ def quantize_experts_fp8(src: str | Path, dst: str | Path, block: int = 128,
     names = SUPPORTED[arch].experts
     expert = re.compile(rf"model\.layers\.\d+\.{names.block}\.experts\.\d+\."
                         rf"(?:{names.gate}|{names.up}|{names.down})\.weight")
-    sizes = (block, block)
-    fmt = ExpertFormat(quant="fp8-block", block=sizes)  # its dequantize is the kernels'
+    ct_scheme = int4_scheme(block) if scheme == "int4" else None
+    fp8 = ExpertFormat(quant="fp8-block", block=(block, block))  # its dequantize is the kernels'
     ignored: set[str] = set()
 
-    def shard(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def quantized(name: str, w: torch.Tensor) -> Tensors:
+        stem = name[:-len(".weight")]
+        if ct_scheme is not None:
+            parts = quantize_int4(w, ct_scheme)
+            if dequantize:
+                return {name: dequantize_int4(parts, ct_scheme, w.dtype)}
+            return {f"{stem}.{k}": v for k, v in parts.items()}
+        q, scale = quantize_block(w, fp8.block)
+        if dequantize:
+            return {name: fp8.dequantize(q, scale, w.dtype)}
+        return {name: q, f"{name}_scale_inv": scale}
+
+    def shard(tensors: Tensors) -> Tensors:
         out = {}
         for name, tensor in tensors.items():
-            if not expert.fullmatch(name):
-                out[name] = tensor
-                if name.endswith(".weight") and tensor.dim() == 2:
-                    ignored.add(name[:-len(".weight")])
+            if expert.fullmatch(name):
+                out.update(quantized(name, tensor))
                 continue
-            q, scale = quantize_block(tensor, sizes)
-            if dequantize:
-                out[name] = fmt.dequantize(q, scale, tensor.dtype)
-            else:
-                out[name], out[f"{name}_scale_inv"] = q, scale
+            out[name] = tensor
+            if name.endswith(".weight") and tensor.dim() == 2:
+                ignored.add(name[:-len(".weight")])
         return out
 
     _rewrite_shards(src, dst, shard, progress)
     if not dequantize:
-        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
-                                      "activation_scheme": "dynamic",
-                                      "weight_block_size": [block, block],
-                                      "ignored_layers": sorted(ignored)}
+        cfg["quantization_config"] = (_int4_config(ct_scheme, ignored) if ct_scheme is not None
+                                      else _fp8_config(block, ignored))
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     return dst
 
 
-def dequantize_fp8_checkpoint(src: str | Path, dst: str | Path,
-                              dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write ``dst``: the FP8 block-scaled checkpoint ``src`` with every quantized weight
-    dequantized to ``dtype`` and no ``quantization_config``."""
+def _fp8_config(block: int, ignored: set[str]) -> dict:
+    return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+            "weight_block_size": [block, block], "ignored_layers": sorted(ignored)}
+
+
+def _int4_config(scheme: Any, ignored: set[str]) -> dict:
+    from compressed_tensors.quantization import QuantizationConfig
+
+    config = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+                                quantization_status="compressed", ignore=sorted(ignored))
+    return json.loads(config.model_dump_json())
+
+
+def dequantize_checkpoint(src: str | Path, dst: str | Path,
+                          dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write ``dst``: the FP8 block-scaled or INT4 pack-quantized checkpoint ``src`` with every
+    quantized weight dequantized to ``dtype`` and no ``quantization_config``."""
     src, dst = Path(src), Path(dst)
     cfg = json.loads((src / "config.json").read_text())
     quant = cfg.pop("quantization_config", None) or {}
-    if quant.get("quant_method") != "fp8" or not quant.get("weight_block_size"):
-        raise ValueError(f"{src} is not an FP8 checkpoint with block scales")
-    fmt = ExpertFormat(quant="fp8-block", block=tuple(quant["weight_block_size"]))
+    if quant.get("quant_method") == "fp8" and quant.get("weight_block_size"):
+        fmt = ExpertFormat(quant="fp8-block", block=tuple(quant["weight_block_size"]))
 
-    def shard(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: t if f"{name}_scale_inv" not in tensors
-                else fmt.dequantize(t, tensors[f"{name}_scale_inv"], dtype)
-                for name, t in tensors.items() if not name.endswith("_scale_inv")}
+        def shard(tensors: Tensors) -> Tensors:
+            return {name: t if f"{name}_scale_inv" not in tensors
+                    else fmt.dequantize(t, tensors[f"{name}_scale_inv"], dtype)
+                    for name, t in tensors.items() if not name.endswith("_scale_inv")}
+    elif quant.get("quant_method") == "compressed-tensors" and len(quant["config_groups"]) == 1:
+        from compressed_tensors.quantization import QuantizationScheme
 
+        scheme = QuantizationScheme(**next(iter(quant["config_groups"].values())))
+
+        def shard(tensors: Tensors) -> Tensors:
+            out = {}
+            for name, t in tensors.items():
+                stem, _, leaf = name.rpartition(".")
+                if leaf == "weight_packed":
+                    parts = {k: tensors[f"{stem}.{k}"]
+                             for k in ("weight_packed", "weight_scale", "weight_shape")}
+                    out[f"{stem}.weight"] = dequantize_int4(parts, scheme, dtype)
+                elif leaf not in ("weight_scale", "weight_shape"):
+                    out[name] = t
+            return out
+    else:
+        raise ValueError(f"{src} is neither an FP8 block-scaled nor a compressed-tensors "
+                         "pack-quantized checkpoint")
     _rewrite_shards(src, dst, shard, progress=False)
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     return dst
