@@ -1,14 +1,16 @@
-"""FP8 experts vs bf16 at equal device budget: bytes per load, held-out perplexity, decode tok/s.
+"""FP8 and INT4 experts vs bf16 at equal device budget: bytes per load, held-out perplexity,
+decode tok/s.
 
-The bundled model's experts are quantized by ``adapmoe quantize`` (FP8 e4m3, 128 × 128 block
-scales) into a temporary directory. Both formats run under ``--model-impl adapmoe`` with vLLM's
-default flags (compiled): every expert resident, and at the same ``cache_gib`` (``--budget`` of
-the bf16 experts' bytes: FP8 fits about twice the slots) as uniform LRU and as full AdapMoE
-(the bundled profile's DP plan, prefetch, gating at ``--threshold``), with an emulated link
-(``link_gbps`` fixed for both, derived as in ``bench_decode.py``: one *bf16* expert load ≈
-``--link-layers`` decode layers of the all-resident bf16 run; an FP8 load moves half the bytes).
-On CPU the FP8 experts are computed by the engine's dequantizing kernel (vLLM has no FP8 MoE
-kernel without AMX), so all-resident FP8 is slower than bf16 here; rows say so.
+The bundled model's experts are quantized by ``adapmoe quantize`` into temporary directories:
+FP8 e4m3 with 128 × 128 block scales, and INT4 in groups of 128 (compressed-tensors
+pack-quantized). Every format runs under ``--model-impl adapmoe`` with vLLM's default flags
+(compiled): every expert resident, and at the same ``cache_gib`` (``--budget`` of the bf16
+experts' bytes: FP8 fits about twice the slots, INT4 about 3.8×) as uniform LRU and as full
+AdapMoE (the bundled profile's DP plan, prefetch, gating at ``--threshold``), with an emulated
+link (``link_gbps`` fixed for all, derived as in ``bench_decode.py``: one *bf16* expert load ≈
+``--link-layers`` decode layers of the all-resident bf16 run; a quantized load moves its own
+bytes). On CPU the quantized experts are computed by the engine's dequantizing kernel (vLLM has
+no FP8 or INT4 MoE kernel without AMX), so all-resident FP8/INT4 is slower than bf16 here.
 
     python benchmarks/bench_quantized.py [--batches 1 16] [--budget 0.25] [--rounds 3]
         [--out benchmarks/results/quantized_cpu.json]
@@ -36,7 +38,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from vllm_adapmoe.offline.evaluation import heldout_text, perplexity, token_windows
-    from vllm_adapmoe.offline.quantize import quantize_experts_fp8
+    from vllm_adapmoe.offline.quantize import quantize_experts
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
@@ -50,9 +52,10 @@ def main() -> None:
 
     bf16 = vllm_adapmoe.bundled_model_path()
     profile = str(Path(bf16).with_suffix(".profile.json"))
-    fp8 = str(quantize_experts_fp8(bf16, Path(tempfile.mkdtemp(prefix="adapmoe-fp8-")) / "fp8",
-                                   progress=False))
-    models = {"bf16": bf16, "fp8": fp8}
+    tmp = Path(tempfile.mkdtemp(prefix="adapmoe-quantized-"))
+    models = {"bf16": bf16, **{scheme: str(quantize_experts(bf16, tmp / scheme, scheme,
+                                                            progress=False))
+                               for scheme in ("fp8", "int4")}}
     common = dict(max_model_len=512, seed=0, kv_cache_memory_bytes=256 * 2**20,
                   max_num_seqs=max(args.batches), model_impl="adapmoe")
 
@@ -111,13 +114,16 @@ def main() -> None:
            "cache_gib": cache_gib, "link_gbps_emulated": link_gbps,
            "link_layers": args.link_layers, "threshold": args.threshold,
            "expert_bytes": bytes_of, "bytes_ratio_fp8": bytes_of["fp8"] / bytes_of["bf16"],
+           "bytes_ratio_int4": bytes_of["int4"] / bytes_of["bf16"],
            "heldout": quality, "rounds": args.rounds, "new_tokens": args.new_tokens,
-           "kernels": {"bf16": "vLLM cpu_fused_moe", "fp8": "engine dequantizing grouped GEMM"},
+           "kernels": {"bf16": "vLLM cpu_fused_moe", "fp8": "engine dequantizing grouped GEMM",
+                       "int4": "engine dequantizing grouped GEMM"},
            "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}: fp8/bf16 bytes {out['bytes_ratio_fp8']:.3f}, ppl "
-          f"{quality['bf16']['ppl']:.3f} vs {quality['fp8']['ppl']:.3f}")
+    print(f"wrote {args.out}: bytes vs bf16 fp8 {out['bytes_ratio_fp8']:.3f}, int4 "
+          f"{out['bytes_ratio_int4']:.3f}; ppl " + ", ".join(
+              f"{fmt} {q['ppl']:.3f}" for fmt, q in quality.items()))
 
 
 if __name__ == "__main__":

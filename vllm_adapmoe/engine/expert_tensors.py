@@ -21,6 +21,7 @@ reads the rows it is given.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -112,18 +113,15 @@ class ExpertFormat:
 
     def dequantize(self, w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """One stored weight and its scales → ``[R, C]`` in ``dtype`` (``w13``: FP8 blocks that
-        straddle the gate/up boundary are dequantized per half, each with its own scale rows)."""
-        if self.quant == "int4-group":
-            shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=w.device)
-            v = ((w.unsqueeze(-1) >> shifts) & 15).view(w.shape[0], -1).float() - 8
-        else:
-            v = w.float()
+        straddle the gate/up boundary are dequantized per half, each with its own scale rows).
+        Codes become float32 and are multiplied by float32 scales, then rounded once."""
+        v = _int4_codes(w) if self.quant == "int4-group" else _fp8_values(w)
         (b0, b1), (r, c) = self.block, v.shape
         if r % b0 == 0 and c % b1 == 0:  # whole tiles: broadcast the scales, no expanded copy
-            tiles = v.view(r // b0, b0, c // b1, b1) * scale[:, None, :, None]
+            tiles = v.view(r // b0, b0, c // b1, b1).mul_(scale[:, None, :, None])
             return tiles.view(r, c).to(dtype)
         full = scale.repeat_interleave(b0, 0)[:r].repeat_interleave(b1, 1)[:, :c]
-        return (v * full).to(dtype)
+        return v.mul_(full).to(dtype)
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         """``h`` = x·w13ᵀ (+ bias), ``[T, 2I]`` → the activation's ``[T, I]`` (torch reference)."""
@@ -217,3 +215,22 @@ class ExpertRows:
                              f"{sorted(self.parts)}")
         for name, t in self.parts.items():
             t[row].copy_(expert[name])
+
+
+# A lookup table beats torch's elementwise float8 → float32 cast on CPU about twofold.
+_FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def _fp8_values(w: torch.Tensor) -> torch.Tensor:
+    """float8 e4m3 ``[R, C]`` → float32 (a new tensor)."""
+    return torch.take(_FP8_VALUES.to(w.device), w.view(torch.uint8).long())
+
+
+def _int4_codes(w: torch.Tensor) -> torch.Tensor:
+    """Packed int32 ``[R, C/8]`` → float32 ``[R, C]`` codes ``v`` in [-8, 7]. Value ``j`` of a
+    word sits in its bits 4j..4j+3; read byte by byte (little-endian: byte ``k`` of a word holds
+    values 2k (low nibble) and 2k+1), which is several times faster than shifting whole words."""
+    if sys.byteorder != "little":  # pragma: no cover - every supported CPU is little-endian
+        raise RuntimeError("adapmoe: int4 unpacking assumes a little-endian CPU")
+    b = w.view(torch.uint8)
+    return torch.stack([b & 15, b >> 4], dim=-1).view(w.shape[0], -1).float().sub_(8)
