@@ -225,15 +225,18 @@ def soak_section(runs: list[dict]) -> list[str]:
 
 def quantized_section(data: dict) -> list[str]:
     q, b = data["heldout"], data["expert_bytes"]
-    out = [f"**FP8 experts vs bf16** (`benchmarks/bench_quantized.py`, bundled model quantized by "
-           f"`adapmoe quantize`, compiled, {data['rounds']} alternating rounds, medians; bytes per "
-           f"expert {b['fp8']} vs {b['bf16']} = **{data['bytes_ratio_fp8']:.3f}×** (scales "
-           f"included); held-out perplexity {q['bf16']['ppl']:.3f} (bf16) vs {q['fp8']['ppl']:.3f} "
-           f"(FP8, {100 * (q['fp8']['ppl'] / q['bf16']['ppl'] - 1):+.2f}%); budgets: "
-           f"`cache_gib` {data['cache_gib']:.4f} = {data['budget']:.0%} of the bf16 experts for both; "
+    fmts = [f for f in ("fp8", "int4") if f in b]
+    sizes = "; ".join(f"{f.upper()} {b[f]} = **{b[f] / b['bf16']:.3f}×**" for f in fmts)
+    ppl = ", ".join(f"{f.upper()} {q[f]['ppl']:.3f} ({100 * (q[f]['ppl'] / q['bf16']['ppl'] - 1):+.2f}%)"
+                    for f in fmts)
+    out = [f"**Quantized experts vs bf16** (`benchmarks/bench_quantized.py`, bundled model "
+           f"quantized by `adapmoe quantize`, compiled, {data['rounds']} alternating rounds, "
+           f"medians; bytes per expert, scales included: bf16 {b['bf16']}; {sizes}; held-out "
+           f"perplexity bf16 {q['bf16']['ppl']:.3f}, {ppl}; budgets: `cache_gib` "
+           f"{data['cache_gib']:.4f} = {data['budget']:.0%} of the bf16 experts for every format; "
            f"**emulated link** {data['link_gbps_emulated']:.4f} GB/s (one bf16 expert load ≈ "
-           f"{data['link_layers']:g} decode layers); FP8 computed by the engine's dequantizing "
-           "kernel, bf16 by vLLM's `cpu_fused_moe`):", "",
+           f"{data['link_layers']:g} decode layers); quantized experts computed by the engine's "
+           "dequantizing kernel, bf16 by vLLM's `cpu_fused_moe`):", "",
            "| batch | config | decode tok/s | vs bf16, same setting | slots | hit rate | bytes / decoded token | experts / token / layer |",
            "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:

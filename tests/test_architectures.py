@@ -141,13 +141,19 @@ def test_gpt_oss_calibrated_and_gated(engines, family_models, tmp_path):
     profile = save_profile(calibrate(model, window=32, max_tokens=128, progress=False),
                            tmp_path / "gpt_oss.profile.json")
     llm = engines.get(model, "adapmoe", cache_slots=4, profile=str(profile), threshold=GPT_OSS_T)
+    assert _gated_top4_counters(llm)["misses"] > 0
+
+
+def _gated_top4_counters(llm) -> dict:
+    """Serve the prompts on a gated top-4 engine; check that decode tokens kept 1..4 experts
+    (some fewer than 4) and prefill tokens all 4. Returns the counters."""
     vllm_adapmoe.reset_stats(llm)
     tokens, _ = greedy(llm)
     assert all(len(t) == 32 for t in tokens)
     total = vllm_adapmoe.stats(llm)["total"]
     prefill = total["tokens"] - total["decode_tokens"]
     assert 4 * prefill + total["decode_tokens"] <= total["activated_experts"] < 4 * total["tokens"]
-    assert total["misses"] > 0
+    return total
 
 
 def test_speculation_with_the_mtp_layers_is_one_clear_error(family_models):
@@ -208,9 +214,4 @@ def test_gating_drops_trailing_experts_of_a_top4_family(engines, family_models):
     """Qwen3-MoE (top-4): gated decode tokens keep 1..4 experts; prefill tokens keep all 4."""
     llm = engines.get(family_models("qwen3_moe"), "adapmoe", cache_slots=4, threshold=0.02,
                       sensitivity=[1.0, 1.0])
-    vllm_adapmoe.reset_stats(llm)
-    tokens, _ = greedy(llm)
-    assert all(len(t) == 32 for t in tokens)
-    total = vllm_adapmoe.stats(llm)["total"]
-    prefill = total["tokens"] - total["decode_tokens"]
-    assert 4 * prefill + total["decode_tokens"] <= total["activated_experts"] < 4 * total["tokens"]
+    _gated_top4_counters(llm)

@@ -188,3 +188,27 @@ def build_tiny_quantized_mixtral(path: str | Path, scheme: str = "fp8", seed: in
     quantized = quantize_experts(src, path / scheme, scheme, block, progress=False)
     return quantized, quantize_experts(src, path / "dequantized", scheme, block, dequantize=True,
                                        progress=False)
+
+
+def build_tiny_mxfp4_gpt_oss(path: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny random gpt-oss whose experts are in its released MXFP4 form (``adapmoe quantize
+    --format mxfp4``), each expert's down projection first scaled by its own factor so the
+    experts' scales differ. Returns (the MXFP4 checkpoint, the same model dequantized to bf16 by
+    transformers' own MXFP4 dequantizer)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from vllm_adapmoe.offline.quantize import quantize_experts
+
+    path = Path(path)
+    src = build_tiny_moe(path / "src", "gpt_oss", seed, num_layers=2)
+    tensors = load_file(src / "model.safetensors")
+    for name in tensors:
+        if name.endswith("mlp.experts.down_proj"):
+            factors = 0.5 + 0.75 * torch.arange(tensors[name].shape[0], dtype=torch.float32)
+            tensors[name] = tensors[name] * factors[:, None, None].to(tensors[name].dtype)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    mxfp4 = quantize_experts(src, path / "mxfp4", "mxfp4", progress=False)
+    return mxfp4, quantize_experts(src, path / "dequantized", "mxfp4", dequantize=True,
+                                   progress=False)
+

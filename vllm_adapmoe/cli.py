@@ -206,7 +206,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "(quant_method \"compressed-tensors\", format pack-quantized).")
     p.add_argument("model_dir")
     p.add_argument("out_dir")
-    p.add_argument("--format", choices=("fp8", "int4"), default="fp8", dest="scheme")
+    p.add_argument("--format", choices=("fp8", "int4", "mxfp4"), default="fp8", dest="scheme",
+                   help="fp8 or int4 (per-expert families), mxfp4 (gpt-oss)")
     p.add_argument("--block", type=int, default=128,
                    help="FP8 block side / INT4 group size (default 128)")
     p.add_argument("--dequantize", action="store_true",

@@ -26,7 +26,7 @@ from vllm_adapmoe.engine.errors import AdapMoEConfigError
 from vllm_adapmoe.engine.weights import CHECKPOINT_SUFFIXES
 
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
-QUANT_DTYPES = {"fp8-block": {"F8_E4M3"}, "int4-group": {"I32"}}
+QUANT_DTYPES = {"fp8-block": {"F8_E4M3"}, "int4-group": {"I32"}, "mxfp4": {"U8"}}
 SCALE_SUFFIXES = tuple(scale for _, scale in CHECKPOINT_SUFFIXES.values() if scale)
 _REDOWNLOAD = "re-download it (e.g. `huggingface-cli download REPO --include NAME --force-download`)"
 
@@ -99,7 +99,7 @@ def check_checkpoint(model_dir: Path, shape: Any, names: Any) -> None:
                     f"adapmoe: {key} in {path.name} has shape {list(got)}, the config implies "
                     f"{dims} (hidden_size {shape.hidden_size}, expert intermediate size "
                     f"{shape.intermediate_size}); the checkpoint does not match its config.json")
-            if not key.endswith(SCALE_SUFFIXES):  # the weights' own dtype
+            if not key.endswith(SCALE_SUFFIXES + ("_bias",)):  # the weights' own dtype
                 dtypes.add(dtype)
         if missing:
             raise AdapMoEConfigError(
@@ -117,13 +117,10 @@ def check_checkpoint(model_dir: Path, shape: Any, names: Any) -> None:
 def _expert_tensors(layer: int, shape: Any, names: Any) -> list[tuple[str, list[int], list[int]]]:
     """(checkpoint key, shape, experts it holds) of each routed-expert tensor of ``layer``."""
     h, i, n = shape.hidden_size, shape.intermediate_size, shape.num_experts
-    prefix = f"model.layers.{layer}.{names.block}.experts"
-    if names.stacked:  # one tensor per layer, x·W orientation, biases beside
-        dims = {names.gate: [n, h, 2 * i], names.down: [n, i, h]}
-        if shape.expert_format.bias:
-            dims.update({f"{names.gate}_bias": [n, 2 * i], f"{names.down}_bias": [n, h]})
-        return [(f"{prefix}.{w}", d, list(range(n))) for w, d in dims.items()]
-    fmt = shape.expert_format
+    fmt, prefix = shape.expert_format, f"model.layers.{layer}.{names.block}.experts"
+    if names.stacked:
+        return [(f"{prefix}.{w}", d, list(range(n)))
+                for w, d in _stacked_dims(names, fmt, h, i, n).items()]
     weight, scale = CHECKPOINT_SUFFIXES[fmt.quant]
     dims = {}
     for w, (rows, cols) in ((names.gate, (i, h)), (names.up, (i, h)), (names.down, (h, i))):
@@ -131,6 +128,20 @@ def _expert_tensors(layer: int, shape: Any, names: Any) -> list[tuple[str, list[
         if scale:  # one scale per block
             dims[f"{w}.{scale}"] = list(fmt.blocks(rows, cols))
     return [(f"{prefix}.{e}.{w}", d, [e]) for e in range(n) for w, d in dims.items()]
+
+
+def _stacked_dims(names: Any, fmt: Any, h: int, i: int, n: int) -> dict[str, list[int]]:
+    """gpt-oss: one tensor per layer — bf16 in x·W orientation, or MXFP4 blocks and scales
+    with rows = outputs — and the biases."""
+    if fmt.quant == "mxfp4":
+        dims = {f"{names.gate}_blocks": [n, 2 * i, h // 32, 16],
+                f"{names.gate}_scales": [n, 2 * i, h // 32],
+                f"{names.down}_blocks": [n, h, i // 32, 16], f"{names.down}_scales": [n, h, i // 32]}
+    else:
+        dims = {names.gate: [n, h, 2 * i], names.down: [n, i, h]}
+    if fmt.bias:
+        dims.update({f"{names.gate}_bias": [n, 2 * i], f"{names.down}_bias": [n, h]})
+    return dims
 
 
 def local_model_dir(model: str) -> Path | None:

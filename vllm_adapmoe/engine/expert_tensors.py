@@ -28,8 +28,9 @@ from dataclasses import dataclass
 import torch
 
 ACTIVATIONS = ("silu", "swigluoai")
-QUANTS = (None, "fp8-block", "int4-group")
+QUANTS = (None, "fp8-block", "int4-group", "mxfp4")
 INT4_PER_INT32 = 8
+MX_BLOCK = 32  # values per MXFP4 scale (the OCP microscaling block)
 Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
@@ -44,7 +45,10 @@ class ExpertFormat:
         dimension (value ``v`` stored as ``v + 8`` in bits ``4j..4j+3`` of word ``⌊c/8⌋``,
         ``j = c mod 8``: compressed-tensors' ``pack-quantized``), one scale per ``block`` =
         (1, group) run of a row; weight = scale · v. Scales are kept as float32 (exact for
-        any source dtype).
+        any source dtype);
+      * ``"mxfp4"`` (gpt-oss's released checkpoints): FP4 e2m1 values two to a byte (column
+        2k in the low nibble of byte k, 2k+1 in the high one), one e8m0 scale byte ``s`` per
+        (1, 32) block of a row: weight = value · 2^(s − 127). Scales stay bytes.
     """
 
     activation: str = "silu"
@@ -60,10 +64,10 @@ class ExpertFormat:
                              f"(supported: {', '.join(ACTIVATIONS)})")
         if self.quant not in QUANTS:
             raise ValueError(f"adapmoe: unsupported expert quantization {self.quant!r}")
-        if self.quant and self.interleaved:
-            raise ValueError("adapmoe: quantized swigluoai experts are not supported")
-        if self.quant == "int4-group" and self.block[0] != 1:
-            raise ValueError("adapmoe: int4 scales cover (1, group) runs of a row")
+        if self.quant and self.interleaved and self.block[0] != 1:  # a block would mix gate/up
+            raise ValueError("adapmoe: swigluoai experts need scales of (1, n) blocks")
+        if self.quant in ("int4-group", "mxfp4") and self.block[0] != 1:
+            raise ValueError(f"adapmoe: {self.quant} scales cover (1, n) runs of a row")
 
     @property
     def interleaved(self) -> bool:
@@ -78,7 +82,16 @@ class ExpertFormat:
                 raise ValueError(f"adapmoe: int4 experts need input sizes divisible by "
                                  f"{INT4_PER_INT32} (got {cols})")
             return (rows, cols // INT4_PER_INT32), torch.int32
+        if self.quant == "mxfp4":
+            if cols % MX_BLOCK:
+                raise ValueError(f"adapmoe: mxfp4 experts need input sizes divisible by "
+                                 f"{MX_BLOCK} (got {cols})")
+            return (rows, cols // 2), torch.uint8
         return (rows, cols), torch.float8_e4m3fn if self.quant else dtype
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.quant == "mxfp4" else torch.float32
 
     def blocks(self, rows: int, cols: int) -> tuple[int, int]:
         """Shape of a ``[rows, cols]`` weight's scales: one per (partial) block."""
@@ -93,8 +106,8 @@ class ExpertFormat:
             shapes.update(w13_bias=((2 * intermediate,), dtype), w2_bias=((hidden,), dtype))
         if self.quant:  # w13_scale: the gate half's scale rows, then the up half's
             (bi, bh), (bh2, bi2) = self.blocks(intermediate, hidden), self.blocks(hidden, intermediate)
-            shapes.update(w13_scale=((2 * bi, bh), torch.float32),
-                          w2_scale=((bh2, bi2), torch.float32))
+            shapes.update(w13_scale=((2 * bi, bh), self.scale_dtype),
+                          w2_scale=((bh2, bi2), self.scale_dtype))
         return shapes
 
     def expert_bytes(self, hidden: int, intermediate: int, itemsize: int) -> int:
@@ -107,7 +120,8 @@ class ExpertFormat:
         """For the start-up log: how the experts are stored and computed."""
         weights = {None: str(dtype).removeprefix("torch."),
                    "fp8-block": f"FP8 e4m3 + {self.block[0]}x{self.block[1]} block scales",
-                   "int4-group": f"INT4 (packed int32) + group-{self.block[1]} scales"}[self.quant]
+                   "int4-group": f"INT4 (packed int32) + group-{self.block[1]} scales",
+                   "mxfp4": "MXFP4 (e2m1 + e8m0 scales per 32)"}[self.quant]
         return (weights + (" + biases" if self.bias else "")
                 + (f", {self.activation}" if self.activation != "silu" else ""))
 
@@ -115,7 +129,9 @@ class ExpertFormat:
         """One stored weight and its scales → ``[R, C]`` in ``dtype`` (``w13``: FP8 blocks that
         straddle the gate/up boundary are dequantized per half, each with its own scale rows).
         Codes become float32 and are multiplied by float32 scales, then rounded once."""
-        v = _int4_codes(w) if self.quant == "int4-group" else _fp8_values(w)
+        v = {"int4-group": _int4_codes, "mxfp4": _fp4_values}.get(self.quant, _fp8_values)(w)
+        if self.quant == "mxfp4":  # e8m0: a power of two
+            scale = torch.exp2(scale.float() - 127)
         (b0, b1), (r, c) = self.block, v.shape
         if r % b0 == 0 and c % b1 == 0:  # whole tiles: broadcast the scales, no expanded copy
             tiles = v.view(r // b0, b0, c // b1, b1).mul_(scale[:, None, :, None])
@@ -234,3 +250,16 @@ def _int4_codes(w: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("adapmoe: int4 unpacking assumes a little-endian CPU")
     b = w.view(torch.uint8)
     return torch.stack([b & 15, b >> 4], dim=-1).view(w.shape[0], -1).float().sub_(8)
+
+
+_FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                     -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+_FP4_LOW, _FP4_HIGH = _FP4[torch.arange(256) & 15], _FP4[torch.arange(256) >> 4]
+
+
+def _fp4_values(w: torch.Tensor) -> torch.Tensor:
+    """FP4 e2m1 pairs, uint8 ``[R, C/2]`` → float32 ``[R, C]`` (low nibble first)."""
+    b = w.long()
+    pairs = torch.stack([torch.take(_FP4_LOW.to(w.device), b),
+                         torch.take(_FP4_HIGH.to(w.device), b)], dim=-1)
+    return pairs.view(w.shape[0], -1)

@@ -31,8 +31,7 @@ class HostExpertStore:
         # Explicit device="cpu": the model is built under the target device's context.
         self.rows = ExpertRows.zeros(
             num_experts, fmt.part_shapes(hidden, padded_intermediate, dtype), "cpu", pin)
-        self._extra_parts = ({"w13_bias", "w2_bias"} if fmt.bias else set()) | (
-            {"w1_scale", "w3_scale", "w2_scale"} if fmt.quant else set())
+        self._biases = {"w13_bias", "w2_bias"} if fmt.bias else set()
         self._pending: dict[int, dict[str, torch.Tensor]] = {}
         self._filled: set[int] = set()
 
@@ -47,19 +46,19 @@ class HostExpertStore:
     def put(self, expert: int, which: str, weight: torch.Tensor) -> None:
         """Take one checkpoint weight of ``expert``: ``which`` in w1 = gate, w3 = up, w2 = down,
         w13 = gate and up already stacked as the activation reads them, w13_bias, w2_bias, and
-        for quantized experts w1_scale, w3_scale, w2_scale (stored as they come: no
-        dequantization on the load path)."""
+        for quantized experts w1_scale, w3_scale (or w13_scale), w2_scale (stored as they
+        come: no dequantization on the load path)."""
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"checkpoint has expert {expert}, the config says {self.num_experts}")
-        if which not in ("w1", "w2", "w3", "w13") and which not in self._extra_parts:
+        scales = {"w1_scale", "w3_scale", "w13_scale", "w2_scale"} if self.fmt.quant else set()
+        if which not in ("w1", "w2", "w3", "w13") and which not in self._biases | scales:
             raise ValueError(f"adapmoe: the checkpoint has an expert tensor ({which}) this "
                              f"model's experts do not have ({self.fmt})")
         target = self.rows[{"w1": "w13", "w3": "w13", "w1_scale": "w13_scale",
                             "w3_scale": "w13_scale"}.get(which, which)]
         parts = self._pending.setdefault(expert, {})
         parts[which] = weight.to(device="cpu", dtype=target.dtype)
-        stacked = {"w13"} if "w13" in parts else {"w1", "w3"}
-        if not parts.keys() >= stacked | {"w2"} | self._extra_parts:
+        if not parts.keys() >= self._needed(parts):
             return
         del self._pending[expert]
         if "w13" not in parts:  # gate | up, as vLLM's w13 (and their block scales alike)
@@ -68,6 +67,14 @@ class HostExpertStore:
             parts["w13_scale"] = torch.cat([parts.pop("w1_scale"), parts.pop("w3_scale")], dim=0)
         self.rows.set_row(expert, self._pack(parts))
         self._filled.add(expert)
+
+    def _needed(self, parts: dict[str, torch.Tensor]) -> set[str]:
+        """The checkpoint tensors that complete one expert: gate and up stacked already
+        (gpt-oss) or one tensor each, their scales alike, the down projection, biases."""
+        gate_up = ["w13"] if parts.keys() & {"w13", "w13_scale"} else ["w1", "w3"]
+        weights = [*gate_up, "w2"]
+        return set(weights) | self._biases | (
+            {f"{w}_scale" for w in weights} if self.fmt.quant else set())
 
     def missing(self) -> list[int]:
         return sorted(set(range(self.num_experts)) - self._filled)

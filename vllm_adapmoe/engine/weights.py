@@ -9,7 +9,9 @@ bias) and either
   * one tensor per layer with every expert stacked (gpt-oss): ``experts.gate_up_proj``
     ``[E, H, 2I]`` (gate and up interleaved), ``experts.down_proj`` ``[E, I, H]`` (both in
     x·W orientation) and their biases ``experts.gate_up_proj_bias`` ``[E, 2I]``,
-    ``experts.down_proj_bias`` ``[E, H]`` (vLLM's names for them, ``w13_weight`` etc., too).
+    ``experts.down_proj_bias`` ``[E, H]`` (vLLM's names for them, ``w13_weight`` etc., too);
+    in MXFP4 checkpoints ``experts.gate_up_proj_blocks`` ``[E, 2I, H/32, 16]`` and
+    ``..._scales`` ``[E, 2I, H/32]`` (uint8, rows = outputs), the down projection alike.
 Under tensor parallelism a rank keeps gate/up rows and down columns of its slice (vLLM's split
 of ``w13`` / ``w2``; interleaved rows split the same way, a pair never straddles two ranks), so
 its output is a partial sum; the down bias is added once, by rank 0, as stock does.
@@ -33,11 +35,16 @@ CHECKPOINT_SUFFIXES = {None: ("weight", None), "fp8-block": ("weight", "weight_s
 PER_EXPERT_SUFFIX = {"weight": "", "weight_packed": "", "weight_scale_inv": "_scale",
                      "weight_scale": "_scale"}
 SKIPPED_SUFFIX = {"weight_shape"}
-# per-layer stacked tensors → (part, transposed from x·W orientation)
+# per-layer stacked tensors → (part, transposed from x·W orientation); MXFP4 blocks and scales
+# (uint8) are [out, in/32, 16] / [out, in/32] under the same names or their own
 STACKED_WEIGHTS = {"gate_up_proj": ("w13", True), "w13_weight": ("w13", True),
                    "down_proj": ("w2", True), "w2_weight": ("w2", True),
                    "gate_up_proj_bias": ("w13_bias", False), "w13_bias": ("w13_bias", False),
-                   "down_proj_bias": ("w2_bias", False), "w2_bias": ("w2_bias", False)}
+                   "down_proj_bias": ("w2_bias", False), "w2_bias": ("w2_bias", False),
+                   "gate_up_proj_blocks": ("w13", False), "down_proj_blocks": ("w2", False),
+                   "gate_up_proj_scales": ("w13_scale", False),
+                   "w13_weight_scale": ("w13_scale", False),
+                   "down_proj_scales": ("w2_scale", False), "w2_weight_scale": ("w2_scale", False)}
 
 
 def load_moe_weights(weights: Iterable[tuple[str, torch.Tensor]], gate: nn.Module,
@@ -57,7 +64,10 @@ def load_moe_weights(weights: Iterable[tuple[str, torch.Tensor]], gate: nn.Modul
         if len(parts) == 2 and parts[0] == "experts" and parts[1] in STACKED_WEIGHTS:
             which, transposed = STACKED_WEIGHTS[parts[1]]
             for expert, weight in enumerate(tensor):
-                weight = weight.t() if transposed else weight
+                if weight.dtype == torch.uint8:  # MXFP4: rows are outputs already
+                    weight = weight.reshape(weight.shape[0], -1)
+                elif transposed:
+                    weight = weight.t()
                 store.put(expert, which, own_shard(which, weight, shard))
             continue
         if len(parts) == 4 and parts[3] in SKIPPED_SUFFIX:

@@ -7,7 +7,9 @@ A checkpoint's ``quantization_config`` decides how its experts are stored:
     of symmetric 4-bit integers in groups along the input dimension (what llm-compressor's
     W4A16 recipes write, e.g. the ``*-quantized.w4a16`` checkpoints; vLLM serves it through its
     WNA16 MoE kernels) → ``"int4-group"``. Chosen over GPTQ and AWQ because it is the format
-    vLLM itself produces and reads natively, with no act-order permutation or zero points.
+    vLLM itself produces and reads natively, with no act-order permutation or zero points;
+  * gpt-oss's ``quant_method: "mxfp4"`` (its released checkpoints): FP4 e2m1 in blocks of 32
+    with one e8m0 scale each → ``"mxfp4"``.
 Anything else gets one start-up error naming what is supported.
 """
 
@@ -17,11 +19,11 @@ from dataclasses import replace
 from typing import Any
 
 from vllm_adapmoe.engine.errors import AdapMoEConfigError
-from vllm_adapmoe.engine.expert_tensors import ExpertFormat
+from vllm_adapmoe.engine.expert_tensors import MX_BLOCK, ExpertFormat
 
-SUPPORTED_QUANT = ("FP8 with block scales (quant_method \"fp8\" with weight_block_size) and "
+SUPPORTED_QUANT = ("FP8 with block scales (quant_method \"fp8\" with weight_block_size), "
                    "INT4 compressed-tensors pack-quantized (symmetric, group strategy, no "
-                   "activation quantization)")
+                   "activation quantization) and, for gpt-oss, MXFP4")
 
 
 def checkpoint_format(c: Any, base: ExpertFormat = ExpertFormat()) -> ExpertFormat:
@@ -31,9 +33,10 @@ def checkpoint_format(c: Any, base: ExpertFormat = ExpertFormat()) -> ExpertForm
         return base
     q = quant if isinstance(quant, dict) else quant.to_dict()
     method = q.get("quant_method")
-    if base.interleaved:
-        return _refuse(f"{method!r} (experts with the swigluoai activation, gpt-oss's, are "
-                       "served in bf16 only)")
+    if base.interleaved:  # gpt-oss: bf16, or its released MXFP4 form
+        if method in ("mxfp4", "gpt_oss_mxfp4"):  # (vLLM renames it in the worker's config)
+            return replace(base, quant="mxfp4", block=(1, MX_BLOCK))
+        return _refuse(f"{method!r} (gpt-oss's experts are served in bf16 and MXFP4)")
     if method == "fp8":
         return _fp8(q, base)
     if method == "compressed-tensors":

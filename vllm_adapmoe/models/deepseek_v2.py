@@ -137,7 +137,9 @@ class AdapMoEDeepseekV2ForCausalLM(AdapMoECausalLM):
     """``--model-impl adapmoe`` for ``DeepseekV2ForCausalLM`` / ``DeepseekV3ForCausalLM``."""
 
     shape_of = staticmethod(deepseek_shape)
-    packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
+    packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"],
+                              "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                              "fused_qkv_a_proj": ["q_a_proj", "kv_a_proj_with_mqa"]}
 
     def build_model(self, vllm_config: VllmConfig, prefix: str) -> nn.Module:
         return AdapMoEDeepseekV2Model(vllm_config=vllm_config, prefix=prefix, moe=self.moe)

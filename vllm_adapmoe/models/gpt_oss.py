@@ -1,4 +1,4 @@
-"""gpt-oss with the AdapMoE block (mirrors vLLM 0.32's ``models/gpt_oss.py``, bf16 form).
+"""gpt-oss with the AdapMoE block (mirrors vLLM 0.32's ``models/gpt_oss.py``).
 
 Stock's model is built to be extended: ``GptOssModel.block_cls`` makes each decoder layer. Ours
 is stock's ``TransformerBlock`` with its ``__init__`` re-done so the MLP is our block (stock's
@@ -6,8 +6,10 @@ would allocate every expert on the device); ``forward`` — attention with sinks
 alternating sliding window, the norms — and the model's ``forward`` stay stock's. The router is
 stock's biased ``GateLinear``; routing is softmax over the top-k logits (Mixtral's rule). Experts
 have biases and the clamped SwiGLU vLLM calls ``swigluoai`` on interleaved gate/up rows
-(``ExpertFormat``), stored per layer in the checkpoint (``experts.gate_up_proj [E, H, 2I]``...).
-Every weight but the routers and routed experts loads with stock's own loader.
+(``ExpertFormat``), stored per layer in the checkpoint: bf16 (``experts.gate_up_proj
+[E, H, 2I]``...) or, in the released checkpoints, MXFP4 (``experts.gate_up_proj_blocks``,
+``..._scales``), which stays MXFP4 in the store and slots. Every weight but the routers and
+routed experts loads with stock's own loader.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class AdapMoEGptOssModel(GptOssModel):
 
 
 class AdapMoEGptOssForCausalLM(AdapMoECausalLM):
-    """``--model-impl adapmoe`` for ``GptOssForCausalLM`` checkpoints (bf16 experts)."""
+    """``--model-impl adapmoe`` for ``GptOssForCausalLM`` checkpoints (bf16 or MXFP4 experts)."""
 
     shape_of = staticmethod(gpt_oss_shape)
     hf_to_vllm_mapper = GptOssForCausalLM.hf_to_vllm_mapper

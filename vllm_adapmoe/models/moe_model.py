@@ -267,9 +267,11 @@ class AdapMoECausalLM(nn.Module, SupportsPP):
 
     shape_of: Callable[[Any], MoEShape]
     hf_to_vllm_mapper: WeightsMapper | None = None
-    # stock's fused modules and their checkpoint shards (Mixtral's, Qwen's, OLMoE's): a
-    # quantized checkpoint's ``ignored_layers`` name the shards, vLLM matches the fused layer
-    packed_modules_mapping: dict[str, list[str]] = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    # stock's fused modules and their checkpoint shards (attention; Qwen's shared experts and
+    # dense MLPs): a quantized checkpoint's ignore list names the shards, vLLM matches the
+    # fused layer through this (a key a family lacks matches nothing)
+    packed_modules_mapping: dict[str, list[str]] = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                                                    "gate_up_proj": ["gate_proj", "up_proj"]}
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()

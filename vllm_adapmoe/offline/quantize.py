@@ -10,6 +10,10 @@ Two formats, each the one vLLM reads for it:
     by the ``compressed-tensors`` library itself (its min/max scale rule and its
     ``pack-quantized`` compressor: ``weight_packed`` int32, ``weight_scale``, ``weight_shape``),
     the format llm-compressor's W4A16 recipes produce. Expert bytes: about a quarter.
+  * ``"mxfp4"`` (gpt-oss only): its released checkpoints' format — per layer
+    ``experts.gate_up_proj_blocks`` [E, 2I, H/32, 16] (FP4 e2m1 values two to a byte, rows =
+    outputs) and ``..._scales`` [E, 2I, H/32] (e8m0: one power of two per 32 values, the smallest
+    that keeps the block within ±6), the down projection alike, biases unchanged.
 Everything else is copied unchanged and listed as ignored, so attention stays in the source
 dtype: the output serves on CPUs without AMX, where vLLM has no FP8/INT4 linear kernel.
 
@@ -33,7 +37,10 @@ import torch
 from vllm_adapmoe.engine.expert_tensors import ExpertFormat
 
 E4M3_MAX = 448.0
-SCHEMES = ("fp8", "int4")
+SCHEMES = ("fp8", "int4", "mxfp4")
+_FP4_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+GPT_OSS_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                         "model.embed_tokens", "lm_head"]
 Tensors = dict[str, torch.Tensor]
 
 
@@ -80,6 +87,28 @@ def dequantize_int4(parts: Tensors, scheme: Any, dtype: torch.dtype) -> torch.Te
     return PackedQuantizationCompressor.decompress(parts, scheme)["weight"].to(dtype)
 
 
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` [R, C] (rows = outputs, C a multiple of 32) → (blocks uint8 [R, C/32, 16], e8m0
+    scales uint8 [R, C/32]); each value rounded to the nearest FP4 e2m1 value."""
+    r, c = w.shape
+    groups = w.float().view(r, c // 32, 32)
+    amax = groups.abs().amax(-1).clamp(min=2.0 ** -126)
+    exponent = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)  # amax / 2^e ≤ 6
+    scaled = groups / torch.exp2(exponent)[..., None]
+    code = (scaled.abs()[..., None] - _FP4_MAGNITUDES).abs().argmin(-1)
+    code = code | ((scaled < 0) & (code > 0)).long() << 3  # sign bit; no negative zero
+    pairs = code.to(torch.uint8).view(r, c // 32, 16, 2)
+    return (pairs[..., 0] | pairs[..., 1] << 4).contiguous(), (exponent + 127).to(torch.uint8)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """transformers' own MXFP4 dequantizer: [E, R, C/32, 16] + [E, R, C/32] → [E, C, R] (the
+    bf16 checkpoint's x·W orientation)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    return convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+
+
 def quantize_experts(src: str | Path, dst: str | Path, scheme: str = "fp8", block: int = 128,
                      dequantize: bool = False, progress: bool = True) -> Path:
     """Write ``dst``: ``src`` with its routed experts in ``scheme`` (see the module); ``block``:
@@ -92,12 +121,16 @@ def quantize_experts(src: str | Path, dst: str | Path, scheme: str = "fp8", bloc
     src, dst = Path(src), Path(dst)
     cfg = json.loads((src / "config.json").read_text())
     arch = architecture_of(cfg)
-    if arch not in SUPPORTED or SUPPORTED[arch].experts.stacked:
-        raise ValueError(f"adapmoe quantize: {arch} is not a family with per-expert weights "
-                         f"({', '.join(a for a, s in SUPPORTED.items() if not s.experts.stacked)})")
+    if arch not in SUPPORTED:
+        raise ValueError(f"adapmoe quantize: unsupported architecture {arch}")
     if cfg.get("quantization_config"):
         raise ValueError(f"adapmoe quantize: {src} is quantized already")
     names = SUPPORTED[arch].experts
+    if names.stacked != (scheme == "mxfp4"):
+        raise ValueError(f"adapmoe quantize: {arch} takes --format "
+                         f"{'mxfp4' if names.stacked else 'fp8 or int4'}")
+    if scheme == "mxfp4":
+        return _quantize_gpt_oss(src, dst, cfg, names, dequantize, progress)
     expert = re.compile(rf"model\.layers\.\d+\.{names.block}\.experts\.\d+\."
                         rf"(?:{names.gate}|{names.up}|{names.down})\.weight")
     ct_scheme = int4_scheme(block) if scheme == "int4" else None
@@ -135,6 +168,33 @@ def quantize_experts(src: str | Path, dst: str | Path, scheme: str = "fp8", bloc
     return dst
 
 
+def _quantize_gpt_oss(src: Path, dst: Path, cfg: dict, names: Any, dequantize: bool,
+                      progress: bool) -> Path:
+    """gpt-oss's stacked experts → MXFP4 (or, ``dequantize``, back through transformers)."""
+    stacked = re.compile(rf"model\.layers\.\d+\.{names.block}\.experts\."
+                         rf"(?:{names.gate}|{names.down})")
+
+    def shard(tensors: Tensors) -> Tensors:
+        out = {}
+        for name, t in tensors.items():
+            if not stacked.fullmatch(name):
+                out[name] = t
+                continue
+            blocks, scales = (torch.stack(x) for x in zip(*(quantize_mxfp4(w.t()) for w in t)))
+            if dequantize:
+                out[name] = dequantize_mxfp4(blocks, scales, t.dtype)
+            else:
+                out[f"{name}_blocks"], out[f"{name}_scales"] = blocks, scales
+        return out
+
+    _rewrite_shards(src, dst, shard, progress)
+    if not dequantize:
+        cfg["quantization_config"] = {"quant_method": "mxfp4",
+                                      "modules_to_not_convert": GPT_OSS_NOT_CONVERTED}
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
 def _fp8_config(block: int, ignored: set[str]) -> dict:
     return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
             "weight_block_size": [block, block], "ignored_layers": sorted(ignored)}
@@ -150,7 +210,7 @@ def _int4_config(scheme: Any, ignored: set[str]) -> dict:
 
 def dequantize_checkpoint(src: str | Path, dst: str | Path,
                           dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write ``dst``: the FP8 block-scaled or INT4 pack-quantized checkpoint ``src`` with every
+    """Write ``dst``: the FP8 block-scaled, INT4 pack-quantized or MXFP4 checkpoint ``src`` with every
     quantized weight dequantized to ``dtype`` and no ``quantization_config``."""
     src, dst = Path(src), Path(dst)
     cfg = json.loads((src / "config.json").read_text())
@@ -178,9 +238,14 @@ def dequantize_checkpoint(src: str | Path, dst: str | Path,
                 elif leaf not in ("weight_scale", "weight_shape"):
                     out[name] = t
             return out
+    elif quant.get("quant_method") == "mxfp4":
+        def shard(tensors: Tensors) -> Tensors:
+            return {name.removesuffix("_blocks"): t if not name.endswith("_blocks")
+                    else dequantize_mxfp4(t, tensors[name.replace("_blocks", "_scales")], dtype)
+                    for name, t in tensors.items() if not name.endswith("_scales")}
     else:
-        raise ValueError(f"{src} is neither an FP8 block-scaled nor a compressed-tensors "
-                         "pack-quantized checkpoint")
+        raise ValueError(f"{src} is neither an FP8 block-scaled, a compressed-tensors "
+                         "pack-quantized nor an MXFP4 checkpoint")
     _rewrite_shards(src, dst, shard, progress=False)
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     return dst
