@@ -249,10 +249,13 @@ def mxfp4_resident(engines, mxfp4_models):
 
 def test_mxfp4_gpt_oss_offloaded_matches_all_resident(engines, mxfp4_models, mxfp4_resident):
     """Blocks, e8m0 scales and biases move together: 4 slots of 16 experts (top-4) with
-    prefetch, batch 16, equal all resident token for token and logprob for logprob."""
+    prefetch, batch 16 and batch 1, equal all resident token for token and logprob for
+    logprob."""
     llm = engines.get(mxfp4_models[0], "adapmoe", dtype="bfloat16", cache_slots=4, prefetch=True)
     vllm_adapmoe.reset_stats(llm)
     assert greedy(llm) == mxfp4_resident
+    resident = engines.get(mxfp4_models[0], "adapmoe", dtype="bfloat16")
+    assert greedy(llm, [PROMPTS[3]]) == greedy(resident, [PROMPTS[3]])  # batch 1 too
     s = vllm_adapmoe.stats(llm)
     h, i = 64, 32  # the tiny gpt-oss: (FP4 bytes + scale bytes + bf16 biases) per expert
     assert s["layers"][0]["expert_bytes"] == 3 * h * i // 2 + 3 * h * i // 32 + 2 * (2 * i + h)
