@@ -246,12 +246,29 @@ def quantized_section(data: dict) -> list[str]:
     return out
 
 
+def gating_families_section(data: dict) -> list[str]:
+    out = [f"**Gating on the newer families' tiny random checkpoints** (`benchmarks/gating_families.py`: "
+           f"calibrated, then {data['tokens']} held-out tokens scored at each T, every token gated; "
+           "random models, so perplexity barely moves — the rows show gating drops experts on these "
+           "routers; a trained model's trade-off is under \"Adaptive gating\"):", "",
+           "| family | S_l | " + " | ".join(f"T = {t:g}" for t in data["thresholds"]) + " |",
+           "|---|---|" + "---|" * len(data["thresholds"])]
+    for name, fam in data["families"].items():
+        base = fam["rows"][0]["ppl"]
+        cells = [f"{r['activated_per_token_layer']:.2f} experts, ppl {100 * (r['ppl'] / base - 1):+.2f}%"
+                 for r in fam["rows"]]
+        out.append(f"| {name} | {', '.join(f'{x:.3g}' for x in fam['sensitivity'])} | "
+                   + " | ".join(cells) + " |")
+    return out
+
+
 def render() -> str:
     parts: list[list[str]] = []
     for name, fn in (("parity.json", parity_section), ("decode.json", decode_section), ("decode_link_50.json", decode_section),
                      ("decode_link_25.json", decode_section), ("gating_sweep.json", gating_section),
                      ("serve.json", serve_section), ("parallel.json", parallel_section),
-                     ("quantized_cpu.json", quantized_section)):
+                     ("quantized_cpu.json", quantized_section),
+                     ("gating_families.json", gating_families_section)):
         data = _load(name)
         if data:
             parts.append(fn(data))
