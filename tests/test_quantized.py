@@ -285,3 +285,36 @@ def test_calibrate_reads_an_mxfp4_checkpoint(mxfp4_models):
     got = calibrate(mxfp4, window=16, max_tokens=64, progress=False)
     ref = calibrate(dequantized, window=16, max_tokens=64, progress=False)
     assert got.sensitivity == pytest.approx(ref.sensitivity, rel=0.05)
+
+
+# -- expert_dtype "fp8": a bf16 checkpoint's experts quantized at load ------------------------------
+@pytest.mark.parametrize("models", ["fp8"], indirect=True)
+def test_expert_dtype_fp8_serves_a_bf16_checkpoint_as_its_fp8_quantization(engines, models,
+                                                                           resident):
+    """Quantizing at load applies ``adapmoe quantize``'s rule: the bf16 source served with
+    ``expert_dtype: "fp8"`` (2 slots + prefetch) gives the FP8 checkpoint's tokens and logprobs,
+    at its bytes per expert."""
+    _, quantized, _ = models
+    source = quantized.parent / "src"  # what build_tiny_quantized_mixtral quantized
+    llm = engines.get(source, "adapmoe", dtype="bfloat16", expert_dtype="fp8", cache_slots=2,
+                      prefetch=True, link_layers=1)
+    vllm_adapmoe.reset_stats(llm)
+    assert greedy(llm) == resident
+    s = vllm_adapmoe.stats(llm)
+    assert s["layers"][0]["expert_bytes"] == EXPERT_BYTES["fp8"] and s["total"]["misses"] > 0
+
+
+def test_expert_dtype_is_checked_against_the_checkpoint():
+    from vllm_adapmoe.config import AdapMoEConfig, AdapMoEConfigError
+    from vllm_adapmoe.models import MoEShape
+
+    with pytest.raises(AdapMoEConfigError, match='expert_dtype must be "fp8"'):
+        AdapMoEConfig.from_dict({"expert_dtype": "int4"})
+    cfg = AdapMoEConfig.from_dict({"expert_dtype": "fp8"})
+    shape = MoEShape((0, 1), 8, 2, H, I)
+    assert cfg.stored_shape(shape).expert_format == FP8
+    assert cfg.stored_shape(shape).expert_bytes(2) == EXPERT_BYTES["fp8"]
+    with pytest.raises(AdapMoEConfigError, match="are int4-group already: drop expert_dtype"):
+        cfg.stored_shape(MoEShape((0,), 8, 2, H, I, INT4))
+    with pytest.raises(AdapMoEConfigError, match="not supported for gpt-oss"):
+        cfg.stored_shape(MoEShape((0,), 8, 2, H, I, ExpertFormat("swigluoai", bias=True)))

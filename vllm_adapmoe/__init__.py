@@ -238,8 +238,9 @@ def validate_budget(vllm_config: Any) -> list[int]:
 
     model_config = vllm_config.model_config
     arch = next(a for a in model_config.architectures if a in SUPPORTED)
-    shape = SUPPORTED[arch].shape(model_config.hf_text_config)
+    checkpoint_shape = SUPPORTED[arch].shape(model_config.hf_text_config)
     cfg = AdapMoEConfig.from_additional_config(vllm_config.additional_config)
+    shape = cfg.stored_shape(checkpoint_shape)  # experts as held: maybe quantized at load
     cfg.sensitivities(shape.num_layers, model_config.hf_config)
     from vllm.platforms import current_platform
 
@@ -255,7 +256,7 @@ def validate_budget(vllm_config: Any) -> list[int]:
                                  "supported yet; run this checkpoint with tensor_parallel_size=1")
     model_dir = preflight.local_model_dir(str(model_config.model))
     if model_dir is not None:  # headers only; a model vLLM still has to download is checked by it
-        preflight.check_checkpoint(model_dir, shape, SUPPORTED[arch].experts)
+        preflight.check_checkpoint(model_dir, checkpoint_shape, SUPPORTED[arch].experts)
     slots = cfg.slots_per_layer(shape.num_layers, shape.num_experts,
                                 shape.expert_bytes(model_config.dtype.itemsize) // tp,
                                 model_config.hf_config, shape.top_k)

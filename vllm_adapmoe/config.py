@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from vllm_adapmoe.engine.cache_plan import uniform_split  # noqa: F401  (re-exported)
@@ -60,6 +60,10 @@ class AdapMoEConfig:
     # Extension: seconds a step waits for an expert copy beyond the link's queue before it fails
     # (a stuck link); an emulated slow link never trips it (its queue's durations are added).
     copy_timeout_s: float = 60.0
+    # Extension: "fp8" quantizes a bf16/fp16/fp32 checkpoint's routed experts at load to FP8
+    # with 128×128 block scales (as ``adapmoe quantize`` does): half the host, slot and link
+    # bytes; None keeps them as the checkpoint stores them.
+    expert_dtype: str | None = None
 
     @classmethod
     def from_additional_config(cls, additional_config: dict[str, Any] | None) -> AdapMoEConfig:
@@ -92,6 +96,9 @@ class AdapMoEConfig:
         return cfg
 
     def _validate(self) -> None:
+        if self.expert_dtype not in (None, "fp8"):
+            raise AdapMoEConfigError(
+                f'adapmoe: expert_dtype must be "fp8" (or absent), got {self.expert_dtype!r}')
         given = [k for k in ("cache_slots", "cache_gib", "cache_total_slots")
                  if getattr(self, k) is not None]
         if len(given) > 1:
@@ -186,6 +193,22 @@ class AdapMoEConfig:
                 f"{list(slots)}" + ("" if least == 0 else
                                     ' (0, a layer wholly on the host, needs "hybrid")'))
 
+    def stored_shape(self, shape: Any) -> Any:
+        """``shape`` (a ``MoEShape``) with its experts as the engine holds them: as the
+        checkpoint stores them, or quantized at load (``expert_dtype``)."""
+        fmt = shape.expert_format
+        if self.expert_dtype is None:
+            return shape
+        if fmt.quant is not None:
+            raise AdapMoEConfigError(
+                f'adapmoe: expert_dtype "fp8" quantizes unquantized experts; this checkpoint\'s '
+                f"are {fmt.quant} already: drop expert_dtype")
+        if fmt.interleaved:
+            raise AdapMoEConfigError(
+                'adapmoe: expert_dtype "fp8" is not supported for gpt-oss (its 128-row blocks '
+                "would mix interleaved gate and up rows); serve its MXFP4 checkpoint instead")
+        return replace(shape, expert_format=replace(fmt, quant="fp8-block", block=(128, 128)))
+
     def engine_settings(self) -> EngineSettings:
         """What the engine itself reads (budgets and profiles are resolved here, before it)."""
         return EngineSettings(kernel=self.kernel, eviction=self.eviction, threshold=self.threshold,
@@ -194,7 +217,8 @@ class AdapMoEConfig:
                               link_gbps=self.link_gbps, link_layers=self.link_layers,
                               hybrid=self.hybrid, hybrid_costs=self.hybrid_costs,
                               emulate=self.emulate, host_threads=self.host_threads,
-                              copy_timeout_s=self.copy_timeout_s)
+                              copy_timeout_s=self.copy_timeout_s,
+                              quantize_at_load=self.expert_dtype is not None)
 
     def check_platform(self, device_type: str) -> None:
         """Settings that only make sense on one kind of machine (checked in the main process)."""

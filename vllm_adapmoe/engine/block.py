@@ -90,7 +90,8 @@ class AdapMoEBlock(nn.Module):
         self.store = store or HostExpertStore(num_experts, hidden_size, intermediate_size,
                                               self.kernel.padded_intermediate(intermediate_size),
                                               dtype, self.kernel.pack, pin=device.type == "cuda",
-                                              fmt=expert_format)
+                                              fmt=expert_format,
+                                              quantize_at_load=settings.quantize_at_load)
         self.gating = AdaptiveGate(settings.threshold, sensitivity, settings.gate_prefill, device)
         # a buffer, so vLLM's compiled graph reads the gating rule's parameters by reference
         self.register_buffer("gating_params", self.gating.params, persistent=False)

@@ -30,6 +30,7 @@ import torch
 ACTIVATIONS = ("silu", "swigluoai")
 QUANTS = (None, "fp8-block", "int4-group", "mxfp4")
 INT4_PER_INT32 = 8
+E4M3_MAX = 448.0  # float8 e4m3's largest finite value
 MX_BLOCK = 32  # values per MXFP4 scale (the OCP microscaling block)
 Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -263,3 +264,16 @@ def _fp4_values(w: torch.Tensor) -> torch.Tensor:
     pairs = torch.stack([torch.take(_FP4_LOW.to(w.device), b),
                          torch.take(_FP4_HIGH.to(w.device), b)], dim=-1)
     return pairs.view(w.shape[0], -1)
+
+
+def quantize_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` [R, C] → (float8 e4m3 [R, C], float32 scales [⌈R/b0⌉, ⌈C/b1⌉]): each (b0, b1) tile
+    divided by its max |w| / 448 (the FP8 block format's rule)."""
+    (r, c), (b0, b1) = w.shape, block
+    n0, n1 = -(-r // b0), -(-c // b1)
+    padded = torch.zeros(n0 * b0, n1 * b1, dtype=torch.float32)
+    padded[:r, :c] = w.float()
+    tiles = padded.view(n0, b0, n1, b1)
+    scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / E4M3_MAX
+    q = (tiles / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).view(n0 * b0, n1 * b1)
+    return q[:r, :c].to(torch.float8_e4m3fn).contiguous(), scale

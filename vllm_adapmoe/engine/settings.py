@@ -27,3 +27,4 @@ class EngineSettings:
     hybrid_costs: tuple[float, float, float] | None = None
     host_threads: int | None = None   # CUDA: torch threads of the host computation (None: torch's)
     copy_timeout_s: float = 60.0      # a copy this late beyond the link's queue fails the step
+    quantize_at_load: bool = False    # unquantized checkpoint weights → the store's quantized format

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from vllm_adapmoe.engine.expert_tensors import ExpertFormat, ExpertRows
+from vllm_adapmoe.engine.expert_tensors import ExpertFormat, ExpertRows, quantize_block
 
 PackFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -22,12 +22,17 @@ PackFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 class HostExpertStore:
     def __init__(self, num_experts: int, hidden: int, intermediate: int, padded_intermediate: int,
                  dtype: torch.dtype, pack: PackFn, pin: bool,
-                 fmt: ExpertFormat = ExpertFormat()) -> None:
+                 fmt: ExpertFormat = ExpertFormat(), quantize_at_load: bool = False) -> None:
         self.num_experts = num_experts
         self.hidden, self.intermediate = hidden, intermediate
         self.fmt = fmt
         self.dtype = dtype  # the model's: activations, and weights unless quantized
         self._pack = pack
+        # unquantized checkpoint weights into an FP8 store (``expert_dtype``): quantized here,
+        # once, with the offline tool's rule
+        if quantize_at_load and fmt.quant != "fp8-block":
+            raise ValueError(f"adapmoe: quantizing at load makes FP8 block experts, not {fmt.quant}")
+        self.quantize_at_load = quantize_at_load
         # Explicit device="cpu": the model is built under the target device's context.
         self.rows = ExpertRows.zeros(
             num_experts, fmt.part_shapes(hidden, padded_intermediate, dtype), "cpu", pin)
@@ -50,6 +55,12 @@ class HostExpertStore:
         come: no dequantization on the load path)."""
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"checkpoint has expert {expert}, the config says {self.num_experts}")
+        if self.quantize_at_load and which in ("w1", "w3", "w2"):
+            weight, scale = quantize_block(weight, self.fmt.block)
+            self._take(expert, f"{which}_scale", scale)
+        self._take(expert, which, weight)
+
+    def _take(self, expert: int, which: str, weight: torch.Tensor) -> None:
         scales = {"w1_scale", "w3_scale", "w13_scale", "w2_scale"} if self.fmt.quant else set()
         if which not in ("w1", "w2", "w3", "w13") and which not in self._biases | scales:
             raise ValueError(f"adapmoe: the checkpoint has an expert tensor ({which}) this "

@@ -58,8 +58,8 @@ class MoEBlocks:
 
     def __init__(self, vllm_config: VllmConfig, shape: MoEShape) -> None:
         hf_config = vllm_config.model_config.hf_config
-        self.shape = shape
         self.config = config = AdapMoEConfig.from_additional_config(vllm_config.additional_config)
+        self.shape = shape = config.stored_shape(shape)  # experts as held: maybe quantized at load
         self.settings = config.engine_settings()
         self.dtype = vllm_config.model_config.dtype
         # Tensor parallel: each rank caches its shard of every expert; budgets are per rank.

@@ -34,26 +34,13 @@ from typing import Any
 
 import torch
 
-from vllm_adapmoe.engine.expert_tensors import ExpertFormat
+from vllm_adapmoe.engine.expert_tensors import ExpertFormat, quantize_block
 
-E4M3_MAX = 448.0
 SCHEMES = ("fp8", "int4", "mxfp4")
 _FP4_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 GPT_OSS_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router",
                          "model.embed_tokens", "lm_head"]
 Tensors = dict[str, torch.Tensor]
-
-
-def quantize_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w`` [R, C] → (float8 e4m3 [R, C], float32 scales [⌈R/b0⌉, ⌈C/b1⌉])."""
-    (r, c), (b0, b1) = w.shape, block
-    n0, n1 = -(-r // b0), -(-c // b1)
-    padded = torch.zeros(n0 * b0, n1 * b1, dtype=torch.float32)
-    padded[:r, :c] = w.float()
-    tiles = padded.view(n0, b0, n1, b1)
-    scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / E4M3_MAX
-    q = (tiles / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).view(n0 * b0, n1 * b1)
-    return q[:r, :c].to(torch.float8_e4m3fn).contiguous(), scale
 
 
 def int4_scheme(group: int) -> Any:
