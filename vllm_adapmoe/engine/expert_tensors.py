@@ -7,10 +7,11 @@ An expert is a gated MLP. Its parts, one expert each, in the kernels' convention
   * ``w2`` ``[H, I]``: the down projection;
   * with biases (gpt-oss): ``w13_bias`` ``[2I]`` and ``w2_bias`` ``[H]``;
   * quantized (``ExpertFormat.quant``): ``w13``/``w2`` stay as the checkpoint stores them —
-    FP8 e4m3 (DeepSeek-V3's block format) or INT4 packed into int32 (compressed-tensors'
-    ``pack-quantized``) — with float32 ``w13_scale`` ``[2·⌈I/b0⌉, ⌈H/b1⌉]`` (the gate half's
-    scale rows, then the up half's) and ``w2_scale`` ``[⌈H/b0⌉, ⌈I/b1⌉]``: one scale per
-    b0×b1 block (the checkpoint's ``weight_scale_inv`` / ``weight_scale``).
+    FP8 e4m3 (DeepSeek-V3's block format), INT4 packed into int32 (compressed-tensors'
+    ``pack-quantized``) or MXFP4 bytes (gpt-oss) — with ``w13_scale`` ``[2·⌈I/b0⌉, ⌈H/b1⌉]``
+    (the gate half's scale rows, then the up half's; interleaved rows for gpt-oss) and
+    ``w2_scale`` ``[⌈H/b0⌉, ⌈I/b1⌉]``: one scale per b0×b1 block (float32, or MXFP4's e8m0
+    bytes; the checkpoint's ``weight_scale_inv`` / ``weight_scale`` / ``_scales``).
 
 The host store, the device slots and the staging arena each keep one stacked tensor per part,
 one row per expert (store) or slot (device): a load is one copy per part — weights and scales

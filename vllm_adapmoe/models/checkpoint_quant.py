@@ -16,7 +16,7 @@ Anything else gets one start-up error naming what is supported.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, NoReturn
 
 from vllm_adapmoe.engine.errors import AdapMoEConfigError
 from vllm_adapmoe.engine.expert_tensors import MX_BLOCK, ExpertFormat
@@ -76,7 +76,7 @@ def _compressed_tensors(q: dict, base: ExpertFormat) -> ExpertFormat:
     return replace(base, quant="int4-group", block=(1, int(w["group_size"])))
 
 
-def _refuse(what: str) -> ExpertFormat:
+def _refuse(what: str) -> NoReturn:
     raise AdapMoEConfigError(
         f"adapmoe: the routed experts of this checkpoint are quantized as {what}; "
         f"--model-impl adapmoe serves bf16/fp16/fp32 experts, {SUPPORTED_QUANT}: use such a "
