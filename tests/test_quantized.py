@@ -164,8 +164,13 @@ def test_quantized_model_is_close_to_the_bf16_model_it_dequantizes_to(engines, m
     quantized ones with its own: same weights, different kernels. Over each prompt's common
     prefix the chosen tokens' logprobs differ by < 0.2 (mean < 0.03); most continuations are
     identical (near-ties of a random model may flip)."""
-    stock_tokens, stock_logprobs = greedy(engines.get(models[2], dtype="bfloat16"))
-    tokens, logprobs = resident
+    _assert_close_to_stock(greedy(engines.get(models[2], dtype="bfloat16")), resident)
+
+
+def _assert_close_to_stock(stock: tuple, ours: tuple) -> None:
+    """Over each prompt's common prefix the chosen tokens' logprobs differ by < 0.2 (mean
+    < 0.03); at least 10 of 16 continuations are identical."""
+    (stock_tokens, stock_logprobs), (tokens, logprobs) = stock, ours
     diffs = []
     for ta, la, tb, lb in zip(stock_tokens, stock_logprobs, tokens, logprobs):
         n = next((i for i, (a, b) in enumerate(zip(ta, tb)) if a != b), len(ta))
@@ -268,14 +273,8 @@ def test_mxfp4_gpt_oss_is_close_to_its_bf16_dequantization_on_stock(engines, mxf
                                                                    mxfp4_resident):
     """Stock serves the bf16 weights transformers dequantizes the checkpoint to; the plugin
     the MXFP4 ones with its own kernel (stock has no MXFP4 MoE kernel without AMX)."""
-    stock_tokens, stock_logprobs = greedy(engines.get(mxfp4_models[1], dtype="bfloat16"))
-    tokens, logprobs = mxfp4_resident
-    diffs = []
-    for ta, la, tb, lb in zip(stock_tokens, stock_logprobs, tokens, logprobs):
-        n = next((i for i, (a, b) in enumerate(zip(ta, tb)) if a != b), len(ta))
-        diffs += [abs(a - b) for a, b in zip(la[:n], lb[:n])]
-    same = sum(a == b for a, b in zip(stock_tokens, tokens))
-    assert same >= 10 and max(diffs) < 0.2 and sum(diffs) / len(diffs) < 0.03, (same, max(diffs))
+    _assert_close_to_stock(greedy(engines.get(mxfp4_models[1], dtype="bfloat16")),
+                           mxfp4_resident)
 
 
 def test_calibrate_reads_an_mxfp4_checkpoint(mxfp4_models):

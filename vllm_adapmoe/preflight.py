@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from vllm_adapmoe.engine.errors import AdapMoEConfigError
+from vllm_adapmoe.engine.expert_tensors import MX_BLOCK
 from vllm_adapmoe.engine.weights import CHECKPOINT_SUFFIXES
 
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
@@ -133,10 +134,11 @@ def _expert_tensors(layer: int, shape: Any, names: Any) -> list[tuple[str, list[
 def _stacked_dims(names: Any, fmt: Any, h: int, i: int, n: int) -> dict[str, list[int]]:
     """gpt-oss: one tensor per layer — bf16 in x·W orientation, or MXFP4 blocks and scales
     with rows = outputs — and the biases."""
-    if fmt.quant == "mxfp4":
-        dims = {f"{names.gate}_blocks": [n, 2 * i, h // 32, 16],
-                f"{names.gate}_scales": [n, 2 * i, h // 32],
-                f"{names.down}_blocks": [n, h, i // 32, 16], f"{names.down}_scales": [n, h, i // 32]}
+    if fmt.quant == "mxfp4":  # a block of MX_BLOCK values is MX_BLOCK / 2 bytes
+        b = MX_BLOCK
+        dims = {f"{names.gate}_blocks": [n, 2 * i, h // b, b // 2],
+                f"{names.gate}_scales": [n, 2 * i, h // b],
+                f"{names.down}_blocks": [n, h, i // b, b // 2], f"{names.down}_scales": [n, h, i // b]}
     else:
         dims = {names.gate: [n, h, 2 * i], names.down: [n, i, h]}
     if fmt.bias:

@@ -241,7 +241,7 @@ _FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).flo
 
 def _fp8_values(w: torch.Tensor) -> torch.Tensor:
     """float8 e4m3 ``[R, C]`` → float32 (a new tensor)."""
-    return torch.take(_FP8_VALUES.to(w.device), w.view(torch.uint8).long())
+    return torch.take(_on(w.device, "fp8"), w.view(torch.uint8).long())
 
 
 def _int4_codes(w: torch.Tensor) -> torch.Tensor:
@@ -262,9 +262,21 @@ _FP4_LOW, _FP4_HIGH = _FP4[torch.arange(256) & 15], _FP4[torch.arange(256) >> 4]
 def _fp4_values(w: torch.Tensor) -> torch.Tensor:
     """FP4 e2m1 pairs, uint8 ``[R, C/2]`` → float32 ``[R, C]`` (low nibble first)."""
     b = w.long()
-    pairs = torch.stack([torch.take(_FP4_LOW.to(w.device), b),
-                         torch.take(_FP4_HIGH.to(w.device), b)], dim=-1)
+    pairs = torch.stack([torch.take(_on(w.device, "fp4_low"), b),
+                         torch.take(_on(w.device, "fp4_high"), b)], dim=-1)
     return pairs.view(w.shape[0], -1)
+
+
+_TABLES = {"fp8": _FP8_VALUES, "fp4_low": _FP4_LOW, "fp4_high": _FP4_HIGH}
+_ON_DEVICE: dict[tuple[torch.device, str], torch.Tensor] = {}
+
+
+def _on(device: torch.device, table: str) -> torch.Tensor:
+    """A lookup table on ``device``, copied there once (not on every dequantization)."""
+    key = (device, table)
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = _TABLES[table].to(device)
+    return _ON_DEVICE[key]
 
 
 def quantize_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from vllm_adapmoe.engine.expert_tensors import ExpertFormat, quantize_block
+from vllm_adapmoe.engine.expert_tensors import MX_BLOCK, ExpertFormat, quantize_block
 
 SCHEMES = ("fp8", "int4", "mxfp4")
 _FP4_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
@@ -77,14 +77,14 @@ def dequantize_int4(parts: Tensors, scheme: Any, dtype: torch.dtype) -> torch.Te
 def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``w`` [R, C] (rows = outputs, C a multiple of 32) → (blocks uint8 [R, C/32, 16], e8m0
     scales uint8 [R, C/32]); each value rounded to the nearest FP4 e2m1 value."""
-    r, c = w.shape
-    groups = w.float().view(r, c // 32, 32)
+    (r, c), b = w.shape, MX_BLOCK
+    groups = w.float().view(r, c // b, b)
     amax = groups.abs().amax(-1).clamp(min=2.0 ** -126)
     exponent = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)  # amax / 2^e ≤ 6
     scaled = groups / torch.exp2(exponent)[..., None]
     code = (scaled.abs()[..., None] - _FP4_MAGNITUDES).abs().argmin(-1)
     code = code | ((scaled < 0) & (code > 0)).long() << 3  # sign bit; no negative zero
-    pairs = code.to(torch.uint8).view(r, c // 32, 16, 2)
+    pairs = code.to(torch.uint8).view(r, c // b, b // 2, 2)
     return (pairs[..., 0] | pairs[..., 1] << 4).contiguous(), (exponent + 127).to(torch.uint8)
 
 
