@@ -26,7 +26,7 @@ from vllm_adapmoe import metrics
 from vllm_adapmoe.config import CONFIG_KEY, MODEL_IMPL, AdapMoEConfig, AdapMoEConfigError
 from vllm_adapmoe.engine.stats import summarise
 
-__all__ = ["register", "stats", "reset_stats", "set_gating", "start_trace", "stop_trace", "AdapMoEConfig", "AdapMoEConfigError",
+__all__ = ["register", "stats", "scheduler_stats", "reset_stats", "set_gating", "start_trace", "stop_trace", "AdapMoEConfig", "AdapMoEConfigError",
            "bundled_model_path"]
 
 logger = logging.getLogger("vllm.adapmoe")  # child of "vllm": uses its handlers
@@ -65,6 +65,23 @@ def stats(llm: Any) -> dict[str, Any]:
         for layer in worker_layers or []:
             layers.setdefault(int(layer["layer"]), layer)
     return summarise([layers[i] for i in sorted(layers)])
+
+
+def scheduler_stats(llm: Any) -> dict[str, float]:
+    """The expert-aware scheduler's counters for an ``LLM`` started with ``"scheduling":
+    "expert-aware"`` (README, "Scheduling"); they lag its engine by at most a quarter second
+    while it runs and are current once it has no request left."""
+    directory = metrics.owner_dir()
+    if directory is None:
+        raise RuntimeError("scheduler_stats needs vllm_adapmoe registered in this process")
+    core = getattr(llm.llm_engine, "engine_core", None)
+    manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+    pids = {p.pid for p in getattr(manager, "processes", [])} or None
+    found = metrics.scheduler_totals(directory, pids)
+    if not found:
+        raise RuntimeError('no expert-aware scheduler runs for this LLM; start it with '
+                           '"scheduling": "expert-aware" in its adapmoe settings')
+    return found
 
 
 def reset_stats(llm: Any) -> None:
@@ -163,7 +180,7 @@ def _hook_engine_config() -> None:
             self.compilation_config = compile_around_block(self.compilation_config)
         vllm_config = original(self, *args, **kwargs)
         if self.model_impl == MODEL_IMPL:
-            validate_budget(vllm_config)
+            install_scheduler(vllm_config, validate_budget(vllm_config))
         return vllm_config
 
     EngineArgs.create_engine_config = create_engine_config
@@ -269,6 +286,44 @@ def validate_budget(vllm_config: Any) -> list[int]:
     if current_platform.device_type == "cuda":
         _check_cuda_memory(vllm_config, shape, slots, staging_rows(slots, shape.top_k))
     return slots
+
+
+def install_scheduler(vllm_config: Any, slots: list[int]) -> None:
+    """With ``"scheduling": "expert-aware"``, make vLLM's engine core build the expert-aware
+    scheduler (the subclass of the scheduler vLLM chose) and hand it the plan's prior."""
+    cfg = AdapMoEConfig.from_additional_config(vllm_config.additional_config)
+    if cfg.scheduling != "expert-aware":
+        return
+    from vllm_adapmoe.scheduler import SCHEDULING_KEY, scheduler_class
+
+    sched = vllm_config.scheduler_config
+    if sched.scheduler_cls is not None:
+        raise AdapMoEConfigError(
+            f'adapmoe: "scheduling": "expert-aware" installs its own scheduler class, but '
+            f"--scheduler-cls {sched.scheduler_cls} is set too; drop one of them")
+    chosen = scheduler_class(bool(sched.async_scheduling))
+    sched.scheduler_cls = f"{chosen.__module__}.{chosen.__qualname__}"
+    vllm_config.additional_config[SCHEDULING_KEY] = {
+        "prompt_step_prior_s": prompt_step_prior_s(vllm_config, cfg, slots)}
+
+
+def prompt_step_prior_s(vllm_config: Any, cfg: AdapMoEConfig, slots: list[int]) -> float:
+    """The plan's guess at a prompt step's expert cost: it needs every expert of every layer,
+    so it loads the ones not resident, each at the link's rate (``link_gbps``, or the emulated
+    preset's physical rate: a lower bound on this machine's stretched clock). 0 where the rate is
+    only known once measured (a free link), or nothing is loaded (all resident, host-only)."""
+    from vllm_adapmoe.engine.emulation import PRESETS
+    from vllm_adapmoe.models import SUPPORTED
+
+    model_config = vllm_config.model_config
+    arch = next(a for a in model_config.architectures if a in SUPPORTED)
+    shape = cfg.stored_shape(SUPPORTED[arch].shape(model_config.hf_text_config))
+    gbps = cfg.link_gbps if cfg.emulate is None else PRESETS[cfg.emulate].link_gbps
+    if gbps is None or cfg.hybrid == "host-only":
+        return 0.0
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    load_s = shape.expert_bytes(model_config.dtype.itemsize) / tp / (gbps * 1e9)
+    return sum(max(shape.num_experts - s, 0) for s in slots) * load_s
 
 
 def _check_cuda_memory(vllm_config: Any, shape: Any, slots: list[int], staging: int) -> None:

@@ -19,6 +19,7 @@ from vllm_adapmoe.engine.settings import EngineSettings
 
 CONFIG_KEY = "adapmoe"
 MODEL_IMPL = "adapmoe"
+SCHEDULING_MODES = ("stock", "expert-aware")
 _PARSED: dict[str, AdapMoEConfig] = {}  # settings JSON → its parsed config (this process)
 
 
@@ -64,6 +65,12 @@ class AdapMoEConfig:
     # with 128×128 block scales (as ``adapmoe quantize`` does): half the host, slot and link
     # bytes; None keeps them as the checkpoint stores them.
     expert_dtype: str | None = None
+    # Which vLLM scheduler runs the steps: "stock" (vLLM's own), or "expert-aware" (holds
+    # waiting prompts back while requests decode so that prompt steps, which need nearly every
+    # expert, come fewer and larger: ``vllm_adapmoe/scheduler.py``).
+    scheduling: str = "stock"
+    # Extension (expert-aware): the longest a waiting prompt is held back (its TTFT bound).
+    max_prompt_hold_ms: float = 1000.0
 
     @classmethod
     def from_additional_config(cls, additional_config: dict[str, Any] | None) -> AdapMoEConfig:
@@ -99,6 +106,13 @@ class AdapMoEConfig:
         if self.expert_dtype not in (None, "fp8"):
             raise AdapMoEConfigError(
                 f'adapmoe: expert_dtype must be "fp8" (or absent), got {self.expert_dtype!r}')
+        if self.scheduling not in SCHEDULING_MODES:
+            raise AdapMoEConfigError(
+                f'adapmoe: scheduling must be "stock" or "expert-aware", got {self.scheduling!r}')
+        if not (self.max_prompt_hold_ms >= 0 and math.isfinite(self.max_prompt_hold_ms)):
+            raise AdapMoEConfigError(
+                f"adapmoe: max_prompt_hold_ms must be a number of milliseconds >= 0, got "
+                f"{self.max_prompt_hold_ms}")
         given = [k for k in ("cache_slots", "cache_gib", "cache_total_slots")
                  if getattr(self, k) is not None]
         if len(given) > 1:
@@ -396,7 +410,8 @@ def _normalise(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
         return value
-    if key in ("cache_gib", "threshold", "link_gbps", "link_layers", "copy_timeout_s"):
+    if key in ("cache_gib", "threshold", "link_gbps", "link_layers", "copy_timeout_s",
+               "max_prompt_hold_ms"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         return float(value)
@@ -416,7 +431,7 @@ def _normalise(key: str, value: Any) -> Any:
                 and math.isfinite(value[n]) and value[n] >= 0 for n in names)):
             raise bad('an object {"load_s": s, "host_fixed_s": s, "host_token_s": s} of seconds >= 0')
         return tuple(float(value[n]) for n in names)
-    if key in ("plan", "eviction", "profile", "kernel", "hybrid", "emulate"):
+    if key in ("plan", "eviction", "profile", "kernel", "hybrid", "emulate", "scheduling"):
         if not isinstance(value, str):
             raise bad("a string")
         return value

@@ -29,6 +29,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -40,7 +41,9 @@ logger = logging.getLogger("vllm.adapmoe")
 NAMES: tuple[str, ...] = tuple(f.name for f in fields(LayerStats))
 FLUSH_S = 0.25                       # snapshot period: how far /metrics may lag the engine
 _BASE = Path(tempfile.gettempdir()) / "vllm-adapmoe-metrics"
-_COUNTERS: dict[str, object] = {}    # multiprocess mode: one registration per process
+_COUNTERS: dict[str, object] = {}
+SCHEDULER_PREFIX = "scheduler-"     # the expert-aware scheduler's file among the snapshots
+_OWNER: Path | None = None          # this process's snapshot directory, when it owns one    # multiprocess mode: one registration per process
 
 
 class CounterMirror:
@@ -147,6 +150,8 @@ class SnapshotCollector:
         """``{layer: {name: total}}`` over this owner's engines, tensor-parallel rank 0 only."""
         out: dict[str, dict[str, float]] = {}
         for path in sorted(self.directory.glob("*.json")):
+            if path.name.startswith(SCHEDULER_PREFIX):
+                continue
             try:
                 body = json.loads(path.read_text())
             except (OSError, ValueError):  # replaced or removed while we read: next scrape
@@ -170,6 +175,61 @@ class SnapshotCollector:
             for layer in layers:
                 family.add_metric([layer], totals[layer].get(name, 0.0))
             yield family
+        from prometheus_client.core import GaugeMetricFamily
+
+        for name, value in scheduler_totals(self.directory).items():
+            yield GaugeMetricFamily(f"adapmoe_scheduler_{name}",
+                                    f"AdapMoE expert-aware scheduler: {name}", value=value)
+
+
+class SchedulerReport:
+    """The expert-aware scheduler's counters, written where the layers' snapshots go (the engine
+    core process writes; ``scheduler_totals`` reads)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._last = float("-inf")
+
+    @classmethod
+    def for_this_process(cls) -> SchedulerReport | None:
+        directory = _nearest_owner()
+        return None if directory is None else cls(directory / f"{SCHEDULER_PREFIX}{os.getpid()}.json")
+
+    def publish(self, stats: object, force: bool = False) -> None:
+        """At most every ``FLUSH_S``; ``force`` when the scheduler runs out of requests, so a
+        finished batch's counters are on disk before its outputs reach the caller."""
+        now = time.monotonic()
+        if not force and now - self._last < FLUSH_S:
+            return
+        self._last = now
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(stats.as_dict()))
+            os.replace(tmp, self.path)
+        except OSError:  # the owner went away
+            pass
+
+
+def scheduler_totals(directory: Path, pids: set[int] | None = None) -> dict[str, float]:
+    """The schedulers' counters in ``directory`` (only those of engine processes ``pids``),
+    added up (maxima taken)."""
+    out: dict[str, float] = {}
+    for path in sorted(directory.glob(f"{SCHEDULER_PREFIX}*.json")):
+        if pids is not None and int(path.stem[len(SCHEDULER_PREFIX):]) not in pids:
+            continue
+        try:
+            body = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for name, value in body.items():
+            merge = max if name.endswith("max_s") or name.endswith("cost_s") else (lambda a, b: a + b)
+            out[name] = merge(out[name], value) if name in out else value
+    return out
+
+
+def owner_dir() -> Path | None:
+    """This process's snapshot directory (it must own one: ``install_collector``)."""
+    return _OWNER
 
 
 def _owner_dir(pid: int, create_time: float) -> Path:
@@ -188,6 +248,8 @@ def install_collector() -> Path | None:
     me = psutil.Process()
     directory = _owner_dir(me.pid, me.create_time())
     directory.mkdir(parents=True, exist_ok=True)
+    global _OWNER
+    _OWNER = directory
     atexit.register(shutil.rmtree, directory, True)
     REGISTRY.register(SnapshotCollector(directory))
     return directory

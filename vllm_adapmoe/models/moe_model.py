@@ -43,6 +43,7 @@ from vllm_adapmoe.engine.link import Link
 from vllm_adapmoe.engine.step import StepInfo
 from vllm_adapmoe.engine.staging import StagingArea
 from vllm_adapmoe.engine.routing import RouterSpec
+from vllm_adapmoe.traffic import TrafficWriter
 from vllm_adapmoe.metrics import PrometheusExporter, SnapshotWriter, make_exporter
 from vllm_adapmoe.models import MoEShape
 from vllm_adapmoe import cpu_features
@@ -120,9 +121,16 @@ class MoEBlocks:
         register_blocks(vllm_config, self.blocks)
         self.exporter = make_exporter([b.stats for b in self.blocks],
                                       [b.layer_idx for b in self.blocks], self.shard[0])
-        # multiprocess mode counts after each step; snapshots are written off the decode path
-        self.step.on_step_end = (self.exporter.sync if isinstance(self.exporter, PrometheusExporter)
-                                 else None)
+        # multiprocess mode counts after each step; snapshots are written off the decode path;
+        # the expert-aware scheduler reads every step's expert traffic (first TP rank's)
+        after = []
+        if isinstance(self.exporter, PrometheusExporter):
+            after.append(self.exporter.sync)
+        if self.config.scheduling == "expert-aware" and self.shard[0] == 0:
+            # a stage's file is named by its first MoE layer
+            after.append(TrafficWriter([b.stats for b in self.blocks],
+                                       str(self.blocks[0].layer_idx)).write)
+        self.step.on_step_end = _in_turn(after) if after else None
 
     def reset_stats(self) -> None:
         """Zero the counters ``stats()`` reports; /metrics' totals keep everything so far."""
@@ -340,3 +348,9 @@ class AdapMoECausalLM(nn.Module, SupportsPP):
 
     def _layer_range(self) -> tuple[int, int]:
         return self.model.start_layer, self.model.end_layer
+
+
+def _in_turn(calls: list[Callable[[], None]]) -> Callable[[], None]:
+    if len(calls) == 1:
+        return calls[0]
+    return lambda: [call() for call in calls] and None

@@ -1,0 +1,136 @@
+"""The expert-aware scheduler (``"scheduling": "expert-aware"``): the hold-or-release rule by hand,
+and inside vLLM with requests arriving while others decode (the engine stepped by hand, so the
+arrivals are the same every run)."""
+
+from __future__ import annotations
+
+import pytest
+
+import vllm_adapmoe
+from vllm_adapmoe.config import AdapMoEConfig, AdapMoEConfigError
+from vllm_adapmoe.engine.admission import PromptAdmission, PromptStepCost, Waiting
+
+# an emulated slow link: a prompt step's 36 loads (6 layers x 6 cold experts) cost ~0.14 s
+# against a few loads per decode step, so holding pays; the bound keeps holds short
+SETTINGS = dict(cache_slots=2, link_gbps=0.05, scheduling="expert-aware", max_prompt_hold_ms=400)
+PROMPTS = ["the quick brown fox jumps over", "ROMEO: what light through yonder",
+           "a mixture of experts", "to be or not to be, that is", "JULIET: wherefore art thou"]
+
+
+def _admission(cost_s: float, max_hold_s: float = 1.0) -> PromptAdmission:
+    return PromptAdmission(PromptStepCost(cost_s), max_hold_s)
+
+
+def test_prompts_are_held_until_their_waits_add_up_to_what_releasing_costs():
+    a = _admission(0.1)  # releasing delays 2 decodes by 0.1 s each: 0.2 s
+    waiting = [Waiting("a", 0.0), Waiting("b", 0.05)]
+    assert a.hold(0.08, waiting, decoding=2, prompt_in_progress=False)      # 0.08 + 0.03
+    assert not a.hold(0.13, waiting, decoding=2, prompt_in_progress=False)  # 0.13 + 0.08
+    a.scheduled(["a", "b"], [], prompt_tokens=12, now=0.13)
+    assert a.stats.requests_held == 2 and a.stats.held_steps == 1
+    assert a.stats.held_max_s == pytest.approx(0.05) and a.stats.held_s == pytest.approx(0.10)
+    assert a.stats.prompt_steps == 1 and a.stats.prompt_tokens == 12 and not a.held
+
+
+def test_nothing_is_held_with_nothing_to_delay_a_prompt_started_or_the_bound_reached():
+    a = _admission(0.1, max_hold_s=0.5)
+    one = [Waiting("a", 0.0)]
+    assert not a.hold(0.01, one, decoding=0, prompt_in_progress=False)   # nobody decodes
+    assert not a.hold(0.01, one, decoding=3, prompt_in_progress=True)    # its chunks go on
+    assert not a.hold(0.01, [], decoding=3, prompt_in_progress=False)
+    assert a.hold(0.2, one, decoding=9, prompt_in_progress=False)
+    assert not a.hold(0.5, one, decoding=9, prompt_in_progress=False)    # TTFT bound
+    assert not _admission(0.0).hold(0.0, one, decoding=9, prompt_in_progress=False)  # resident
+
+
+def test_the_prompt_step_cost_is_measured_above_decode_traffic():
+    cost = PromptStepCost(prior_s=5.0)
+    cost.observe(0.30, carried_prompt=True)
+    assert cost.seconds == 5.0  # the prior until both kinds of step were seen
+    cost.observe(0.02, carried_prompt=False)
+    cost.observe(-1.0, carried_prompt=False)  # counters reset mid-step: ignored
+    assert cost.measured and cost.seconds == pytest.approx(0.28)
+    cost.observe(0.01, carried_prompt=True)   # prompts that found their experts resident
+    assert cost.seconds == 0.0 or cost.seconds < 0.28
+
+
+def test_a_wrong_scheduling_setting_is_one_clear_error():
+    with pytest.raises(AdapMoEConfigError, match='"stock" or "expert-aware"'):
+        AdapMoEConfig.from_dict({"scheduling": "expert"})
+    with pytest.raises(AdapMoEConfigError, match="max_prompt_hold_ms"):
+        AdapMoEConfig.from_dict({"max_prompt_hold_ms": -1})
+
+
+def _staggered(llm, prompts, every: int, max_tokens: int = 16, abort: str | None = None,
+               abort_at: int = -1) -> dict[str, list[int]]:
+    """Greedy outputs with prompt i added after i * ``every`` engine steps."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    pending = list(enumerate(prompts))
+    done: dict[str, list[int]] = {}
+    step = 0
+    while pending or engine.has_unfinished_requests():
+        while pending and pending[0][0] * every <= step:
+            i, prompt = pending.pop(0)
+            engine.add_request(f"r{i}", prompt, params)
+        if step == abort_at and abort is not None:
+            engine.abort_request([abort])
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+        step += 1
+        assert step < 2000, "the engine stopped making progress"
+    return done
+
+
+@pytest.fixture(scope="module")
+def expert_aware(engines, bundled_model):
+    return engines.get(bundled_model, impl="adapmoe", **SETTINGS)
+
+
+def test_arrivals_while_decoding_are_held_and_outputs_equal_serial(expert_aware):
+    from tests.conftest import greedy
+
+    before = vllm_adapmoe.scheduler_stats(expert_aware)
+    served = _staggered(expert_aware, PROMPTS, every=3)
+    after = vllm_adapmoe.scheduler_stats(expert_aware)
+    serial = [greedy(expert_aware, [p], max_tokens=16)[0][0] for p in PROMPTS]
+    assert [served[f"r{i}"] for i in range(len(PROMPTS))] == serial
+    # the class decided differently from stock: arrivals were held, prompt steps consolidated
+    assert after["requests_held"] > before["requests_held"]
+    assert after["held_steps"] > before["held_steps"]
+    assert after["prompt_step_cost_s"] > 0
+    steps = after["prompt_steps"] - before["prompt_steps"]
+    assert 1 <= steps < len(PROMPTS)
+    # the TTFT bound: no request held past it (plus the step that released it)
+    assert after["held_max_s"] <= SETTINGS["max_prompt_hold_ms"] / 1000 + 1.0
+
+
+def test_a_held_request_can_be_aborted(expert_aware):
+    before = vllm_adapmoe.scheduler_stats(expert_aware)
+    served = _staggered(expert_aware, PROMPTS[:3], every=2, abort="r2", abort_at=5)
+    assert set(served) == {"r0", "r1"} and all(len(t) == 16 for t in served.values())
+    after = vllm_adapmoe.scheduler_stats(expert_aware)
+    assert after["requests_held"] > before["requests_held"]
+    assert not expert_aware.collective_rpc("adapmoe_idle_problems")[0]
+
+
+def test_the_class_is_installed_only_with_the_plugin_and_the_setting(engines, bundled_model):
+    from vllm.engine.arg_utils import EngineArgs
+
+    def scheduler_cls(**kwargs):
+        args = EngineArgs(model=str(bundled_model), max_model_len=256, **kwargs)
+        return args.create_engine_config().scheduler_config.scheduler_cls
+
+    assert scheduler_cls(model_impl="adapmoe",
+                         additional_config={"adapmoe": {"cache_slots": 2}}) is None
+    assert scheduler_cls() is None
+    assert scheduler_cls(model_impl="adapmoe", additional_config={"adapmoe": SETTINGS}) == \
+        "vllm_adapmoe.scheduler.ExpertAwareScheduler"
+    with pytest.raises(AdapMoEConfigError, match="model_impl"):
+        scheduler_cls(additional_config={"adapmoe": {"scheduling": "expert-aware"}})
+    with pytest.raises(AdapMoEConfigError, match="scheduler-cls"):
+        scheduler_cls(model_impl="adapmoe", additional_config={"adapmoe": SETTINGS},
+                      scheduler_cls="vllm.v1.core.sched.scheduler.Scheduler")

@@ -1,0 +1,125 @@
+"""When a step should take waiting prompts: the expert-aware scheduler's decision, apart from vLLM.
+
+With experts offloaded, a step that carries a prompt needs nearly every expert of every layer, so
+it pays a round of loads (or host work) that a decode step of a few tokens does not, and every
+decoding request in that step waits for it. That part is about the same whether the step carries
+one prompt or five, so holding prompts back a little and taking them together pays it once.
+
+The rule is rent-or-buy (ski rental, 2-competitive): while requests decode, waiting prompts are
+held as long as the delay they have piled up (the sum of their waits) is below what releasing
+costs the decodes (the prompt step's expert cost × decoding requests); then all of them go at
+once. A prompt is never held past ``max_hold_s`` (the TTFT bound), never when nothing decodes
+(there is nobody to delay), and a prompt whose chunks have started is never paused. With every
+expert resident the expert cost is 0 and nothing is held: stock vLLM's behaviour.
+
+The expert cost of a prompt step (``PromptStepCost``): the expert traffic time of prompt steps
+above that of decode steps (the layers' stall + host seconds per step, as the workers report
+them), and before both were seen, or without reports, the plan's prior: the experts a prompt
+step must load × one load's time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class AdmissionStats:
+    steps: int = 0
+    prompt_steps: int = 0          # steps that carried prompt tokens
+    prompt_tokens: int = 0         # prompt tokens over those steps
+    held_steps: int = 0            # steps run with waiting prompts held back
+    requests_held: int = 0         # distinct requests held at least one step
+    held_s: float = 0.0            # total time requests were held (until admitted or gone)
+    held_max_s: float = 0.0        # the longest one request was held
+    prompt_step_cost_s: float = 0.0  # the current estimate of a prompt step's expert cost
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+class PromptStepCost:
+    """A prompt step's expert cost in seconds: the prior until both kinds of step were seen with
+    a traffic meter, then (EWMA of prompt steps' traffic) − (EWMA of decode steps')."""
+
+    def __init__(self, prior_s: float, decay: float = 0.2) -> None:
+        self.prior_s = prior_s
+        self.decay = decay
+        self._prompt: float | None = None
+        self._decode: float | None = None
+
+    def observe(self, traffic_s: float, carried_prompt: bool) -> None:
+        if traffic_s < 0:  # the counters were reset mid-step: nothing to learn
+            return
+        if carried_prompt:
+            self._prompt = _ewma(self._prompt, traffic_s, self.decay)
+        else:
+            self._decode = _ewma(self._decode, traffic_s, self.decay)
+
+    @property
+    def measured(self) -> bool:
+        return self._prompt is not None and self._decode is not None
+
+    @property
+    def seconds(self) -> float:
+        if not self.measured:
+            return self.prior_s
+        return max(self._prompt - self._decode, 0.0)
+
+
+@dataclass
+class Waiting:
+    """A prompt waiting to be admitted, as the policy sees it."""
+    request_id: str
+    since: float           # when the scheduler first saw it waiting (monotonic seconds)
+
+
+@dataclass
+class PromptAdmission:
+    """The hold-or-release decision, one call per step, and its counters."""
+
+    cost: PromptStepCost
+    max_hold_s: float
+    stats: AdmissionStats = field(default_factory=AdmissionStats)
+    _held: dict[str, float] = field(default_factory=dict)   # request → first held at
+
+    def hold(self, now: float, waiting: list[Waiting], decoding: int,
+             prompt_in_progress: bool) -> bool:
+        """Whether this step should leave the waiting prompts where they are."""
+        if not waiting or decoding == 0 or prompt_in_progress:
+            return False
+        release_cost = self.cost.seconds * decoding
+        if release_cost <= 0:
+            return False
+        waits = [now - w.since for w in waiting]
+        if max(waits) >= self.max_hold_s or sum(waits) >= release_cost:
+            return False
+        for w in waiting:
+            if w.request_id not in self._held:
+                self._held[w.request_id] = now
+                self.stats.requests_held += 1
+        self.stats.held_steps += 1
+        return True
+
+    def scheduled(self, admitted: list[str], gone: list[str], prompt_tokens: int,
+                  now: float) -> None:
+        """After a step was scheduled: which held requests it admitted (or were finished or
+        aborted meanwhile), and how many prompt tokens it carries."""
+        for request_id in (*admitted, *gone):
+            start = self._held.pop(request_id, None)
+            if start is not None:
+                self.stats.held_s += now - start
+                self.stats.held_max_s = max(self.stats.held_max_s, now - start)
+        self.stats.steps += 1
+        if prompt_tokens:
+            self.stats.prompt_steps += 1
+            self.stats.prompt_tokens += prompt_tokens
+        self.stats.prompt_step_cost_s = self.cost.seconds
+
+    @property
+    def held(self) -> set[str]:
+        return set(self._held)
+
+
+def _ewma(current: float | None, sample: float, decay: float) -> float:
+    return sample if current is None else current + decay * (sample - current)

@@ -1,0 +1,110 @@
+"""The expert-aware scheduler (``"scheduling": "expert-aware"``): vLLM's own scheduler, with when
+to admit waiting prompts decided by what a prompt step costs in expert traffic.
+
+The plugin's engine-config hook installs it as vLLM's ``scheduler_cls``, subclassing the class
+vLLM would have used (``AsyncScheduler`` where async scheduling is on, ``Scheduler`` otherwise, as
+on CPU), so everything else of stock's stays. It only ever turns on vLLM's own prefill deferral
+(``schedule(throttle_prefills=True)``: running decodes fill the step, waiting prompts and
+unstarted chunks stay queued), and only where ``PromptAdmission`` (``engine/admission.py``) says
+so; vLLM itself ignores the deferral after a step that could not admit every waiting prompt, so
+a prompt is never starved.
+
+Inputs, and how they reach this process (vLLM's engine core): the plan's prior (the experts a
+prompt step has to load × one load's time) is computed by the engine-config hook in the main
+process and travels in ``additional_config["adapmoe_scheduling"]``; live expert traffic (the
+layers' stall + host seconds per step) comes from the workers on this machine through
+``traffic.py``, else the prior stands. The counters
+(``AdmissionStats``) go to the metrics owner's directory, like the layers': ``/metrics`` shows
+them as ``adapmoe_scheduler_<name>`` and ``vllm_adapmoe.scheduler_stats(llm)`` returns them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from vllm_adapmoe import metrics
+from vllm_adapmoe.config import AdapMoEConfig
+from vllm_adapmoe.engine.admission import PromptAdmission, PromptStepCost, Waiting
+from vllm_adapmoe.traffic import read_traffic_s
+
+SCHEDULING_KEY = "adapmoe_scheduling"  # additional_config entry the hook fills for this class
+
+
+class ExpertAwareMixin:
+    """The admission decision around ``Scheduler.schedule``; mixed into vLLM's classes below."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        additional = self.vllm_config.additional_config or {}
+        cfg = AdapMoEConfig.from_additional_config(additional)
+        prior = float(additional.get(SCHEDULING_KEY, {}).get("prompt_step_prior_s", 0.0))
+        self.admission = PromptAdmission(PromptStepCost(prior), cfg.max_prompt_hold_ms / 1000)
+        self._first_seen: dict[str, float] = {}
+        self._carried_prompt: dict[int, bool] = {}  # id(scheduler output) → it had prompt tokens
+        self._traffic_mark = read_traffic_s()
+        self._report = metrics.SchedulerReport.for_this_process()
+        if self._report is not None:
+            self._report.publish(self.admission.stats, force=True)
+
+    def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        now = time.monotonic()
+        hold = not self.prefill_capacity_bound and self.admission.hold(
+            now, self._waiting_prompts(now), sum(not r.is_prefill_chunk for r in self.running),
+            any(r.is_prefill_chunk for r in self.running))
+        out = super().schedule(throttle_prefills or hold)
+        admitted = [rid for rid in out.num_scheduled_tokens if rid in self._first_seen]
+        gone = [rid for rid in self._first_seen if rid not in self.requests]
+        for rid in (*admitted, *gone):
+            self._first_seen.pop(rid, None)
+        gone += [rid for rid in self.admission.held if rid not in self.requests]
+        prompt_tokens = self._prompt_tokens(out)
+        self.admission.scheduled(admitted, gone, prompt_tokens, time.monotonic())
+        self._carried_prompt[id(out)] = prompt_tokens > 0
+        return out
+
+    def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        carried = self._carried_prompt.pop(id(scheduler_output), None)
+        seconds = read_traffic_s()
+        if carried is not None and seconds is not None and self._traffic_mark is not None:
+            self.admission.cost.observe(seconds - self._traffic_mark, carried)
+        self._traffic_mark = seconds
+        if self._report is not None:
+            self._report.publish(self.admission.stats, force=not self.has_requests())
+        return outputs
+
+    def _waiting_prompts(self, now: float) -> list[Waiting]:
+        waiting = []
+        for request in self.waiting:
+            since = self._first_seen.setdefault(request.request_id, now)
+            waiting.append(Waiting(request.request_id, since))
+        return waiting
+
+    def _prompt_tokens(self, out: SchedulerOutput) -> int:
+        """Prompt tokens the step carries (vLLM has already advanced ``num_computed_tokens``)."""
+        total = 0
+        for rid, n in out.num_scheduled_tokens.items():
+            request = self.requests.get(rid)
+            if request is None:
+                continue
+            after = request.num_computed_tokens
+            total += max(0, min(request.num_prompt_tokens, after) - (after - n))
+        return total
+
+
+class ExpertAwareScheduler(ExpertAwareMixin, Scheduler):
+    """Synchronous scheduling (CPU, where vLLM turns async scheduling off)."""
+
+
+class ExpertAwareAsyncScheduler(ExpertAwareMixin, AsyncScheduler):
+    """Async scheduling (GPU): steps overlap by one, so a step's traffic reading may include a
+    little of the next one's host work."""
+
+
+def scheduler_class(async_scheduling: bool) -> type:
+    return ExpertAwareAsyncScheduler if async_scheduling else ExpertAwareScheduler
