@@ -63,15 +63,16 @@ def offline(model: str, batches: list[int], rounds: int, new_tokens: int) -> lis
 
 
 def bench_serve(base: str, model: str, concurrency: int, prompts: int, out_dir: Path,
-                seed: int) -> dict:
-    """One `vllm bench serve` run against ``base``; its saved JSON result."""
+                seed: int, extra: tuple[str, ...] = ()) -> dict:
+    """One `vllm bench serve` run against ``base`` (``extra``: more of its flags); its saved
+    JSON result."""
     name = f"c{concurrency}_{seed}_{base.rsplit(':', 1)[1]}.json"
     cmd = [str(Path(sys.executable).with_name("vllm")), "bench", "serve", "--backend", "vllm",
            "--base-url", base, "--model", model, "--tokenizer", model, "--dataset-name", "random",
            "--random-input-len", "128", "--random-output-len", "64", "--ignore-eos",
            "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
            "--seed", str(seed), "--save-result", "--result-dir", str(out_dir),
-           "--result-filename", name, "--disable-tqdm"]
+           "--result-filename", name, "--disable-tqdm", *extra]
     for attempt in range(2):  # the client itself once hung before sending anything: retry once
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -172,6 +172,28 @@ def serve_section(data: dict) -> list[str]:
     return out
 
 
+def scheduling_section(data: dict) -> list[str]:
+    out = ["**Expert-aware scheduling** (`benchmarks/bench_scheduling.py`: stock scheduling vs "
+           '`"scheduling": "expert-aware"`, both servers compiled, '
+           f"{data['load']}; {data['rounds']} alternating rounds, medians, one run; "
+           f"{data['emulated']}):", "",
+           "| model | budget | concurrency | output tok/s stock → expert-aware | × | p50 TPOT × | "
+           "p99 TPOT × | p50 TTFT × | p99 TTFT × | held (requests / steps) | prompt steps | "
+           "tokens per prompt step |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        s, e, x, d = r["stock"], r["expert_aware"], r["ratio"], r["scheduler"]
+        budget = (f"{r['settings']['cache_slots']} slots/layer, emulated h100-pcie4"
+                  if r["settings"] else "all resident")
+        per = d["prompt_tokens"] / d["prompt_steps"] if d["prompt_steps"] else 0
+        out.append(f"| {r['model']} | {budget} | {r['concurrency']} | "
+                   f"{s['output_throughput']:.1f} → {e['output_throughput']:.1f} | "
+                   f"{x['output_throughput']:.2f} | {x['median_tpot_ms']:.2f} | "
+                   f"{x['p99_tpot_ms']:.2f} | {x['median_ttft_ms']:.2f} | {x['p99_ttft_ms']:.2f} | "
+                   f"{d['requests_held']:.0f} / {d['held_steps']:.0f} | {d['prompt_steps']:.0f} | "
+                   f"{per:.0f} |")
+    return out
+
+
 def parity_section(data: dict) -> list[str]:
     out = [f"**Parity, every expert resident** (`benchmarks/bench_parity.py`, {data['model']}; "
            f"{data['baseline']}; {data['rounds']} alternating rounds, medians, one run"
@@ -266,7 +288,8 @@ def render() -> str:
     parts: list[list[str]] = []
     for name, fn in (("parity.json", parity_section), ("decode.json", decode_section), ("decode_link_50.json", decode_section),
                      ("decode_link_25.json", decode_section), ("gating_sweep.json", gating_section),
-                     ("serve.json", serve_section), ("parallel.json", parallel_section),
+                     ("serve.json", serve_section), ("scheduling.json", scheduling_section),
+                     ("parallel.json", parallel_section),
                      ("quantized_cpu.json", quantized_section),
                      ("gating_families.json", gating_families_section)):
         data = _load(name)

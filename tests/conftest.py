@@ -66,10 +66,11 @@ class Engines:
         self._engines: dict[str, object] = {}  # insertion order = least recently used first
 
     def get(self, model: str | Path, impl: str = "auto", eager: bool = True, dtype: str = "auto",
-            tp: int = 1, pp: int = 1, speculative: dict | None = None, **adapmoe) -> object:
+            tp: int = 1, pp: int = 1, speculative: dict | None = None,
+            chunk: int | None = None, **adapmoe) -> object:
         from vllm import LLM
 
-        key = json.dumps([str(model), impl, eager, dtype, tp, pp, speculative, adapmoe],
+        key = json.dumps([str(model), impl, eager, dtype, tp, pp, speculative, chunk, adapmoe],
                          sort_keys=True)
         if key in self._engines:
             self._engines[key] = self._engines.pop(key)
@@ -82,6 +83,8 @@ class Engines:
             kwargs = {"additional_config": {"adapmoe": adapmoe}} if adapmoe else {}
             if speculative:
                 kwargs["speculative_config"] = speculative
+            if chunk:  # chunked prefill at this many tokens per step
+                kwargs["max_num_batched_tokens"] = chunk
             # TP on this CPU: one OpenMP thread per rank (vLLM's default binding refuses one
             # NUMA node); set only while the workers start, TP=1 engines keep every core.
             ranks = tp * pp

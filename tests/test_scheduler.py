@@ -17,19 +17,37 @@ PROMPTS = ["the quick brown fox jumps over", "ROMEO: what light through yonder",
            "a mixture of experts", "to be or not to be, that is", "JULIET: wherefore art thou"]
 
 
-def _admission(cost_s: float, max_hold_s: float = 1.0) -> PromptAdmission:
-    return PromptAdmission(PromptStepCost(cost_s), max_hold_s)
+def _admission(cost_s: float, max_hold_s: float = 1.0, gap_s: float = 0.05) -> PromptAdmission:
+    a = PromptAdmission(PromptStepCost(cost_s), max_hold_s)
+    for i in range(int(2.0 / gap_s)):  # requests arriving every gap_s over the 2 s window
+        a.arrivals.arrived(-i * gap_s)
+    return a
 
 
 def test_prompts_are_held_until_their_waits_add_up_to_what_releasing_costs():
-    a = _admission(0.1)  # releasing delays 2 decodes by 0.1 s each: 0.2 s
+    a = _admission(0.1)  # a prompt step costs 4 slots (2 decoding + 2 waiting) 0.1 s: 0.4
     waiting = [Waiting("a", 0.0), Waiting("b", 0.05)]
     assert a.hold(0.08, waiting, decoding=2, prompt_in_progress=False)      # 0.08 + 0.03
-    assert not a.hold(0.13, waiting, decoding=2, prompt_in_progress=False)  # 0.13 + 0.08
-    a.scheduled(["a", "b"], [], prompt_tokens=12, now=0.13)
-    assert a.stats.requests_held == 2 and a.stats.held_steps == 1
-    assert a.stats.held_max_s == pytest.approx(0.05) and a.stats.held_s == pytest.approx(0.10)
+    assert a.hold(0.2, waiting, decoding=2, prompt_in_progress=False)       # 0.2 + 0.15
+    assert not a.hold(0.25, waiting, decoding=2, prompt_in_progress=False)  # 0.25 + 0.2
+    a.scheduled(["a", "b"], [], prompt_tokens=12, now=0.25)
+    assert a.stats.requests_held == 2 and a.stats.held_steps == 2
+    assert a.stats.held_max_s == pytest.approx(0.17) and a.stats.held_s == pytest.approx(0.34)
     assert a.stats.prompt_steps == 1 and a.stats.prompt_tokens == 12 and not a.held
+
+
+def test_holding_needs_arrivals_frequent_enough_to_share_the_prompt_step():
+    one = [Waiting("a", 0.0)]
+    # λ·c·(n + k) against k: 20/s x 0.1 s x 2 slots = 4 > 1 holds; at 2/s it is 0.4: release
+    assert _admission(0.1, gap_s=0.05).hold(0.01, one, decoding=1, prompt_in_progress=False)
+    assert not _admission(0.1, gap_s=0.5).hold(0.01, one, decoding=1, prompt_in_progress=False)
+    fresh = PromptAdmission(PromptStepCost(0.1), 1.0)  # no arrival rate yet: nothing held
+    assert not fresh.hold(0.01, one, decoding=9, prompt_in_progress=False)
+    quiet = _admission(0.1)  # the same arrivals, after a quiet spell of 3 s
+    assert not quiet.hold(3.0, one, decoding=1, prompt_in_progress=False)
+    many = [Waiting(str(i), 0.0) for i in range(6)]  # 20/s x 0.1 x 8 = 16 > 6; at 5/s 4 < 6
+    assert _admission(0.1).hold(0.01, many, decoding=2, prompt_in_progress=False)
+    assert not _admission(0.1, gap_s=0.2).hold(0.01, many, decoding=2, prompt_in_progress=False)
 
 
 def test_nothing_is_held_with_nothing_to_delay_a_prompt_started_or_the_bound_reached():
@@ -52,6 +70,24 @@ def test_the_prompt_step_cost_is_measured_above_decode_traffic():
     assert cost.measured and cost.seconds == pytest.approx(0.28)
     cost.observe(0.01, carried_prompt=True)   # prompts that found their experts resident
     assert cost.seconds == 0.0 or cost.seconds < 0.28
+
+
+def test_workers_traffic_reaches_the_scheduler_after_each_step():
+    from vllm_adapmoe.engine.stats import LayerStats
+    from vllm_adapmoe.traffic import TrafficReader, TrafficWriter
+
+    stats = [LayerStats(), LayerStats()]
+    writer = TrafficWriter(stats, "unit")
+    reader = TrafficReader()  # this process: a uni-process executor's case
+    try:
+        assert reader.seconds() == 0.0
+        stats[0].stall_s, stats[1].host_s = 0.25, 0.5
+        assert reader.seconds() == 0.0  # nothing until the step's end writes it
+        writer.write()
+        assert reader.seconds() == pytest.approx(0.75)
+        assert TrafficReader(pid=2**22 + 7).seconds() is None  # no such process
+    finally:
+        writer.path.unlink()
 
 
 def test_a_wrong_scheduling_setting_is_one_clear_error():
@@ -110,8 +146,8 @@ def test_arrivals_while_decoding_are_held_and_outputs_equal_serial(expert_aware)
 
 def test_a_held_request_can_be_aborted(expert_aware):
     before = vllm_adapmoe.scheduler_stats(expert_aware)
-    served = _staggered(expert_aware, PROMPTS[:3], every=2, abort="r2", abort_at=5)
-    assert set(served) == {"r0", "r1"} and all(len(t) == 16 for t in served.values())
+    served = _staggered(expert_aware, PROMPTS * 2, every=1, abort="r9", abort_at=9)
+    assert set(served) == {f"r{i}" for i in range(9)} and all(len(t) == 16 for t in served.values())
     after = vllm_adapmoe.scheduler_stats(expert_aware)
     assert after["requests_held"] > before["requests_held"]
     assert not expert_aware.collective_rpc("adapmoe_idle_problems")[0]
@@ -134,3 +170,34 @@ def test_the_class_is_installed_only_with_the_plugin_and_the_setting(engines, bu
     with pytest.raises(AdapMoEConfigError, match="scheduler-cls"):
         scheduler_cls(model_impl="adapmoe", additional_config={"adapmoe": SETTINGS},
                       scheduler_cls="vllm.v1.core.sched.scheduler.Scheduler")
+
+
+LONG = [" ".join(["the quick brown fox jumps over the lazy dog"] * 12) + f" {i}" for i in range(4)]
+
+
+def _drift(llm, prompts) -> int:
+    """Tokens of staggered long prompts (chunked prefill) that differ from each served alone."""
+    from tests.conftest import greedy
+
+    served = _staggered(llm, prompts, every=2, max_tokens=12)
+    serial = [greedy(llm, [p], max_tokens=12)[0][0] for p in prompts]
+    return sum(a != b for i, s in enumerate(serial) for a, b in zip(served[f"r{i}"], s))
+
+
+def test_long_chunked_prompts_drift_no_more_than_under_stock_scheduling(engines, bundled_model):
+    stock = _drift(engines.get(bundled_model, impl="adapmoe", chunk=32,
+                               **dict(SETTINGS, scheduling="stock")), LONG)
+    ours = engines.get(bundled_model, impl="adapmoe", chunk=32, **SETTINGS)
+    before = vllm_adapmoe.scheduler_stats(ours)
+    assert _drift(ours, LONG) <= stock
+    after = vllm_adapmoe.scheduler_stats(ours)
+    # the first long prompt alone (~70 tokens) took 3 chunks of 32
+    assert after["prompt_steps"] - before["prompt_steps"] >= 3
+
+
+def test_with_every_expert_resident_nothing_is_held(engines, bundled_model):
+    llm = engines.get(bundled_model, impl="adapmoe", scheduling="expert-aware")
+    _staggered(llm, PROMPTS, every=3, max_tokens=8)
+    counters = vllm_adapmoe.scheduler_stats(llm)
+    assert counters["steps"] > 0 and counters["prompt_steps"] > 0  # it ran, and saw the prompts
+    assert counters["requests_held"] == 0 and counters["prompt_step_cost_s"] == 0

@@ -30,7 +30,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm_adapmoe import metrics
 from vllm_adapmoe.config import AdapMoEConfig
 from vllm_adapmoe.engine.admission import PromptAdmission, PromptStepCost, Waiting
-from vllm_adapmoe.traffic import read_traffic_s
+from vllm_adapmoe.traffic import TrafficReader
 
 SCHEDULING_KEY = "adapmoe_scheduling"  # additional_config entry the hook fills for this class
 
@@ -46,7 +46,8 @@ class ExpertAwareMixin:
         self.admission = PromptAdmission(PromptStepCost(prior), cfg.max_prompt_hold_ms / 1000)
         self._first_seen: dict[str, float] = {}
         self._carried_prompt: dict[int, bool] = {}  # id(scheduler output) → it had prompt tokens
-        self._traffic_mark = read_traffic_s()
+        self._traffic = TrafficReader()
+        self._traffic_mark = self._traffic.seconds()
         self._report = metrics.SchedulerReport.for_this_process()
         if self._report is not None:
             self._report.publish(self.admission.stats, force=True)
@@ -70,7 +71,7 @@ class ExpertAwareMixin:
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         carried = self._carried_prompt.pop(id(scheduler_output), None)
-        seconds = read_traffic_s()
+        seconds = self._traffic.seconds()
         if carried is not None and seconds is not None and self._traffic_mark is not None:
             self.admission.cost.observe(seconds - self._traffic_mark, carried)
         self._traffic_mark = seconds
@@ -81,7 +82,10 @@ class ExpertAwareMixin:
     def _waiting_prompts(self, now: float) -> list[Waiting]:
         waiting = []
         for request in self.waiting:
-            since = self._first_seen.setdefault(request.request_id, now)
+            if request.request_id not in self._first_seen:
+                self._first_seen[request.request_id] = now
+                self.admission.arrivals.arrived(now)
+            since = self._first_seen[request.request_id]
             waiting.append(Waiting(request.request_id, since))
         return waiting
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ class TrafficWriter:
 
     def __init__(self, stats: list[LayerStats], rank: str) -> None:
         DIRECTORY.mkdir(parents=True, exist_ok=True)
+        _remove_stale()
         self.stats = stats
         self.path = DIRECTORY / f"{os.getppid()}-{os.getpid()}-{rank}.f64"
         self._value = np.memmap(self.path, dtype=np.float64, mode="w+", shape=(1,))
@@ -38,20 +40,47 @@ class TrafficWriter:
         self._value[0] = sum(s.stall_s + s.host_s for s in self.stats)
 
 
-def read_traffic_s(pid: int | None = None) -> float | None:
-    """Scheduler side: the total over the workers of process ``pid`` (default: this one), its
-    children's files or its own; None when it has none."""
-    pid = os.getpid() if pid is None else pid
-    if not DIRECTORY.is_dir():
-        return None
-    total, found = 0.0, False
-    for path in DIRECTORY.glob("*.f64"):
-        parent, child, _ = path.stem.split("-", 2)
-        if str(pid) not in (parent, child):
-            continue
+class TrafficReader:
+    """Scheduler side: the total over the workers of this process (its children's files, or its
+    own with a uni-process executor). The files are found once (workers start before vLLM builds
+    the scheduler); while none is found, looked for again at most once a second."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.pid = str(os.getpid() if pid is None else pid)
+        self._values: list[np.ndarray] = []
+        self._looked = float("-inf")
+
+    def seconds(self) -> float | None:
+        """None while no worker's file was found."""
+        if not self._values and time.monotonic() - self._looked >= 1.0:
+            self._looked = time.monotonic()
+            self._values = [np.memmap(path, dtype=np.float64, mode="r", shape=(1,))
+                            for path in _files() if self.pid in path.stem.split("-")[:2]]
+        if not self._values:
+            return None
+        return float(sum(v[0] for v in self._values))
+
+
+def _files() -> list[Path]:
+    return list(DIRECTORY.glob("*.f64")) if DIRECTORY.is_dir() else []
+
+
+def _remove_stale() -> None:
+    """Files of workers that died without cleaning up (killed): neither pid alive."""
+    for path in _files():
         try:
-            total += float(np.fromfile(path, dtype=np.float64, count=1)[0])
-            found = True
-        except (OSError, IndexError, ValueError):  # a worker just starting or gone
+            parent, child = (int(p) for p in path.stem.split("-")[:2])
+        except ValueError:
             continue
-    return total if found else None
+        if not (_alive(parent) or _alive(child)):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

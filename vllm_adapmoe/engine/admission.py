@@ -5,12 +5,16 @@ it pays a round of loads (or host work) that a decode step of a few tokens does 
 decoding request in that step waits for it. That part is about the same whether the step carries
 one prompt or five, so holding prompts back a little and taking them together pays it once.
 
-The rule is rent-or-buy (ski rental, 2-competitive): while requests decode, waiting prompts are
-held as long as the delay they have piled up (the sum of their waits) is below what releasing
-costs the decodes (the prompt step's expert cost × decoding requests); then all of them go at
-once. A prompt is never held past ``max_hold_s`` (the TTFT bound), never when nothing decodes
-(there is nobody to delay), and a prompt whose chunks have started is never paused. With every
-expert resident the expert cost is 0 and nothing is held: stock vLLM's behaviour.
+Holding is paid in lost throughput: a held request's batch slot idles while the others decode.
+With ``n`` requests decoding and ``k`` prompts waiting, holding for ``h`` seconds idles
+``k·h`` slot-seconds; releasing costs every one of the ``n + k`` slots the prompt step's expert
+cost ``c``, and holding saves that ``c`` once for each prompt that arrives meanwhile and shares
+the step (``λ·h`` of them at arrival rate ``λ``). So holding pays while ``λ·c·(n + k) > k``, and
+is a rent-or-buy decision beyond that (ski rental, 2-competitive): once the held prompts' waits
+add up to ``c·(n + k)`` they all go at once. A prompt is never held past ``max_hold_s`` (the
+TTFT bound), never when nothing decodes (there is nobody to delay), and a prompt whose chunks
+have started is never paused. With every expert resident ``c`` is 0 and nothing is held: stock
+vLLM's behaviour.
 
 The expert cost of a prompt step (``PromptStepCost``): the expert traffic time of prompt steps
 above that of decode steps (the layers' stall + host seconds per step, as the workers report
@@ -20,6 +24,7 @@ step must load × one load's time.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 
@@ -67,6 +72,23 @@ class PromptStepCost:
         return max(self._prompt - self._decode, 0.0)
 
 
+class ArrivalRate:
+    """Requests per second reaching the scheduler, counted over the last ``window_s``: after a
+    quiet spell it is low at once, in a burst high at once."""
+
+    def __init__(self, window_s: float = 2.0) -> None:
+        self.window_s = window_s
+        self._times: deque[float] = deque()
+
+    def arrived(self, now: float) -> None:
+        self._times.append(now)
+
+    def per_s(self, now: float) -> float:
+        while self._times and self._times[0] < now - self.window_s:
+            self._times.popleft()
+        return len(self._times) / self.window_s
+
+
 @dataclass
 class Waiting:
     """A prompt waiting to be admitted, as the policy sees it."""
@@ -81,6 +103,7 @@ class PromptAdmission:
     cost: PromptStepCost
     max_hold_s: float
     stats: AdmissionStats = field(default_factory=AdmissionStats)
+    arrivals: ArrivalRate = field(default_factory=ArrivalRate)
     _held: dict[str, float] = field(default_factory=dict)   # request → first held at
 
     def hold(self, now: float, waiting: list[Waiting], decoding: int,
@@ -88,9 +111,10 @@ class PromptAdmission:
         """Whether this step should leave the waiting prompts where they are."""
         if not waiting or decoding == 0 or prompt_in_progress:
             return False
-        release_cost = self.cost.seconds * decoding
-        if release_cost <= 0:
-            return False
+        slots = decoding + len(waiting)
+        release_cost = self.cost.seconds * slots       # slot-seconds a prompt step costs
+        if self.arrivals.per_s(now) * release_cost <= len(waiting):
+            return False                               # too few arrivals to share it with
         waits = [now - w.since for w in waiting]
         if max(waits) >= self.max_hold_s or sum(waits) >= release_cost:
             return False
