@@ -7,12 +7,14 @@ requests end at different steps as real ones do; `--ignore-eos`), at each concur
 Grid (defaults): the bundled Mixtral-shaped model (8 experts, top-2) and the bundled fine-grained
 one (64 experts, top-8), 25% of the experts in slots, every load and host computation emulated
 as an H100 over PCIe Gen4 (``emulate: "h100-pcie4"``), concurrency 1 / 4 / 16; and the
-Mixtral-shaped model with every expert resident (where the scheduler must hold nothing). Reports
+Mixtral-shaped model with every expert resident (where the scheduler must hold nothing); the
+Mixtral-shaped model at 25% with vLLM's n-gram speculative decoding (verify steps of up to 4
+tokens per request; `--models mixtral+ngram`). Reports
 output tok/s, p50 / p99 TTFT and TPOT, the ratios expert-aware ÷ stock, and what the scheduler
 decided (its counters from /metrics).
 
     python benchmarks/bench_scheduling.py [--rounds 3] [--concurrency 1 4 16]
-        [--models mixtral qwen3moe resident] [--out benchmarks/results/scheduling.json]
+        [--models mixtral qwen3moe resident mixtral+ngram] [--out benchmarks/results/scheduling.json]
 """
 
 from __future__ import annotations
@@ -36,10 +38,16 @@ from bench_parity import bench_serve  # noqa: E402
 from bench_serve import start, wait_ready  # noqa: E402
 
 BUNDLED = HERE.parent / "vllm_adapmoe" / "bundled"
+EMULATED_25 = {"cache_slots": 2, "emulate": "h100-pcie4"}
+NGRAM = ("--speculative-config",
+         '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}')
+# name: (model, adapmoe settings, more `vllm serve` flags)
 MODELS = {
-    "mixtral": (BUNDLED / "shakespeare_moe", {"cache_slots": 2, "emulate": "h100-pcie4"}),
-    "qwen3moe": (BUNDLED / "shakespeare_qwen3moe", {"cache_slots": 16, "emulate": "h100-pcie4"}),
-    "resident": (BUNDLED / "shakespeare_moe", {}),
+    "mixtral": (BUNDLED / "shakespeare_moe", EMULATED_25, ()),
+    "qwen3moe": (BUNDLED / "shakespeare_qwen3moe", {"cache_slots": 16, "emulate": "h100-pcie4"},
+                 ()),
+    "resident": (BUNDLED / "shakespeare_moe", {}, ()),
+    "mixtral+ngram": (BUNDLED / "shakespeare_moe", EMULATED_25, NGRAM),
 }
 # requests of different lengths (prompts and outputs 0.5x-1.5x the mean), so they finish at
 # different steps and arrivals meet running decodes, as they do in real traffic
@@ -54,10 +62,10 @@ def scheduler_counters(base: str) -> dict[str, float]:
 
 
 def run_model(name: str, concurrency: list[int], rounds: int, work: Path) -> list[dict]:
-    model, settings = MODELS[name]
+    model, settings, flags = MODELS[name]
     configs = {"stock scheduling": settings,
                "expert-aware": {**settings, "scheduling": "expert-aware"}}
-    servers = {c: start(str(model), s, work / f"{name}-{i}.log", eager=False)
+    servers = {c: start(str(model), s, work / f"{name}-{i}.log", eager=False, extra=list(flags))
                for i, (c, s) in enumerate(configs.items())}
     rows = []
     try:
@@ -82,7 +90,8 @@ def run_model(name: str, concurrency: list[int], rounds: int, work: Path) -> lis
             med = {k: {key: statistics.median(s[key] for s in ss) for key in KEYS}
                    for k, ss in samples.items()}
             stock, ours = med["stock scheduling"], med["expert-aware"]
-            rows.append({"model": name, "settings": settings, "concurrency": c, "prompts": n,
+            rows.append({"model": name, "settings": settings, "flags": list(flags),
+                         "concurrency": c, "prompts": n,
                          "stock": stock, "expert_aware": ours,
                          "ratio": {key: ours[key] / stock[key] if stock[key] else None
                                    for key in KEYS},

@@ -172,7 +172,7 @@ def serve_section(data: dict) -> list[str]:
     return out
 
 
-def scheduling_section(data: dict) -> list[str]:
+def scheduling_section(data: dict, more: list[dict] = ()) -> list[str]:
     out = ["**Expert-aware scheduling** (`benchmarks/bench_scheduling.py`: stock scheduling vs "
            '`"scheduling": "expert-aware"`, both servers compiled, '
            f"{data['load']}; {data['rounds']} alternating rounds, medians, one run; "
@@ -180,12 +180,13 @@ def scheduling_section(data: dict) -> list[str]:
            "| model | budget | concurrency | output tok/s stock → expert-aware | × | p50 TPOT × | "
            "p99 TPOT × | p50 TTFT × | p99 TTFT × | held (requests / steps) | prompt steps | "
            "tokens per prompt step |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in data["rows"]:
+    for r in [*data["rows"], *more]:
         s, e, x, d = r["stock"], r["expert_aware"], r["ratio"], r["scheduler"]
         budget = (f"{r['settings']['cache_slots']} slots/layer, emulated h100-pcie4"
                   if r["settings"] else "all resident")
         per = d["prompt_tokens"] / d["prompt_steps"] if d["prompt_steps"] else 0
-        out.append(f"| {r['model']} | {budget} | {r['concurrency']} | "
+        model = r["model"].replace("+ngram", " + n-gram speculation (3 tokens)")
+        out.append(f"| {model} | {budget} | {r['concurrency']} | "
                    f"{s['output_throughput']:.1f} → {e['output_throughput']:.1f} | "
                    f"{x['output_throughput']:.2f} | {x['median_tpot_ms']:.2f} | "
                    f"{x['p99_tpot_ms']:.2f} | {x['median_ttft_ms']:.2f} | {x['p99_ttft_ms']:.2f} | "
@@ -288,13 +289,16 @@ def render() -> str:
     parts: list[list[str]] = []
     for name, fn in (("parity.json", parity_section), ("decode.json", decode_section), ("decode_link_50.json", decode_section),
                      ("decode_link_25.json", decode_section), ("gating_sweep.json", gating_section),
-                     ("serve.json", serve_section), ("scheduling.json", scheduling_section),
-                     ("parallel.json", parallel_section),
+                     ("serve.json", serve_section), ("parallel.json", parallel_section),
                      ("quantized_cpu.json", quantized_section),
                      ("gating_families.json", gating_families_section)):
         data = _load(name)
         if data:
             parts.append(fn(data))
+    data = _load("scheduling.json")
+    if data:
+        more = _load("scheduling_ngram.json")  # the speculative-decoding rows, a second run
+        parts.append(scheduling_section(data, more["rows"] if more else []))
     soaks = [d for d in (_load("soak_stock.json"), _load("soak_adapmoe.json"),
                          _load("soak_adapmoe_nogating.json")) if d]
     if soaks:
