@@ -26,6 +26,7 @@ import re
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -61,13 +62,14 @@ def scheduler_counters(base: str) -> dict[str, float]:
             for m in re.finditer(r"^adapmoe_scheduler_(\w+) ([0-9.eE+-]+)$", text, re.M)}
 
 
-def run_model(name: str, concurrency: list[int], rounds: int, work: Path) -> list[dict]:
+def run_model(name: str, concurrency: list[int], rounds: int, work: Path,
+              done: list[dict], save: Callable[[], None]) -> None:
     model, settings, flags = MODELS[name]
     configs = {"stock scheduling": settings,
                "expert-aware": {**settings, "scheduling": "expert-aware"}}
     servers = {c: start(str(model), s, work / f"{name}-{i}.log", eager=False, extra=list(flags))
                for i, (c, s) in enumerate(configs.items())}
-    rows = []
+    rows = done
     try:
         for i, (proc, base) in enumerate(servers.values()):
             wait_ready(proc, base, work / f"{name}-{i}.log")
@@ -104,12 +106,12 @@ def run_model(name: str, concurrency: list[int], rounds: int, work: Path) -> lis
                   f"p50 TPOT x{ratio['median_tpot_ms']:.2f}  p99 TTFT x{ratio['p99_ttft_ms']:.2f}  "
                   f"held {decided['requests_held']:.0f} req, prompt steps "
                   f"{decided['prompt_steps']:.0f}", flush=True)
+            save()  # after every grid point: a run cut short keeps what it measured
     finally:
         for proc, _ in servers.values():
             proc.terminate()
         for proc, _ in servers.values():
             proc.wait(timeout=60)
-    return rows
 
 
 def main() -> None:
@@ -119,17 +121,26 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--out", default="benchmarks/results/scheduling.json")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows --out already has for models not rerun (noted per row)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="adapmoe-scheduling-"))
-    rows = [row for name in args.models for row in run_model(name, args.concurrency,
-                                                             args.rounds, work)]
+    out = Path(args.out)
+    rows: list[dict] = []
+    if args.append and out.exists():
+        rows = [r for r in json.loads(out.read_text())["rows"] if r["model"] not in args.models]
     result = {"rounds": args.rounds, "load": "vllm bench serve, random 128 in / 64 out "
               "(each 0.5x-1.5x: --random-range-ratio 0.5), ignore_eos, max-concurrency C, 4C "
               "prompts (>= 8)", "compiled": True,
               "emulated": "emulated h100-pcie4 (except the resident rows)", "rows": rows}
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+
+    def save() -> None:
+        out.write_text(json.dumps(result, indent=1))
+
+    for name in args.models:
+        run_model(name, args.concurrency, args.rounds, work, rows, save)
+    save()
     print(f"wrote {out}")
 
 

@@ -172,7 +172,7 @@ def serve_section(data: dict) -> list[str]:
     return out
 
 
-def scheduling_section(data: dict, more: list[dict] = ()) -> list[str]:
+def scheduling_section(data: dict) -> list[str]:
     out = ["**Expert-aware scheduling** (`benchmarks/bench_scheduling.py`: stock scheduling vs "
            '`"scheduling": "expert-aware"`, both servers compiled, '
            f"{data['load']}; {data['rounds']} alternating rounds, medians, one run; "
@@ -180,18 +180,22 @@ def scheduling_section(data: dict, more: list[dict] = ()) -> list[str]:
            "| model | budget | concurrency | output tok/s stock → expert-aware | × | p50 TPOT × | "
            "p99 TPOT × | p50 TTFT × | p99 TTFT × | held (requests / steps) | prompt steps | "
            "tokens per prompt step |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in [*data["rows"], *more]:
+    for r in data["rows"]:
         s, e, x, d = r["stock"], r["expert_aware"], r["ratio"], r["scheduler"]
         budget = (f"{r['settings']['cache_slots']} slots/layer, emulated h100-pcie4"
                   if r["settings"] else "all resident")
-        per = d["prompt_tokens"] / d["prompt_steps"] if d["prompt_steps"] else 0
+        per = (f"{d['prompt_tokens'] / d['prompt_steps']:.0f}"
+               if d.get("prompt_tokens") is not None and d["prompt_steps"] else "—")
+        held_steps = "—" if d.get("held_steps") is None else f"{d['held_steps']:.0f}"
         model = r["model"].replace("+ngram", " + n-gram speculation (3 tokens)")
         out.append(f"| {model} | {budget} | {r['concurrency']} | "
                    f"{s['output_throughput']:.1f} → {e['output_throughput']:.1f} | "
                    f"{x['output_throughput']:.2f} | {x['median_tpot_ms']:.2f} | "
                    f"{x['p99_tpot_ms']:.2f} | {x['median_ttft_ms']:.2f} | {x['p99_ttft_ms']:.2f} | "
-                   f"{d['requests_held']:.0f} / {d['held_steps']:.0f} | {d['prompt_steps']:.0f} | "
-                   f"{per:.0f} |")
+                   f"{d['requests_held']:.0f} / {held_steps} | {d['prompt_steps']:.0f} | {per} |")
+    if any(r.get("recovered") for r in data["rows"]):
+        out += ["", "Rows without held steps or tokens per prompt step: "
+                + next(r["recovered"] for r in data["rows"] if r.get("recovered")) + "."]
     return out
 
 
@@ -297,8 +301,7 @@ def render() -> str:
             parts.append(fn(data))
     data = _load("scheduling.json")
     if data:
-        more = _load("scheduling_ngram.json")  # the speculative-decoding rows, a second run
-        parts.append(scheduling_section(data, more["rows"] if more else []))
+        parts.append(scheduling_section(data))
     soaks = [d for d in (_load("soak_stock.json"), _load("soak_adapmoe.json"),
                          _load("soak_adapmoe_nogating.json")) if d]
     if soaks:

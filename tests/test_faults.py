@@ -87,7 +87,10 @@ def test_a_slow_emulated_link_never_trips_the_timeout():
 
 # -- inside vLLM: faults injected into the workers' copies (``engine/fault_injection.py``) ------
 
-PREFETCHING = dict(cache_slots=[2, 1, 2], prefetch=True, link_layers=1, prefetch_lookahead=2)
+# test_prefetch's layout, in an engine of its own (copy_timeout_s keeps the key apart): its
+# predictor scores after these aborts would change test_prefetch's pay-off decisions
+PREFETCHING = dict(cache_slots=[2, 1, 2], prefetch=True, link_layers=1, prefetch_lookahead=2,
+                   copy_timeout_s=30.0)
 
 
 def test_a_transient_copy_fault_in_vllm_is_retried(engines, tiny_model):

@@ -54,8 +54,10 @@ class ExpertAwareMixin:
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         now = time.monotonic()
+        waiting = self._waiting_prompts(now)  # (also counts arrivals)
+        # vLLM ignores the deferral after a step that could not admit every waiting prompt
         hold = not self.prefill_capacity_bound and self.admission.hold(
-            now, self._waiting_prompts(now), sum(not r.is_prefill_chunk for r in self.running),
+            now, waiting, sum(not r.is_prefill_chunk for r in self.running),
             any(r.is_prefill_chunk for r in self.running))
         out = super().schedule(throttle_prefills or hold)
         admitted = [rid for rid in out.num_scheduled_tokens if rid in self._first_seen]
