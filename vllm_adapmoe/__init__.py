@@ -254,10 +254,8 @@ def validate_budget(vllm_config: Any) -> list[int]:
     from vllm_adapmoe.models import SUPPORTED
 
     model_config = vllm_config.model_config
-    arch = next(a for a in model_config.architectures if a in SUPPORTED)
-    checkpoint_shape = SUPPORTED[arch].shape(model_config.hf_text_config)
     cfg = AdapMoEConfig.from_additional_config(vllm_config.additional_config)
-    shape = cfg.stored_shape(checkpoint_shape)  # experts as held: maybe quantized at load
+    arch, checkpoint_shape, shape = _shapes(vllm_config, cfg)
     cfg.sensitivities(shape.num_layers, model_config.hf_config)
     from vllm.platforms import current_platform
 
@@ -288,6 +286,17 @@ def validate_budget(vllm_config: Any) -> list[int]:
     return slots
 
 
+def _shapes(vllm_config: Any, cfg: AdapMoEConfig) -> tuple[str, Any, Any]:
+    """The served architecture, its checkpoint's MoE shape, and the shape of the experts as the
+    engine holds them (maybe quantized at load)."""
+    from vllm_adapmoe.models import SUPPORTED
+
+    model_config = vllm_config.model_config
+    arch = next(a for a in model_config.architectures if a in SUPPORTED)
+    checkpoint_shape = SUPPORTED[arch].shape(model_config.hf_text_config)
+    return arch, checkpoint_shape, cfg.stored_shape(checkpoint_shape)
+
+
 def install_scheduler(vllm_config: Any, slots: list[int]) -> None:
     """With ``"scheduling": "expert-aware"``, make vLLM's engine core build the expert-aware
     scheduler (the subclass of the scheduler vLLM chose) and hand it the plan's prior."""
@@ -313,16 +322,13 @@ def prompt_step_prior_s(vllm_config: Any, cfg: AdapMoEConfig, slots: list[int]) 
     preset's physical rate: a lower bound on this machine's stretched clock). 0 where the rate is
     only known once measured (a free link), or nothing is loaded (all resident, host-only)."""
     from vllm_adapmoe.engine.emulation import PRESETS
-    from vllm_adapmoe.models import SUPPORTED
 
-    model_config = vllm_config.model_config
-    arch = next(a for a in model_config.architectures if a in SUPPORTED)
-    shape = cfg.stored_shape(SUPPORTED[arch].shape(model_config.hf_text_config))
+    shape = _shapes(vllm_config, cfg)[2]
     gbps = cfg.link_gbps if cfg.emulate is None else PRESETS[cfg.emulate].link_gbps
     if gbps is None or cfg.hybrid == "host-only":
         return 0.0
     tp = vllm_config.parallel_config.tensor_parallel_size
-    load_s = shape.expert_bytes(model_config.dtype.itemsize) / tp / (gbps * 1e9)
+    load_s = shape.expert_bytes(vllm_config.model_config.dtype.itemsize) / tp / (gbps * 1e9)
     return sum(max(shape.num_experts - s, 0) for s in slots) * load_s
 
 

@@ -41,9 +41,9 @@ logger = logging.getLogger("vllm.adapmoe")
 NAMES: tuple[str, ...] = tuple(f.name for f in fields(LayerStats))
 FLUSH_S = 0.25                       # snapshot period: how far /metrics may lag the engine
 _BASE = Path(tempfile.gettempdir()) / "vllm-adapmoe-metrics"
-_COUNTERS: dict[str, object] = {}
-SCHEDULER_PREFIX = "scheduler-"     # the expert-aware scheduler's file among the snapshots
-_OWNER: Path | None = None          # this process's snapshot directory, when it owns one    # multiprocess mode: one registration per process
+_COUNTERS: dict[str, object] = {}    # multiprocess mode: one registration per process
+SCHEDULER_PREFIX = "scheduler-"      # the expert-aware scheduler's file among the snapshots
+_OWNER: Path | None = None           # this process's snapshot directory, when it owns one
 
 
 class CounterMirror:
@@ -126,11 +126,7 @@ class SnapshotWriter:
             body = {"tp_rank": self.tp_rank, "names": list(NAMES),
                     "layers": {str(layer): totals
                                for layer, totals in zip(self.layers, self.mirror.totals)}}
-            tmp = self.path.with_suffix(".tmp")
-            try:
-                tmp.write_text(json.dumps(body))
-                os.replace(tmp, self.path)
-            except OSError:  # the owner went away (its directory with it): nothing to serve
+            if not _write_atomically(self.path, body):  # the owner went away: nothing to serve
                 self._stop.set()
 
     def close(self) -> None:
@@ -202,12 +198,7 @@ class SchedulerReport:
         if not force and now - self._last < FLUSH_S:
             return
         self._last = now
-        tmp = self.path.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps(stats.as_dict()))
-            os.replace(tmp, self.path)
-        except OSError:  # the owner went away
-            pass
+        _write_atomically(self.path, stats.as_dict())
 
 
 def scheduler_totals(directory: Path, pids: set[int] | None = None) -> dict[str, float]:
@@ -225,6 +216,18 @@ def scheduler_totals(directory: Path, pids: set[int] | None = None) -> dict[str,
             merge = max if name.endswith("max_s") or name.endswith("cost_s") else (lambda a, b: a + b)
             out[name] = merge(out[name], value) if name in out else value
     return out
+
+
+def _write_atomically(path: Path, body: object) -> bool:
+    """``body`` as JSON in ``path``, replaced whole (a reader never sees half a file); False
+    when the directory is gone (its owner exited)."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps(body))
+        os.replace(tmp, path)
+    except OSError:
+        return False
+    return True
 
 
 def owner_dir() -> Path | None:

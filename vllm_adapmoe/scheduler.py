@@ -62,9 +62,8 @@ class ExpertAwareMixin:
         out = super().schedule(throttle_prefills or hold)
         admitted = [rid for rid in out.num_scheduled_tokens if rid in self._first_seen]
         gone = [rid for rid in self._first_seen if rid not in self.requests]
-        for rid in (*admitted, *gone):
+        for rid in (*admitted, *gone):  # every held request is among the first seen
             self._first_seen.pop(rid, None)
-        gone += [rid for rid in self.admission.held if rid not in self.requests]
         prompt_tokens = self._prompt_tokens(out)
         self.admission.scheduled(admitted, gone, prompt_tokens, time.monotonic())
         self._carried_prompt[id(out)] = prompt_tokens > 0

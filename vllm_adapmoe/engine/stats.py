@@ -48,4 +48,3 @@ def summarise(layers: list[dict[str, float]]) -> dict[str, object]:
     needed = total.get("hits", 0) + total.get("misses", 0)
     total["hit_rate"] = total.get("hits", 0) / needed if needed else 0.0
     return {"total": total, "layers": layers}
-

@@ -353,4 +353,8 @@ class AdapMoECausalLM(nn.Module, SupportsPP):
 def _in_turn(calls: list[Callable[[], None]]) -> Callable[[], None]:
     if len(calls) == 1:
         return calls[0]
-    return lambda: [call() for call in calls] and None
+
+    def each() -> None:
+        for call in calls:
+            call()
+    return each
