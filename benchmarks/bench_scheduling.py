@@ -93,7 +93,7 @@ def run_model(name: str, concurrency: list[int], rounds: int, work: Path,
                    for k, ss in samples.items()}
             stock, ours = med["stock scheduling"], med["expert-aware"]
             rows.append({"model": name, "settings": settings, "flags": list(flags),
-                         "concurrency": c, "prompts": n,
+                         "concurrency": c, "prompts": n, "rounds": rounds,
                          "stock": stock, "expert_aware": ours,
                          "ratio": {key: ours[key] / stock[key] if stock[key] else None
                                    for key in KEYS},
@@ -128,7 +128,9 @@ def main() -> None:
     out = Path(args.out)
     rows: list[dict] = []
     if args.append and out.exists():
-        rows = [r for r in json.loads(out.read_text())["rows"] if r["model"] not in args.models]
+        before = json.loads(out.read_text())
+        rows = [{"rounds": before["rounds"], **r} for r in before["rows"]
+                if r["model"] not in args.models]
     result = {"rounds": args.rounds, "load": "vllm bench serve, random 128 in / 64 out "
               "(each 0.5x-1.5x: --random-range-ratio 0.5), ignore_eos, max-concurrency C, 4C "
               "prompts (>= 8)", "compiled": True,

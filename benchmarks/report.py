@@ -172,14 +172,23 @@ def serve_section(data: dict) -> list[str]:
     return out
 
 
+def _rounds(data: dict) -> str:
+    """The rounds behind a result's rows (rows appended from an earlier run keep theirs)."""
+    per_row = sorted({r.get("rounds", data["rounds"]) for r in data["rows"]})
+    if len(per_row) == 1:
+        return str(per_row[0])
+    return " or ".join(str(n) for n in per_row) + " (per row: the column rounds)"
+
+
 def scheduling_section(data: dict) -> list[str]:
     out = ["**Expert-aware scheduling** (`benchmarks/bench_scheduling.py`: stock scheduling vs "
            '`"scheduling": "expert-aware"`, both servers compiled, '
-           f"{data['load']}; {data['rounds']} alternating rounds, medians, one run; "
+           f"{data['load']}; {_rounds(data)} alternating rounds, medians, one run; "
            f"{data['emulated']}):", "",
            "| model | budget | concurrency | output tok/s stock → expert-aware | × | p50 TPOT × | "
            "p99 TPOT × | p50 TTFT × | p99 TTFT × | held (requests / steps) | prompt steps | "
-           "tokens per prompt step |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "tokens per prompt step | rounds |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         s, e, x, d = r["stock"], r["expert_aware"], r["ratio"], r["scheduler"]
         budget = (f"{r['settings']['cache_slots']} slots/layer, emulated h100-pcie4"
@@ -192,7 +201,8 @@ def scheduling_section(data: dict) -> list[str]:
                    f"{s['output_throughput']:.1f} → {e['output_throughput']:.1f} | "
                    f"{x['output_throughput']:.2f} | {x['median_tpot_ms']:.2f} | "
                    f"{x['p99_tpot_ms']:.2f} | {x['median_ttft_ms']:.2f} | {x['p99_ttft_ms']:.2f} | "
-                   f"{d['requests_held']:.0f} / {held_steps} | {d['prompt_steps']:.0f} | {per} |")
+                   f"{d['requests_held']:.0f} / {held_steps} | {d['prompt_steps']:.0f} | {per} | "
+                   f"{r.get('rounds', data['rounds'])} |")
     if any(r.get("recovered") for r in data["rows"]):
         out += ["", "Rows without held steps or tokens per prompt step: "
                 + next(r["recovered"] for r in data["rows"] if r.get("recovered")) + "."]
