@@ -87,23 +87,13 @@ def trace_routing(path: Path, layers: int, batch: int, steps: int, experts: int)
     Trace layers are tiled to ``layers``; a layer's prediction is the trace's (its router on the
     previous layer's input); where the trace has none (its first layer, reached from the last
     one when tiling) the previous step's routing of that layer stands in."""
-    from vllm_adapmoe.offline.trace import Trace
-
-    trace = Trace.load(path)
-    per_layer: dict[int, list] = {}
-    for block in trace:
-        rows = block.decode.nonzero()[0]
-        if len(rows):
-            per_layer.setdefault(block.layer, []).append(
-                (block.ids[rows], block.weights[rows], block.pred_ids[rows], block.pred_weights[rows]))
-    tl = trace.num_layers
-    cat = {layer: [np.concatenate([r[i] for r in rows]) for i in range(4)]
-           for layer, rows in per_layer.items()}
+    cat = _decode_rows(path)
     available = min(len(v[0]) for v in cat.values())
     need = batch * (steps + 1)
     if available < need:
         raise SystemExit(f"the trace has {available} decode rows per layer; {need} needed "
                          f"(lower --steps or --batch)")
+    tl = len(cat)
     out = []
     for s in range(1, steps + 1):
         rows = slice(s * batch, (s + 1) * batch)
@@ -233,14 +223,21 @@ def features(config: AdapMoEConfig) -> str:
     return " + ".join(parts) or "none"
 
 
+HOST_FIT = "fit: every expert on the host"
+
+
 def overhead_fits(plan: dict, experts: int, layers: int) -> dict[str, tuple]:
     """Per feature set of the rows (beyond none, which the all-resident row is): an all-resident
-    run with those features, on which the time replay fits that set's layer overhead."""
+    run with those features, on which the time replay fits that set's layer overhead; with
+    hybrid rows also a run with no slot at all (every token of every layer on the host), on
+    which it fits a host call's own overhead (the all-resident runs make no host call)."""
     fits = {}
     for slots, config, streaming, placement in plan.values():
         key = features(config)
         if key != "none" and f"fit: all resident + {key}" not in fits:
             fits[f"fit: all resident + {key}"] = ([experts] * layers, config, False, None)
+        if config.hybrid == "host-only" and HOST_FIT not in fits:
+            fits[HOST_FIT] = ([0] * layers, config, False, None)
     return fits
 
 
@@ -255,7 +252,7 @@ def replay_times(rows: dict, plan: dict, fits: dict, trace: Trace, costs: Measur
     def measured(name: str) -> dict:
         return rows[name] if name in plan else fits[name]
 
-    def replay(name: str, layer_s: float) -> float:
+    def replay(name: str, layer_s: float, host_extra_s: float = 0.0) -> float:
         slots, config, streaming, placement = plan[name] if name in plan else fits[name]["plan"]
         live = measured(name).get("live_costs")  # decide as the live run did
         decide = PinnedCosts(**live) if live else costs
@@ -264,23 +261,54 @@ def replay_times(rows: dict, plan: dict, fits: dict, trace: Trace, costs: Measur
                        prefetch=config.prefetch, warm_start=False, hybrid=config.hybrid,
                        host_costs=decide, placement=placement or [[]] * layers,
                        streaming=streaming,
-                       timing=StepTimes.measured(costs, per_copy, layer_s))
+                       timing=StepTimes.measured(costs, per_copy, layer_s, host_extra_s))
         return float(sum(out["time"]["step_s"][warmup:]))
 
     steps = trace.meta["steps"] - warmup
     fitted = {}
     for key, name in [("none", "all resident"),
-                      *((n.removeprefix("fit: all resident + "), n) for n in fits)]:
+                      *((n.removeprefix("fit: all resident + "), n) for n in fits
+                        if n != HOST_FIT)]:
         seconds = measured(name)["step_ms"] * 1e-3 * steps
         fitted[key] = max(seconds - replay(name, 0.0), 0.0) / (steps * layers)
+    host_extra = 0.0
+    if HOST_FIT in fits:  # every layer step of that run is one host call
+        layer_s = fitted[features(fits[HOST_FIT]["plan"][1])]
+        seconds = measured(HOST_FIT)["step_ms"] * 1e-3 * steps
+        host_extra = max(seconds - replay(HOST_FIT, layer_s), 0.0) / (steps * layers)
+        fitted["host call"] = host_extra
     for name, row in rows.items():
         try:
-            seconds = replay(name, fitted[features(plan[name][1])])
+            seconds = replay(name, fitted[features(plan[name][1])], host_extra)
         except RuntimeError as e:
             raise RuntimeError(f"{name}: {e}") from e
         row["predicted_tok_s"] = steps * batch / seconds
         row["predicted_vs_measured"] = row["predicted_tok_s"] / row["tok_s"]
     return fitted
+
+
+def _decode_rows(path: Path) -> dict[int, list[np.ndarray]]:
+    """Per trace layer: its decode rows' (ids, weights, predicted ids, predicted weights)."""
+    per_layer: dict[int, list] = {}
+    for block in Trace.load(path):
+        rows = block.decode.nonzero()[0]
+        if len(rows):
+            per_layer.setdefault(block.layer, []).append(
+                (block.ids[rows], block.weights[rows], block.pred_ids[rows], block.pred_weights[rows]))
+    return {layer: [np.concatenate([r[i] for r in rows]) for i in range(4)]
+            for layer, rows in sorted(per_layer.items())}
+
+
+def steps_for(args, batch: int) -> int:
+    """``--steps``, or fewer where the trace is too short for them and as many held-out steps
+    (the hybrid plan's input) at this batch."""
+    if args.synthetic:
+        return args.steps
+    available = min(len(v[0]) for v in _decode_rows(args.trace).values())
+    fit = (available // batch - 1) // 2 - args.warmup
+    if fit < 1:
+        raise SystemExit(f"the trace has {available} decode rows per layer: too few for batch {batch}")
+    return min(args.steps, fit)
 
 
 def held_out_routing(args, layers: int, batch: int, steps: int, experts: int):
@@ -341,7 +369,8 @@ def main() -> None:
                     help="MoE layers (default: 32 for bundled, 4 for mixtral-8x7b on cpu, 16 on cuda)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--steps", type=int, default=40, help="measured decode steps per setting")
+    ap.add_argument("--steps", type=int, default=40,
+                    help="measured decode steps per setting (fewer where the trace is short)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--trace", type=Path, default=HERE / "results" / "trace_bundled_b1.npz")
     ap.add_argument("--synthetic", action="store_true", help="seeded synthetic routing, no trace")
@@ -389,7 +418,8 @@ def main() -> None:
                   "host_ms_1_token": emulation.host_s(1) * 1e3},
               "torch": torch.__version__, "batches": {}}
     for batch in args.batch:
-        steps = args.steps + args.warmup
+        measured = steps_for(args, batch)
+        steps = measured + args.warmup
         routing = (synthetic_routing(layers, batch, steps, shape.experts) if args.synthetic
                    else trace_routing(args.trace, layers, batch, steps, shape.experts))
         held_out = held_out_routing(args, layers, batch, steps, shape.experts)
@@ -436,7 +466,7 @@ def main() -> None:
                     if f"{other} {pct}%" in rows:
                         key = "vs_" + other.replace(" ", "_").replace("-", "_").lower()
                         row[key] = row["tok_s"] / rows[f"{other} {pct}%"]["tok_s"]
-        result["batches"][str(batch)] = {"host_curves": host, "host_curves_from":
+        result["batches"][str(batch)] = {"steps": measured, "host_curves": host, "host_curves_from":
                                          "held-out trace steps" if held_out else "measured steps",
                                          "layer_compute_ms": layer_ms, "load_ms": load_ms,
                                          "load_in_layers": load_ms / layer_ms,

@@ -143,9 +143,14 @@ def engine_section(data: dict) -> list[str]:
                     f"{replay['expert_ms']:.3f} ms per expert + {replay['pair_ms']:.4f} ms per "
                     f"token-expert pair, a copy {replay['load_ms']:.3f} ms, measured; a layer's "
                     "overhead fitted on all-resident runs with the row's features: "
-                    + ", ".join(f"{k} {v:.3f} ms" for k, v in replay["layer_overhead_ms"].items())
+                    + ", ".join(f"{k} {v:.3f} ms" for k, v in replay["layer_overhead_ms"].items()
+                                if k != "host call")
+                    + (f"; a host call's own overhead {replay['layer_overhead_ms']['host call']:.3f}"
+                       " ms, fitted on a run with every expert on the host"
+                       if "host call" in replay["layer_overhead_ms"] else "")
                     + "): replayed tok/s ÷ measured" if replay else "")
-        out += ["", f"batch {batch}: layer compute {b['layer_compute_ms']:.3f} ms; one expert load ≈ "
+        measured = f"{b['steps']} measured decode steps per row; " if b.get("steps") else ""
+        out += ["", f"batch {batch}: {measured}layer compute {b['layer_compute_ms']:.3f} ms; one expert load ≈ "
                 f"{b['load_in_layers']:.1f} layers{split}{replayed}", "",
                 "| setting | tok/s | × all resident | × uniform LRU | × host-only | loads / token | "
                 "hit rate | experts / token·layer | tokens on host | promotions / token |"

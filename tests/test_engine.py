@@ -125,13 +125,17 @@ def test_prefetch_pays_for_itself_from_the_measured_link_cost():
 
 def test_inline_copies_never_prefetch_with_a_measured_link():
     """CPU copies of small experts run inline on the computing thread: a guess would hide no
-    stall, so with the link cost measured (not pinned) none is issued; guesses are still scored."""
+    stall, so with the link cost measured (not pinned) none is issued, and the look-ahead does
+    not even guess (its routers would cost every layer for nothing); pinned, it guesses."""
     expected = _decode(_stack("cpu", None), BATCHES, "cpu")
     stack = _stack("cpu", 2, prefetch=True, link_layers=None)
     assert torch.equal(_decode(stack, BATCHES, "cpu"), expected)
     assert all(b.cache.inline for b in stack.blocks) and stack.link.cost.min_probability(1) > 1
     assert stack.stats()["total"]["prefetch_issued"] == 0
-    assert any(s.named > 2 for b in stack.blocks for s in b.predictions.scores.values())
+    assert not any(b.lookahead.guessing for b in stack.blocks)
+    assert not any(s.named for b in stack.blocks for s in b.predictions.scores.values())
+    pinned = _stack("cpu", 2, prefetch=True, link_layers=1.0)
+    assert all(b.lookahead.guessing for b in pinned.blocks[:-1])
 
 
 def test_fitted_lookahead_map_steers_the_guess():

@@ -90,6 +90,11 @@ def test_time_replay_prices_the_host_beside_or_after_the_device(tmp_path):
     out = simulate(trace, 2, "lru", placement=[[0, 1]], hybrid="host-only",
                    host_costs=PinnedCosts(10.0, 1.0, 0.1), timing=side_by_side)
     assert out["time"]["step_s"] == pytest.approx([max(device_s, host_s)])
+    # a host call's own overhead (its split of the step, the hand-off) lands on the host's path
+    extra = StepTimes(10.0, 1.0, 0.1, 0.01, 0.5, host=(2.0, 1.0, 0.1), host_extra_s=0.3)
+    out = simulate(trace, 2, "lru", placement=[[0, 1]], hybrid="host-only",
+                   host_costs=PinnedCosts(10.0, 1.0, 0.1), timing=extra)
+    assert out["time"]["step_s"] == pytest.approx([device_s + host_s + 0.3])
 
 
 def test_time_replay_streaming_copies_every_step(tmp_path):

@@ -101,7 +101,8 @@ class AdapMoEBlock(nn.Module):
         # built on its own) the layer gets top_k slots.
         self.cache = ExpertCache(self.store, num_slots if staging else max(num_slots, top_k),
                                  device, settings.eviction, self.stats, link, staging, layer_idx)
-        self.lookahead = LookAhead(settings.prefetch)  # its targets are wired by the model
+        # its targets are wired by the model; no guessing where no copy can hide behind compute
+        self.lookahead = LookAhead(settings.prefetch, guessing=self.cache.link.cost.can_overlap)
         self.cache.link.cost.in_use |= settings.prefetch
         self.predictions = PredictionLog()  # how well the layers before guess this one
         self.hybrid = settings.hybrid

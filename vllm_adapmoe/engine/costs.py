@@ -135,8 +135,9 @@ class StepTimes:
 
     A kernel call costs ``call_s`` + ``expert_s`` per distinct expert it reads + ``pair_s`` per
     token-expert pair (the host's call likewise, with ``host`` = its (call, expert, pair) parts;
-    None: the device's, as on CPU, where both run the same kernel on the same cores); a copy
-    ``load_s``; ``layer_s`` the rest of a layer's step (routing, planning, small ops). Where copies
+    None: the device's, as on CPU, where both run the same kernel on the same cores), a host call
+    ``host_extra_s`` more (its plan's split of the step and the hand-off around the kernel); a
+    copy ``load_s``; ``layer_s`` the rest of a layer's step (routing, planning, small ops). Where copies
     and host work run beside the device (``parallel``: a GPU, an emulated machine) a layer takes
     max(device + its on-demand copies, host), guesses and promotions landing in the background;
     else everything adds up, every copy included.
@@ -149,19 +150,21 @@ class StepTimes:
     layer_s: float = 0.0
     parallel: bool = False
     host: tuple[float, float, float] | None = None
+    host_extra_s: float = 0.0
 
     @classmethod
-    def measured(cls, costs: MeasuredCosts, load_s: float, layer_s: float = 0.0) -> StepTimes:
+    def measured(cls, costs: MeasuredCosts, load_s: float, layer_s: float = 0.0,
+                 host_extra_s: float = 0.0) -> StepTimes:
         """From a calibrated host cost model; on CPU it times the device's kernel too."""
         if not costs.calibrated:
             raise ValueError("StepTimes.measured needs calibrated costs (MeasuredCosts.calibrate)")
         return cls(load_s, costs.host_call_s, costs.host_fixed_s or 0.0, costs.host_token_s,
-                   layer_s, costs.parallel)
+                   layer_s, costs.parallel, host_extra_s=host_extra_s)
 
     def kernel_s(self, experts: int, pairs: int, on_host: bool = False) -> float:
         call, expert, pair = (self.host if on_host and self.host is not None
                               else (self.call_s, self.expert_s, self.pair_s))
-        return call + expert * experts + pair * pairs
+        return call + expert * experts + pair * pairs + (self.host_extra_s if on_host else 0.0)
 
     def step_s(self, waves: list[tuple[int, int]], host: tuple[int, int] | None, copies: int,
                on_demand: int) -> float:

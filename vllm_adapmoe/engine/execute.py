@@ -144,14 +144,21 @@ class HostExecutor:
               experts: int) -> _HostJob:
         """Start computing ``rows`` (their ``experts`` distinct experts) on the host."""
         started = time.perf_counter()
-        ids, weights = routing.kernel_args(rows)
-        xs = x[rows]
-        emulated = self._emulated_s(routing.expert_sets[rows]) if self.emulation else None
+        every = rows.numel() == x.shape[0]  # every token (batch 1): no gather and scatter
+        ids, weights = routing.kernel_args(None if every else rows)
+        xs = x if every else x[rows]
+        if self.emulation:
+            emulated = self._emulated_s(routing.expert_sets if every else routing.expert_sets[rows])
+        else:
+            emulated = None
         job = _HostJob(rows, experts, ids.numel(), started, emulated)
         if self.device.type == "cpu":
-            part = torch.empty_like(xs)
-            self.kernel(part, xs, self.store.rows, weights, ids)
-            out[rows] = part
+            if every:
+                self.kernel(out, xs, self.store.rows, weights, ids)
+            else:
+                part = torch.empty_like(xs)
+                self.kernel(part, xs, self.store.rows, weights, ids)
+                out[rows] = part
             job.seconds = time.perf_counter() - started
             return job
         xs, ids, weights = (t.to("cpu", non_blocking=True) for t in (xs, ids, weights))

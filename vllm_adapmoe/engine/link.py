@@ -61,6 +61,11 @@ class LinkCost:
         self._last = (layer, now, self.stall_s)
 
     @property
+    def can_overlap(self) -> bool:
+        """Whether a prefetch can ever pay here (a pinned ``link_layers`` says it can)."""
+        return self.overlaps or self.pinned is not None
+
+    @property
     def copy_s(self) -> float | None:
         """One expert copy's measured duration (moving average; None before the first)."""
         return self._copy_s
@@ -78,7 +83,7 @@ class LinkCost:
         link r layers that later loads wait for, and evicting a resident that is needed again
         with probability ``reuse`` costs a reload: p·min(r, depth) ≥ (1 − p)·r + reuse·r.
         Measured inline copies overlap nothing: no p pays (a pinned ``link_layers`` still rules)."""
-        if not self.overlaps and self.pinned is None:
+        if not self.can_overlap:
             return math.inf
         r = self.layers_per_load()
         if r <= 0:  # not measured, or pinned free: the limit r → 0

@@ -24,10 +24,16 @@ if TYPE_CHECKING:
 
 
 class LookAhead:
-    """A plain object, not a module: the block reads it on every step's hot path."""
+    """A plain object, not a module: the block reads it on every step's hot path.
 
-    def __init__(self, prefetch: bool) -> None:
+    ``prefetch`` is the setting (a trace recorded with it keeps every distance's guess);
+    ``guessing`` whether steps guess at all: not where no guess can pay for its copy (copies
+    inline on the computing cores with the link cost measured: ``LinkCost.min_probability`` is
+    infinite there), so such a machine does not pay the look-ahead routers every layer."""
+
+    def __init__(self, prefetch: bool, guessing: bool = True) -> None:
         self.prefetch = prefetch
+        self.guessing = prefetch and guessing
         self.targets: list[AdapMoEBlock] = []  # the look-ahead layers, nearest first (wired by the model)
         self.maps: dict[int, torch.Tensor] = {}  # distance → fitted map [H + 1, E] (the block's buffers)
 
@@ -41,7 +47,7 @@ class LookAhead:
     def predicted_sets(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Per target, [T, k'] guessed experts per token (−1: its gating drops one); tensor
         math for ``prepare`` (compiled with the router)."""
-        if not self.prefetch:
+        if not self.guessing:
             return []
         out = []
         for depth, target in enumerate(self.targets, 1):
@@ -58,7 +64,7 @@ class LookAhead:
             return {}
         if step.trace is not None:
             return self._record(x, step)
-        if not self.prefetch:
+        if not self.guessing:
             return {}
         if not step.all_decode:
             rows = step.decode_row_indices()

@@ -122,6 +122,11 @@ def plan_step(summary: StepSummary, residency: Residency, targets: Sequence[Targ
         return StepPlan(waves, bookings)
     sets = summary.expert_sets
     host_rows = torch.isin(sets, torch.tensor(on_host, dtype=sets.dtype, device=sets.device)).any(1)
+    if bool(host_rows.all()):  # every token on the host (batch 1 always): no rows to split
+        promote = (_promotion(sets, residency, set(), summary.tokens_per_expert)
+                   if hybrid == "auto" and host.parallel else [])
+        return StepPlan([], bookings, torch.arange(sets.shape[0], device=sets.device),
+                        list(summary.needed), promote)
     device_rows = (~host_rows).nonzero().squeeze(1)
     host_rows = host_rows.nonzero().squeeze(1)
     device_sets = sets[device_rows]

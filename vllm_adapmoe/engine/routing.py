@@ -111,6 +111,7 @@ class Routing:
     keep: torch.Tensor | None = None   # [T] experts kept per token; None = all k
     _summary: tuple[list[int], int, int] | None = None
     in_graph: bool = False  # described by ``prepare``'s summary (its counts are this routing's)
+    _sets: torch.Tensor | None = None  # ``expert_sets``, made once (a step reads it often)
 
     @classmethod
     def gated(cls, ids: torch.Tensor, weights: torch.Tensor, gate: AdaptiveGate,
@@ -133,8 +134,10 @@ class Routing:
         """[T, k] experts each token needs, −1 where gating dropped one (for planning)."""
         if self.keep is None:
             return self.ids
-        dropped = torch.arange(self.ids.shape[1], device=self.ids.device) >= self.keep[:, None]
-        return self.ids.masked_fill(dropped, -1)
+        if self._sets is None:
+            dropped = torch.arange(self.ids.shape[1], device=self.ids.device) >= self.keep[:, None]
+            self._sets = self.ids.masked_fill(dropped, -1)
+        return self._sets
 
     def needed_experts(self) -> list[int]:
         """Distinct experts needed this step, ascending (one device→host transfer, cached)."""

@@ -343,11 +343,20 @@ class AdapMoECausalLM(nn.Module, SupportsPP):
             f", {moe.link.emulation.describe()}" if moe.link.emulation else "",
             f", hybrid {cfg.hybrid}" if cfg.hybrid != "off" else "",
             f", gating T={cfg.threshold}" if cfg.threshold else "",
-            f", prefetch {cfg.prefetch_lookahead} layer(s) ahead" if cfg.prefetch else "",
+            _describe_prefetch(cfg.prefetch, cfg.prefetch_lookahead, moe.blocks[0].lookahead.guessing),
             cpu_features.describe_cpu(), getattr(moe.blocks[0].kernel, "path", moe.blocks[0].kernel.name))
 
     def _layer_range(self) -> tuple[int, int]:
         return self.model.start_layer, self.model.end_layer
+
+
+def _describe_prefetch(prefetch: bool, lookahead: int, guessing: bool) -> str:
+    if not prefetch:
+        return ""
+    if not guessing:
+        return (", prefetch off here: copies are inline memcpys on the computing cores, so no "
+                "guess can hide one (pin link_layers to prefetch anyway)")
+    return f", prefetch {lookahead} layer(s) ahead"
 
 
 def _in_turn(calls: list[Callable[[], None]]) -> Callable[[], None]:
