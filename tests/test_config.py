@@ -58,6 +58,11 @@ def test_budget_pays_for_shared_staging_rows():
     assert cfg.slots_per_layer(4, 8, 10, top_k=1) == [2, 2, 1, 1]
     with pytest.raises(AdapMoEConfigError, match="staging row"):
         AdapMoEConfig.from_dict({"cache_total_slots": 4}).slots_per_layer(4, 8, 10, top_k=2)
+    # host-only never loads: no staging rows, the whole budget is own slots (0 allowed)
+    host_only = AdapMoEConfig.from_dict({"cache_total_slots": 6, "hybrid": "host-only"})
+    assert host_only.slots_per_layer(4, 8, 10, top_k=2) == [2, 2, 1, 1]
+    assert AdapMoEConfig.from_dict({"cache_total_slots": 2, "hybrid": "host-only"}
+                                   ).slots_per_layer(4, 8, 10, top_k=2) == [1, 1, 0, 0]
 
 
 @pytest.mark.parametrize("raw, match", [

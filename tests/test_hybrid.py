@@ -174,13 +174,20 @@ def test_host_curves_and_the_hybrid_plan():
 
 
 def test_a_layer_wholly_on_the_host_equals_all_resident():
-    """llama.cpp's --n-cpu-moe form: layers 0 and 1 keep no expert on the device."""
+    """llama.cpp's --n-cpu-moe form: layers 0 and 1 keep no expert on the device. Host-only
+    never loads, so it allocates no staging rows: its device memory is its own slots alone."""
     expected = _decode(_stack("cpu", None), BATCHES, "cpu")
     stack = _stack("cpu", [0, 0, 8, 8], hybrid="host-only")
     assert torch.equal(_decode(stack, BATCHES, "cpu"), expected)
     layers = stack.stats()["layers"]
     assert layers[0]["host_tokens"] == layers[0]["tokens"] and layers[3]["host_tokens"] == 0
     assert sum(layer["loads"] for layer in layers) == 0
+    assert stack.staging is None
+    assert stack.device_bytes() == 16 * stack.blocks[0].store.expert_bytes
+    one = _stack("cpu", [1, 0, 1, 2], hybrid="host-only")  # below top_k, still no staging
+    assert torch.equal(_decode(one, BATCHES, "cpu"), expected)
+    assert one.staging is None and [len(b.cache.slot_of) for b in one.blocks] == [1, 0, 1, 2]
+    assert one.stats()["total"]["loads"] == 0
 
 
 PINNED = {"load_s": 1.0, "host_fixed_s": 0.5, "host_token_s": 0.3}

@@ -161,22 +161,30 @@ def test_offloaded_matches_all_resident(engines, models, resident, settings):
 
 def test_quantized_model_is_close_to_the_bf16_model_it_dequantizes_to(engines, models, resident):
     """Stock serves the dequantized bf16 weights with its fused kernel, the plugin the
-    quantized ones with its own: same weights, different kernels. Over each prompt's common
-    prefix the chosen tokens' logprobs differ by < 0.2 (mean < 0.03); most continuations are
-    identical (near-ties of a random model may flip)."""
+    quantized ones with its own: same weights, different kernels: close in the sense of
+    ``_assert_close_to_stock`` (near-ties of a random model may flip)."""
     _assert_close_to_stock(greedy(engines.get(models[2], dtype="bfloat16")), resident)
 
 
 def _assert_close_to_stock(stock: tuple, ours: tuple) -> None:
     """Over each prompt's common prefix the chosen tokens' logprobs differ by < 0.2 (mean
-    < 0.03); at least 10 of 16 continuations are identical."""
+    < 0.03), and the prefixes cover at least a quarter of the tokens; where a continuation
+    departs from stock's, both runs are about equally sure of their different picks (chosen
+    logprobs within 0.2: a near-tie of these random models, where the quantization error may
+    flip the argmax; how many flip depends on the CPU's kernels: 13 of 16 prompts stayed
+    identical on one machine, 7 on another, with the same logprob gaps)."""
     (stock_tokens, stock_logprobs), (tokens, logprobs) = stock, ours
-    diffs = []
+    diffs, departures, total = [], [], 0
     for ta, la, tb, lb in zip(stock_tokens, stock_logprobs, tokens, logprobs):
         n = next((i for i, (a, b) in enumerate(zip(ta, tb)) if a != b), len(ta))
         diffs += [abs(a - b) for a, b in zip(la[:n], lb[:n])]
+        total += len(ta)
+        if n < len(ta):
+            departures.append(abs(la[n] - lb[n]))
     same = sum(a == b for a, b in zip(stock_tokens, tokens))
-    assert same >= 10 and max(diffs) < 0.2 and sum(diffs) / len(diffs) < 0.03, (same, max(diffs))
+    assert len(diffs) >= total / 4, (same, len(diffs), total)
+    assert max(diffs) < 0.2 and sum(diffs) / len(diffs) < 0.03, (same, max(diffs))
+    assert all(d < 0.2 for d in departures), (same, departures)
 
 
 def test_quantized_experts_under_tensor_parallelism_are_one_clear_error(engines, models):

@@ -277,12 +277,12 @@ def validate_budget(vllm_config: Any) -> list[int]:
                                 model_config.hf_config, shape.top_k)
     from vllm_adapmoe.engine.cache_plan import staging_rows
 
+    staging = staging_rows(slots, shape.top_k, loads=cfg.hybrid != "host-only")
     pool, what = preflight.expert_pool_bytes(shape, model_config.dtype.itemsize, slots,
-                                             current_platform.device_type,
-                                             staging_rows(slots, shape.top_k))
+                                             current_platform.device_type, staging)
     preflight.check_host_memory(pool, what)
     if current_platform.device_type == "cuda":
-        _check_cuda_memory(vllm_config, shape, slots, staging_rows(slots, shape.top_k))
+        _check_cuda_memory(vllm_config, shape, slots, staging)
     return slots
 
 

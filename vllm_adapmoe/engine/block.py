@@ -98,8 +98,10 @@ class AdapMoEBlock(nn.Module):
         self.stats = LayerStats()
         # A token's top-k experts must be co-resident for one kernel call: below top_k own slots
         # the rest are loaded into the model's shared ``staging`` rows; without it (a block
-        # built on its own) the layer gets top_k slots.
-        self.cache = ExpertCache(self.store, num_slots if staging else max(num_slots, top_k),
+        # built on its own) the layer gets top_k slots, unless it never loads (host-only: its
+        # device tokens are all resident, the others run on the host).
+        own_only = staging is not None or settings.hybrid == "host-only"
+        self.cache = ExpertCache(self.store, num_slots if own_only else max(num_slots, top_k),
                                  device, settings.eviction, self.stats, link, staging, layer_idx)
         # its targets are wired by the model; no guessing where no copy can hide behind compute
         self.lookahead = LookAhead(settings.prefetch, guessing=self.cache.link.cost.can_overlap)

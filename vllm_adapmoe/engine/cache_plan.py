@@ -119,10 +119,11 @@ def plan_dp(curves: Sequence[Sequence[float]], total: int, lo: int = 1) -> list[
     return slots
 
 
-def staging_rows(slots: Sequence[int], top_k: int) -> int:
+def staging_rows(slots: Sequence[int], top_k: int, loads: bool = True) -> int:
     """Shared staging rows a plan needs: a token's ``top_k`` experts must fit in the smallest
-    layer's own slots plus the staging rows (``engine/staging.py``)."""
-    return max(0, top_k - min(slots))
+    layer's own slots plus the staging rows (``engine/staging.py``); none where nothing is ever
+    loaded (``loads`` False: hybrid "host-only", whose device tokens are all resident)."""
+    return max(0, top_k - min(slots)) if loads else 0
 
 
 def plan_with_staging(total: int, top_k: int, num_layers: int,

@@ -211,7 +211,7 @@ class ExpertRows:
     @property
     def row_bytes(self) -> int:
         """Bytes of one row (one expert, every part): what a load copies."""
-        return sum(t[0].numel() * t.element_size() for t in self.parts.values())
+        return sum(math.prod(t.shape[1:]) * t.element_size() for t in self.parts.values())
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(t.shape[1:]) for name, t in self.parts.items()}

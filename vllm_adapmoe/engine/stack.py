@@ -66,7 +66,8 @@ class ExpertStack:
                                        shape.hidden, shape.intermediate)
         self.link = Link(device, settings.link_gbps, settings.link_layers, emulation,
                          settings.copy_timeout_s)
-        self.staging = StagingArea.for_plan(slots, shape.top_k)
+        self.staging = StagingArea.for_plan(slots, shape.top_k,
+                                            loads=settings.hybrid != "host-only")
         sensitivity = sensitivity or [0.0] * len(slots)
         routers = routers or [nn.Linear(shape.hidden, shape.experts, bias=False, device=device,
                                         dtype=dtype) for _ in slots]

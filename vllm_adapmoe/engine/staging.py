@@ -37,11 +37,12 @@ class StagingArea:
 
     @classmethod
     def for_plan(cls, own_slots: list[int], top_k: int,
-                 layers: list[int] | None = None) -> StagingArea | None:
+                 layers: list[int] | None = None, loads: bool = True) -> StagingArea | None:
         """The arena of ``layers`` (default: all; a pipeline stage builds only its own), or
-        None when each of them holds a token's ``top_k`` experts in its own slots."""
+        None when each of them holds a token's ``top_k`` experts in its own slots, or nothing
+        is ever loaded (``loads`` False: hybrid "host-only", where rows would sit unused)."""
         layers = list(range(len(own_slots))) if layers is None else layers
-        if not layers or min(own_slots[layer] for layer in layers) >= top_k:
+        if not loads or not layers or min(own_slots[layer] for layer in layers) >= top_k:
             return None
         return cls(own_slots, top_k, layers)
 

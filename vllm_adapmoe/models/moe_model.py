@@ -80,7 +80,8 @@ class MoEBlocks:
         pp = get_pp_group()
         start, end = get_pp_indices(hf_config.num_hidden_layers, pp.rank_in_group, pp.world_size)
         self.staging = StagingArea.for_plan(
-            self.slots, shape.top_k, [i for i, d in enumerate(shape.moe_layers) if start <= d < end])
+            self.slots, shape.top_k, [i for i, d in enumerate(shape.moe_layers) if start <= d < end],
+            loads=config.hybrid != "host-only")
         self.step = StepInfo()
         self.step.describe = StepDescriber(self.step)
         self.blocks: list[AdapMoEBlock] = []

@@ -72,7 +72,9 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
     tables = []
     for layer in range(L):
         pol = BeladyPolicy(uses[layer]) if uses is not None else make_policy(policy)
-        table = SlotTable(max(slots[layer], k), pol, stats[layer], own=slots[layer])
+        # as live: no staging rows where nothing is loaded (host-only)
+        rows = slots[layer] if hybrid == "host-only" else max(slots[layer], k)
+        table = SlotTable(rows, pol, stats[layer], own=slots[layer])
         state = (trace.meta.get("cache_state") or [None] * L)[layer]
         if placement is not None:
             start = [*placement[layer], *(e for e in range(int(trace.meta["num_experts"]))
