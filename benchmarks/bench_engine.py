@@ -246,7 +246,8 @@ def replay_times(rows: dict, plan: dict, fits: dict, trace: Trace, costs: Measur
     """Each row's simulated tok/s beside its measured one (``predicted_tok_s``,
     ``predicted_vs_measured``). A layer's overhead beyond its kernel calls and copies (routing,
     planning, the look-ahead) is fitted per feature set on an all-resident run with those
-    features (``fits``: name → measured row; returned: feature set → seconds per layer step).
+    features (``fits``: name → measured row), and a host call's own overhead on a run with
+    every expert on the host (returned: feature set → seconds per layer step, and that).
     Hybrid rows decide with the cost model their live run ended with; every row is priced with
     the start-up microbenchmark's unit costs (``costs``)."""
     def measured(name: str) -> dict:
@@ -276,7 +277,6 @@ def replay_times(rows: dict, plan: dict, fits: dict, trace: Trace, costs: Measur
         layer_s = fitted[features(fits[HOST_FIT]["plan"][1])]
         seconds = measured(HOST_FIT)["step_ms"] * 1e-3 * steps
         host_extra = max(seconds - replay(HOST_FIT, layer_s), 0.0) / (steps * layers)
-        fitted["host call"] = host_extra
     for name, row in rows.items():
         try:
             seconds = replay(name, fitted[features(plan[name][1])], host_extra)
@@ -284,7 +284,7 @@ def replay_times(rows: dict, plan: dict, fits: dict, trace: Trace, costs: Measur
             raise RuntimeError(f"{name}: {e}") from e
         row["predicted_tok_s"] = steps * batch / seconds
         row["predicted_vs_measured"] = row["predicted_tok_s"] / row["tok_s"]
-    return fitted
+    return fitted, host_extra
 
 
 def _decode_rows(path: Path) -> dict[int, list[np.ndarray]]:
@@ -446,13 +446,14 @@ def main() -> None:
         replay = None
         if replayed:
             fit_rows = {name: {**_median_run(runs[name]), "plan": fits[name]} for name in fits}
-            overhead = replay_times(rows, plan, fit_rows,
+            overhead, host_call = replay_times(rows, plan, fit_rows,
                                     as_trace(routing, shape.top_k, shape.experts,
                                              shape.expert_bytes(2)),
                                     costs, per_copy, args.warmup, batch, layers)
             replay = {"call_ms": costs.host_call_s * 1e3, "expert_ms": costs.host_fixed_s * 1e3,
                       "pair_ms": costs.host_token_s * 1e3, "load_ms": per_copy * 1e3,
-                      "layer_overhead_ms": {k: v * 1e3 for k, v in overhead.items()}}
+                      "layer_overhead_ms": {k: v * 1e3 for k, v in overhead.items()},
+                      "host_call_ms": host_call * 1e3}
         resident = rows["all resident"]
         layer_ms = resident["step_ms"] / layers
         load_ms = (emulation.copy_s(shape.expert_bytes(2)) * 1e3 if emulation else

@@ -143,15 +143,13 @@ def engine_section(data: dict) -> list[str]:
                     f"{replay['expert_ms']:.3f} ms per expert + {replay['pair_ms']:.4f} ms per "
                     f"token-expert pair, a copy {replay['load_ms']:.3f} ms, measured; a layer's "
                     "overhead fitted on all-resident runs with the row's features: "
-                    + ", ".join(f"{k} {v:.3f} ms" for k, v in replay["layer_overhead_ms"].items()
-                                if k != "host call")
-                    + (f"; a host call's own overhead {replay['layer_overhead_ms']['host call']:.3f}"
-                       " ms, fitted on a run with every expert on the host"
-                       if "host call" in replay["layer_overhead_ms"] else "")
+                    + ", ".join(f"{k} {v:.3f} ms" for k, v in replay["layer_overhead_ms"].items())
+                    + (f"; a host call's own overhead {replay['host_call_ms']:.3f} ms, fitted on "
+                       "a run with every expert on the host" if replay.get("host_call_ms") else "")
                     + "): replayed tok/s ÷ measured" if replay else "")
         measured = f"{b['steps']} measured decode steps per row; " if b.get("steps") else ""
         out += ["", f"batch {batch}: {measured}layer compute {b['layer_compute_ms']:.3f} ms; one expert load ≈ "
-                f"{b['load_in_layers']:.1f} layers{split}{replayed}", "",
+                f"{b['load_in_layers']:.1f} layers{split}{replayed}{_whole_token_bound(b, data)}", "",
                 "| setting | tok/s | × all resident | × uniform LRU | × host-only | loads / token | "
                 "hit rate | experts / token·layer | tokens on host | promotions / token |"
                 + (" replayed ÷ measured |" if replay else ""),
@@ -165,6 +163,40 @@ def engine_section(data: dict) -> list[str]:
                        f"{_fmt(r.get('promotions_per_token'))} |"
                        + (f" {_fmt(r.get('predicted_vs_measured'))} |" if replay else ""))
     return out
+
+
+def _best_split(curves: list[list[float]], total: int) -> float:
+    """min over own slots per layer (sum <= total, staging rows free) of sum_l h_l(s_l)."""
+    best = {0: 0.0}
+    for curve in curves:
+        step: dict[int, float] = {}
+        for used, value in best.items():
+            for s in range(min(len(curve), total - used + 1)):
+                v = value + curve[s]
+                if v < step.get(used + s, float("inf")):
+                    step[used + s] = v
+        best = step
+    return min(best.values())
+
+
+def _whole_token_bound(b: dict, data: dict) -> str:
+    """What any split of a budget into own slots can save in host work over the even split,
+    from the batch's host curves (host experts per decoded token at 0..E own slots, ungated):
+    a token runs whole on the host when any of its experts is cold, so where the host's reads
+    set the pace (emulated rows) placement alone gains at most this over host-only."""
+    curves = b.get("host_curves")
+    if not curves or not data.get("emulation"):
+        return ""
+    layers, experts = len(curves), len(curves[0]) - 1
+    parts = []
+    for pct in (50, 25):
+        total = layers * experts * pct // 100
+        even = sum(c[min(total // layers, experts)] for c in curves)
+        parts.append(f"{pct}%: {even / _best_split(curves, total):.2f}×")
+    return ("; whole-token bound, ungated (host work of the even split ÷ that of the best "
+            "split of the budget, from the host curves: what placement alone can gain over "
+            "host-only where the host's reads set the pace; gating gains beyond it): "
+            + ", ".join(parts))
 
 
 def serve_section(data: dict) -> list[str]:

@@ -349,6 +349,7 @@ def test_bench_engine_runs_without_vllm(tmp_path):
         assert set(result["batches"][batch]["time_replay"]["layer_overhead_ms"]) == {
             "none", "prefetch + gating", "hybrid host-only", "hybrid auto",
             "prefetch + gating + hybrid auto"}
+        assert result["batches"][batch]["time_replay"]["host_call_ms"] >= 0
         assert all(0 < r["predicted_vs_measured"] < 100 for r in rows.values())
 
 
