@@ -43,6 +43,7 @@ JSON to ``benchmarks/results/engine_<device>.json`` (+ a plot), printed as a tab
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import sys
@@ -287,8 +288,10 @@ def replay_times(rows: dict, plan: dict, fits: dict, trace: Trace, costs: Measur
     return fitted, host_extra
 
 
+@functools.lru_cache(maxsize=2)
 def _decode_rows(path: Path) -> dict[int, list[np.ndarray]]:
-    """Per trace layer: its decode rows' (ids, weights, predicted ids, predicted weights)."""
+    """Per trace layer: its decode rows' (ids, weights, predicted ids, predicted weights);
+    read once (the step cap, the measured and the held-out routing all use it), never written."""
     per_layer: dict[int, list] = {}
     for block in Trace.load(path):
         rows = block.decode.nonzero()[0]

@@ -166,17 +166,12 @@ def engine_section(data: dict) -> list[str]:
 
 
 def _best_split(curves: list[list[float]], total: int) -> float:
-    """min over own slots per layer (sum <= total, staging rows free) of sum_l h_l(s_l)."""
-    best = {0: 0.0}
-    for curve in curves:
-        step: dict[int, float] = {}
-        for used, value in best.items():
-            for s in range(min(len(curve), total - used + 1)):
-                v = value + curve[s]
-                if v < step.get(used + s, float("inf")):
-                    step[used + s] = v
-        best = step
-    return min(best.values())
+    """min over own slots per layer summing to ``total`` (staging rows free) of sum_l h_l(s_l):
+    the engine's DP, with h indexed from 0 slots as ``plan_hybrid`` does."""
+    from vllm_adapmoe.engine.cache_plan import plan_dp
+
+    slots = [k - 1 for k in plan_dp(curves, total + len(curves), lo=1)]
+    return sum(curve[s] for curve, s in zip(curves, slots))
 
 
 def _whole_token_bound(b: dict, data: dict) -> str:

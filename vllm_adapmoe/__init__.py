@@ -276,8 +276,9 @@ def validate_budget(vllm_config: Any) -> list[int]:
                                 shape.expert_bytes(model_config.dtype.itemsize) // tp,
                                 model_config.hf_config, shape.top_k)
     from vllm_adapmoe.engine.cache_plan import staging_rows
+    from vllm_adapmoe.engine.plan import never_loads
 
-    staging = staging_rows(slots, shape.top_k, loads=cfg.hybrid != "host-only")
+    staging = staging_rows(slots, shape.top_k, loads=not never_loads(cfg.hybrid))
     pool, what = preflight.expert_pool_bytes(shape, model_config.dtype.itemsize, slots,
                                              current_platform.device_type, staging)
     preflight.check_host_memory(pool, what)

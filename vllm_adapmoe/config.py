@@ -328,9 +328,10 @@ class AdapMoEConfig:
                     f"{num_layers} x {num_experts} experts; omit the budget to keep all resident"
                 )
             budget_name = f"cache_total_slots={total}"
-        if self.hybrid == "host-only" and self.plan != "dp":
+        from vllm_adapmoe.engine.plan import never_loads
+
+        if never_loads(self.hybrid) and self.plan != "dp":
             # nothing is ever loaded: no staging rows to pay for, a layer may keep no expert
-            from vllm_adapmoe.engine.cache_plan import uniform_split
             return uniform_split(total, num_layers)  # total <= layers x experts: checked above
         # The budget pays for the shared staging rows too (a layer below top_k own slots loads
         # the rest of a token's experts there): one own slot per layer plus top_k - 1 rows.

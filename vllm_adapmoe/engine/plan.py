@@ -39,6 +39,12 @@ if TYPE_CHECKING:
 HYBRID_MODES = ("off", "auto", "host-only")
 
 
+def never_loads(hybrid: str) -> bool:
+    """``"host-only"``: every cold expert runs on the host, so nothing is ever copied in and a
+    layer needs no staging rows below top-k own slots (its device tokens are all resident)."""
+    return hybrid == "host-only"
+
+
 class Residency(Protocol):
     """What the planner reads of a layer's slots (``SlotTable`` provides it)."""
 

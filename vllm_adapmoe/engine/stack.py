@@ -17,6 +17,7 @@ from vllm_adapmoe.engine.block import AdapMoEBlock
 from vllm_adapmoe.engine.emulation import Emulation, make_emulation
 from vllm_adapmoe.engine.link import Link
 from vllm_adapmoe.engine.settings import EngineSettings
+from vllm_adapmoe.engine.plan import never_loads
 from vllm_adapmoe.engine.staging import StagingArea
 from vllm_adapmoe.engine.stats import summarise
 from vllm_adapmoe.engine.step import StepInfo
@@ -67,7 +68,7 @@ class ExpertStack:
         self.link = Link(device, settings.link_gbps, settings.link_layers, emulation,
                          settings.copy_timeout_s)
         self.staging = StagingArea.for_plan(slots, shape.top_k,
-                                            loads=settings.hybrid != "host-only")
+                                            loads=not never_loads(settings.hybrid))
         sensitivity = sensitivity or [0.0] * len(slots)
         routers = routers or [nn.Linear(shape.hidden, shape.experts, bias=False, device=device,
                                         dtype=dtype) for _ in slots]

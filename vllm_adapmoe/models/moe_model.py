@@ -40,6 +40,7 @@ from vllm_adapmoe.config import AdapMoEConfig, AdapMoEConfigError
 from vllm_adapmoe.engine.block import AdapMoEBlock
 from vllm_adapmoe.engine.emulation import make_emulation
 from vllm_adapmoe.engine.link import Link
+from vllm_adapmoe.engine.plan import never_loads
 from vllm_adapmoe.engine.step import StepInfo
 from vllm_adapmoe.engine.staging import StagingArea
 from vllm_adapmoe.engine.routing import RouterSpec
@@ -81,7 +82,7 @@ class MoEBlocks:
         start, end = get_pp_indices(hf_config.num_hidden_layers, pp.rank_in_group, pp.world_size)
         self.staging = StagingArea.for_plan(
             self.slots, shape.top_k, [i for i, d in enumerate(shape.moe_layers) if start <= d < end],
-            loads=config.hybrid != "host-only")
+            loads=not never_loads(config.hybrid))
         self.step = StepInfo()
         self.step.describe = StepDescriber(self.step)
         self.blocks: list[AdapMoEBlock] = []
