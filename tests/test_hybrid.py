@@ -17,7 +17,7 @@ from test_plan import _sets, _table
 from test_trace_sim import _assert_counters_equal
 from vllm_adapmoe.engine.costs import MeasuredCosts, PinnedCosts
 from vllm_adapmoe.engine.plan import StepSummary, plan_step
-from vllm_adapmoe.engine.cache_plan import plan_hybrid
+from vllm_adapmoe.engine.cache_plan import plan_hybrid, staging_rows
 from vllm_adapmoe.offline.simulator import host_work_curves, simulate
 from vllm_adapmoe.offline.trace import Trace
 
@@ -133,6 +133,20 @@ def test_hybrid_stack_equals_all_resident(hybrid, slots):
     assert (total["promotions"] > 0) == (hybrid == "auto")
 
 
+def test_a_layer_with_no_own_slot_lives_on_the_host_under_auto():
+    """Under "auto" too, a 0-slot layer never loads (it would need top_k staging rows to cache
+    nothing): with loads far cheaper than host work, the other layers load, it does not, and
+    the staging rows serve the smallest layer that loads (2 - 1 = 1 row)."""
+    expected = _decode(_stack("cpu", None), BATCHES, "cpu")
+    stack = _stack("cpu", [0, 2, 1, 3], hybrid="auto", hybrid_costs=(0.001, 1.0, 1.0))
+    assert torch.equal(_decode(stack, BATCHES, "cpu"), expected)
+    layers = stack.stats()["layers"]
+    assert layers[0]["loads"] == 0 and layers[0]["host_tokens"] == layers[0]["tokens"] > 0
+    assert all(layer["loads"] > 0 for layer in layers[1:])
+    assert stack.staging is not None and stack.staging.rows == 1
+    assert [len(b.cache.slot_of) for b in stack.blocks][0] == 0
+
+
 def test_measured_hybrid_stack_equals_all_resident():
     """Costs measured here (a probe copy, the host microbenchmark): whatever it decides, the
     outputs are those of every expert resident."""
@@ -169,8 +183,13 @@ def test_host_curves_and_the_hybrid_plan():
     assert plan_hybrid(concave, 6, 2) == [4, 2]  # one layer whole, not [3, 3]
     convex = [[1.0, 0.5, 0.2, 0.15, 0.12]] * 2  # diminishing returns: spread
     assert plan_hybrid(convex, 6, 2) == [3, 3]
-    with pytest.raises(ValueError, match="staging rows"):
-        plan_hybrid(concave, 1, 2)  # below the 2 staging rows a 0-slot layer needs
+    # a layer with no own slot lives on the host and needs no staging row: 4 slots keep one
+    # layer whole (no staging), where a loading 0-slot layer would cost 2 rows of 4
+    assert plan_hybrid(concave, 4, 2) == [4, 0] and staging_rows([4, 0], 2) == 0
+    assert plan_hybrid(concave, 1, 2) == [0, 0]  # one own slot would need a staging row too
+    assert staging_rows([0, 1, 3], 2) == 1  # rows serve the smallest layer that loads
+    with pytest.raises(ValueError, match="no split fits"):
+        plan_hybrid(concave, 10, 2)  # more than every expert plus a row
 
 
 def test_a_layer_wholly_on_the_host_equals_all_resident():

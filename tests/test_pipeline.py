@@ -70,6 +70,11 @@ def test_family_workflow_calibrate_trace_profile_serve(engines, family_models, f
                                       "plan": "dp", "hybrid": "auto"})
     assert sum(hybrid.slots_per_layer(shape.num_layers, shape.num_experts, 1, str(model),
                                       shape.top_k)) <= total
+    # below one slot per layer: layers with no own slot live on the host, no error
+    small = AdapMoEConfig.from_dict({"profile": str(prof), "cache_total_slots": 2,
+                                     "plan": "dp", "hybrid": "auto"})
+    assert sum(small.slots_per_layer(shape.num_layers, shape.num_experts, 1, str(model),
+                                     shape.top_k)) <= 2
 
     llm = engines.get(model, "adapmoe", profile=str(prof), threshold=0.05, plan="dp",
                       cache_total_slots=total)

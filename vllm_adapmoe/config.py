@@ -333,6 +333,10 @@ class AdapMoEConfig:
         if never_loads(self.hybrid) and self.plan != "dp":
             # nothing is ever loaded: no staging rows to pay for, a layer may keep no expert
             return uniform_split(total, num_layers)  # total <= layers x experts: checked above
+        if self.hybrid != "off" and self.plan == "dp":
+            # layers with no own slot live on the host and need no staging row: any budget fits
+            return self._hybrid_split(self._profile(hf_config), total, num_layers,
+                                      min(top_k, num_experts))
         # The budget pays for the shared staging rows too (a layer below top_k own slots loads
         # the rest of a token's experts there): one own slot per layer plus top_k - 1 rows.
         top_k = min(top_k, num_experts)
@@ -355,8 +359,6 @@ class AdapMoEConfig:
         from vllm_adapmoe.engine.cache_plan import plan_cost, plan_dp, plan_with_staging
 
         profile = self._profile(hf_config)
-        if self.hybrid != "off":
-            return self._hybrid_split(profile, total, num_layers, top_k)
         curves = getattr(profile, "miss_curves", None)
         if not curves or len(curves) != num_layers:
             raise AdapMoEConfigError(

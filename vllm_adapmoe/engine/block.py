@@ -31,7 +31,7 @@ from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.kernels import make_kernel
 from vllm_adapmoe.engine.link import Link
 from vllm_adapmoe.engine.lookahead import LookAhead
-from vllm_adapmoe.engine.plan import StepSummary, never_loads, plan_step
+from vllm_adapmoe.engine.plan import StepSummary, layer_loads, plan_step
 from vllm_adapmoe.engine.prefetch import PredictionLog, expert_counts, expert_mass
 from vllm_adapmoe.engine.routing import RouterSpec, Routing, count_routing
 from vllm_adapmoe.engine.settings import EngineSettings
@@ -98,9 +98,9 @@ class AdapMoEBlock(nn.Module):
         self.stats = LayerStats()
         # A token's top-k experts must be co-resident for one kernel call: below top_k own slots
         # the rest are loaded into the model's shared ``staging`` rows; without it (a block
-        # built on its own) the layer gets top_k slots, unless it never loads (host-only: its
-        # device tokens are all resident, the others run on the host).
-        own_only = staging is not None or never_loads(settings.hybrid)
+        # built on its own) the layer gets top_k slots, unless it never loads (host-only, or
+        # no own slot: its device tokens are all resident, the others run on the host).
+        own_only = staging is not None or not layer_loads(settings.hybrid, num_slots)
         self.cache = ExpertCache(self.store, num_slots if own_only else max(num_slots, top_k),
                                  device, settings.eviction, self.stats, link, staging, layer_idx)
         # its targets are wired by the model; no guessing where no copy can hide behind compute

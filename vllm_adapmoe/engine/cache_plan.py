@@ -121,9 +121,11 @@ def plan_dp(curves: Sequence[Sequence[float]], total: int, lo: int = 1) -> list[
 
 def staging_rows(slots: Sequence[int], top_k: int, loads: bool = True) -> int:
     """Shared staging rows a plan needs: a token's ``top_k`` experts must fit in the smallest
-    layer's own slots plus the staging rows (``engine/staging.py``); none where nothing is ever
-    loaded (``loads`` False: hybrid "host-only", whose device tokens are all resident)."""
-    return max(0, top_k - min(slots)) if loads else 0
+    loading layer's own slots plus the staging rows (``engine/staging.py``); none where nothing
+    is ever loaded (``loads`` False: hybrid "host-only", whose device tokens are all resident).
+    A layer with no own slot never loads (``plan.layer_loads``): it needs no row."""
+    loading = [s for s in slots if s > 0] if loads else []
+    return max(0, top_k - min(loading)) if loading else 0
 
 
 def plan_with_staging(total: int, top_k: int, num_layers: int,
@@ -161,27 +163,32 @@ def plan_hybrid(host_curves: Sequence[Sequence[float]], total: int, top_k: int) 
     """Own slots per layer (0 allowed) minimising ``sum_l h_l(s_l)`` for hybrid execution, where
     ``host_curves[l][s] = h_l(s)``, s = 0..E, is the host work per decoded token with s slots
     (``offline/simulator.py: host_curves``). ``total`` pays for the shared staging rows too
-    (``top_k - min(s)``: a layer below top_k own slots may still load into them). At large
-    batches the curves favour whole resident layers (llama.cpp's ``--n-cpu-moe`` split) over
-    the same slots spread thin; at batch 1, the frequent experts of every layer."""
+    (``top_k - min(s)`` over the layers with slots: a layer below top_k own slots may still
+    load into them; one with none lives on the host and never loads). At large batches the
+    curves favour whole resident layers (llama.cpp's ``--n-cpu-moe`` split, which needs no
+    staging row) over the same slots spread thin; at batch 1, the frequent experts of every
+    layer."""
     h = _check_curves(host_curves)
     num_layers = len(h)
+    # above any allowed plan's cost: rules out own counts a plan's staging rows do not serve
+    barred = sum(max(c) for c in h) + 1.0
     best: tuple[float, list[int]] | None = None
-    for g in range(top_k + 1):
-        lo = top_k - g  # the smallest own count these g staging rows serve
+    for g in range(max(top_k, 1)):
+        lo = top_k - g  # the smallest own count these g staging rows serve (or none: 0)
         budget = total - g
-        if budget < lo * num_layers or budget > sum(len(c) - 1 for c in h):
+        if budget < 0 or budget > sum(len(c) - 1 for c in h):
             continue
+        allowed = [[v if s == 0 or s >= lo else barred for s, v in enumerate(c)] for c in h]
         # plan_dp indexes f(k) from k = 1: f(k) = h(k - 1) is the same list, one slot shifted
-        slots = [k - 1 for k in plan_dp(h, budget + num_layers, lo=lo + 1)]
-        if staging_rows(slots, top_k) > g:
+        slots = [k - 1 for k in plan_dp(allowed, budget + num_layers, lo=1)]
+        if any(0 < s < lo for s in slots) or staging_rows(slots, top_k) > g:
             continue
         value = sum(curve[s] for curve, s in zip(h, slots))
         if best is None or value < best[0]:
             best = (value, slots)
     if best is None:
-        raise ValueError(f"{total} slots cannot pay for the staging rows a top-{top_k} token "
-                         "needs; raise the budget")
+        raise ValueError(f"{total} slots: no split fits between 0 and the "
+                         f"{sum(len(c) - 1 for c in h)} experts of all layers")
     return best[1]
 
 

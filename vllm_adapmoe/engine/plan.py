@@ -45,6 +45,13 @@ def never_loads(hybrid: str) -> bool:
     return hybrid == "host-only"
 
 
+def layer_loads(hybrid: str, own_slots: int) -> bool:
+    """Whether a layer copies experts in. A layer with no own slot (hybrid only: llama.cpp's
+    ``--n-cpu-moe`` form) lives on the host whole, under ``"auto"`` too: loading it would
+    need ``top_k`` staging rows, the most any plan pays for, to cache nothing."""
+    return own_slots > 0 and not never_loads(hybrid)
+
+
 class Residency(Protocol):
     """What the planner reads of a layer's slots (``SlotTable`` provides it)."""
 
@@ -157,8 +164,8 @@ def experts_for_host(summary: StepSummary, residency: Residency, hybrid: str,
         return []
     landing = summary.landing
     cold = [e for e in summary.needed if e not in residency.slot_of or e in landing]
-    if hybrid == "host-only" or not cold:
-        return cold
+    if hybrid == "host-only" or residency.num_slots == 0 or not cold:
+        return cold  # (no slot at all: a layer that lives on the host)
     return split_by_critical_path(summary.expert_sets, cold, summary.tokens_per_expert, host,
                                   summary.link_backlog_s, residency.num_slots)
 

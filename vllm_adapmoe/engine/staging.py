@@ -4,7 +4,8 @@ A kernel call computes a token's top-k experts together, so all of them must be 
 at once. A layer with fewer own slots than ``top_k`` (the DP plan gives one slot to layers
 where gating leaves most tokens with one expert) loads the rest into staging rows. Layers run
 one after another, so one set of ``top_k - min(own slots)`` rows serves every such layer; it
-is counted in the device budget, unlike a per-layer minimum of ``top_k`` slots.
+is counted in the device budget, unlike a per-layer minimum of ``top_k`` slots. A layer with
+no own slot at all (hybrid execution) lives on the host and never loads: it uses no row.
 
 The kernel takes one slot tensor per layer, so the small layers' own slots and the staging
 rows live in one tensor, the *arena*: ``[own rows of small layer 0][of small layer 1]...
@@ -24,8 +25,9 @@ class StagingArea:
 
     def __init__(self, own_slots: list[int], top_k: int, layers: list[int]) -> None:
         self.top_k = top_k
-        self.rows = max(0, top_k - min(own_slots[layer] for layer in layers))
-        small = [layer for layer in layers if own_slots[layer] < top_k]
+        # a layer with no own slot lives on the host and never loads (``plan.layer_loads``)
+        small = [layer for layer in layers if 0 < own_slots[layer] < top_k]
+        self.rows = max(0, top_k - min(own_slots[layer] for layer in small))
         self._offset: dict[int, int] = {}
         offset = 0
         for layer in small:
@@ -42,7 +44,7 @@ class StagingArea:
         None when each of them holds a token's ``top_k`` experts in its own slots, or nothing
         is ever loaded (``loads`` False: hybrid "host-only", where rows would sit unused)."""
         layers = list(range(len(own_slots))) if layers is None else layers
-        if not loads or not layers or min(own_slots[layer] for layer in layers) >= top_k:
+        if not loads or not any(0 < own_slots[layer] < top_k for layer in layers):
             return None
         return cls(own_slots, top_k, layers)
 

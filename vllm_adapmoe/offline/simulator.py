@@ -21,7 +21,7 @@ import torch
 from vllm_adapmoe.engine.costs import ExpertCosts, PinnedCosts, StepTimes
 from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.link import LinkCost
-from vllm_adapmoe.engine.plan import StepSummary, Target, never_loads, plan_prefetch, plan_step
+from vllm_adapmoe.engine.plan import StepSummary, Target, layer_loads, plan_prefetch, plan_step
 from vllm_adapmoe.engine.prefetch import (PredictionLog, expert_counts, expert_mass,
                                           predicted_expert_sets)
 from vllm_adapmoe.engine.routing import Routing, count_routing
@@ -72,8 +72,8 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
     tables = []
     for layer in range(L):
         pol = BeladyPolicy(uses[layer]) if uses is not None else make_policy(policy)
-        # as live: no staging rows where nothing is loaded (host-only)
-        rows = slots[layer] if never_loads(hybrid) else max(slots[layer], k)
+        # as live: no staging rows where nothing is loaded (host-only, or no own slot)
+        rows = max(slots[layer], k) if layer_loads(hybrid, slots[layer]) else slots[layer]
         table = SlotTable(rows, pol, stats[layer], own=slots[layer])
         state = (trace.meta.get("cache_state") or [None] * L)[layer]
         if placement is not None:
