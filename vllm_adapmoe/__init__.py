@@ -321,16 +321,18 @@ def prompt_step_prior_s(vllm_config: Any, cfg: AdapMoEConfig, slots: list[int]) 
     """The plan's guess at a prompt step's expert cost: it needs every expert of every layer,
     so it loads the ones not resident, each at the link's rate (``link_gbps``, or the emulated
     preset's physical rate: a lower bound on this machine's stretched clock). 0 where the rate is
-    only known once measured (a free link), or nothing is loaded (all resident, host-only)."""
+    only known once measured (a free link), or nothing is loaded (all resident, host-only); a
+    layer with no own slot never loads (its prompt runs on the host)."""
     from vllm_adapmoe.engine.emulation import PRESETS
+    from vllm_adapmoe.engine.plan import layer_loads
 
     shape = _shapes(vllm_config, cfg)[2]
     gbps = cfg.link_gbps if cfg.emulate is None else PRESETS[cfg.emulate].link_gbps
-    if gbps is None or cfg.hybrid == "host-only":
+    if gbps is None:
         return 0.0
     tp = vllm_config.parallel_config.tensor_parallel_size
     load_s = shape.expert_bytes(vllm_config.model_config.dtype.itemsize) / tp / (gbps * 1e9)
-    return sum(max(shape.num_experts - s, 0) for s in slots) * load_s
+    return sum(max(shape.num_experts - s, 0) for s in slots if layer_loads(cfg.hybrid, s)) * load_s
 
 
 def _check_cuda_memory(vllm_config: Any, shape: Any, slots: list[int], staging: int) -> None:
