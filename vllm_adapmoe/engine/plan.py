@@ -134,8 +134,11 @@ def plan_step(summary: StepSummary, residency: Residency, targets: Sequence[Targ
                            residency.slot_of)
         return StepPlan(waves, bookings)
     sets = summary.expert_sets
-    host_rows = torch.isin(sets, torch.tensor(on_host, dtype=sets.dtype, device=sets.device)).any(1)
-    if bool(host_rows.all()):  # every token on the host (batch 1 always): no rows to split
+    # every needed expert on the host (a layer with no slot; batch 1 always): every token goes
+    every = len(on_host) == len(summary.needed)
+    host_rows = None if every else torch.isin(
+        sets, torch.tensor(on_host, dtype=sets.dtype, device=sets.device)).any(1)
+    if every or bool(host_rows.all()):  # every token on the host: no rows to split
         promote = (_promotion(sets, residency, set(), summary.tokens_per_expert)
                    if hybrid == "auto" and host.parallel else [])
         return StepPlan([], bookings, torch.arange(sets.shape[0], device=sets.device),
