@@ -69,18 +69,19 @@ def test_fine_grained_family_with_host_decisions_matches_stock(engines, family_m
     assert total["host_tokens"] > 0 and total["loads"] == total["promotions"]
 
 
-# The offloaded runs above are the stronger check (same code path plus misses and waves); keep one
-# all-resident family in the default run, the rest with -m slow.
-@pytest.mark.parametrize("family", [
-    "qwen2_moe", *(pytest.param(f, marks=pytest.mark.slow) for f in ("qwen3_moe", "olmoe", "gpt_oss"))])
+# The offloaded runs above are the stronger check (same code path plus misses and waves), and the
+# bundled Mixtral's all-resident run is in test_exactness.py: every family here with -m slow.
+@pytest.mark.slow
+@pytest.mark.parametrize("family", BATCHED)
 def test_family_all_resident_matches_stock(engines, family_models, family):
     model = family_models(family)
     assert_same(greedy(engines.get(model)), greedy(engines.get(model, "adapmoe")))
 
 
-# CI time: one family at batch 1 by default (the batched test covers every family)
-@pytest.mark.parametrize("family", [f if f == "qwen2_moe" else pytest.param(f, marks=pytest.mark.slow)
-                                    for f in BATCHED])
+# CI time: with -m slow only; batch 1 is in the default run through DeepSeek-V2 and GLM-4.5's
+# per-prompt checks below (the batched test covers every family)
+@pytest.mark.slow
+@pytest.mark.parametrize("family", BATCHED)
 def test_family_batch_of_one_offloaded_matches_stock(engines, family_models, family):
     model = family_models(family)
     for i in (0, 5, 14):

@@ -144,8 +144,10 @@ def resident(engines, models):
     return greedy(engines.get(models[1], "adapmoe", dtype="bfloat16"))
 
 
-@pytest.mark.parametrize("settings", [{"cache_slots": 2, "prefetch": True, "link_layers": 1},
-                                      {"cache_slots": 1, "prefetch": True, "link_layers": 1}],
+# CI time: 1 slot (staging rows, waves, prefetch on quantized rows) by default; 2 with -m slow
+@pytest.mark.parametrize("settings", [
+    pytest.param({"cache_slots": 2, "prefetch": True, "link_layers": 1}, marks=pytest.mark.slow),
+    {"cache_slots": 1, "prefetch": True, "link_layers": 1}],
                          ids=["2-slots-prefetch", "1-slot-prefetch"])
 def test_offloaded_matches_all_resident(engines, models, resident, settings):
     scheme, quantized, _ = models
