@@ -24,7 +24,9 @@ layers. Settings, one run each, the same experts and routing:
   * ``uniform + hybrid`` / ``hybrid AdapMoE`` — the uniform / AdapMoE rows with hybrid "auto"
                          (a cold expert's tokens computed on the host when that shortens the
                          layer's critical path); hybrid AdapMoE's budget split is the DP over
-                         this batch's host curves (``cache_plan.plan_hybrid``), not miss curves.
+                         this batch's host curves (``cache_plan.plan_hybrid``), not miss curves;
+  * ``DP + hybrid``    — that split and hybrid "auto" without gating and prefetch: what the
+                         hybrid setting and its plan do alone (gating trades accuracy for speed).
 
 Also measured: host→device GB/s of one expert copy through the engine's link (pinned memory on
 CUDA), compute time per layer, and the ratio "one expert load ≈ N layers of compute".
@@ -359,7 +361,9 @@ def settings(shape: LayerShape, layers: int, profile: dict, threshold: float,
         out[f"layer split {pct}%"] = ([0] * (layers - gpu_layers) + [E] * gpu_layers,
                                       AdapMoEConfig(**base, hybrid="host-only"), False, None)
         out[f"uniform + hybrid {pct}%"] = (uniform, AdapMoEConfig(**base, hybrid="auto"), False, None)
-        out[f"hybrid AdapMoE {pct}%"] = (plan_hybrid(host, total, k),
+        split = plan_hybrid(host, total, k)
+        out[f"DP + hybrid {pct}%"] = (split, AdapMoEConfig(**base, hybrid="auto"), False, None)
+        out[f"hybrid AdapMoE {pct}%"] = (split,
                                          AdapMoEConfig(**base, **full, hybrid="auto"), False, None)
     out["layer streaming"] = ([k] * layers, AdapMoEConfig(**base), True, None)
     return out

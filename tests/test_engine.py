@@ -336,7 +336,7 @@ def test_bench_engine_runs_without_vllm(tmp_path):
         expected = {"all resident", "layer streaming"} | {
             f"{name} {pct}" for pct in ("50%", "25%")
             for name in ("uniform LRU", "AdapMoE", "host-only", "layer split", "uniform + hybrid",
-                         "hybrid AdapMoE")}
+                         "DP + hybrid", "hybrid AdapMoE")}
         assert set(rows) == expected
         assert rows["all resident"]["loads_per_token"] == 0 and rows["all resident"]["hit_rate"] == 1
         assert rows["layer streaming"]["hit_rate"] == 0 and rows["layer streaming"]["loads_per_token"] > 0
