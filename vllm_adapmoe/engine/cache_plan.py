@@ -172,23 +172,24 @@ def plan_hybrid(host_curves: Sequence[Sequence[float]], total: int, top_k: int) 
     num_layers = len(h)
     # above any allowed plan's cost: rules out own counts a plan's staging rows do not serve
     barred = sum(max(c) for c in h) + 1.0
+    experts = sum(len(c) - 1 for c in h)
     best: tuple[float, list[int]] | None = None
     for g in range(max(top_k, 1)):
         lo = top_k - g  # the smallest own count these g staging rows serve (or none: 0)
         budget = total - g
-        if budget < 0 or budget > sum(len(c) - 1 for c in h):
+        if budget < 0 or budget > experts:
             continue
         allowed = [[v if s == 0 or s >= lo else barred for s, v in enumerate(c)] for c in h]
         # plan_dp indexes f(k) from k = 1: f(k) = h(k - 1) is the same list, one slot shifted
         slots = [k - 1 for k in plan_dp(allowed, budget + num_layers, lo=1)]
-        if any(0 < s < lo for s in slots) or staging_rows(slots, top_k) > g:
+        if any(0 < s < lo for s in slots):  # no allowed split: every other needs <= g rows
             continue
         value = sum(curve[s] for curve, s in zip(h, slots))
         if best is None or value < best[0]:
             best = (value, slots)
     if best is None:
         raise ValueError(f"{total} slots: no split fits between 0 and the "
-                         f"{sum(len(c) - 1 for c in h)} experts of all layers")
+                         f"{experts} experts of all layers")
     return best[1]
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_adapmoe.engine.cache_plan import staging_rows
 from vllm_adapmoe.engine.expert_tensors import ExpertRows
 
 
@@ -25,9 +26,9 @@ class StagingArea:
 
     def __init__(self, own_slots: list[int], top_k: int, layers: list[int]) -> None:
         self.top_k = top_k
+        self.rows = staging_rows([own_slots[layer] for layer in layers], top_k)
         # a layer with no own slot lives on the host and never loads (``plan.layer_loads``)
         small = [layer for layer in layers if 0 < own_slots[layer] < top_k]
-        self.rows = max(0, top_k - min(own_slots[layer] for layer in small))
         self._offset: dict[int, int] = {}
         offset = 0
         for layer in small:
@@ -44,7 +45,7 @@ class StagingArea:
         None when each of them holds a token's ``top_k`` experts in its own slots, or nothing
         is ever loaded (``loads`` False: hybrid "host-only", where rows would sit unused)."""
         layers = list(range(len(own_slots))) if layers is None else layers
-        if not loads or not any(0 < own_slots[layer] < top_k for layer in layers):
+        if staging_rows([own_slots[layer] for layer in layers], top_k, loads) == 0:
             return None
         return cls(own_slots, top_k, layers)
 
