@@ -105,6 +105,28 @@ def test_offloaded_stack_equals_all_resident(device, slots, prefetch):
                                        + total["prefetch_dropped"]) > 0
 
 
+def test_cpu_load_copies_every_part_bit_for_bit():
+    """A CPU load is a byte copy off torch's OpenMP pool (the link thread's own team would take
+    cores from compute): every dtype a store holds arrives bit for bit; a row that is not one
+    contiguous block of the same dtype goes through ``copy_``."""
+    g = torch.Generator().manual_seed(0)
+    src = ExpertRows({"w13": torch.randn(3, 4, 5, generator=g).to(torch.bfloat16),
+                      "w2": torch.randint(-128, 127, (3, 5, 2), generator=g, dtype=torch.int8),
+                      "w2_scale": torch.rand(3, generator=g),
+                      "w13_scale": torch.randn(3, 2, generator=g).to(torch.float8_e4m3fn)})
+    dst = ExpertRows({name: torch.zeros_like(t[:2]) for name, t in src.parts.items()})
+    dst.copy_row(1, src, 2)
+    as_bytes = lambda t: t.reshape(-1).view(torch.uint8)  # noqa: E731
+    for name, t in src.parts.items():
+        assert torch.equal(as_bytes(dst.parts[name][1]), as_bytes(t[2])), name
+        assert not as_bytes(dst.parts[name][0]).any(), name  # the other row untouched
+    strided = ExpertRows({"w13": torch.zeros(2, 5, 4, dtype=torch.bfloat16).transpose(1, 2),
+                          "w2": torch.zeros(2, 5, 2, dtype=torch.float32)})
+    strided.copy_row(0, src, 1)
+    assert torch.equal(strided.parts["w13"][0], src.parts["w13"][1])
+    assert torch.equal(strided.parts["w2"][0], src.parts["w2"][1].float())
+
+
 def test_prefetch_pays_for_itself_from_the_measured_link_cost():
     """Over a link where one copy costs many layers, the measured cost turns single-token
     guesses off (a wrong one would cost more link time than a right one saves); the tokens
