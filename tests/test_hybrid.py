@@ -62,6 +62,19 @@ def test_a_link_queue_sends_even_a_dearer_expert_to_the_host():
     assert plan.host_rows.tolist() == [0] and plan.host_experts == [2]
 
 
+def test_one_token_runs_whole_on_the_host_or_loads_its_cold_experts():
+    """Batch 1: expert 0 resident, 2 cold. On the host the token costs 2 x 0.8 s (its resident
+    expert too) beside a 1 s load: max(1.0, 1.6) loses to loading (1.0). With two cold experts
+    the link's path is 2.0 s and the host's 1.6 s wins: every expert of the token goes to the
+    host (its one call, no row split), as the many-token greedy would decide."""
+    plan = plan_step(_summary([[0, 2]]), _table(2, [0, 1]), hybrid="auto", host=COSTS)
+    assert plan.host_rows is None and [e for w in plan.waves for e in w.loads] == [2]
+    plan = plan_step(_summary([[2, 3]]), _table(2, [0, 1]), hybrid="auto", host=COSTS)
+    assert plan.host_rows.tolist() == [0] and plan.host_experts == [2, 3] and not plan.waves
+    padded = plan_step(_summary([[2, 3], [-1, -1]]), _table(2, [0, 1]), hybrid="auto", host=COSTS)
+    assert padded.host_rows.tolist() == [0] and padded.host_experts == [2, 3]  # greedy agrees
+
+
 def test_a_host_expert_is_promoted_into_an_idle_slot():
     """Every token on the host: its cold expert is promoted, evicting the least recently used
     resident (none of them was used by the step); the table counts a load and a promotion."""

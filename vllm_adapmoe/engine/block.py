@@ -275,7 +275,8 @@ class AdapMoEBlock(nn.Module):
     def _link_state(self) -> tuple[frozenset[int], float]:
         """(hybrid "auto") this layer's copies still in flight, and the link's backlog: what a
         load planned now would wait for."""
-        if self.hybrid != "auto" or isinstance(self.host_costs, PinnedCosts):
+        if (self.hybrid != "auto" or isinstance(self.host_costs, PinnedCosts)
+                or self.cache.table.num_slots == 0):  # (no slot: every token on the host)
             return frozenset(), 0.0  # pinned costs: decisions that do not depend on timing
         return self.cache.landing(), self.cache.link.backlog_s()
 

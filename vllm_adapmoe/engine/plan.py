@@ -189,6 +189,8 @@ def split_by_critical_path(expert_sets: torch.Tensor, cold: list[int], tokens: l
     the cores, every token on the host (one call instead of the device's waves). The experts
     returned may then include resident ones: their tokens all go to the host."""
     rows = [[e for e in row if e >= 0] for row in expert_sets.tolist()]
+    if len(rows) == 1:  # one token (batch-1 decode): all its experts on the host, or load
+        return _one_token(rows[0], cold, tokens, host, backlog_s, capacity)
     rows_of: dict[int, list[int]] = {}
     for i, row in enumerate(rows):
         for e in row:
@@ -214,6 +216,16 @@ def split_by_critical_path(expert_sets: torch.Tensor, cold: list[int], tokens: l
     # ties (to float noise): the fewest tokens moved
     best = min(choices, key=lambda s: (round(s.value(), 12), len(s.on_host)))
     return sorted(best.chosen) if best.value() < everything_loaded else []
+
+
+def _one_token(row: list[int], cold: list[int], tokens: list[int], host: ExpertCosts,
+               backlog_s: float, capacity: int | None) -> list[int]:
+    """``split_by_critical_path`` for one token, where the greedy's every choice is the same
+    move (the token whole): its experts if the host's path is the shorter, else none. Returning
+    them all lets ``plan_step`` skip its row split (a per-layer cost at batch 1)."""
+    split = _HostSplit([row], {e: [0] for e in row}, cold, host, backlog_s, capacity)
+    on_host = host.host_call_s + sum(_host(host, tokens[e]) for e in row)
+    return sorted(row) if split._path(0, 0, on_host) < split.value() else []
 
 
 class _HostSplit:
