@@ -37,8 +37,10 @@ every row); results are labelled emulated. ``--rounds`` runs every setting that 
 alternating, and reports medians.
 On CPU with a free link each row is also **replayed** by the simulator with time (``simulate(...,
 timing=StepTimes)``): the routing as a trace, the row's settings, the kernel's measured call /
-expert / token costs and the measured copy time; a layer's remaining overhead is fitted once on
-the all-resident row. ``predicted_vs_measured`` in each row is the check of that model.
+expert / token costs, a call's gather and scatter on part of the tokens and the measured copy
+time, plus the replay's own planner time; a layer's remaining overhead is fitted on
+all-resident runs with the row's features, a host call's on a run with every expert on the
+host, and a load's (booking, queueing, waiting) on a run that loads every expert it needs. ``predicted_vs_measured`` in each row is the check of that model.
 JSON to ``benchmarks/results/engine_<device>.json`` (+ a plot), printed as a table.
 """
 
@@ -64,6 +66,7 @@ from vllm_adapmoe.engine.settings import EngineSettings  # noqa: E402
 from vllm_adapmoe.engine.cache_plan import plan_dp, plan_hybrid, plan_uniform  # noqa: E402
 from vllm_adapmoe.engine.costs import MeasuredCosts, PinnedCosts, StepTimes  # noqa: E402
 from vllm_adapmoe.engine.execute import HostExecutor  # noqa: E402
+from vllm_adapmoe.engine.routing import Routing  # noqa: E402
 from vllm_adapmoe.engine.stats import LayerStats  # noqa: E402
 from vllm_adapmoe.offline.simulator import simulate  # noqa: E402
 from vllm_adapmoe.offline.trace import FORMAT, Trace  # noqa: E402
@@ -132,13 +135,13 @@ def synthetic_routing(layers: int, batch: int, steps: int, experts: int, seed: i
 
 
 # -- measurements -------------------------------------------------------------------------------
-def link_gbps(stack: ExpertStack, repeats: int = 5) -> tuple[float, float]:
+def link_gbps(stack: ExpertStack, repeats: int = 16) -> tuple[float, float]:
     """Seconds per expert copy through the engine's link and the GB/s that makes."""
     cache = stack.blocks[0].cache
     nbytes = cache.store.expert_bytes
     cache.wait([stack.link.submit(lambda: cache._copy(0, 0), nbytes)])  # warm-up
     start = time.perf_counter()
-    cache.wait([stack.link.submit(lambda: cache._copy(e % stack.shape.experts, 0), nbytes)
+    cache.wait([stack.link.submit(lambda e=e: cache._copy(e % stack.shape.experts, 0), nbytes)
                 for e in range(repeats)])
     per_copy = (time.perf_counter() - start) / repeats
     return per_copy, nbytes / per_copy / 1e9
@@ -199,6 +202,36 @@ def kernel_costs(stack: ExpertStack, per_copy: float) -> MeasuredCosts:
     return costs
 
 
+def subset_overhead(stack: ExpertStack, batch: int, repeats: int = 21) -> float:
+    """What a kernel call on part of a step's tokens adds: the executor's gather and scatter
+    around it. The median host call on all but one of ``batch`` tokens given as rows, less the
+    median on every token (no gather); 0 at batch 1, where tokens are never split."""
+    if batch < 2:
+        return 0.0
+    block, shape = stack.blocks[0], stack.shape
+    host = HostExecutor(block.store, block.kernel, LayerStats(),
+                        MeasuredCosts(lambda: 0.0, parallel=False), stack.device)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(batch, shape.hidden, generator=g).to(stack.dtype)
+    ids = torch.stack([torch.randperm(shape.experts, generator=g)[:shape.top_k]
+                       for _ in range(batch)]).to(torch.int32)
+    routing = Routing(ids, torch.full(ids.shape, 1.0 / shape.top_k))
+    experts = len(ids.unique())
+
+    def timed(rows: torch.Tensor) -> float:
+        samples = []
+        for _ in range(repeats):
+            out = torch.empty_like(x)
+            start = time.perf_counter()
+            host.finish(host.start(out, x, routing, rows, experts), out, False)
+            samples.append(time.perf_counter() - start)
+        return sorted(samples)[repeats // 2]
+
+    every = torch.arange(batch)
+    timed(every)  # warm-up
+    return max(timed(every[1:]) - timed(every), 0.0)
+
+
 def as_trace(routing, top_k: int, experts: int, expert_bytes: int) -> Trace:
     """The replayed routing as a trace (every token a decode token): each layer's top-k of its
     logits, and of the logits its look-ahead saw."""
@@ -227,14 +260,17 @@ def features(config: AdapMoEConfig) -> str:
 
 
 HOST_FIT = "fit: every expert on the host"
+LOAD_FIT = "fit: every expert loaded when needed"
 
 
-def overhead_fits(plan: dict, experts: int, layers: int) -> dict[str, tuple]:
+def overhead_fits(plan: dict, experts: int, top_k: int, layers: int) -> dict[str, tuple]:
     """Per feature set of the rows (beyond none, which the all-resident row is): an all-resident
     run with those features, on which the time replay fits that set's layer overhead; with
     hybrid rows also a run with no slot at all (every token of every layer on the host), on
-    which it fits a host call's own overhead (the all-resident runs make no host call)."""
-    fits = {}
+    which it fits a host call's own overhead (the all-resident runs make no host call); and a
+    run at ``top_k`` slots that forgets them after every step (layer streaming's setting, a
+    run of its own), on which it fits what a load costs the engine beyond its copy."""
+    fits = {LOAD_FIT: ([top_k] * layers, AdapMoEConfig(), True, None)}
     for slots, config, streaming, placement in plan.values():
         key = features(config)
         if key != "none" and f"fit: all resident + {key}" not in fits:
@@ -245,18 +281,21 @@ def overhead_fits(plan: dict, experts: int, layers: int) -> dict[str, tuple]:
 
 
 def replay_times(rows: dict, plan: dict, fits: dict, trace: Trace, costs: MeasuredCosts,
-                 per_copy: float, warmup: int, batch: int, layers: int) -> dict[str, float]:
+                 per_copy: float, subset_s: float, warmup: int, batch: int,
+                 layers: int) -> tuple[dict[str, float], float, float]:
     """Each row's simulated tok/s beside its measured one (``predicted_tok_s``,
     ``predicted_vs_measured``). A layer's overhead beyond its kernel calls and copies (routing,
     planning, the look-ahead) is fitted per feature set on an all-resident run with those
-    features (``fits``: name → measured row), and a host call's own overhead on a run with
-    every expert on the host (returned: feature set → seconds per layer step, and that).
-    Hybrid rows decide with the cost model their live run ended with; every row is priced with
-    the start-up microbenchmark's unit costs (``costs``)."""
+    features (``fits``: name → measured row), a host call's own overhead on a run with every
+    expert on the host and a load's on a run that loads every expert it needs (returned:
+    feature set → seconds per layer step, and the other two). Hybrid rows decide with the cost
+    model their live run ended with; every row is priced with the start-up microbenchmark's
+    unit costs (``costs``, ``per_copy``, ``subset_s``)."""
     def measured(name: str) -> dict:
         return rows[name] if name in plan else fits[name]
 
-    def replay(name: str, layer_s: float, host_extra_s: float = 0.0) -> float:
+    def replay(name: str, layer_s: float, host_extra_s: float = 0.0,
+               load_s: float = per_copy) -> float:
         slots, config, streaming, placement = plan[name] if name in plan else fits[name]["plan"]
         live = measured(name).get("live_costs")  # decide as the live run did
         decide = PinnedCosts(**live) if live else costs
@@ -265,14 +304,15 @@ def replay_times(rows: dict, plan: dict, fits: dict, trace: Trace, costs: Measur
                        prefetch=config.prefetch, warm_start=False, hybrid=config.hybrid,
                        host_costs=decide, placement=placement or [[]] * layers,
                        streaming=streaming,
-                       timing=StepTimes.measured(costs, per_copy, layer_s, host_extra_s))
+                       timing=StepTimes.measured(costs, load_s, layer_s, host_extra_s,
+                                                 subset_s))
         return float(sum(out["time"]["step_s"][warmup:]))
 
     steps = trace.meta["steps"] - warmup
     fitted = {}
     for key, name in [("none", "all resident"),
                       *((n.removeprefix("fit: all resident + "), n) for n in fits
-                        if n != HOST_FIT)]:
+                        if n not in (HOST_FIT, LOAD_FIT))]:
         seconds = measured(name)["step_ms"] * 1e-3 * steps
         fitted[key] = max(seconds - replay(name, 0.0), 0.0) / (steps * layers)
     host_extra = 0.0
@@ -280,14 +320,20 @@ def replay_times(rows: dict, plan: dict, fits: dict, trace: Trace, costs: Measur
         layer_s = fitted[features(fits[HOST_FIT]["plan"][1])]
         seconds = measured(HOST_FIT)["step_ms"] * 1e-3 * steps
         host_extra = max(seconds - replay(HOST_FIT, layer_s), 0.0) / (steps * layers)
+    load_s = per_copy
+    if LOAD_FIT in fits:  # the copies of its measured steps: what one more second per copy adds
+        base = replay(LOAD_FIT, fitted["none"])
+        copies = (replay(LOAD_FIT, fitted["none"], load_s=per_copy + 1.0) - base)
+        seconds = measured(LOAD_FIT)["step_ms"] * 1e-3 * steps
+        load_s += max(seconds - base, 0.0) / max(copies, 1.0)
     for name, row in rows.items():
         try:
-            seconds = replay(name, fitted[features(plan[name][1])], host_extra)
+            seconds = replay(name, fitted[features(plan[name][1])], host_extra, load_s)
         except RuntimeError as e:
             raise RuntimeError(f"{name}: {e}") from e
         row["predicted_tok_s"] = steps * batch / seconds
         row["predicted_vs_measured"] = row["predicted_tok_s"] / row["tok_s"]
-    return fitted, host_extra
+    return fitted, host_extra, load_s - per_copy
 
 
 @functools.lru_cache(maxsize=2)
@@ -410,6 +456,7 @@ def main() -> None:
     # the time replay's unit costs (CPU, free link: the device kernel is the host's)
     replayed = args.device == "cpu" and not args.emulate and not args.link_gbps
     costs = kernel_costs(base, per_copy) if replayed else None
+    subsets = {batch: subset_overhead(base, batch) for batch in args.batch} if replayed else {}
     del base
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "shape": args.shape, "layer_shape": vars(shape), "layers": layers,
@@ -434,7 +481,7 @@ def main() -> None:
         host = host_work_curves([[a[n].topk(shape.top_k, dim=1).indices for a, _ in steps_]
                                  for n in range(layers)], shape.experts)
         plan = settings(shape, layers, profile, args.threshold, args.link_gbps, args.emulate, host)
-        fits = overhead_fits(plan, shape.experts, layers) if replayed else {}
+        fits = overhead_fits(plan, shape.experts, shape.top_k, layers) if replayed else {}
         runs: dict[str, list[dict]] = {name: [] for name in {**plan, **fits}}
         bar = tqdm(total=len(runs) * args.rounds, desc=f"batch {batch}", unit="run")
         for _ in range(args.rounds):  # alternating: every setting once per round
@@ -453,12 +500,14 @@ def main() -> None:
         replay = None
         if replayed:
             fit_rows = {name: {**_median_run(runs[name]), "plan": fits[name]} for name in fits}
-            overhead, host_call = replay_times(rows, plan, fit_rows,
+            overhead, host_call, per_load = replay_times(rows, plan, fit_rows,
                                     as_trace(routing, shape.top_k, shape.experts,
                                              shape.expert_bytes(2)),
-                                    costs, per_copy, args.warmup, batch, layers)
+                                    costs, per_copy, subsets[batch], args.warmup, batch,
+                                    layers)
             replay = {"call_ms": costs.host_call_s * 1e3, "expert_ms": costs.host_fixed_s * 1e3,
                       "pair_ms": costs.host_token_s * 1e3, "load_ms": per_copy * 1e3,
+                      "subset_ms": subsets[batch] * 1e3, "load_overhead_ms": per_load * 1e3,
                       "layer_overhead_ms": {k: v * 1e3 for k, v in overhead.items()},
                       "host_call_ms": host_call * 1e3}
         resident = rows["all resident"]

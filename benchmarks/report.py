@@ -141,11 +141,18 @@ def engine_section(data: dict) -> list[str]:
         replay = b.get("time_replay")
         replayed = (f"; simulator time replay (kernel call {replay['call_ms']:.3f} ms + "
                     f"{replay['expert_ms']:.3f} ms per expert + {replay['pair_ms']:.4f} ms per "
-                    f"token-expert pair, a copy {replay['load_ms']:.3f} ms, measured; a layer's "
+                    f"token-expert pair, a copy {replay['load_ms']:.3f} ms"
+                    + (f", a call on part of the step's tokens {replay['subset_ms']:.3f} ms more"
+                       if replay.get("subset_ms") else "")
+                    + ", measured; a layer's "
                     "overhead fitted on all-resident runs with the row's features: "
                     + ", ".join(f"{k} {v:.3f} ms" for k, v in replay["layer_overhead_ms"].items())
                     + (f"; a host call's own overhead {replay['host_call_ms']:.3f} ms, fitted on "
                        "a run with every expert on the host" if replay.get("host_call_ms") else "")
+                    + (f"; a load's engine overhead beyond its copy {replay['load_overhead_ms']:.3f}"
+                       " ms, fitted on a separate run of layer streaming's setting (so that row "
+                       "checks little)" if "load_overhead_ms" in replay else "")
+                    + ("; the replay's own planner time added" if "subset_ms" in replay else "")
                     + "): replayed tok/s ÷ measured" if replay else "")
         measured = f"{b['steps']} measured decode steps per row; " if b.get("steps") else ""
         out += ["", f"batch {batch}: {measured}layer compute {b['layer_compute_ms']:.3f} ms; one expert load ≈ "

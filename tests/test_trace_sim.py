@@ -1,6 +1,7 @@
 """Routing traces and the simulator: round-trip, hand-worked policies, Belady as a lower
 bound, and exact agreement with the live engine's counters."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -95,6 +96,11 @@ def test_time_replay_prices_the_host_beside_or_after_the_device(tmp_path):
     out = simulate(trace, 2, "lru", placement=[[0, 1]], hybrid="host-only",
                    host_costs=PinnedCosts(10.0, 1.0, 0.1), timing=extra)
     assert out["time"]["step_s"] == pytest.approx([device_s + host_s + 0.3])
+    # each of the two calls runs part of the step's tokens: both pay the gather and scatter
+    split = dataclasses.replace(host, subset_s=0.05)
+    out = simulate(trace, 2, "lru", placement=[[0, 1]], hybrid="host-only",
+                   host_costs=PinnedCosts(10.0, 1.0, 0.1), timing=split)
+    assert out["time"]["step_s"] == pytest.approx([device_s + host_s + 2 * 0.05])
 
 
 def test_time_replay_streaming_copies_every_step(tmp_path):

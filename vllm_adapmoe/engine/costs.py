@@ -137,7 +137,10 @@ class StepTimes:
     token-expert pair (the host's call likewise, with ``host`` = its (call, expert, pair) parts;
     None: the device's, as on CPU, where both run the same kernel on the same cores), a host call
     ``host_extra_s`` more (its plan's split of the step and the hand-off around the kernel); a
-    copy ``load_s``; ``layer_s`` the rest of a layer's step (routing, planning, small ops). Where copies
+    copy ``load_s``; a call on part of the step's tokens ``subset_s`` more (their gather and
+    scatter); ``layer_s`` the rest of a layer's step (routing, planning, small
+    ops). With ``plan_timed`` the replay adds its own ``plan_step`` time (the live planner's
+    code on this machine: a split step plans far longer than an all-resident one). Where copies
     and host work run beside the device (``parallel``: a GPU, an emulated machine) a layer takes
     max(device + its on-demand copies, host), guesses and promotions landing in the background;
     else everything adds up, every copy included.
@@ -151,15 +154,19 @@ class StepTimes:
     parallel: bool = False
     host: tuple[float, float, float] | None = None
     host_extra_s: float = 0.0
+    subset_s: float = 0.0
+    plan_timed: bool = False
 
     @classmethod
     def measured(cls, costs: MeasuredCosts, load_s: float, layer_s: float = 0.0,
-                 host_extra_s: float = 0.0) -> StepTimes:
-        """From a calibrated host cost model; on CPU it times the device's kernel too."""
+                 host_extra_s: float = 0.0, subset_s: float = 0.0) -> StepTimes:
+        """From a calibrated host cost model (on CPU it times the device's kernel too), with
+        the replay's planner timed as it runs."""
         if not costs.calibrated:
             raise ValueError("StepTimes.measured needs calibrated costs (MeasuredCosts.calibrate)")
         return cls(load_s, costs.host_call_s, costs.host_fixed_s or 0.0, costs.host_token_s,
-                   layer_s, costs.parallel, host_extra_s=host_extra_s)
+                   layer_s, costs.parallel, host_extra_s=host_extra_s, subset_s=subset_s,
+                   plan_timed=True)
 
     def kernel_s(self, experts: int, pairs: int, on_host: bool = False) -> float:
         call, expert, pair = (self.host if on_host and self.host is not None
@@ -167,12 +174,15 @@ class StepTimes:
         return call + expert * experts + pair * pairs + (self.host_extra_s if on_host else 0.0)
 
     def step_s(self, waves: list[tuple[int, int]], host: tuple[int, int] | None, copies: int,
-               on_demand: int) -> float:
+               on_demand: int, subsets: tuple[int, bool] = (0, False)) -> float:
         """``waves``: (distinct experts, pairs) per device kernel call; ``host``: the host call's
         (experts, pairs) or None; ``copies``: every copy the step queued (``on_demand`` of them
-        for its own tokens)."""
-        device = self.layer_s + sum(self.kernel_s(e, p) for e, p in waves)
-        on_host = self.kernel_s(*host, on_host=True) if host else 0.0
+        for its own tokens); ``subsets``: the device calls on part of the step's tokens, and
+        whether the host's call is one."""
+        device = (self.layer_s + sum(self.kernel_s(e, p) for e, p in waves)
+                  + subsets[0] * self.subset_s)
+        on_host = (self.kernel_s(*host, on_host=True) + subsets[1] * self.subset_s
+                   if host else 0.0)
         if self.parallel:
             return max(device + on_demand * self.load_s, on_host)
         return device + copies * self.load_s + on_host

@@ -7,11 +7,13 @@ for residency and eviction — and applies each plan to the tables alone (no ten
 replaying a trace with the settings it was recorded under reproduces the engine's counters
 exactly (tested), and any other setting answers "what would this budget/policy/rule have cost
 on this workload". Given ``timing`` (``StepTimes``: a cost model's unit times) it also replays
-durations: each layer step's plan — its waves, copies and host call — priced and summed per step.
+durations: each layer step's plan — its waves, copies and host call — priced and summed per step
+(with ``StepTimes.plan_timed``, plus the time its own ``plan_step`` call took here).
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -123,8 +125,10 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
             decode_step_tokens[block.layer] += len(block.ids)
         tokens = (expert_counts(routing.expert_sets, int(trace.meta["num_experts"])).tolist()
                   if hybrid != "off" else None)
+        planning = time.perf_counter()
         plan = plan_step(StepSummary(needed, routing.expert_sets, {}, tokens), table,
                          hybrid=hybrid, host=host)
+        planning = time.perf_counter() - planning
         if plan.host_rows is not None:
             st.host_tokens += plan.host_rows.numel()
             st.host_experts += len(plan.host_experts)
@@ -134,7 +138,8 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
             table.promote(expert, {e for w in plan.waves for e in w.experts})
         table.release_staging()
         if timing is not None:
-            step_s[block.step] += _priced(timing, plan, routing, st, before)
+            step_s[block.step] += (_priced(timing, plan, routing, st, before)
+                                   + (planning if timing.plan_timed else 0.0))
 
     size = expert_bytes or int(trace.meta.get("expert_bytes", 0))
     layers = []
@@ -163,7 +168,9 @@ def _priced(timing: StepTimes, plan, routing: Routing, st: LayerStats,
             (len(plan.host_experts), int((sets[plan.host_rows] >= 0).sum())))
     copies = st.loads - before[0]
     on_demand = copies - (st.prefetch_issued - before[1]) - (st.promotions - before[2])
-    return timing.step_s(waves, host, copies, on_demand)
+    subsets = (sum(1 for w in plan.waves if w.rows is not None),  # as the executor gathers
+               plan.host_rows is not None and plan.host_rows.numel() < len(sets))
+    return timing.step_s(waves, host, copies, on_demand, subsets)
 
 
 def miss_curves(trace: Trace, policy: str = "lru", progress: bool = True,
