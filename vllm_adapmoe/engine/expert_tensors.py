@@ -243,10 +243,11 @@ class ExpertRows:
 def _copy_off_openmp(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst`` ← ``src`` (contiguous, same shape and dtype, on the CPU) as one plain memcpy.
 
-    The link's worker thread makes CPU loads. torch's ``copy_`` would run them on an OpenMP
-    team of that thread's own, whose threads keep spinning after each copy and take cores from
-    the compute thread's team (measured here: every decode step ~3x slower on 2 cores once a
-    load has run). numpy's copy uses no OpenMP and releases the GIL.
+    The link's loader thread makes CPU loads of big experts (and every load with an emulated
+    link). torch's ``copy_`` there would start an OpenMP team of that thread's own beside the
+    compute thread's; once it had, compute ran ~3x slower on 2 cores, loads or not (bundled
+    shape, batch 16: an all-resident decode step 16 → 5 ms with this copy). numpy's copy uses no
+    OpenMP and releases the GIL.
     """
     np.copyto(_bytes(dst), _bytes(src))
 
