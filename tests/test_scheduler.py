@@ -130,7 +130,7 @@ def test_arrivals_while_decoding_are_held_and_outputs_equal_serial(expert_aware)
     from tests.conftest import greedy
 
     before = vllm_adapmoe.scheduler_stats(expert_aware)
-    served = _staggered(expert_aware, PROMPTS, every=3)
+    served = _staggered(expert_aware, PROMPTS, every=2)
     after = vllm_adapmoe.scheduler_stats(expert_aware)
     serial = [greedy(expert_aware, [p], max_tokens=16)[0][0] for p in PROMPTS]
     assert [served[f"r{i}"] for i in range(len(PROMPTS))] == serial
