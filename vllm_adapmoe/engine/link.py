@@ -177,16 +177,22 @@ class Link:
                 item = (self._queues[False] or self._queues[True]).popleft()
                 self._running += 1
             try:
-                if not item.future.set_running_or_notify_cancel():
-                    continue  # cancelled while queued: the link skips it
-                try:
-                    run_with_retry(lambda: self._run(item))
-                    item.future.set_result(None)
-                except BaseException as exc:  # surfaces in the waiting compute thread
-                    item.future.set_exception(exc)
+                self._serve_one(item)
             finally:
                 with self._wake:
                     self._running -= 1
+            # the thread outlives its copies: holding the last one would keep its cache's
+            # slots alive after the model (or a benchmark's stack) is gone
+            del item
+
+    def _serve_one(self, item: _Copy) -> None:
+        if not item.future.set_running_or_notify_cancel():
+            return  # cancelled while queued: the link skips it
+        try:
+            run_with_retry(lambda: self._run(item))
+            item.future.set_result(None)
+        except BaseException as exc:  # surfaces in the waiting compute thread
+            item.future.set_exception(exc)
 
     def _run(self, item: _Copy) -> None:
         start = time.perf_counter()
