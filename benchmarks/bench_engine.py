@@ -40,7 +40,8 @@ timing=StepTimes)``): the routing as a trace, the row's settings, the kernel's m
 expert / token costs, a call's gather and scatter on part of the tokens and the measured copy
 time, plus the replay's own planner time; a layer's remaining overhead is fitted on
 all-resident runs with the row's features, a host call's on a run with every expert on the
-host, and a load's (booking, queueing, waiting) on a run that loads every expert it needs. ``predicted_vs_measured`` in each row is the check of that model.
+host, and a load's (booking, queueing, waiting) on a run that loads every expert it needs.
+``predicted_vs_measured`` in each row is the check of that model.
 JSON to ``benchmarks/results/engine_<device>.json`` (+ a plot), printed as a table.
 """
 
