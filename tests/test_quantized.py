@@ -215,8 +215,9 @@ def test_int4_family_offloaded_matches_all_resident(engines, tmp_path_factory, f
     """INT4 on the fine-grained families (top-4 of 16, shared experts; DeepSeek's MLA and grouped
     routing, GLM's correction bias): batch 16 at 8 slots per layer with prefetch (waves, evictions
     inside a step) = all resident. (At 4 slots, one token per wave, Qwen3-MoE's tokens stay equal
-    but one prompt's logprobs differed by ~4e-3 on an AVX-512/AMX Xeon, eager and compiled;
-    the grouped kernel alone is subset-invariant there: not yet explained.)"""
+    but one prompt's logprobs differed by ~4e-3 on an AVX-512/AMX Xeon: the BLAS picks its GEMM
+    path by row count, and a wave of one token rounded a near-tie of bf16 the other way; see
+    README "Quantized experts".)"""
     from tiny_model import build_tiny_moe
 
     from vllm_adapmoe.offline.quantize import quantize_experts

@@ -77,7 +77,9 @@ class ReferenceKernel(_PlainLayout):
 class GroupedKernel(_PlainLayout):
     """Grouped GEMM in torch: (token, expert) pairs sorted by slot, each used slot's rows in one
     contiguous chunk, weighted outputs summed per token in float32 in top-k order — the same
-    sum wherever the experts sit, so offloaded equals all resident bit for bit at any k. The
+    sum wherever the experts sit. Each expert's GEMM is the BLAS's, which chooses its algorithm
+    by row count: an expert given fewer rows by a wave than by the whole step can round a
+    near-tie of bf16 the other way (one ulp; seen with MKL/oneDNN at 1 vs 2+ rows). The
     only host sync is the one list of per-slot counts; zero-weight pairs (gated tokens'
     dropped positions) are skipped. Quantized experts are dequantized per used slot (the
     engine's own path for checkpoints no fused kernel here takes)."""
