@@ -24,7 +24,9 @@ layers. Settings, one run each, the same experts and routing:
   * ``uniform + hybrid`` / ``hybrid AdapMoE`` — the uniform / AdapMoE rows with hybrid "auto"
                          (a cold expert's tokens computed on the host when that shortens the
                          layer's critical path); hybrid AdapMoE's budget split is the DP over
-                         this batch's host curves (``cache_plan.plan_hybrid``), not miss curves;
+                         this batch's host curves (``cache_plan.plan_hybrid``), not miss curves
+                         (on CPU without ``--link-gbps`` or ``--emulate``: whole layers only, as
+                         the engine plans there);
   * ``DP + hybrid``    — that split and hybrid "auto" without gating and prefetch: what the
                          hybrid setting and its plan do alone (gating trades accuracy for speed).
 
@@ -386,7 +388,7 @@ def tile(values: list, n: int) -> list:
 
 def settings(shape: LayerShape, layers: int, profile: dict, threshold: float,
              link: float | None, emulate: str | None,
-             host: list[list[float]]) -> dict[str, tuple]:
+             host: list[list[float]], device_type: str) -> dict[str, tuple]:
     """name → (slots per layer, engine config, streaming, placement per layer or None).
     ``host``: the host curves of this batch's routing (the hybrid DP plan's input)."""
     E, k = shape.experts, shape.top_k
@@ -408,7 +410,11 @@ def settings(shape: LayerShape, layers: int, profile: dict, threshold: float,
         out[f"layer split {pct}%"] = ([0] * (layers - gpu_layers) + [E] * gpu_layers,
                                       AdapMoEConfig(**base, hybrid="host-only"), False, None)
         out[f"uniform + hybrid {pct}%"] = (uniform, AdapMoEConfig(**base, hybrid="auto"), False, None)
-        split = plan_hybrid(host, total, k)
+        # the engine's own choice (``AdapMoEConfig.same_memory``): whole layers where the host
+        # is the device's own memory
+        split = plan_hybrid(host, total, k,
+                            whole_layers=base["link_gbps"] is None and emulate is None
+                            and device_type == "cpu")
         out[f"DP + hybrid {pct}%"] = (split, AdapMoEConfig(**base, hybrid="auto"), False, None)
         out[f"hybrid AdapMoE {pct}%"] = (split,
                                          AdapMoEConfig(**base, **full, hybrid="auto"), False, None)
@@ -481,7 +487,8 @@ def main() -> None:
         steps_ = held_out or routing
         host = host_work_curves([[a[n].topk(shape.top_k, dim=1).indices for a, _ in steps_]
                                  for n in range(layers)], shape.experts)
-        plan = settings(shape, layers, profile, args.threshold, args.link_gbps, args.emulate, host)
+        plan = settings(shape, layers, profile, args.threshold, args.link_gbps, args.emulate, host,
+                        args.device)
         fits = overhead_fits(plan, shape.experts, shape.top_k, layers) if replayed else {}
         runs: dict[str, list[dict]] = {name: [] for name in {**plan, **fits}}
         bar = tqdm(total=len(runs) * args.rounds, desc=f"batch {batch}", unit="run")

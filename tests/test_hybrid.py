@@ -205,6 +205,35 @@ def test_host_curves_and_the_hybrid_plan():
         plan_hybrid(concave, 10, 2)  # more than every expert plus a row
 
 
+def test_where_host_is_device_memory_the_plan_keeps_whole_layers(tmp_path):
+    """On a CPU without an emulated or limited link a host expert costs what a resident one
+    does, so the hybrid plan keeps whole layers (the ones saving the most host work; ties: the
+    later ones) and leaves the remainder unused; anywhere else the DP spreads as before."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from vllm_adapmoe.config import AdapMoEConfig
+    from vllm_adapmoe.engine.cache_plan import plan_whole_layers
+
+    convex = [[1.0, 0.5, 0.2, 0.15, 0.12]] * 2
+    assert plan_hybrid(convex, 6, 2) == [3, 3]
+    assert plan_hybrid(convex, 6, 2, whole_layers=True) == [0, 4]
+    curves = [[2.0, 1.0, 0.0], [3.0, 1.0, 0.0], [1.0, 0.5, 0.0], [3.0, 2.0, 0.0]]
+    assert plan_whole_layers(curves, 5) == [0, 2, 0, 2]  # most saved; the rest unused
+    assert plan_whole_layers(curves, 1) == [0, 0, 0, 0]
+    assert plan_whole_layers([[3.0, 1.0, 0.0, 0.0], [1.0, 0.0]], 3) == [3, 0]
+    prof = tmp_path / "p.json"
+    prof.write_text("{}")  # read through the patched _profile below
+    raw = {"profile": str(prof), "cache_total_slots": 6, "plan": "dp", "hybrid": "auto"}
+    profile = SimpleNamespace(host_curves=convex)
+    for extra, device, slots in (({}, "cpu", [0, 4]), ({}, "cuda", [3, 3]),
+                                 ({"link_gbps": 10.0}, "cpu", [3, 3]),
+                                 ({"emulate": "h100-pcie4"}, "cpu", [3, 3])):
+        config = AdapMoEConfig.from_dict({**raw, **extra})
+        with mock.patch.object(AdapMoEConfig, "_profile", lambda self, hf: profile):
+            assert config.slots_per_layer(2, 4, 1, None, 2, device) == slots, (extra, device)
+
+
 def test_a_layer_wholly_on_the_host_equals_all_resident():
     """llama.cpp's --n-cpu-moe form: layers 0 and 1 keep no expert on the device. Host-only
     never loads, so it allocates no staging rows: its device memory is its own slots alone."""

@@ -274,7 +274,7 @@ def validate_budget(vllm_config: Any) -> list[int]:
         preflight.check_checkpoint(model_dir, checkpoint_shape, SUPPORTED[arch].experts)
     slots = cfg.slots_per_layer(shape.num_layers, shape.num_experts,
                                 shape.expert_bytes(model_config.dtype.itemsize) // tp,
-                                model_config.hf_config, shape.top_k)
+                                model_config.hf_config, shape.top_k, current_platform.device_type)
     from vllm_adapmoe.engine.cache_plan import staging_rows
     from vllm_adapmoe.engine.plan import never_loads
 

@@ -298,8 +298,10 @@ class AdapMoEConfig:
         return cache[key][1]
 
     def slots_per_layer(self, num_layers: int, num_experts: int, expert_bytes: int,
-                        hf_config: Any = None, top_k: int = 1) -> list[int]:
-        """Device slots for each MoE layer under this budget (model shape known only here)."""
+                        hf_config: Any = None, top_k: int = 1,
+                        device_type: str | None = None) -> list[int]:
+        """Device slots for each MoE layer under this budget (model shape known only here;
+        ``device_type``: where the slots live, which decides the hybrid plan's kind)."""
         if self.cache_slots is None and self.cache_gib is None and self.cache_total_slots is None:
             return [num_experts] * num_layers
         if isinstance(self.cache_slots, tuple):
@@ -336,7 +338,7 @@ class AdapMoEConfig:
         if self.hybrid != "off" and self.plan == "dp":
             # layers with no own slot live on the host and need no staging row: any budget fits
             return self._hybrid_split(self._profile(hf_config), total, num_layers,
-                                      min(top_k, num_experts))
+                                      min(top_k, num_experts), self.same_memory(device_type))
         # The budget pays for the shared staging rows too (a layer below top_k own slots loads
         # the rest of a token's experts there): one own slot per layer plus top_k - 1 rows.
         top_k = min(top_k, num_experts)
@@ -368,9 +370,19 @@ class AdapMoEConfig:
                                  lambda budget, lo: plan_dp(curves, budget, lo=lo),
                                  lambda slots: plan_cost(slots, curves))
 
-    def _hybrid_split(self, profile: Any, total: int, num_layers: int, top_k: int) -> list[int]:
+    def same_memory(self, device_type: str | None) -> bool:
+        """Slots and host store in the same memory, copied between at memory speed: a CPU run
+        without ``emulate`` or ``link_gbps``. There an expert computes as fast from the host as
+        from a slot."""
+        return device_type == "cpu" and self.emulate is None and self.link_gbps is None
+
+    def _hybrid_split(self, profile: Any, total: int, num_layers: int, top_k: int,
+                      whole_layers: bool = False) -> list[int]:
         """With hybrid on, a miss costs host work rather than a load: DP over the profile's host
-        curves (0 own slots allowed: a layer may live on the host whole)."""
+        curves (0 own slots allowed: a layer may live on the host whole). ``whole_layers`` (the
+        host is the device's own memory): only whole layers resident, as llama.cpp's
+        ``--n-cpu-moe``, since a slot saves no work there and a partial layer costs a per-step
+        decision."""
         from vllm_adapmoe.engine.cache_plan import plan_hybrid
 
         curves = getattr(profile, "host_curves", None)
@@ -379,7 +391,7 @@ class AdapMoEConfig:
                 f'adapmoe: plan="dp" with hybrid "{self.hybrid}" needs host curves in '
                 f"{self.profile}; add them with `adapmoe profile {self.profile} --trace T.npz`")
         try:
-            return plan_hybrid(curves, total, top_k)
+            return plan_hybrid(curves, total, top_k, whole_layers)
         except ValueError as exc:
             raise AdapMoEConfigError(f"adapmoe: {exc}") from None
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 
-__all__ = ["plan_dp", "plan_hybrid", "plan_uniform", "plan_with_staging", "staging_rows", "plan_cost", "closed_form_curve",
+__all__ = ["plan_dp", "plan_hybrid", "plan_whole_layers", "plan_uniform", "plan_with_staging", "staging_rows", "plan_cost", "closed_form_curve",
            "miss_curves_from_profile", "uniform_split", "layer_costs"]
 
 
@@ -159,7 +159,8 @@ def plan_with_staging(total: int, top_k: int, num_layers: int,
     return best[1]
 
 
-def plan_hybrid(host_curves: Sequence[Sequence[float]], total: int, top_k: int) -> list[int]:
+def plan_hybrid(host_curves: Sequence[Sequence[float]], total: int, top_k: int,
+                whole_layers: bool = False) -> list[int]:
     """Own slots per layer (0 allowed) minimising ``sum_l h_l(s_l)`` for hybrid execution, where
     ``host_curves[l][s] = h_l(s)``, s = 0..E, is the host work per decoded token with s slots
     (``offline/simulator.py: host_curves``). ``total`` pays for the shared staging rows too
@@ -167,8 +168,15 @@ def plan_hybrid(host_curves: Sequence[Sequence[float]], total: int, top_k: int) 
     load into them; one with none lives on the host and never loads). At large batches the
     curves favour whole resident layers (llama.cpp's ``--n-cpu-moe`` split, which needs no
     staging row) over the same slots spread thin; at batch 1, the frequent experts of every
-    layer."""
+    layer.
+
+    ``whole_layers``: every layer all resident or none (``plan_whole_layers``), for where the
+    host and the device are the same memory (CPU without an emulated or limited link): there a
+    host expert costs what a resident one does, so slots save no work, and a partial layer
+    only adds its per-step decision of which tokens go where."""
     h = _check_curves(host_curves)
+    if whole_layers:
+        return plan_whole_layers(h, total)
     num_layers = len(h)
     # above any allowed plan's cost: rules out own counts a plan's staging rows do not serve
     barred = sum(max(c) for c in h) + 1.0
@@ -191,6 +199,29 @@ def plan_hybrid(host_curves: Sequence[Sequence[float]], total: int, top_k: int) 
         raise ValueError(f"{total} slots: no split fits between 0 and the "
                          f"{experts} experts of all layers")
     return best[1]
+
+
+def plan_whole_layers(host_curves: Sequence[Sequence[float]], total: int) -> list[int]:
+    """Whole layers resident (``E_l`` own slots) or on the host (0), at most ``total`` slots:
+    the layers that save the most host work ``h_l(0) - h_l(E_l)`` (a 0/1 knapsack; ties: the
+    later layers, as llama.cpp's ``--n-cpu-moe`` keeps the last ones). Slots left over stay
+    unused: a partial layer would take them, and no staging row is needed."""
+    h = _check_curves(host_curves)
+    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+        raise ValueError(f"total slots must be an integer >= 0, got {total!r}")
+    sizes = [len(c) - 1 for c in h]
+    gains = [c[0] - c[-1] for c in h]
+    # best[c]: (host work saved, layers chosen) using at most c slots; later layers first so
+    # that a tie keeps the choice made with the later layers
+    best: list[tuple[float, tuple[int, ...]]] = [(0.0, ())] * (total + 1)
+    for layer in reversed(range(len(h))):
+        size, gain = sizes[layer], gains[layer]
+        for c in range(total, size - 1, -1):
+            saved, chosen = best[c - size]
+            if saved + gain > best[c][0] + 1e-12:
+                best[c] = (saved + gain, chosen + (layer,))
+    chosen = set(best[total][1])
+    return [sizes[l] if l in chosen else 0 for l in range(len(h))]
 
 
 def plan_uniform(num_layers: int, experts: int | Sequence[int], total: int, lo: int = 1) -> list[int]:

@@ -68,7 +68,7 @@ class MoEBlocks:
         self.shard = (get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
         self.slots = config.slots_per_layer(shape.num_layers, shape.num_experts,
                                             shape.expert_bytes(self.dtype.itemsize) // self.shard[1],
-                                            hf_config, shape.top_k)
+                                            hf_config, shape.top_k, current_platform.device_type)
         self.sensitivity = config.sensitivities(shape.num_layers, hf_config)
         self.device = torch.device(current_platform.device_type)
         rank_expert_bytes = shape.expert_bytes(self.dtype.itemsize) // self.shard[1]
