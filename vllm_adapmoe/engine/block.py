@@ -275,8 +275,10 @@ class AdapMoEBlock(nn.Module):
     def _link_state(self) -> tuple[frozenset[int], float]:
         """(hybrid "auto") this layer's copies still in flight, and the link's backlog: what a
         load planned now would wait for."""
+        table = self.cache.table
         if (self.hybrid != "auto" or isinstance(self.host_costs, PinnedCosts)
-                or self.cache.table.num_slots == 0):  # (no slot: every token on the host)
+                or table.num_slots == 0  # no slot: every token on the host
+                or table.own >= self.num_experts):  # every expert resident: nothing is cold
             return frozenset(), 0.0  # pinned costs: decisions that do not depend on timing
         return self.cache.landing(), self.cache.link.backlog_s()
 
