@@ -1,5 +1,6 @@
 """The whole AdapMoE workflow from the command line, then serving with its result:
-calibrate → trace → profile (miss curves) → plan → LLM(plan="dp", prefetch) — still exact."""
+calibrate → trace → profile (miss curves) → plan → LLM(plan="dp", prefetch; with hybrid) —
+still exact."""
 
 import json
 
@@ -34,7 +35,17 @@ def test_cli_workflow_and_dp_prefetch_engine_is_exact(engines, tiny_model, tmp_p
     llm = engines.get(tiny_model, "adapmoe", cache_total_slots=9, plan="dp", profile=str(prof),
                       prefetch=True, link_layers=1)
     assert [layer["slots"] for layer in vllm_adapmoe.stats(llm)["layers"]] == slots
-    assert_same(greedy(engines.get(tiny_model)), greedy(llm))
+    stock = greedy(engines.get(tiny_model))
+    assert_same(stock, greedy(llm))
+
+    # hybrid on this CPU (no emulated link): the host-curve plan keeps whole layers only
+    hybrid = engines.get(tiny_model, "adapmoe", cache_total_slots=9, plan="dp",
+                         profile=str(prof), hybrid="auto")
+    vllm_adapmoe.reset_stats(hybrid)
+    assert_same(stock, greedy(hybrid))
+    slots = [layer["slots"] for layer in vllm_adapmoe.stats(hybrid)["layers"]]
+    assert sorted(slots) == [0, 0, 8], slots  # one whole layer; the last slot stays unused
+    assert vllm_adapmoe.stats(hybrid)["total"]["host_experts"] > 0
 
 
 def test_plan_without_miss_curves_is_a_clear_error(tiny_model, tmp_path, capsys):

@@ -332,7 +332,7 @@ class AdapMoECausalLM(nn.Module, SupportsPP):
         logger.info(
             "AdapMoE active: %s with %d MoE layers x %d experts (top-%d)%s, experts %s, %.3f MiB "
             "each; device slots per layer "
-            "%s%s%s (%s kernel, %s eviction%s%s%s%s%s); CPU %s, MoE kernel path: %s",
+            "%s%s%s (%s kernel, %s eviction%s%s%s%s%s%s); CPU %s, MoE kernel path: %s",
             type(self).__name__, shape.num_layers,
             shape.num_experts, shape.top_k, f", {dense} dense layers (resident)" if dense else "",
             shape.expert_format.describe(moe.dtype), moe.blocks[0].store.expert_bytes / 2**20,
@@ -344,6 +344,9 @@ class AdapMoECausalLM(nn.Module, SupportsPP):
             f", emulated link {cfg.link_gbps} GB/s" if cfg.link_gbps else "",
             f", {moe.link.emulation.describe()}" if moe.link.emulation else "",
             f", hybrid {cfg.hybrid}" if cfg.hybrid != "off" else "",
+            ' (plan "dp": whole layers only, since the host store is this CPU\'s own memory)'
+            if cfg.hybrid != "off" and cfg.plan == "dp" and cfg.same_memory(moe.device.type)
+            else "",
             f", gating T={cfg.threshold}" if cfg.threshold else "",
             _describe_prefetch(cfg.prefetch, cfg.prefetch_lookahead, moe.blocks[0].lookahead.guessing),
             cpu_features.describe_cpu(), getattr(moe.blocks[0].kernel, "path", moe.blocks[0].kernel.name))
