@@ -115,6 +115,22 @@ def layer_section(data: dict) -> list[str]:
     return out
 
 
+def prefill_section(data: dict) -> list[str]:
+    out = [f"**Prompt steps** (`benchmarks/bench_prefill.py`: vLLM-free engine, {data['shape']} "
+           f"shape, {data['layers']} MoE layers, {data['slots']} of {data['experts']} slots per "
+           f"layer (top-{data['top_k']}), seeded synthetic routing, a warm cache, then "
+           f"{data['steps']} prompt steps per run; {data['rounds']} alternating rounds, medians, "
+           f"one run; {data['link']}):", "",
+           "| prompt tokens per step | setting | ms / prompt step | × no rows | loads / layer "
+           "| loads / prompt token | waves / layer | tokens on host |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        out.append(f"| {r['tokens']} | {r['setting']} | {r['step_ms']:.1f} | {r['speedup']:.2f} "
+                   f"| {r['loads_per_layer']:.1f} | {r['loads_per_prompt_token']:.3f} "
+                   f"| {r['waves_per_layer']:.1f} | {r['host_token_share']:.2f} |")
+    return out
+
+
 def engine_section(data: dict) -> list[str]:
     link = data["link"]
     emulated = f", emulated link {link['emulated_gbps']} GB/s" if link.get("emulated_gbps") else ""
@@ -363,6 +379,10 @@ def render() -> str:
         data = _load(name)
         if data:
             parts.append(engine_section(data))
+    for name in ("prefill_cpu_bundled_h100-pcie4.json", "prefill_cpu_bundled.json"):
+        data = _load(name)
+        if data:
+            parts.append(prefill_section(data))
     if not _load("engine_cuda.json"):
         parts.append(["**CUDA: not run.** `benchmarks/results/engine_cuda.json` is missing: no GPU "
                       "was available to the sessions so far (run `python benchmarks/bench_engine.py "

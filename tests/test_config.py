@@ -65,6 +65,25 @@ def test_budget_pays_for_shared_staging_rows():
                                    ).slots_per_layer(4, 8, 10, top_k=2) == [1, 1, 0, 0]
 
 
+def test_prefill_rows_come_out_of_a_total_budget_and_are_checked():
+    """The shared prefill rows are paid from cache_total_slots / cache_gib before the split,
+    come on top of cache_slots, and make no sense without offloading or with host-only."""
+    cfg = AdapMoEConfig.from_dict({"cache_total_slots": 12, "prefill_rows": 4})
+    assert cfg.slots_per_layer(4, 8, 10, top_k=2) == [2, 2, 2, 2]
+    assert AdapMoEConfig.from_dict({"cache_slots": 2, "prefill_rows": 4}
+                                   ).slots_per_layer(4, 8, 10, top_k=2) == [2, 2, 2, 2]
+    with pytest.raises(AdapMoEConfigError, match="takes all of cache_total_slots=4"):
+        AdapMoEConfig.from_dict({"cache_total_slots": 4, "prefill_rows": 4}
+                                ).slots_per_layer(4, 8, 10, top_k=2)
+    for raw, match in (({"prefill_rows": 2}, "every expert resident"),
+                       ({"cache_slots": 2, "prefill_rows": -1}, "integer >= 0"),
+                       ({"cache_slots": 2, "prefill_rows": 1.5}, "an integer"),
+                       ({"cache_slots": 2, "prefill_rows": 2, "hybrid": "host-only"},
+                        "never loads")):
+        with pytest.raises(AdapMoEConfigError, match=match):
+            AdapMoEConfig.from_dict(raw)
+
+
 @pytest.mark.parametrize("raw, match", [
     ({"emulate": "a100"}, "emulate must be one of"),
     ({"emulate": "h100-pcie4", "link_gbps": 10}, "drop \"link_gbps\""),

@@ -62,14 +62,15 @@ def test_grouped_kernel_matches_reference_loop(device):
 def _stack(device: str, slots: int | list[int] | None, prefetch: bool = False,
            gbps: float | None = None, kernel: str = "grouped", threshold: float = 0.0,
            layers: int = 4, link_layers: float | None = 1.0, hybrid: str = "off",
-           hybrid_costs: tuple[float, float, float] | None = None) -> ExpertStack:
+           hybrid_costs: tuple[float, float, float] | None = None,
+           prefill_rows: int = 0) -> ExpertStack:
     """``link_layers`` is pinned by default: without ``gbps`` CPU copies of these small experts
     are inline, and a measured link would (rightly) never prefetch."""
     n = SHAPE.experts if slots is None else slots
     config = EngineSettings(prefetch=prefetch, link_gbps=gbps, kernel=kernel, threshold=threshold,
                             prefetch_lookahead=2 if prefetch else 1,
                             link_layers=None if gbps else link_layers, hybrid=hybrid,
-                            hybrid_costs=hybrid_costs)
+                            hybrid_costs=hybrid_costs, prefill_rows=prefill_rows)
     stack = ExpertStack(SHAPE, n if isinstance(n, list) else [n] * layers, config,
                         torch.device(device))
     g = torch.Generator().manual_seed(7)
@@ -254,6 +255,36 @@ def test_layers_below_top_k_share_staging_rows(device):
     assert [layer["staging_bytes"] for layer in layers] == [row, 0, 0, 0]
     assert [len(b.cache.slot_of) for b in stack.blocks] == [1, 3, 1, 2]
     assert layers[0]["loads"] > layers[1]["loads"]  # the one-slot layers pay in loads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_rows_load_a_prompt_steps_experts_once(device):
+    """``prefill_rows``: rows every loading layer shares for steps needing more experts than
+    its slots. A 64-token prompt step at 2 slots of 8 (top-2) runs in one wave and loads each
+    cold expert once (without the rows: a wave per pair of experts, an expert loaded again in
+    many of them); outputs equal all resident, decode steps too; nothing stays in the rows;
+    the counters say how many prompt tokens and what their steps loaded."""
+    g = torch.Generator().manual_seed(5)
+    steps = [torch.randn(n, SHAPE.hidden, generator=g).to(device, torch.bfloat16)
+             for n in (64, 1, 4, 48, 1)]
+
+    def run(stack: ExpertStack) -> list[torch.Tensor]:
+        return [stack.prompt_step(x) if x.shape[0] > 8 else stack.decode_step(x) for x in steps]
+
+    expected = run(_stack(device, None))
+    loads = {}
+    for rows in (0, 6):
+        stack = _stack(device, 2, prefill_rows=rows)
+        assert all(torch.equal(a, b) for a, b in zip(run(stack), expected)), rows
+        total = stack.stats()["total"]
+        assert total["prefill_tokens"] == (64 + 48) * 4 and total["decode_tokens"] == 6 * 4
+        assert 0 < total["prefill_step_loads"] <= total["loads"]
+        assert [len(b.cache.slot_of) for b in stack.blocks] == [2] * 4  # rows hold nothing
+        loads[rows] = total["prefill_step_loads"]
+    assert stack.staging.rows == 6
+    assert stack.device_bytes() == (4 * 2 + 6) * stack.blocks[0].cache.slots.row_bytes
+    # one wave: at most the 6 experts not in the 2 slots, per layer and prompt step
+    assert loads[6] <= 2 * 4 * 6 < loads[0]
 
 
 def _cache(device: str, slots: int, gbps: float | None) -> ExpertCache:

@@ -16,7 +16,8 @@ from vllm_adapmoe.offline.trace import Trace, TraceRecorder
 
 COUNTERS = ("tokens", "decode_tokens", "activated_experts", "top1_tokens", "hits", "misses",
             "loads", "evictions", "steps", "prefetch_issued", "prefetch_correct",
-            "prefetch_wasted", "prefetch_dropped", "promotions")
+            "prefetch_wasted", "prefetch_dropped", "promotions", "prefill_tokens",
+            "prefill_step_loads")
 
 
 def make_trace(tmp_path, steps, num_experts=8, name="t.npz"):
@@ -164,6 +165,28 @@ def test_simulator_reproduces_live_counters(engines, tiny_model, tmp_path):
     assert trace.meta["slots"] == [2, 2, 2] and trace.meta["steps"] == live["layers"][0]["steps"]
     assert any(ids for ids in trace.meta["step_req_ids"])
     _assert_counters_equal(live, simulate(trace, trace.meta["slots"], "lru"))
+
+
+def test_prefill_rows_in_vllm_match_stock_and_replay(engines, tiny_model, tmp_path):
+    """``prefill_rows`` inside vLLM: greedy tokens equal stock's, prompt steps load fewer
+    experts than without the rows, and the simulator, told the rows, reproduces every
+    counter."""
+    stock = greedy(engines.get(tiny_model), PROMPTS, max_tokens=8)
+    per_token = {}
+    for rows in (0, 4):
+        llm = engines.get(tiny_model, "adapmoe", cache_slots=2, prefill_rows=rows)
+        vllm_adapmoe.reset_stats(llm)
+        vllm_adapmoe.start_trace(llm)
+        assert greedy(llm, PROMPTS, max_tokens=8) == stock
+        trace = Trace.load(vllm_adapmoe.stop_trace(llm, tmp_path / f"rows{rows}.npz"))
+        live = vllm_adapmoe.stats(llm)
+        assert trace.meta["prefill_rows"] == rows
+        _assert_counters_equal(live, simulate(trace, trace.meta["slots"], "lru",
+                                              prefill_rows=trace.meta["prefill_rows"]))
+        total = live["total"]
+        assert total["prefill_tokens"] > 0 and total["prefill_step_loads"] > 0
+        per_token[rows] = total["prefill_step_loads"] / total["prefill_tokens"]
+    assert per_token[4] < per_token[0]
 
 
 def test_simulator_reproduces_live_counters_with_gating(engines, tiny_model, tmp_path):

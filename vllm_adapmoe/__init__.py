@@ -278,7 +278,8 @@ def validate_budget(vllm_config: Any) -> list[int]:
     from vllm_adapmoe.engine.cache_plan import staging_rows
     from vllm_adapmoe.engine.plan import never_loads
 
-    staging = staging_rows(slots, shape.top_k, loads=not never_loads(cfg.hybrid))
+    staging = staging_rows(slots, shape.top_k, loads=not never_loads(cfg.hybrid),
+                           prefill_rows=cfg.prefill_rows, num_experts=shape.num_experts)
     pool, what = preflight.expert_pool_bytes(shape, model_config.dtype.itemsize, slots,
                                              current_platform.device_type, staging)
     preflight.check_host_memory(pool, what)
@@ -406,6 +407,8 @@ def _hook_worker() -> None:
                 "num_experts": b.num_experts, "top_k": b.top_k,
                 "expert_bytes": b.store.expert_bytes, "slots": [x.cache.own_slots for x in blocks],
                 "eviction": b.cache.table.policy.name,
+                "prefill_rows": next((x.cache.staging.prefill_rows for x in blocks
+                                      if x.cache.staging), 0),
                 "additional_config": self.vllm_config.additional_config,
                 "cache_state": [x.cache.table.state() for x in blocks],
                 # the predictors' scores so far, per look-ahead distance (they steer the

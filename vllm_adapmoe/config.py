@@ -71,6 +71,11 @@ class AdapMoEConfig:
     scheduling: str = "stock"
     # Extension (expert-aware): the longest a waiting prompt is held back (its TTFT bound).
     max_prompt_hold_ms: float = 1000.0
+    # Extension: device rows shared by every loading layer, for steps that need more experts
+    # than a layer's slots hold (prompt steps): such a step loads each cold expert once into
+    # them instead of once per wave of tokens. Out of a cache_gib / cache_total_slots budget,
+    # on top of cache_slots.
+    prefill_rows: int = 0
 
     @classmethod
     def from_additional_config(cls, additional_config: dict[str, Any] | None) -> AdapMoEConfig:
@@ -119,6 +124,18 @@ class AdapMoEConfig:
             raise AdapMoEConfigError(
                 f"adapmoe: set at most one of cache_slots, cache_gib, cache_total_slots (got {given})"
             )
+        if self.prefill_rows < 0:
+            raise AdapMoEConfigError(
+                f"adapmoe: prefill_rows must be an integer >= 0, got {self.prefill_rows}")
+        if self.prefill_rows and not given:
+            raise AdapMoEConfigError(
+                "adapmoe: prefill_rows serves layers that offload experts; with every expert "
+                "resident there is nothing to load: drop it or set a budget (cache_slots, "
+                "cache_gib or cache_total_slots)")
+        if self.prefill_rows and self.hybrid == "host-only":
+            raise AdapMoEConfigError(
+                'adapmoe: hybrid="host-only" never loads an expert, so prefill_rows would stay '
+                'empty; drop it (or use hybrid="auto")')
         if self.plan not in ("uniform", "dp"):
             raise AdapMoEConfigError(f'adapmoe: plan must be "uniform" or "dp", got {self.plan!r}')
         if self.plan == "dp" and (self.profile is None or self.cache_slots is not None
@@ -232,7 +249,8 @@ class AdapMoEConfig:
                               hybrid=self.hybrid, hybrid_costs=self.hybrid_costs,
                               emulate=self.emulate, host_threads=self.host_threads,
                               copy_timeout_s=self.copy_timeout_s,
-                              quantize_at_load=self.expert_dtype is not None)
+                              quantize_at_load=self.expert_dtype is not None,
+                              prefill_rows=self.prefill_rows)
 
     def check_platform(self, device_type: str) -> None:
         """Settings that only make sense on one kind of machine (checked in the main process)."""
@@ -330,6 +348,13 @@ class AdapMoEConfig:
                     f"{num_layers} x {num_experts} experts; omit the budget to keep all resident"
                 )
             budget_name = f"cache_total_slots={total}"
+        if self.prefill_rows:  # the shared prefill rows come out of the budget first
+            if self.prefill_rows >= total:
+                raise AdapMoEConfigError(
+                    f"adapmoe: prefill_rows={self.prefill_rows} takes all of {budget_name}; "
+                    "lower prefill_rows or raise the budget")
+            total -= self.prefill_rows
+            budget_name += f" less prefill_rows={self.prefill_rows}"
         from vllm_adapmoe.engine.plan import never_loads
 
         if never_loads(self.hybrid) and self.plan != "dp":
@@ -425,7 +450,7 @@ def _normalise(key: str, value: Any) -> Any:
         ):
             return tuple(value)
         raise bad("an integer or a list of integers (one per MoE layer)")
-    if key in ("cache_total_slots", "prefetch_lookahead", "host_threads"):
+    if key in ("cache_total_slots", "prefetch_lookahead", "host_threads", "prefill_rows"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
         return value

@@ -233,6 +233,7 @@ class AdapMoEBlock(nn.Module):
         """One step through this layer from ``prepare``'s tensors: ``x`` [T, H] → [T, H]."""
         step, clock = self.step, self.executor.clock
         step.enter(self.layer_idx, x.shape[0], self.cache.link.cost)
+        loads_before = self.stats.loads
         if step.trace is not None and step.counted:
             step.trace.record(self.layer_idx, ids, weights, step.decode_mask)
         counts = summary.tolist()  # the step's one device→host transfer of routing
@@ -253,6 +254,8 @@ class AdapMoEBlock(nn.Module):
         clock and clock.mark("plan")
         out = self.executor.run(plan, x, routing, [t.cache for t in self.lookahead.targets],
                                 step.counted)
+        if step.counted and x.shape[0] > step.decode_tokens:  # the step carried prompt tokens
+            self.stats.prefill_step_loads += self.stats.loads - loads_before
         step.leave(self.last)
         return out
 

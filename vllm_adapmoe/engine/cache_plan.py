@@ -119,13 +119,18 @@ def plan_dp(curves: Sequence[Sequence[float]], total: int, lo: int = 1) -> list[
     return slots
 
 
-def staging_rows(slots: Sequence[int], top_k: int, loads: bool = True) -> int:
+def staging_rows(slots: Sequence[int], top_k: int, loads: bool = True,
+                 prefill_rows: int = 0, num_experts: int | None = None) -> int:
     """Shared staging rows a plan needs: a token's ``top_k`` experts must fit in the smallest
     loading layer's own slots plus the staging rows (``engine/staging.py``); none where nothing
     is ever loaded (``loads`` False: hybrid "host-only", whose device tokens are all resident).
-    A layer with no own slot never loads (``plan.layer_loads``): it needs no row."""
+    A layer with no own slot never loads (``plan.layer_loads``): it needs no row. Plus
+    ``prefill_rows`` where some loading layer holds fewer than ``num_experts`` (None: any)."""
     loading = [s for s in slots if s > 0] if loads else []
-    return max(0, top_k - min(loading)) if loading else 0
+    if not loading:
+        return 0
+    offloaded = any(num_experts is None or s < num_experts for s in loading)
+    return max(0, top_k - min(loading)) + (prefill_rows if offloaded else 0)
 
 
 def plan_with_staging(total: int, top_k: int, num_layers: int,

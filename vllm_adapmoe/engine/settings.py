@@ -28,3 +28,4 @@ class EngineSettings:
     host_threads: int | None = None   # CUDA: torch threads of the host computation (None: torch's)
     copy_timeout_s: float = 60.0      # a copy this late beyond the link's queue fails the step
     quantize_at_load: bool = False    # unquantized checkpoint weights → the store's quantized format
+    prefill_rows: int = 0             # shared device rows for steps needing more than a layer's slots

@@ -68,7 +68,9 @@ class ExpertStack:
         self.link = Link(device, settings.link_gbps, settings.link_layers, emulation,
                          settings.copy_timeout_s)
         self.staging = StagingArea.for_plan(slots, shape.top_k,
-                                            loads=not never_loads(settings.hybrid))
+                                            loads=not never_loads(settings.hybrid),
+                                            prefill_rows=settings.prefill_rows,
+                                            num_experts=shape.experts)
         sensitivity = sensitivity or [0.0] * len(slots)
         routers = routers or [nn.Linear(shape.hidden, shape.experts, bias=False, device=device,
                                         dtype=dtype) for _ in slots]
@@ -114,6 +116,18 @@ class ExpertStack:
         info = self.step_info
         info.decode_tokens, info.all_decode, info.decode_mask, info.decode_rows = \
             x.shape[0], True, None, None
+        return self._through_layers(x, router_logits)
+
+    def prompt_step(self, x: torch.Tensor,
+                    router_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """One step of ``x`` [T, H] prompt tokens (a prefill chunk) through every layer."""
+        info = self.step_info
+        info.decode_tokens, info.all_decode, info.decode_rows = 0, False, None
+        info.decode_mask = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        return self._through_layers(x, router_logits)
+
+    def _through_layers(self, x: torch.Tensor,
+                        router_logits: list[torch.Tensor] | None) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
             logits = block.router_logits(x) if router_logits is None else router_logits[i]
             x = x + block.forward_impl(x, logits)

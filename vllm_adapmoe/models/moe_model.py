@@ -82,7 +82,8 @@ class MoEBlocks:
         start, end = get_pp_indices(hf_config.num_hidden_layers, pp.rank_in_group, pp.world_size)
         self.staging = StagingArea.for_plan(
             self.slots, shape.top_k, [i for i, d in enumerate(shape.moe_layers) if start <= d < end],
-            loads=not never_loads(config.hybrid))
+            loads=not never_loads(config.hybrid), prefill_rows=config.prefill_rows,
+            num_experts=shape.num_experts)
         self.step = StepInfo()
         self.step.describe = StepDescriber(self.step)
         self.blocks: list[AdapMoEBlock] = []
@@ -337,8 +338,7 @@ class AdapMoECausalLM(nn.Module, SupportsPP):
             shape.num_experts, shape.top_k, f", {dense} dense layers (resident)" if dense else "",
             shape.expert_format.describe(moe.dtype), moe.blocks[0].store.expert_bytes / 2**20,
             [b.cache.own_slots for b in moe.blocks],
-            f" + {moe.staging.rows} staging row(s) shared by the layers below top-{shape.top_k}"
-            if moe.staging else "",
+            _describe_staging(moe.staging, shape.top_k),
             f" on TP rank {rank} of {size}, each slot 1/{size} of an expert" if size > 1 else "",
             moe.blocks[0].kernel.name, cfg.eviction,
             f", emulated link {cfg.link_gbps} GB/s" if cfg.link_gbps else "",
@@ -353,6 +353,15 @@ class AdapMoECausalLM(nn.Module, SupportsPP):
 
     def _layer_range(self) -> tuple[int, int]:
         return self.model.start_layer, self.model.end_layer
+
+
+def _describe_staging(staging: StagingArea | None, top_k: int) -> str:
+    if staging is None:
+        return ""
+    if not staging.prefill_rows:
+        return f" + {staging.rows} staging row(s) shared by the layers below top-{top_k}"
+    return (f" + {staging.rows} staging row(s) shared by the layers that load "
+            f"({staging.prefill_rows} of them prefill_rows)")
 
 
 def _describe_prefetch(prefetch: bool, lookahead: int, guessing: bool) -> str:

@@ -43,7 +43,7 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
              hybrid_costs: tuple[float, float, float] | None = None,
              host_costs: ExpertCosts | None = None, timing: StepTimes | None = None,
              placement: list[list[int]] | None = None,
-             streaming: bool = False) -> dict[str, Any]:
+             streaming: bool = False, prefill_rows: int = 0) -> dict[str, Any]:
     """Replay ``trace``; returns the ``vllm_adapmoe.stats`` shape (plus per-token ratios).
 
     ``warm_start`` starts each layer from the cache state recorded at trace start (needed for
@@ -55,7 +55,9 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
     the live run pinned them ("auto" needs them), or ``host_costs`` (any cost model) instead.
     ``placement``: per layer, the experts its slots start with (as the engine's start-up fills
     them: these first, then by id), instead of the trace's recorded state. ``streaming``: every
-    layer forgets its slots after each step (the layer-streaming baseline). ``timing``: adds
+    layer forgets its slots after each step (the layer-streaming baseline). ``prefill_rows``:
+    the shared rows every loading layer below all its experts may also use (the setting; a
+    trace records it). ``timing``: adds
     ``out["time"]`` — predicted seconds per step (``step_s``) and their sum.
     """
     if policy not in POLICIES:
@@ -75,7 +77,10 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
     for layer in range(L):
         pol = BeladyPolicy(uses[layer]) if uses is not None else make_policy(policy)
         # as live: no staging rows where nothing is loaded (host-only, or no own slot)
-        rows = max(slots[layer], k) if layer_loads(hybrid, slots[layer]) else slots[layer]
+        rows = slots[layer]
+        if layer_loads(hybrid, rows):  # ``StagingArea.rows_for``
+            experts = int(trace.meta["num_experts"])
+            rows = max(rows, k) + (prefill_rows if rows < experts else 0)
         table = SlotTable(rows, pol, stats[layer], own=slots[layer])
         state = (trace.meta.get("cache_state") or [None] * L)[layer]
         if placement is not None:
@@ -116,6 +121,7 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
                     log.expect(depth, booking.named)
         needed = routing.needed_experts()
         count_routing(st, routing, int(block.decode.sum()))
+        loads_before = st.loads
         misses_before = st.misses
         table.count_step(needed, router_mass(block, trace.meta) if table.policy.uses_router_mass
                          else None)
@@ -137,6 +143,8 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
         for expert in plan.promote:  # a replay's link is idle between steps
             table.promote(expert, {e for w in plan.waves for e in w.experts})
         table.release_staging()
+        if not block.decode.all():
+            st.prefill_step_loads += st.loads - loads_before
         if timing is not None:
             step_s[block.step] += (_priced(timing, plan, routing, st, before)
                                    + (planning if timing.plan_timed else 0.0))
