@@ -12,6 +12,14 @@ a memcpy unless ``--emulate PRESET`` (link, device and host of a named machine o
 measured scale: rows say "emulated").
 
     python benchmarks/bench_prefill.py [--emulate h100-pcie4] [--tokens 32 128 512] [--rounds 3]
+
+``--serve``: the same question through the OpenAI server instead: two `vllm serve` servers
+(compiled, the bundled Mixtral-shaped model, 2 of 8 slots per layer, emulated h100-pcie4),
+one with ``prefill_rows`` and one without, driven in turn by `vllm bench serve` (random 128 in
+/ 64 out, each 0.5x-1.5x) at each concurrency, alternating round by round: output tok/s and
+p50 / p99 TTFT and TPOT, JSON to ``benchmarks/results/prefill_serve.json``.
+
+    python benchmarks/bench_prefill.py --serve [--concurrency 1 4 16] [--rows 6] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -73,6 +81,64 @@ def run(stack: ExpertStack, decode, prompts) -> dict:
             "host_token_share": total["host_tokens"] / max(total["tokens"], 1)}
 
 
+SERVE_KEYS = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
+              "p99_tpot_ms")
+
+
+def serve(concurrency: list[int], rows: int, rounds: int, out: Path) -> None:
+    """Served prompt steps with and without ``prefill_rows`` (see the module's docstring)."""
+    import tempfile
+
+    from bench_parity import bench_serve
+    from bench_serve import start, wait_ready
+
+    import vllm_adapmoe
+
+    model = vllm_adapmoe.bundled_model_path()
+    base = {"cache_slots": 2, "emulate": "h100-pcie4"}
+    configs = {"no rows": base, f"prefill_rows {rows}": {**base, "prefill_rows": rows}}
+    work = Path(tempfile.mkdtemp(prefix="adapmoe-prefill-"))
+    load = ("--random-range-ratio", "0.5")
+    servers = {name: start(model, cfg, work / f"{i}.log", eager=False)
+               for i, (name, cfg) in enumerate(configs.items())}
+    result = {"model": "bundled Mixtral-shaped (8 experts, top-2)", "configs": configs,
+              "rounds": rounds, "compiled": True, "emulated": "emulated h100-pcie4",
+              "load": "vllm bench serve, random 128 in / 64 out (each 0.5x-1.5x), ignore_eos, "
+                      "max-concurrency C, 4C prompts (>= 8)", "rows": []}
+    try:
+        for i, (proc, url) in enumerate(servers.values()):
+            wait_ready(proc, url, work / f"{i}.log")
+        for c in concurrency:
+            n = max(8, 4 * c)
+            for _, url in servers.values():  # warm-up: the shapes this load brings
+                bench_serve(url, model, c, n, work, seed=0, extra=load)
+            samples: dict[str, list[dict]] = {name: [] for name in servers}
+            for r in range(rounds):
+                for name, (_, url) in servers.items():
+                    samples[name].append(bench_serve(url, model, c, n, work, seed=r + 1,
+                                                     extra=load))
+            med = {name: {key: statistics.median(s[key] for s in ss) for key in SERVE_KEYS}
+                   for name, ss in samples.items()}
+            plain, wide = med["no rows"], med[f"prefill_rows {rows}"]
+            ratio = {key: wide[key] / plain[key] if plain[key] else None for key in SERVE_KEYS}
+            result["rows"].append({"concurrency": c, "prompts": n, "no_rows": plain,
+                                   "prefill_rows": wide, "ratio": ratio,
+                                   "samples": {name: [{key: s[key] for key in SERVE_KEYS}
+                                                      for s in ss]
+                                               for name, ss in samples.items()}})
+            print(f"c={c:<3} tok/s {plain['output_throughput']:7.1f} -> "
+                  f"{wide['output_throughput']:7.1f} (x{ratio['output_throughput']:.2f})  "
+                  f"p50 TTFT x{ratio['median_ttft_ms']:.2f}  p99 TTFT x{ratio['p99_ttft_ms']:.2f}  "
+                  f"p50 TPOT x{ratio['median_tpot_ms']:.2f}", flush=True)
+            out.write_text(json.dumps(result, indent=1))  # a run cut short keeps what it has
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+        for proc, _ in servers.values():
+            proc.wait(timeout=60)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="bundled")
@@ -83,7 +149,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--emulate", choices=sorted(PRESETS), default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--serve", action="store_true", help="through the OpenAI server instead")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--rows", type=int, default=6, help="--serve: prefill_rows of the wide server")
     args = ap.parse_args()
+    if args.serve:
+        serve(args.concurrency, args.rows, args.rounds,
+              args.out or HERE / "results" / "prefill_serve.json")
+        return
 
     shape, device = SHAPES[args.shape], torch.device("cpu")
     emulation = make_emulation(args.emulate, shape.expert_bytes(2), shape.hidden,
