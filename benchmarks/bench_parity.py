@@ -85,6 +85,20 @@ def bench_serve(base: str, model: str, concurrency: int, prompts: int, out_dir: 
     return json.loads((out_dir / name).read_text())
 
 
+def alternate(servers: dict[str, tuple], model: str, concurrency: int, prompts: int, rounds: int,
+              out_dir: Path, extra: tuple[str, ...] = ()) -> dict[str, list[dict]]:
+    """One warm-up run per server (the shapes this load brings), then ``rounds`` rounds of one
+    `vllm bench serve` run per server in turn; ``servers``: name → (process, base URL)."""
+    for _, base in servers.values():
+        bench_serve(base, model, concurrency, prompts, out_dir, seed=0, extra=extra)
+    samples: dict[str, list[dict]] = {name: [] for name in servers}
+    for r in range(rounds):
+        for name, (_, base) in servers.items():
+            samples[name].append(bench_serve(base, model, concurrency, prompts, out_dir,
+                                             seed=r + 1, extra=extra))
+    return samples
+
+
 def serving(model: str, concurrency: list[int], rounds: int, logs: Path) -> list[dict]:
     from bench_serve import start, wait_ready
 
@@ -95,13 +109,7 @@ def serving(model: str, concurrency: list[int], rounds: int, logs: Path) -> list
         for name, (proc, base) in servers.items():
             wait_ready(proc, base, logs / ("stock.log" if name == "stock" else "adapmoe.log"))
         for c in concurrency:
-            n = max(8, 4 * c)
-            for _, base in servers.values():  # warm-up (compiles the shapes this load brings)
-                bench_serve(base, model, c, n, logs, seed=0)
-            samples: dict[str, list[dict]] = {name: [] for name in servers}
-            for r in range(rounds):
-                for name, (_, base) in servers.items():
-                    samples[name].append(bench_serve(base, model, c, n, logs, seed=r + 1))
+            samples = alternate(servers, model, c, max(8, 4 * c), rounds, logs)
             med = {name: {k: statistics.median(s[k] for s in ss) for k in
                           ("output_throughput", "median_tpot_ms", "median_ttft_ms")}
                    for name, ss in samples.items()}

@@ -13,11 +13,15 @@ measured scale: rows say "emulated").
 
     python benchmarks/bench_prefill.py [--emulate h100-pcie4] [--tokens 32 128 512] [--rounds 3]
 
-``--serve``: the same question through the OpenAI server instead: two `vllm serve` servers
-(compiled, the bundled Mixtral-shaped model, 2 of 8 slots per layer, emulated h100-pcie4),
-one with ``prefill_rows`` and one without, driven in turn by `vllm bench serve` (random 128 in
-/ 64 out, each 0.5x-1.5x) at each concurrency, alternating round by round: output tok/s and
-p50 / p99 TTFT and TPOT, JSON to ``benchmarks/results/prefill_serve.json``.
+Rows are device memory: every row count is also compared with a setting without rows that
+holds as many expert rows in own slots ("same memory").
+
+``--serve``: the same question through the OpenAI server instead: three `vllm serve` servers
+(compiled, the bundled Mixtral-shaped model, emulated h100-pcie4): 2 of 8 slots per layer
+without rows, the same device memory as the third spent on own slots without rows, and 2 of 8
+slots plus ``--rows`` prefill rows, driven in turn by `vllm bench serve` (random 128 in / 64 out,
+each 0.5x-1.5x) at each concurrency, alternating round by round: output tok/s and p50 / p99
+TTFT and TPOT, JSON to ``benchmarks/results/prefill_serve.json``.
 
     python benchmarks/bench_prefill.py --serve [--concurrency 1 4 16] [--rows 6] [--rounds 3]
 """
@@ -39,22 +43,28 @@ sys.path.insert(0, str(HERE))
 
 from bench_engine import SHAPES, synthetic_routing  # noqa: E402
 
+from vllm_adapmoe.engine.cache_plan import uniform_split  # noqa: E402
 from vllm_adapmoe.engine.emulation import PRESETS, make_emulation  # noqa: E402
 from vllm_adapmoe.engine.settings import EngineSettings  # noqa: E402
 from vllm_adapmoe.engine.stack import ExpertStack  # noqa: E402
 
 
-def settings(experts: int, slots: int, emulate: str | None) -> dict[str, EngineSettings]:
-    """name → engine settings at ``slots`` own slots per layer."""
+def settings(experts: int, slots: int, layers: int,
+             emulate: str | None) -> dict[str, tuple[list[int], EngineSettings]]:
+    """name → (own slots per layer, engine settings). Rows cost device memory, so each row
+    count has a baseline without rows holding the same number of expert rows in own slots."""
     wide = experts - slots  # rows enough for every expert of a layer at once
     base = dict(emulate=emulate)
-    out = {"no rows": EngineSettings(**base),
-           f"prefill_rows {wide // 2}": EngineSettings(**base, prefill_rows=wide // 2),
-           f"prefill_rows {wide}": EngineSettings(**base, prefill_rows=wide)}
+    even = [slots] * layers
+    out = {"no rows": (even, EngineSettings(**base))}
+    for rows in (wide // 2, wide):
+        out[f"no rows, same memory as {rows} rows"] = (
+            uniform_split(layers * slots + rows, layers), EngineSettings(**base))
+        out[f"prefill_rows {rows}"] = (even, EngineSettings(**base, prefill_rows=rows))
     if emulate:  # hybrid's host rate only means something on an emulated machine
-        out["hybrid auto"] = EngineSettings(**base, hybrid="auto")
-        out[f"hybrid auto + prefill_rows {wide}"] = EngineSettings(**base, hybrid="auto",
-                                                                   prefill_rows=wide)
+        out["hybrid auto"] = (even, EngineSettings(**base, hybrid="auto"))
+        out[f"hybrid auto + prefill_rows {wide}"] = (
+            even, EngineSettings(**base, hybrid="auto", prefill_rows=wide))
     return out
 
 
@@ -89,14 +99,18 @@ def serve(concurrency: list[int], rows: int, rounds: int, out: Path) -> None:
     """Served prompt steps with and without ``prefill_rows`` (see the module's docstring)."""
     import tempfile
 
-    from bench_parity import bench_serve
+    from bench_parity import alternate
     from bench_serve import start, wait_ready
 
     import vllm_adapmoe
 
     model = vllm_adapmoe.bundled_model_path()
-    base = {"cache_slots": 2, "emulate": "h100-pcie4"}
-    configs = {"no rows": base, f"prefill_rows {rows}": {**base, "prefill_rows": rows}}
+    layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
+    total = 2 * layers + rows  # the rows' device memory, as own slots in the baseline
+    configs = {"no rows": {"cache_slots": 2, "emulate": "h100-pcie4"},
+               "no rows, same memory": {"cache_total_slots": total, "emulate": "h100-pcie4"},
+               f"prefill_rows {rows}": {"cache_total_slots": total, "prefill_rows": rows,
+                                        "emulate": "h100-pcie4"}}
     work = Path(tempfile.mkdtemp(prefix="adapmoe-prefill-"))
     load = ("--random-range-ratio", "0.5")
     servers = {name: start(model, cfg, work / f"{i}.log", eager=False)
@@ -110,26 +124,23 @@ def serve(concurrency: list[int], rows: int, rounds: int, out: Path) -> None:
             wait_ready(proc, url, work / f"{i}.log")
         for c in concurrency:
             n = max(8, 4 * c)
-            for _, url in servers.values():  # warm-up: the shapes this load brings
-                bench_serve(url, model, c, n, work, seed=0, extra=load)
-            samples: dict[str, list[dict]] = {name: [] for name in servers}
-            for r in range(rounds):
-                for name, (_, url) in servers.items():
-                    samples[name].append(bench_serve(url, model, c, n, work, seed=r + 1,
-                                                     extra=load))
+            samples = alternate(servers, model, c, n, rounds, work, load)
             med = {name: {key: statistics.median(s[key] for s in ss) for key in SERVE_KEYS}
                    for name, ss in samples.items()}
-            plain, wide = med["no rows"], med[f"prefill_rows {rows}"]
-            ratio = {key: wide[key] / plain[key] if plain[key] else None for key in SERVE_KEYS}
-            result["rows"].append({"concurrency": c, "prompts": n, "no_rows": plain,
-                                   "prefill_rows": wide, "ratio": ratio,
+            wide = med[f"prefill_rows {rows}"]
+            ratios = {name: {key: wide[key] / m[key] if m[key] else None for key in SERVE_KEYS}
+                      for name, m in med.items() if name.startswith("no rows")}
+            result["rows"].append({"concurrency": c, "prompts": n, "medians": med,
+                                   "rows_vs": ratios,
                                    "samples": {name: [{key: s[key] for key in SERVE_KEYS}
                                                       for s in ss]
                                                for name, ss in samples.items()}})
-            print(f"c={c:<3} tok/s {plain['output_throughput']:7.1f} -> "
-                  f"{wide['output_throughput']:7.1f} (x{ratio['output_throughput']:.2f})  "
-                  f"p50 TTFT x{ratio['median_ttft_ms']:.2f}  p99 TTFT x{ratio['p99_ttft_ms']:.2f}  "
-                  f"p50 TPOT x{ratio['median_tpot_ms']:.2f}", flush=True)
+            for name, ratio in ratios.items():
+                print(f"c={c:<3} vs {name:<21} tok/s {med[name]['output_throughput']:7.1f} -> "
+                      f"{wide['output_throughput']:7.1f} (x{ratio['output_throughput']:.2f})  "
+                      f"p50 TTFT x{ratio['median_ttft_ms']:.2f}  p99 TTFT "
+                      f"x{ratio['p99_ttft_ms']:.2f}  p50 TPOT x{ratio['median_tpot_ms']:.2f}",
+                      flush=True)
             out.write_text(json.dumps(result, indent=1))  # a run cut short keeps what it has
     finally:
         for proc, _ in servers.values():
@@ -170,16 +181,16 @@ def main() -> None:
     result = {"shape": args.shape, "layers": args.layers, "slots": args.slots,
               "experts": shape.experts, "top_k": shape.top_k, "rounds": args.rounds,
               "steps": args.steps, "link": label, "torch": torch.__version__, "rows": []}
-    named = settings(shape.experts, args.slots, args.emulate)
+    named = settings(shape.experts, args.slots, args.layers, args.emulate)
     for tokens in args.tokens:
         decode = synthetic_routing(args.layers, 4, 4, shape.experts, seed=tokens)
         prompts = synthetic_routing(args.layers, tokens, args.steps, shape.experts,
                                     seed=tokens + 1)
         runs: dict[str, list[dict]] = {name: [] for name in named}
         for _ in range(args.rounds):  # alternating: every setting once per round
-            for name, engine in named.items():
-                stack = ExpertStack(shape, [args.slots] * args.layers, engine, device,
-                                    stores=stores, emulation=emulation)
+            for name, (slots, engine) in named.items():
+                stack = ExpertStack(shape, slots, engine, device, stores=stores,
+                                    emulation=emulation)
                 runs[name].append(run(stack, decode, prompts))
                 del stack
         plain = statistics.median(r["step_ms"] for r in runs["no rows"])
@@ -191,7 +202,7 @@ def main() -> None:
         for name, rs in runs.items():
             row = {key: statistics.median(r[key] for r in rs) for key in rs[0]}
             row.update(setting=name, tokens=tokens, speedup=plain / row["step_ms"],
-                       step_ms_rounds=[r["step_ms"] for r in rs])
+                       slots=named[name][0], step_ms_rounds=[r["step_ms"] for r in rs])
             result["rows"].append(row)
             print(f"| {name} | {row['step_ms']:.1f} | {row['speedup']:.2f} | "
                   f"{row['loads_per_layer']:.1f} | {row['loads_per_prompt_token']:.3f} | "

@@ -35,7 +35,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_parity import bench_serve  # noqa: E402
+from bench_parity import alternate  # noqa: E402
 from bench_serve import start, wait_ready  # noqa: E402
 
 BUNDLED = HERE.parent / "vllm_adapmoe" / "bundled"
@@ -75,14 +75,8 @@ def run_model(name: str, concurrency: list[int], rounds: int, work: Path,
             wait_ready(proc, base, work / f"{name}-{i}.log")
         for c in concurrency:
             n = max(8, 4 * c)
-            for _, base in servers.values():  # warm-up: the shapes this load brings
-                bench_serve(base, str(model), c, n, work, seed=0, extra=LOAD)
             before = scheduler_counters(servers["expert-aware"][1])
-            samples: dict[str, list[dict]] = {k: [] for k in servers}
-            for r in range(rounds):
-                for k, (_, base) in servers.items():
-                    samples[k].append(bench_serve(base, str(model), c, n, work, seed=r + 1,
-                                                      extra=LOAD))
+            samples = alternate(servers, str(model), c, n, rounds, work, LOAD)
             after = scheduler_counters(servers["expert-aware"][1])
             decided = {k: after.get(k, 0.0) - before.get(k, 0.0)
                        for k in ("prompt_steps", "prompt_tokens", "held_steps", "requests_held",

@@ -118,7 +118,8 @@ def layer_section(data: dict) -> list[str]:
 def prefill_section(data: dict) -> list[str]:
     out = [f"**Prompt steps** (`benchmarks/bench_prefill.py`: vLLM-free engine, {data['shape']} "
            f"shape, {data['layers']} MoE layers, {data['slots']} of {data['experts']} slots per "
-           f"layer (top-{data['top_k']}), seeded synthetic routing, a warm cache, then "
+           f"layer (top-{data['top_k']}; \"same memory\": the rows' memory as more own slots, "
+           "no rows), seeded synthetic routing, a warm cache, then "
            f"{data['steps']} prompt steps per run; {data['rounds']} alternating rounds, medians, "
            f"one run; {data['link']}):", "",
            "| prompt tokens per step | setting | ms / prompt step | × no rows | loads / layer "
@@ -128,6 +129,25 @@ def prefill_section(data: dict) -> list[str]:
         out.append(f"| {r['tokens']} | {r['setting']} | {r['step_ms']:.1f} | {r['speedup']:.2f} "
                    f"| {r['loads_per_layer']:.1f} | {r['loads_per_prompt_token']:.3f} "
                    f"| {r['waves_per_layer']:.1f} | {r['host_token_share']:.2f} |")
+    return out
+
+
+def prefill_serve_section(data: dict) -> list[str]:
+    rows = next(k for k in data["configs"] if not k.startswith("no rows"))
+    out = [f"**Served prompt steps** (`benchmarks/bench_prefill.py --serve`: {data['model']}, "
+           f"{data['emulated']}, all servers compiled, stock scheduling: `{rows}` on 2 of 8 slots "
+           "per layer vs no rows at 2 of 8 and vs no rows with the rows' memory as own slots "
+           f"(same memory); {data['load']}; {data['rounds']} alternating rounds, medians, one "
+           "run):", "",
+           "| concurrency | vs | output tok/s → with rows | × | p50 TTFT × | p99 TTFT × "
+           "| p50 TPOT × | p99 TPOT × |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        wide = r["medians"][rows]
+        for name, x in r["rows_vs"].items():
+            out.append(f"| {r['concurrency']} | {name} | {r['medians'][name]['output_throughput']:.1f}"
+                       f" → {wide['output_throughput']:.1f} | {x['output_throughput']:.2f} "
+                       f"| {x['median_ttft_ms']:.2f} | {x['p99_ttft_ms']:.2f} "
+                       f"| {x['median_tpot_ms']:.2f} | {x['p99_tpot_ms']:.2f} |")
     return out
 
 
@@ -383,6 +403,9 @@ def render() -> str:
         data = _load(name)
         if data:
             parts.append(prefill_section(data))
+    data = _load("prefill_serve.json")
+    if data:
+        parts.append(prefill_serve_section(data))
     if not _load("engine_cuda.json"):
         parts.append(["**CUDA: not run.** `benchmarks/results/engine_cuda.json` is missing: no GPU "
                       "was available to the sessions so far (run `python benchmarks/bench_engine.py "

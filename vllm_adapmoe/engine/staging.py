@@ -10,8 +10,8 @@ no own slot at all (hybrid execution) lives on the host and never loads: it uses
 ``prefill_rows`` more rows serve every loading layer that holds fewer than all its experts: a
 step needing more experts than the layer's slots (a prompt step needs nearly all of them) then
 runs in fewer waves of tokens, so it loads a cold expert once instead of once per wave (at 2
-slots of 8, top-2, a 128-token step loads ~27 experts in 27 waves without them, 6 in one wave
-with 6 rows). What a step loads there is gone when the layer's step ends, like any staging row.
+slots of 8, top-2, a 128-token step loads 17-27 experts in as many waves without them, at
+most 6 in one wave with 6 rows). What a step loads there is gone when the layer's step ends, like any staging row.
 
 The kernel takes one slot tensor per layer, so the using layers' own slots and the staging
 rows live in one tensor, the *arena*: ``[own rows of layer a][of layer b]... [staging rows]``.
