@@ -410,11 +410,9 @@ def settings(shape: LayerShape, layers: int, profile: dict, threshold: float,
         out[f"layer split {pct}%"] = ([0] * (layers - gpu_layers) + [E] * gpu_layers,
                                       AdapMoEConfig(**base, hybrid="host-only"), False, None)
         out[f"uniform + hybrid {pct}%"] = (uniform, AdapMoEConfig(**base, hybrid="auto"), False, None)
-        # the engine's own choice (``AdapMoEConfig.same_memory``): whole layers where the host
-        # is the device's own memory
+        # the engine's own choice: whole layers where the host is the device's own memory
         split = plan_hybrid(host, total, k,
-                            whole_layers=base["link_gbps"] is None and emulate is None
-                            and device_type == "cpu")
+                            whole_layers=AdapMoEConfig(**base).same_memory(device_type))
         out[f"DP + hybrid {pct}%"] = (split, AdapMoEConfig(**base, hybrid="auto"), False, None)
         out[f"hybrid AdapMoE {pct}%"] = (split,
                                          AdapMoEConfig(**base, **full, hybrid="auto"), False, None)

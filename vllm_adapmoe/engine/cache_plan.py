@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 
-__all__ = ["plan_dp", "plan_hybrid", "plan_whole_layers", "plan_uniform", "plan_with_staging", "staging_rows", "plan_cost", "closed_form_curve",
+__all__ = ["plan_dp", "plan_hybrid", "plan_whole_layers", "plan_uniform", "plan_with_staging", "staging_rows", "layer_staging_rows", "plan_cost", "closed_form_curve",
            "miss_curves_from_profile", "uniform_split", "layer_costs"]
 
 
@@ -119,18 +119,27 @@ def plan_dp(curves: Sequence[Sequence[float]], total: int, lo: int = 1) -> list[
     return slots
 
 
+def layer_staging_rows(own: int, top_k: int, prefill_rows: int = 0,
+                       num_experts: int | None = None) -> int:
+    """Staging rows a loading layer with ``own`` slots may use (``engine/staging.py``): the
+    rest of a token's ``top_k`` experts, plus ``prefill_rows`` where it holds fewer than
+    ``num_experts`` (None: any count). A layer with no own slot never loads
+    (``plan.layer_loads``): none."""
+    if own <= 0:
+        return 0
+    offloaded = num_experts is None or own < num_experts
+    return max(top_k - own, 0) + (prefill_rows if offloaded else 0)
+
+
 def staging_rows(slots: Sequence[int], top_k: int, loads: bool = True,
                  prefill_rows: int = 0, num_experts: int | None = None) -> int:
-    """Shared staging rows a plan needs: a token's ``top_k`` experts must fit in the smallest
-    loading layer's own slots plus the staging rows (``engine/staging.py``); none where nothing
-    is ever loaded (``loads`` False: hybrid "host-only", whose device tokens are all resident).
-    A layer with no own slot never loads (``plan.layer_loads``): it needs no row. Plus
-    ``prefill_rows`` where some loading layer holds fewer than ``num_experts`` (None: any)."""
-    loading = [s for s in slots if s > 0] if loads else []
-    if not loading:
+    """Shared staging rows a plan needs: the most any loading layer uses (a token's ``top_k``
+    experts must fit in its own slots plus the rows; ``layer_staging_rows``); none where nothing
+    is ever loaded (``loads`` False: hybrid "host-only", whose device tokens are all resident)."""
+    if not loads:
         return 0
-    offloaded = any(num_experts is None or s < num_experts for s in loading)
-    return max(0, top_k - min(loading)) + (prefill_rows if offloaded else 0)
+    return max((layer_staging_rows(s, top_k, prefill_rows, num_experts) for s in slots),
+               default=0)
 
 
 def plan_with_staging(total: int, top_k: int, num_layers: int,

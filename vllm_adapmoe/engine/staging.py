@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_adapmoe.engine.cache_plan import staging_rows
+from vllm_adapmoe.engine.cache_plan import layer_staging_rows, staging_rows
 from vllm_adapmoe.engine.expert_tensors import ExpertRows
 
 
@@ -32,14 +32,12 @@ class StagingArea:
 
     def __init__(self, own_slots: list[int], top_k: int, layers: list[int],
                  prefill_rows: int = 0, num_experts: int | None = None) -> None:
-        self.top_k, self.prefill_rows = top_k, prefill_rows
+        self.top_k, self.prefill_rows, self.num_experts = top_k, prefill_rows, num_experts
         self.rows = staging_rows([own_slots[layer] for layer in layers], top_k,
                                  prefill_rows=prefill_rows, num_experts=num_experts)
         # a layer with no own slot lives on the host and never loads (``plan.layer_loads``);
         # one holding every expert never loads either
-        users = [layer for layer in layers if 0 < own_slots[layer] < top_k or (
-            prefill_rows and 0 < own_slots[layer] and (
-                num_experts is None or own_slots[layer] < num_experts))]
+        users = [layer for layer in layers if self.rows_for(own_slots[layer])]
         self._offset: dict[int, int] = {}
         offset = 0
         for layer in users:
@@ -64,9 +62,8 @@ class StagingArea:
         return cls(own_slots, top_k, layers, prefill_rows, num_experts)
 
     def rows_for(self, own: int) -> int:
-        """Staging rows a layer with ``own`` slots may use: up to a token's ``top_k`` experts,
-        plus the prefill rows."""
-        return max(self.top_k - own, 0) + self.prefill_rows
+        """Staging rows a layer with ``own`` slots may use (``layer_staging_rows``)."""
+        return layer_staging_rows(own, self.top_k, self.prefill_rows, self.num_experts)
 
     def uses(self, layer: int) -> bool:
         return layer in self._offset

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vllm_adapmoe.engine.cache_plan import layer_staging_rows
 from vllm_adapmoe.engine.costs import ExpertCosts, PinnedCosts, StepTimes
 from vllm_adapmoe.engine.gating import AdaptiveGate
 from vllm_adapmoe.engine.link import LinkCost
@@ -78,9 +79,8 @@ def simulate(trace: Trace, slots: int | list[int], policy: str = "lru", *,
         pol = BeladyPolicy(uses[layer]) if uses is not None else make_policy(policy)
         # as live: no staging rows where nothing is loaded (host-only, or no own slot)
         rows = slots[layer]
-        if layer_loads(hybrid, rows):  # ``StagingArea.rows_for``
-            experts = int(trace.meta["num_experts"])
-            rows = max(rows, k) + (prefill_rows if rows < experts else 0)
+        if layer_loads(hybrid, rows):
+            rows += layer_staging_rows(rows, k, prefill_rows, int(trace.meta["num_experts"]))
         table = SlotTable(rows, pol, stats[layer], own=slots[layer])
         state = (trace.meta.get("cache_state") or [None] * L)[layer]
         if placement is not None:
