@@ -132,12 +132,16 @@ def test_prefetch_pays_for_itself_from_the_measured_link_cost():
     """Over a link where one copy costs many layers, the measured cost turns single-token
     guesses off (a wrong one would cost more link time than a right one saves); the tokens
     stay those of the all-resident stack."""
-    expected = _decode(_stack("cpu", None), BATCHES, "cpu")
-    stack = _stack("cpu", 2, prefetch=True, gbps=2e-3)  # ~74 ms per copy, layers ~4 ms
-    assert torch.equal(_decode(stack, BATCHES, "cpu"), expected)
+    # Small batches only: a layer's measured compute is a moving average over steps, and a
+    # 16-token step's waves (2 slots) make it ~20 ms here, so r would swing toward 4 -- the
+    # break-even of the guesses' ~0.8 precision -- which is the rule working, not a test.
+    batches = [1, 1, 3, 1, 2, 1, 1]
+    expected = _decode(_stack("cpu", None), batches, "cpu")
+    stack = _stack("cpu", 2, prefetch=True, gbps=1e-3)  # ~150 ms per copy, layers 2-16 ms
+    assert torch.equal(_decode(stack, batches, "cpu"), expected)
     cost = stack.link.cost
-    # ~18 layers per load on an idle machine; > 5 even with both cores busy elsewhere
-    assert cost.layers_per_load() > 5 and cost.min_probability(1) > 0.8
+    # ~30 layers per load on an idle machine; > 8 even with both cores busy elsewhere
+    assert cost.layers_per_load() > 8 and cost.min_probability(1) > 0.85
     stack.reset_stats()
     _decode(stack, [1] * 6, "cpu")
     scores = [s for b in stack.blocks for s in b.predictions.scores.values()]
