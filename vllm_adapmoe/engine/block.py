@@ -337,5 +337,7 @@ def _host_costs(settings: EngineSettings, cache: ExpertCache) -> ExpertCosts | N
         if not probe:
             probe.append(cache.probe_copy_s())
         return probe[0]
-    # inline CPU copies run on the cores that compute: link and host work add up
-    return MeasuredCosts(load_s, parallel=not cache.inline)
+    # A CPU without emulation copies on the cores and memory bus that compute (inline, or on
+    # the loader thread for large experts): link and host work add up there, and a promotion
+    # in the "background" would take the bandwidth the host's experts read from.
+    return MeasuredCosts(load_s, parallel=not cache.link.cpu_free)

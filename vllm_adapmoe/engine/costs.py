@@ -11,7 +11,8 @@ simulator (both hand it to ``plan_step``).
   experts do not fit the slots at once (measured from live waves where it matters: CPU);
 * ``parallel``: whether host work runs beside the link's copies (a GPU machine: the link, the
   host and the device are three resources; an emulated link) or after them on the same cores
-  (CPU without emulation: copies are inline memcpys). The planner minimises the layer's
+  (CPU without emulation: copies are memcpys on the cores and memory bus the host computes
+  with, inline or on the loader thread). The planner minimises the layer's
   critical path, max(link, host), in the first case and their sum in the second.
 
 ``PinnedCosts`` fixes the numbers (the ``hybrid_costs`` setting): decisions that do not depend
