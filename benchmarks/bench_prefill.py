@@ -17,13 +17,15 @@ Rows are device memory: every row count is also compared with a setting without 
 holds as many expert rows in own slots ("same memory").
 
 ``--serve``: the same question through the OpenAI server instead: three `vllm serve` servers
-(compiled, the bundled Mixtral-shaped model, emulated h100-pcie4): 2 of 8 slots per layer
-without rows, the same device memory as the third spent on own slots without rows, and 2 of 8
-slots plus ``--rows`` prefill rows, driven in turn by `vllm bench serve` (random 128 in / 64 out,
-each 0.5x-1.5x) at each concurrency, alternating round by round: output tok/s and p50 / p99
-TTFT and TPOT, JSON to ``benchmarks/results/prefill_serve.json``.
+(compiled, a bundled model, emulated h100-pcie4): 25% own slots per layer without rows (2 of 8
+on the Mixtral-shaped model; 16 of 64 on the fine-grained one, ``--model qwen3moe``), the same
+device memory as the third spent on own slots without rows, and 25% plus ``--rows`` prefill
+rows, driven in turn by `vllm bench serve` (random 128 in / 64 out, each 0.5x-1.5x) at each
+concurrency, alternating round by round: output tok/s and p50 / p99 TTFT and TPOT, JSON to
+``benchmarks/results/prefill_serve.json`` (``prefill_serve_qwen3moe.json``).
 
-    python benchmarks/bench_prefill.py --serve [--concurrency 1 4 16] [--rows 6] [--rounds 3]
+    python benchmarks/bench_prefill.py --serve [--model qwen3moe] [--concurrency 1 4 16]
+        [--rows 6] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -95,19 +97,27 @@ SERVE_KEYS = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot
               "p99_tpot_ms")
 
 
-def serve(concurrency: list[int], rows: int, rounds: int, out: Path) -> None:
+# --serve models: name → (bundled directory, description, own slots per layer: 25%)
+SERVE_MODELS = {
+    "mixtral": ("shakespeare_moe", "bundled Mixtral-shaped (8 experts, top-2)", 2),
+    "qwen3moe": ("shakespeare_qwen3moe", "bundled fine-grained (64 experts, top-8)", 16),
+}
+
+
+def serve(concurrency: list[int], rows: int, rounds: int, out: Path,
+          model_name: str = "mixtral") -> None:
     """Served prompt steps with and without ``prefill_rows`` (see the module's docstring)."""
     import tempfile
 
     from bench_parity import alternate
     from bench_serve import start, wait_ready
 
-    import vllm_adapmoe
-
-    model = vllm_adapmoe.bundled_model_path()
-    layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
-    total = 2 * layers + rows  # the rows' device memory, as own slots in the baseline
-    configs = {"no rows": {"cache_slots": 2, "emulate": "h100-pcie4"},
+    directory, description, slots = SERVE_MODELS[model_name]
+    model = str(HERE.parent / "vllm_adapmoe" / "bundled" / directory)
+    config = json.loads((Path(model) / "config.json").read_text())
+    layers, experts = config["num_hidden_layers"], config["num_local_experts"]
+    total = slots * layers + rows  # the rows' device memory, as own slots in the baseline
+    configs = {"no rows": {"cache_slots": slots, "emulate": "h100-pcie4"},
                "no rows, same memory": {"cache_total_slots": total, "emulate": "h100-pcie4"},
                f"prefill_rows {rows}": {"cache_total_slots": total, "prefill_rows": rows,
                                         "emulate": "h100-pcie4"}}
@@ -115,7 +125,7 @@ def serve(concurrency: list[int], rows: int, rounds: int, out: Path) -> None:
     load = ("--random-range-ratio", "0.5")
     servers = {name: start(model, cfg, work / f"{i}.log", eager=False)
                for i, (name, cfg) in enumerate(configs.items())}
-    result = {"model": "bundled Mixtral-shaped (8 experts, top-2)", "configs": configs,
+    result = {"model": description, "slots": slots, "experts": experts, "configs": configs,
               "rounds": rounds, "compiled": True, "emulated": "emulated h100-pcie4",
               "load": "vllm bench serve, random 128 in / 64 out (each 0.5x-1.5x), ignore_eos, "
                       "max-concurrency C, 4C prompts (>= 8)", "rows": []}
@@ -163,10 +173,13 @@ def main() -> None:
     ap.add_argument("--serve", action="store_true", help="through the OpenAI server instead")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--rows", type=int, default=6, help="--serve: prefill_rows of the wide server")
+    ap.add_argument("--model", choices=sorted(SERVE_MODELS), default="mixtral",
+                    help="--serve: the bundled model (own slots: 2 of 8, or 16 of 64)")
     args = ap.parse_args()
     if args.serve:
-        serve(args.concurrency, args.rows, args.rounds,
-              args.out or HERE / "results" / "prefill_serve.json")
+        name = "prefill_serve.json" if args.model == "mixtral" else f"prefill_serve_{args.model}.json"
+        serve(args.concurrency, args.rows, args.rounds, args.out or HERE / "results" / name,
+              args.model)
         return
 
     shape, device = SHAPES[args.shape], torch.device("cpu")

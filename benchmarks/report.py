@@ -134,9 +134,12 @@ def prefill_section(data: dict) -> list[str]:
 
 def prefill_serve_section(data: dict) -> list[str]:
     rows = next(k for k in data["configs"] if not k.startswith("no rows"))
-    out = [f"**Served prompt steps** (`benchmarks/bench_prefill.py --serve`: {data['model']}, "
-           f"{data['emulated']}, all servers compiled, stock scheduling: `{rows}` on 2 of 8 slots "
-           "per layer vs no rows at 2 of 8 and vs no rows with the rows' memory as own slots "
+    slots, experts = data.get("slots", 2), data.get("experts", 8)
+    flag = " --model qwen3moe" if experts == 64 else ""
+    out = [f"**Served prompt steps** (`benchmarks/bench_prefill.py --serve{flag}`: {data['model']}, "
+           f"{data['emulated']}, all servers compiled, stock scheduling: `{rows}` on {slots} of "
+           f"{experts} slots per layer vs no rows at {slots} of {experts} and vs no rows with the "
+           "rows' memory as own slots "
            f"(same memory); {data['load']}; {data['rounds']} alternating rounds, medians, one "
            "run):", "",
            "| concurrency | vs | output tok/s → with rows | × | p50 TTFT × | p99 TTFT × "
@@ -403,9 +406,10 @@ def render() -> str:
         data = _load(name)
         if data:
             parts.append(prefill_section(data))
-    data = _load("prefill_serve.json")
-    if data:
-        parts.append(prefill_serve_section(data))
+    for name in ("prefill_serve.json", "prefill_serve_qwen3moe.json"):
+        data = _load(name)
+        if data:
+            parts.append(prefill_serve_section(data))
     if not _load("engine_cuda.json"):
         parts.append(["**CUDA: not run.** `benchmarks/results/engine_cuda.json` is missing: no GPU "
                       "was available to the sessions so far (run `python benchmarks/bench_engine.py "

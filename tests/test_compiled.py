@@ -24,10 +24,12 @@ def tiny_stock_compiled(engines, tiny_model):
     return greedy(engines.get(tiny_model, eager=False))
 
 
-# CI time (a compiled engine starts in ~70 s): one engine serves 1 slot + prefetch and the gating
-# test. Built with gating, the graph reads T from a tensor, so T = 0 runs it ungated.
+# CI time (a compiled engine starts in ~70 s): one engine serves 1 slot + prefetch + prefill rows
+# and the gating test. Built with gating, the graph reads T from a tensor, so T = 0 runs it
+# ungated.
 ONE_SLOT_GATED = {"cache_slots": 1, "prefetch": True, "link_layers": 1, "threshold": 0.01,
-                  "sensitivity": [1.0] * 3}  # the tiny model's 3 MoE layers
+                  "sensitivity": [1.0] * 3,  # the tiny model's 3 MoE layers
+                  "prefill_rows": 2}
 
 
 # 2 slots (no prefetch) runs with -m slow; 1 slot + prefetch covers waves and prefetch
@@ -45,9 +47,14 @@ def test_tiny_compiled_offloaded_matches_compiled_all_resident(engines, tiny_mod
     finally:
         if "threshold" in settings:
             vllm_adapmoe.set_gating(llm, settings["threshold"])
-    total = vllm_adapmoe.stats(llm)["total"]  # the op ran the block every step, counting it
+    stats = vllm_adapmoe.stats(llm)
+    total = stats["total"]  # the op ran the block every step, counting it
     assert total["decode_tokens"] > 0 and total["loads"] > 0 and total["misses"] > 0
     assert total["top1_tokens"] == 0
+    if "prefill_rows" in settings:  # 1 row for the one-slot layers (top-2) + the prefill rows
+        first = stats["layers"][0]
+        assert first["staging_bytes"] == (1 + settings["prefill_rows"]) * first["slot_bytes"]
+        assert total["prefill_tokens"] > 0 and total["prefill_step_loads"] > 0
 
 
 def test_tiny_compiled_matches_stock_compiled(tiny_stock_compiled, tiny_resident_compiled):

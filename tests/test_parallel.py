@@ -21,11 +21,16 @@ def tp2_stock(engines, tiny_model):
 
 
 def test_tp2_offloaded_with_prefetch_matches_stock(engines, tiny_model, tp2_stock):
-    llm = engines.get(tiny_model, "adapmoe", tp=2, cache_slots=2, prefetch=True, link_layers=1)
+    """2 own slots per layer, prefetch, and 2 prefill rows (each rank's half of an expert)."""
+    llm = engines.get(tiny_model, "adapmoe", tp=2, cache_slots=2, prefetch=True, link_layers=1,
+                      prefill_rows=2)
     vllm_adapmoe.reset_stats(llm)
     assert_same(tp2_stock, greedy(llm))
-    total = vllm_adapmoe.stats(llm)["total"]  # rank 0's counters (every rank decides alike)
+    stats = vllm_adapmoe.stats(llm)  # rank 0's counters (every rank decides alike)
+    total, first = stats["total"], stats["layers"][0]
     assert total["misses"] > 0 and total["prefetch_issued"] > 0
+    assert first["staging_bytes"] == first["slot_bytes"]  # 2 rows beside 2 own slots
+    assert total["prefill_tokens"] > 0 and total["prefill_step_loads"] > 0
 
 
 FORCE_HOST = {"load_s": 1e9, "host_fixed_s": 0.0, "host_token_s": 0.0}
