@@ -125,7 +125,8 @@ def serve(concurrency: list[int], rows: int, rounds: int, out: Path,
     load = ("--random-range-ratio", "0.5")
     servers = {name: start(model, cfg, work / f"{i}.log", eager=False)
                for i, (name, cfg) in enumerate(configs.items())}
-    result = {"model": description, "slots": slots, "experts": experts, "configs": configs,
+    result = {"model": description, "model_arg": model_name, "slots": slots, "experts": experts,
+              "configs": configs,
               "rounds": rounds, "compiled": True, "emulated": "emulated h100-pcie4",
               "load": "vllm bench serve, random 128 in / 64 out (each 0.5x-1.5x), ignore_eos, "
                       "max-concurrency C, 4C prompts (>= 8)", "rows": []}

@@ -135,7 +135,8 @@ def prefill_section(data: dict) -> list[str]:
 def prefill_serve_section(data: dict) -> list[str]:
     rows = next(k for k in data["configs"] if not k.startswith("no rows"))
     slots, experts = data.get("slots", 2), data.get("experts", 8)
-    flag = " --model qwen3moe" if experts == 64 else ""
+    model_arg = data.get("model_arg", "mixtral")  # runs before --model: the Mixtral-shaped one
+    flag = "" if model_arg == "mixtral" else f" --model {model_arg}"
     out = [f"**Served prompt steps** (`benchmarks/bench_prefill.py --serve{flag}`: {data['model']}, "
            f"{data['emulated']}, all servers compiled, stock scheduling: `{rows}` on {slots} of "
            f"{experts} slots per layer vs no rows at {slots} of {experts} and vs no rows with the "

@@ -63,15 +63,15 @@ def _stack(device: str, slots: int | list[int] | None, prefetch: bool = False,
            gbps: float | None = None, kernel: str = "grouped", threshold: float = 0.0,
            layers: int = 4, link_layers: float | None = 1.0, hybrid: str = "off",
            hybrid_costs: tuple[float, float, float] | None = None,
-           prefill_rows: int = 0) -> ExpertStack:
+           prefill_rows: int = 0, shape: LayerShape = SHAPE) -> ExpertStack:
     """``link_layers`` is pinned by default: without ``gbps`` CPU copies of these small experts
     are inline, and a measured link would (rightly) never prefetch."""
-    n = SHAPE.experts if slots is None else slots
+    n = shape.experts if slots is None else slots
     config = EngineSettings(prefetch=prefetch, link_gbps=gbps, kernel=kernel, threshold=threshold,
                             prefetch_lookahead=2 if prefetch else 1,
                             link_layers=None if gbps else link_layers, hybrid=hybrid,
                             hybrid_costs=hybrid_costs, prefill_rows=prefill_rows)
-    stack = ExpertStack(SHAPE, n if isinstance(n, list) else [n] * layers, config,
+    stack = ExpertStack(shape, n if isinstance(n, list) else [n] * layers, config,
                         torch.device(device))
     g = torch.Generator().manual_seed(7)
     for block in stack.blocks:
@@ -84,7 +84,7 @@ def _decode(stack: ExpertStack, batches: list[int], device: str) -> torch.Tensor
     g = torch.Generator().manual_seed(3)
     outs = []
     for b in batches:
-        x = torch.randn(b, SHAPE.hidden, generator=g).to(device=device, dtype=torch.bfloat16)
+        x = torch.randn(b, stack.shape.hidden, generator=g).to(device=device, dtype=torch.bfloat16)
         outs.append(stack.decode_step(x))
     return torch.cat(outs)
 

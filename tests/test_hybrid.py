@@ -175,28 +175,15 @@ def test_large_experts_on_a_cpu_add_their_copies_to_the_host_work():
     measured costs add link and host work up, so no promotion is planned "in the background"
     (one Mixtral-shaped run had 2.8 such loads per token, at 0.58x host-only)."""
     from vllm_adapmoe.engine.cache import INLINE_COPY_MAX_BYTES
-    from vllm_adapmoe.engine.settings import EngineSettings
-    from vllm_adapmoe.engine.stack import ExpertStack, LayerShape
+    from vllm_adapmoe.engine.stack import LayerShape
 
     shape = LayerShape(hidden=1024, intermediate=1536, experts=4, top_k=2)
     assert shape.expert_bytes(2) > INLINE_COPY_MAX_BYTES
-
-    def stack(slots: int | None, hybrid: str = "off") -> ExpertStack:
-        s = ExpertStack(shape, [slots or shape.experts] * 2, EngineSettings(hybrid=hybrid),
-                        torch.device("cpu"))
-        g = torch.Generator().manual_seed(7)
-        for block in s.blocks:
-            block.gate.weight.data.copy_(torch.randn(block.gate.weight.shape, generator=g))
-        s.load_random(seed=1)
-        return s
-
-    def decode(s: ExpertStack) -> torch.Tensor:
-        g = torch.Generator().manual_seed(3)
-        return torch.cat([s.decode_step(torch.randn(b, shape.hidden, generator=g).bfloat16())
-                          for b in (1, 3, 1, 2)])
-    expected = decode(stack(None))
-    hybrid = stack(1, "auto")
-    assert torch.equal(decode(hybrid), expected)
+    batches = [1, 3, 1, 2]
+    expected = _decode(_stack("cpu", None, layers=2, shape=shape), batches, "cpu")
+    # the link measured, not pinned: as a user runs it
+    hybrid = _stack("cpu", 1, layers=2, hybrid="auto", link_layers=None, shape=shape)
+    assert torch.equal(_decode(hybrid, batches, "cpu"), expected)
     assert all(not b.cache.inline and not b.host_costs.parallel for b in hybrid.blocks)
     total = hybrid.stats()["total"]
     assert total["host_experts"] > 0 and total["promotions"] == 0
