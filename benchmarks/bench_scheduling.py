@@ -9,12 +9,14 @@ one (64 experts, top-8), 25% of the experts in slots, every load and host comput
 as an H100 over PCIe Gen4 (``emulate: "h100-pcie4"``), concurrency 1 / 4 / 16; and the
 Mixtral-shaped model with every expert resident (where the scheduler must hold nothing); the
 Mixtral-shaped model at 25% with vLLM's n-gram speculative decoding (verify steps of up to 4
-tokens per request; `--models mixtral+ngram`). Reports
+tokens per request; `--models mixtral+ngram`); both models at 25% with ``prefill_rows`` on both
+servers (`--models mixtral+rows qwen3moe+rows`). Reports
 output tok/s, p50 / p99 TTFT and TPOT, the ratios expert-aware ÷ stock, and what the scheduler
 decided (its counters from /metrics).
 
     python benchmarks/bench_scheduling.py [--rounds 3] [--concurrency 1 4 16]
-        [--models mixtral qwen3moe resident mixtral+ngram] [--out benchmarks/results/scheduling.json]
+        [--models mixtral qwen3moe resident mixtral+ngram mixtral+rows qwen3moe+rows]
+        [--out benchmarks/results/scheduling.json] [--append]
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ MODELS = {
                  ()),
     "resident": (BUNDLED / "shakespeare_moe", {}, ()),
     "mixtral+ngram": (BUNDLED / "shakespeare_moe", EMULATED_25, NGRAM),
+    # both servers with the prefill rows that make a prompt step one wave (6 layers x 2 slots +
+    # 6 rows; 6 x 16 + 48): what holding prompts is still worth once prompt steps load an
+    # expert once
+    "mixtral+rows": (BUNDLED / "shakespeare_moe", {**EMULATED_25, "prefill_rows": 6}, ()),
+    "qwen3moe+rows": (BUNDLED / "shakespeare_qwen3moe",
+                      {"cache_slots": 16, "emulate": "h100-pcie4", "prefill_rows": 48}, ()),
 }
 # requests of different lengths (prompts and outputs 0.5x-1.5x the mean), so they finish at
 # different steps and arrivals meet running decodes, as they do in real traffic

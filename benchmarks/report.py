@@ -275,7 +275,8 @@ def scheduling_section(data: dict) -> list[str]:
         per = (f"{d['prompt_tokens'] / d['prompt_steps']:.0f}"
                if d.get("prompt_tokens") is not None and d["prompt_steps"] else "—")
         held_steps = "—" if d.get("held_steps") is None else f"{d['held_steps']:.0f}"
-        model = r["model"].replace("+ngram", " + n-gram speculation (3 tokens)")
+        model = r["model"].replace("+ngram", " + n-gram speculation (3 tokens)").replace(
+            "+rows", f" + {r['settings'].get('prefill_rows')} prefill rows (both servers)")
         out.append(f"| {model} | {budget} | {r['concurrency']} | "
                    f"{s['output_throughput']:.1f} → {e['output_throughput']:.1f} | "
                    f"{x['output_throughput']:.2f} | {x['median_tpot_ms']:.2f} | "

@@ -104,14 +104,23 @@ def test_family_compiled_offloaded_matches_stock_compiled(engines, family_models
                 greedy(engines.get(model, "adapmoe", eager=False, **OFFLOADED)))
 
 
-@pytest.mark.parametrize("settings", [pytest.param({}, marks=pytest.mark.slow), OFFLOADED],
-                         ids=["all-resident", "4-slots-prefetch"])
+@pytest.mark.parametrize("settings", [pytest.param({}, marks=pytest.mark.slow),
+                                      dict(OFFLOADED, prefill_rows=4)],
+                         ids=["all-resident", "4-slots-prefetch-prefill-rows"])
 def test_deepseek_v2_matches_stock_per_prompt(engines, family_models, settings):
+    """MLA (no chunked prefill on vLLM-CPU): offloaded, each prompt's step also loads into 4
+    shared prefill rows beside the 4 own slots."""
     model = family_models("deepseek_v2")
     stock, ours = engines.get(model), engines.get(model, "adapmoe", **settings)
+    vllm_adapmoe.reset_stats(ours)
     for i in (0, 2, 5, 8, 14):
         assert greedy(ours, [PROMPTS[i]]) == greedy(stock, [PROMPTS[i]]), f"prompt {i}"
-    assert len(vllm_adapmoe.stats(ours)["layers"]) == MOE_LAYERS["deepseek_v2"]
+    stats = vllm_adapmoe.stats(ours)
+    assert len(stats["layers"]) == MOE_LAYERS["deepseek_v2"]
+    if settings.get("prefill_rows"):
+        first, total = stats["layers"][0], stats["total"]
+        assert first["staging_bytes"] == first["slot_bytes"]  # 4 rows beside 4 own slots
+        assert total["prefill_tokens"] > 0 and total["prefill_step_loads"] > 0
 
 
 def test_glm4_moe_matches_stock(engines, family_models):

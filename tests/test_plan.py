@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from vllm_adapmoe.engine.link import LinkCost
-from vllm_adapmoe.engine.plan import StepSummary, Target, plan_prefetch, plan_step
+from vllm_adapmoe.engine.plan import (StepSummary, Target, plan_prefetch, plan_step,
+                                      prompt_step_loads)
 from vllm_adapmoe.engine.prefetch import PredictionScore
 from vllm_adapmoe.engine.slot_table import SlotTable, make_policy
 from vllm_adapmoe.engine.stats import LayerStats
@@ -104,3 +105,18 @@ def test_engine_imports_neither_vllm_nor_the_plugin():
             assert top != "vllm", (path.name, module)
             if top == "vllm_adapmoe":
                 assert module.startswith("vllm_adapmoe.engine"), (path.name, module)
+
+
+def test_the_schedulers_prompt_step_prior_counts_a_cold_expert_once_per_wave():
+    """The expert-aware scheduler's prior: loads of a uniformly routed 128-token prompt step."""
+    # rows enough for every expert: one wave, each cold expert loaded once
+    assert prompt_step_loads(8, 2, own=2, capacity=8, tokens=128) == 6
+    assert prompt_step_loads(64, 8, own=16, capacity=64, tokens=128) == 48
+    # 2 slots: token-complete waves of one expert pair each reload experts between waves
+    two = prompt_step_loads(8, 2, own=2, capacity=2, tokens=128)
+    four = prompt_step_loads(8, 2, own=2, capacity=4, tokens=128)
+    assert two > four > 6 and two <= 2 * 28  # at most both experts of each of the 28 pairs
+    assert prompt_step_loads(64, 8, own=16, capacity=16, tokens=128) > 4 * 48
+    # nothing cold, or nothing to run
+    assert prompt_step_loads(8, 2, own=8, capacity=8, tokens=128) == 0
+    assert prompt_step_loads(8, 2, own=2, capacity=2, tokens=0) == 0

@@ -10,8 +10,9 @@ import vllm_adapmoe
 from vllm_adapmoe.config import AdapMoEConfig, AdapMoEConfigError
 from vllm_adapmoe.engine.admission import PromptAdmission, PromptStepCost, Waiting
 
-# an emulated slow link: a prompt step's 36 loads (6 layers x 6 cold experts) cost ~0.14 s
-# against a few loads per decode step, so holding pays; the bound keeps holds short
+# an emulated slow link: a prompt step's loads (6 layers x 6 cold experts, some more than once:
+# waves of 2 slots) cost ~0.14-0.6 s against a few loads per decode step, so holding pays; the
+# bound keeps holds short
 SETTINGS = dict(cache_slots=2, link_gbps=0.05, scheduling="expert-aware", max_prompt_hold_ms=400)
 PROMPTS = ["the quick brown fox jumps over", "ROMEO: what light through yonder",
            "a mixture of experts", "to be or not to be, that is", "JULIET: wherefore art thou"]
@@ -185,14 +186,21 @@ def _drift(llm, prompts) -> int:
 
 
 def test_long_chunked_prompts_drift_no_more_than_under_stock_scheduling(engines, bundled_model):
+    """Chunks of 32 prompt tokens, streamed through 4 prefill rows beside the 2 own slots
+    (both servers): the scheduler and the rows together."""
+    rows = dict(SETTINGS, prefill_rows=4)
     stock = _drift(engines.get(bundled_model, impl="adapmoe", chunk=32,
-                               **dict(SETTINGS, scheduling="stock")), LONG)
-    ours = engines.get(bundled_model, impl="adapmoe", chunk=32, **SETTINGS)
+                               **dict(rows, scheduling="stock")), LONG)
+    ours = engines.get(bundled_model, impl="adapmoe", chunk=32, **rows)
     before = vllm_adapmoe.scheduler_stats(ours)
+    vllm_adapmoe.reset_stats(ours)
     assert _drift(ours, LONG) <= stock
     after = vllm_adapmoe.scheduler_stats(ours)
     # the first long prompt alone (~70 tokens) took 3 chunks of 32
     assert after["prompt_steps"] - before["prompt_steps"] >= 3
+    layers = vllm_adapmoe.stats(ours)["layers"]
+    assert layers[0]["staging_bytes"] == 2 * layers[0]["slot_bytes"]  # 4 rows, 2 own slots
+    assert sum(layer["prefill_step_loads"] for layer in layers) > 0
 
 
 def test_with_every_expert_resident_nothing_is_held(engines, bundled_model):

@@ -174,7 +174,9 @@ def test_prefill_rows_in_vllm_match_stock_and_replay(engines, tiny_model, tmp_pa
     stock = greedy(engines.get(tiny_model), PROMPTS, max_tokens=8)
     per_token = {}
     for rows in (0, 4):
-        llm = engines.get(tiny_model, "adapmoe", cache_slots=2, prefill_rows=rows)
+        # (no rows: the engine test_simulator_reproduces_live_counters started)
+        llm = engines.get(tiny_model, "adapmoe", cache_slots=2,
+                          **({"prefill_rows": rows} if rows else {}))
         vllm_adapmoe.reset_stats(llm)
         vllm_adapmoe.start_trace(llm)
         assert greedy(llm, PROMPTS, max_tokens=8) == stock

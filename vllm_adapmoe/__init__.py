@@ -318,14 +318,20 @@ def install_scheduler(vllm_config: Any, slots: list[int]) -> None:
         "prompt_step_prior_s": prompt_step_prior_s(vllm_config, cfg, slots)}
 
 
+PRIOR_PROMPT_TOKENS = 128  # the prompt step the prior prices (fewer where chunks are smaller)
+
+
 def prompt_step_prior_s(vllm_config: Any, cfg: AdapMoEConfig, slots: list[int]) -> float:
-    """The plan's guess at a prompt step's expert cost: it needs every expert of every layer,
-    so it loads the ones not resident, each at the link's rate (``link_gbps``, or the emulated
-    preset's physical rate: a lower bound on this machine's stretched clock). 0 where the rate is
-    only known once measured (a free link), or nothing is loaded (all resident, host-only); a
-    layer with no own slot never loads (its prompt runs on the host)."""
+    """The plan's guess at a prompt step's expert cost: the loads the planner's waves take for a
+    uniformly routed prompt of ``PRIOR_PROMPT_TOKENS`` tokens in each loading layer
+    (``plan.prompt_step_loads``: every cold expert once with enough ``prefill_rows``, some
+    several times without), each at the link's rate (``link_gbps``, or the emulated preset's
+    physical rate: a lower bound on this machine's stretched clock). 0 where the rate is only
+    known once measured (a free link), or nothing is loaded (all resident, host-only); a layer
+    with no own slot never loads (its prompt runs on the host)."""
+    from vllm_adapmoe.engine.cache_plan import layer_staging_rows
     from vllm_adapmoe.engine.emulation import PRESETS
-    from vllm_adapmoe.engine.plan import layer_loads
+    from vllm_adapmoe.engine.plan import layer_loads, prompt_step_loads
 
     shape = _shapes(vllm_config, cfg)[2]
     gbps = cfg.link_gbps if cfg.emulate is None else PRESETS[cfg.emulate].link_gbps
@@ -333,7 +339,14 @@ def prompt_step_prior_s(vllm_config: Any, cfg: AdapMoEConfig, slots: list[int]) 
         return 0.0
     tp = vllm_config.parallel_config.tensor_parallel_size
     load_s = shape.expert_bytes(vllm_config.model_config.dtype.itemsize) / tp / (gbps * 1e9)
-    return sum(max(shape.num_experts - s, 0) for s in slots if layer_loads(cfg.hybrid, s)) * load_s
+    tokens = min(PRIOR_PROMPT_TOKENS, vllm_config.scheduler_config.max_num_batched_tokens)
+    loads: dict[int, int] = {}  # own slots → loads (layers of a uniform plan share one answer)
+    for own in slots:
+        if layer_loads(cfg.hybrid, own) and own not in loads:
+            rows = layer_staging_rows(own, shape.top_k, cfg.prefill_rows, shape.num_experts)
+            loads[own] = prompt_step_loads(shape.num_experts, shape.top_k, own, own + rows,
+                                           tokens)
+    return sum(loads[own] for own in slots if own in loads) * load_s
 
 
 def _check_cuda_memory(vllm_config: Any, shape: Any, slots: list[int], staging: int) -> None:
