@@ -38,17 +38,29 @@ def test_prompts_are_held_until_their_waits_add_up_to_what_releasing_costs():
 
 
 def test_holding_needs_arrivals_frequent_enough_to_share_the_prompt_step():
-    one = [Waiting("a", 0.0)]
-    # λ·c·(n + k) against k: 20/s x 0.1 s x 2 slots = 4 > 1 holds; at 2/s it is 0.4: release
+    one = [Waiting("a", 0.0)]  # itself the arrival at 0.0, which λ leaves out
+    # λ·c·(n + k) against k: 19.5/s x 0.1 s x 2 slots = 3.9 > 1 holds; at 1.5/s it is 0.3
     assert _admission(0.1, gap_s=0.05).hold(0.01, one, decoding=1, prompt_in_progress=False)
     assert not _admission(0.1, gap_s=0.5).hold(0.01, one, decoding=1, prompt_in_progress=False)
     fresh = PromptAdmission(PromptStepCost(0.1), 1.0)  # no arrival rate yet: nothing held
     assert not fresh.hold(0.01, one, decoding=9, prompt_in_progress=False)
     quiet = _admission(0.1)  # the same arrivals, after a quiet spell of 3 s
     assert not quiet.hold(3.0, one, decoding=1, prompt_in_progress=False)
-    many = [Waiting(str(i), 0.0) for i in range(6)]  # 20/s x 0.1 x 8 = 16 > 6; at 5/s 4 < 6
+    many = [Waiting(str(i), 0.0) for i in range(6)]  # 19.5/s x 0.1 x 8 > 6; at 4.5/s 3.6 < 6
     assert _admission(0.1).hold(0.01, many, decoding=2, prompt_in_progress=False)
     assert not _admission(0.1, gap_s=0.2).hold(0.01, many, decoding=2, prompt_in_progress=False)
+
+
+def test_a_prompt_arriving_alone_is_not_held_however_costly_its_step():
+    """The arrival that raised the question is no sign of others: counting it, any lone prompt
+    would read as 1 / 2 s = 0.5 requests per second and be held (0.5 x 10 s x 4 slots = 20 > 1)."""
+    a = PromptAdmission(PromptStepCost(10.0), max_hold_s=5.0)
+    a.arrivals.arrived(-30.0)  # the decoding ones came long ago
+    a.arrivals.arrived(0.0)
+    assert not a.hold(0.01, [Waiting("a", 0.0)], decoding=3, prompt_in_progress=False)
+    a.arrivals.arrived(0.2)  # a second prompt close behind: evidence of a rate (0.5/s)
+    assert a.hold(0.21, [Waiting("a", 0.0), Waiting("b", 0.2)], decoding=3,
+                  prompt_in_progress=False)
 
 
 def test_nothing_is_held_with_nothing_to_delay_a_prompt_started_or_the_bound_reached():
@@ -130,17 +142,19 @@ def expert_aware(engines, bundled_model):
 def test_arrivals_while_decoding_are_held_and_outputs_equal_serial(expert_aware):
     from tests.conftest import greedy
 
+    # a steady stream, one arrival per engine step: enough arrivals for holding to pay
+    stream = PROMPTS * 2
     before = vllm_adapmoe.scheduler_stats(expert_aware)
-    served = _staggered(expert_aware, PROMPTS, every=2)
+    served = _staggered(expert_aware, stream, every=1)
     after = vllm_adapmoe.scheduler_stats(expert_aware)
     serial = [greedy(expert_aware, [p], max_tokens=16)[0][0] for p in PROMPTS]
-    assert [served[f"r{i}"] for i in range(len(PROMPTS))] == serial
+    assert [served[f"r{i}"] for i in range(len(stream))] == serial * 2
     # the class decided differently from stock: arrivals were held, prompt steps consolidated
     assert after["requests_held"] > before["requests_held"]
     assert after["held_steps"] > before["held_steps"]
     assert after["prompt_step_cost_s"] > 0
     steps = after["prompt_steps"] - before["prompt_steps"]
-    assert 1 <= steps < len(PROMPTS)
+    assert 1 <= steps < len(stream)
     # the TTFT bound: no request held past it (plus the step that released it)
     assert after["held_max_s"] <= SETTINGS["max_prompt_hold_ms"] / 1000 + 1.0
 

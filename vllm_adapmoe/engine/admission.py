@@ -9,8 +9,9 @@ Holding is paid in lost throughput: a held request's batch slot idles while the 
 With ``n`` requests decoding and ``k`` prompts waiting, holding for ``h`` seconds idles
 ``k·h`` slot-seconds; releasing costs every one of the ``n + k`` slots the prompt step's expert
 cost ``c``, and holding saves that ``c`` once for each prompt that arrives meanwhile and shares
-the step (``λ·h`` of them at arrival rate ``λ``). So holding pays while ``λ·c·(n + k) > k``, and
-is a rent-or-buy decision beyond that (ski rental, 2-competitive): once the held prompts' waits
+the step (``λ·h`` of them at arrival rate ``λ``, not counting the arrival that raised the
+question: ``ArrivalRate.after_first``). So holding pays while ``λ·c·(n + k) > k``, and is a
+rent-or-buy decision beyond that (ski rental, 2-competitive): once the held prompts' waits
 add up to ``c·(n + k)`` they all go at once. A prompt is never held past ``max_hold_s`` (the
 TTFT bound), never when nothing decodes (there is nobody to delay), and a prompt whose chunks
 have started is never paused. With every expert resident ``c`` is 0 and nothing is held: stock
@@ -83,10 +84,20 @@ class ArrivalRate:
     def arrived(self, now: float) -> None:
         self._times.append(now)
 
-    def per_s(self, now: float) -> float:
+    def per_s(self, now: float, excluding: int = 0) -> float:
+        """Arrivals per second over the window, less ``excluding`` of them (see ``others``)."""
         while self._times and self._times[0] < now - self.window_s:
             self._times.popleft()
-        return len(self._times) / self.window_s
+        return max(len(self._times) - excluding, 0) / self.window_s
+
+    def after_first(self, now: float, waiting: list[Waiting]) -> float:
+        """The rate with the first waiting prompt's arrival left out. The question is asked
+        because a prompt arrived, so the window always holds that one: counting it, a prompt
+        arriving alone would read as 1 / ``window_s`` requests per second, and at a few
+        requests a minute every lone prompt would be held in vain. Later arrivals, waiting or
+        not, are evidence of the rate."""
+        first = min((w.since for w in waiting), default=None)
+        return self.per_s(now, int(first is not None and first >= now - self.window_s))
 
 
 @dataclass
@@ -113,7 +124,7 @@ class PromptAdmission:
             return False
         slots = decoding + len(waiting)
         release_cost = self.cost.seconds * slots       # slot-seconds a prompt step costs
-        if self.arrivals.per_s(now) * release_cost <= len(waiting):
+        if self.arrivals.after_first(now, waiting) * release_cost <= len(waiting):
             return False                               # too few arrivals to share it with
         waits = [now - w.since for w in waiting]
         if max(waits) >= self.max_hold_s or sum(waits) >= release_cost:
