@@ -268,7 +268,10 @@ def scheduling_section(data: dict) -> list[str]:
            "p99 TPOT × | p50 TTFT × | p99 TTFT × | held (requests / steps) | prompt steps | "
            "tokens per prompt step | rounds |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in data["rows"]:
+    order = ["mixtral", "qwen3moe", "resident", "mixtral+ngram", "mixtral+rows", "qwen3moe+rows"]
+    rows = sorted(data["rows"], key=lambda r: (order.index(r["model"]) if r["model"] in order
+                                               else len(order), r["concurrency"]))
+    for r in rows:
         s, e, x, d = r["stock"], r["expert_aware"], r["ratio"], r["scheduler"]
         budget = (f"{r['settings']['cache_slots']} slots/layer, emulated h100-pcie4"
                   if r["settings"] else "all resident")
@@ -286,6 +289,12 @@ def scheduling_section(data: dict) -> list[str]:
     if any(r.get("recovered") for r in data["rows"]):
         out += ["", "Rows without held steps or tokens per prompt step: "
                 + next(r["recovered"] for r in data["rows"] if r.get("recovered")) + "."]
+    earlier: dict[tuple[str, str], list[str]] = {}  # (model, note) → concurrencies
+    for r in rows:
+        if r.get("earlier"):
+            earlier.setdefault((r["model"], r["earlier"]), []).append(str(r["concurrency"]))
+    for (model, note), cs in earlier.items():
+        out += ["", f"{model} at concurrency {' / '.join(cs)}: {note}."]
     return out
 
 
