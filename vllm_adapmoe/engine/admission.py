@@ -85,7 +85,7 @@ class ArrivalRate:
         self._times.append(now)
 
     def per_s(self, now: float, excluding: int = 0) -> float:
-        """Arrivals per second over the window, less ``excluding`` of them (see ``others``)."""
+        """Arrivals per second over the window, less ``excluding`` of them (``after_first``)."""
         while self._times and self._times[0] < now - self.window_s:
             self._times.popleft()
         return max(len(self._times) - excluding, 0) / self.window_s
