@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--out", default="benchmarks/results/scheduling.json")
     ap.add_argument("--append", action="store_true",
-                    help="keep the rows --out already has for models not rerun (noted per row)")
+                    help="keep the rows --out already has for grid points not rerun (noted per row)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="adapmoe-scheduling-"))
     out = Path(args.out)
@@ -132,7 +132,7 @@ def main() -> None:
     if args.append and out.exists():
         before = json.loads(out.read_text())
         rows = [{"rounds": before["rounds"], **r} for r in before["rows"]
-                if r["model"] not in args.models]
+                if r["model"] not in args.models or r["concurrency"] not in args.concurrency]
     result = {"rounds": args.rounds, "load": "vllm bench serve, random 128 in / 64 out "
               "(each 0.5x-1.5x: --random-range-ratio 0.5), ignore_eos, max-concurrency C, 4C "
               "prompts (>= 8)", "compiled": True,

@@ -1,9 +1,12 @@
 """Shared engines: each distinct (model, impl, settings) starts one ``LLM`` per session.
 
-Starting an engine costs ~20 s on CPU, so tests ask ``engines.get(...)`` and share the result.
-Each engine holds ~2.3 GB of RAM over its processes (64 MiB of it KV cache), so at most
-``MAX_ALIVE`` stay up, fewer when memory runs short: the least recently used one is shut down
-first (tests are grouped by file, so reuse is local). All are shut down at the end of the session (else vLLM logs errors
+Starting an engine costs ~15-50 s on CPU (two spawned processes import torch and vLLM; compiled
+ones also compile), so tests ask ``engines.get(...)`` and share the result. Each engine holds
+~1.3 GB of RAM over its processes (64 MiB of it KV cache), so at most ``MAX_ALIVE`` stay up,
+fewer when memory runs short: the least recently used one is shut down first, in the background
+(its processes take ~5 s to exit, on the core the next engine's start leaves idle). Test files
+that share the tiny model's basic engines run next to each other (``pytest_collection_modifyitems``)
+so those engines start once. All are shut down at the end of the session (else vLLM logs errors
 after pytest exits).
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -49,8 +53,19 @@ PROMPTS = [
 ]
 
 
-MAX_ALIVE = 7  # idle engines cost memory, not CPU: their workers park
-MIN_AVAILABLE_GIB = 7.0  # ...and one engine takes ~2.3 GB (a TP=2 one ~4), so keep this much free
+MAX_ALIVE = 9  # idle engines cost memory, not CPU: their workers park
+MIN_AVAILABLE_GIB = 6.0  # ...and one engine takes ~1.3 GB (a TP=2 one ~2.5), so keep this much free
+# Files in this order first (the rest after, alphabetically): these share the tiny model's stock,
+# default, 1-slot and 2-slot engines, which LRU would otherwise evict in between and start twice.
+FIRST_FILES = ("test_exactness.py", "test_selection.py", "test_stats.py", "test_trace_sim.py",
+               "test_gating.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    def rank(item) -> int:
+        name = item.path.name
+        return FIRST_FILES.index(name) if name in FIRST_FILES else len(FIRST_FILES)
+    items.sort(key=rank)  # stable: within a file, and among the other files, order is kept
 
 
 def _available_gib() -> float:
@@ -64,6 +79,7 @@ def _available_gib() -> float:
 class Engines:
     def __init__(self) -> None:
         self._engines: dict[str, object] = {}  # insertion order = least recently used first
+        self._stopping: list[threading.Thread] = []
 
     def get(self, model: str | Path, impl: str = "auto", eager: bool = True, dtype: str = "auto",
             tp: int = 1, pp: int = 1, speculative: dict | None = None,
@@ -76,10 +92,11 @@ class Engines:
             self._engines[key] = self._engines.pop(key)
         else:
             # never the two most recent: the calling test may hold them (stock, then ours)
-            while len(self._engines) >= MAX_ALIVE or (
-                    len(self._engines) > 2 and _available_gib() < MIN_AVAILABLE_GIB):
-                oldest = next(iter(self._engines))
-                self._engines.pop(oldest).llm_engine.engine_core.shutdown()
+            while len(self._engines) >= MAX_ALIVE:
+                self._shutdown(self._engines.pop(next(iter(self._engines))))
+            while len(self._engines) > 2 and _available_gib() < MIN_AVAILABLE_GIB:
+                # wait for the memory to come back before measuring again
+                self._shutdown(self._engines.pop(next(iter(self._engines)))).join(timeout=60)
             kwargs = {"additional_config": {"adapmoe": adapmoe}} if adapmoe else {}
             if speculative:
                 kwargs["speculative_config"] = speculative
@@ -90,7 +107,9 @@ class Engines:
             ranks = tp * pp
             bind = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, range(ranks)))} if ranks > 1 else {}
             started = time.perf_counter()
-            with _env(bind):
+            # the tests' 64 MiB of KV cache, not VLLM_CPU_KVCACHE_SPACE's GiB (vLLM-CPU lets the
+            # variable override kv_cache_memory_bytes; the test command sets it for servers)
+            with _env({**bind, "VLLM_CPU_KVCACHE_SPACE": None}):
                 self._engines[key] = LLM(model=str(model), model_impl=impl, enforce_eager=eager,
                                          max_model_len=512, seed=0, max_num_seqs=32, dtype=dtype,
                                          kv_cache_memory_bytes=64 * 2**20,
@@ -98,23 +117,38 @@ class Engines:
                                          **kwargs)
             if os.environ.get("ADAPMOE_TEST_ENGINE_LOG"):  # which engines start, and how often
                 with open(os.environ["ADAPMOE_TEST_ENGINE_LOG"], "a") as log:
-                    log.write(f"{time.perf_counter() - started:.1f}s {key}\n")
+                    log.write(f"{time.perf_counter() - started:.1f}s {key} "
+                              f"{_available_gib():.1f} GiB free\n")
         return self._engines[key]
 
     def forget(self, llm: object) -> None:
         """Stop sharing ``llm`` (a test that kills its engine shuts it down itself)."""
         self._engines = {k: v for k, v in self._engines.items() if v is not llm}
 
+    def _shutdown(self, llm: object) -> threading.Thread:
+        """Stop ``llm`` in a thread: shutting down mostly waits for its processes to exit."""
+        thread = threading.Thread(target=llm.llm_engine.engine_core.shutdown, daemon=True)
+        thread.start()
+        self._stopping = [t for t in self._stopping if t.is_alive()] + [thread]
+        return thread
+
     def close(self) -> None:
         for llm in self._engines.values():
-            llm.llm_engine.engine_core.shutdown()
+            self._shutdown(llm)
         self._engines.clear()
+        for thread in self._stopping:
+            thread.join(timeout=60)
 
 
 @contextlib.contextmanager
-def _env(values: dict[str, str]):
+def _env(values: dict[str, str | None]):
+    """Set (or, for None, unset) environment variables for the block."""
     saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         yield
     finally:
