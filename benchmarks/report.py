@@ -291,8 +291,9 @@ def scheduling_section(data: dict) -> list[str]:
                 + next(r["recovered"] for r in data["rows"] if r.get("recovered")) + "."]
     earlier: dict[tuple[str, str], list[str]] = {}  # (model, note) → concurrencies
     for r in rows:
-        if r.get("earlier"):
-            earlier.setdefault((r["model"], r["earlier"]), []).append(str(r["concurrency"]))
+        for note in (r.get("earlier"), r.get("note")):  # from an earlier run; about this one
+            if note:
+                earlier.setdefault((r["model"], note), []).append(str(r["concurrency"]))
     for (model, note), cs in earlier.items():
         out += ["", f"{model} at concurrency {' / '.join(cs)}: {note}."]
     return out
