@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_parity import alternate  # noqa: E402
-from bench_serve import start, wait_ready  # noqa: E402
+from bench_serve import emulation_scale, start, wait_ready  # noqa: E402
 
 BUNDLED = HERE.parent / "vllm_adapmoe" / "bundled"
 EMULATED_25 = {"cache_slots": 2, "emulate": "h100-pcie4"}
@@ -75,12 +75,21 @@ def run_model(name: str, concurrency: list[int], rounds: int, work: Path,
     model, settings, flags = MODELS[name]
     configs = {"stock scheduling": settings,
                "expert-aware": {**settings, "scheduling": "expert-aware"}}
-    servers = {c: start(str(model), s, work / f"{name}-{i}.log", eager=False, extra=list(flags))
-               for i, (c, s) in enumerate(configs.items())}
+    logs = {c: work / f"{name}-{i}.log" for i, c in enumerate(configs)}
+    servers: dict[str, tuple] = {}
     rows = done
     try:
-        for i, (proc, base) in enumerate(servers.values()):
-            wait_ready(proc, base, work / f"{name}-{i}.log")
+        for c, s in configs.items():
+            if servers and "emulate" in s:
+                # one emulation clock for both: each server would measure its own at start-up
+                # (one expert's device time, ~0.02 ms, varies between starts; 1.49x apart once)
+                scale = emulation_scale(logs["stock scheduling"])
+                if scale is None:
+                    raise RuntimeError(f"no emulation scale in {logs['stock scheduling']}")
+                s = {**s, "emulate_scale": scale}
+            servers[c] = start(str(model), s, logs[c], eager=False, extra=list(flags))
+            wait_ready(*servers[c], logs[c])
+        scales = {c: emulation_scale(log) for c, log in logs.items()}
         for c in concurrency:
             n = max(8, 4 * c)
             before = scheduler_counters(servers["expert-aware"][1])
@@ -99,7 +108,7 @@ def run_model(name: str, concurrency: list[int], rounds: int, work: Path,
                          "stock": stock, "expert_aware": ours,
                          "ratio": {key: ours[key] / stock[key] if stock[key] else None
                                    for key in KEYS},
-                         "scheduler": decided,
+                         "scheduler": decided, "emulation_scales": scales,
                          "samples": {k: [{key: s[key] for key in KEYS} for s in ss]
                                      for k, ss in samples.items()}})
             ratio = rows[-1]["ratio"]

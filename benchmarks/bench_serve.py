@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -44,6 +45,12 @@ def start(model: str, settings: dict | None, log: Path, eager: bool = True,
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     return proc, f"http://127.0.0.1:{port}"
+
+
+def emulation_scale(log: Path) -> float | None:
+    """The scale an ``emulate`` server measured (or was pinned to) at start-up, from its log."""
+    found = re.search(r"emulated [\w.-]+ \(x([0-9.]+):", log.read_text(errors="replace"))
+    return float(found.group(1)) if found else None
 
 
 def wait_ready(proc: subprocess.Popen, base: str, log: Path) -> None:

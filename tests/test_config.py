@@ -87,6 +87,9 @@ def test_prefill_rows_come_out_of_a_total_budget_and_are_checked():
 @pytest.mark.parametrize("raw, match", [
     ({"emulate": "a100"}, "emulate must be one of"),
     ({"emulate": "h100-pcie4", "link_gbps": 10}, "drop \"link_gbps\""),
+    ({"emulate_scale": 400}, "set \"emulate\" too"),
+    ({"emulate": "h100-pcie4", "emulate_scale": 0}, "emulate_scale must be a number > 0"),
+    ({"emulate": "h100-pcie4", "emulate_scale": "fast"}, "emulate_scale"),
     ({"host_threads": 4}, "host_threads needs hybrid"),
     ({"hybrid": "auto", "host_threads": 0}, "host_threads must be >= 1"),
     ({"copy_timeout_s": 0}, "copy_timeout_s must be a number of seconds > 0"),
@@ -100,6 +103,8 @@ def test_settings_for_one_kind_of_machine():
     emulated = AdapMoEConfig.from_dict({"emulate": "rtx4090-pcie4", "hybrid": "auto"})
     emulated.check_platform("cpu")
     assert emulated.engine_settings().emulate == "rtx4090-pcie4"
+    pinned = AdapMoEConfig.from_dict({"emulate": "h100-pcie4", "emulate_scale": 440})
+    assert pinned.engine_settings().emulate_scale == 440.0
     with pytest.raises(AdapMoEConfigError, match="for CPU experiments"):
         emulated.check_platform("cuda")
     threads = AdapMoEConfig.from_dict({"hybrid": "auto", "host_threads": 8})

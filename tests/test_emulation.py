@@ -46,6 +46,23 @@ def test_calibration_scales_every_duration():
     assert "emulated h100-pcie4" in emu.describe()
 
 
+def test_a_pinned_scale_is_used_as_given_and_never_measured():
+    """``emulate_scale``: two servers compared side by side run on one clock."""
+    emu = make_emulation("h100-pcie4", EXPERT_BYTES, 4096, 14336, scale=440.0)
+    assert emu.calibrated and emu.scale == 440.0
+    assert emu.copy_s(EXPERT_BYTES) == pytest.approx(EXPERT_BYTES / 25e9 * 440.0)
+    assert emu.device_expert_s == pytest.approx(440.0 * emu.preset_device_s())
+    assert "(x440:" in emu.describe()
+    reference = _stack("cpu", None)
+    stack = ExpertStack(SHAPE, [2] * 4, EngineSettings(emulate="h100-pcie4", emulate_scale=7.0,
+                                                       kernel="grouped"),
+                        torch.device("cpu"), routers=[b.gate for b in reference.blocks],
+                        stores=[b.store for b in reference.blocks])
+    # the stack's warm-up calibrates an unpinned emulation; this one keeps its scale
+    assert torch.equal(_decode(stack, [1, 2], "cpu"), _decode(reference, [1, 2], "cpu"))
+    assert stack.link.emulation.scale == 7.0 and stack.link.bytes_per_s == pytest.approx(25e9 / 7)
+
+
 def _emulated(scale: float) -> Emulation:
     """The test shape's experts on a fixed scale (no timing noise in what is padded)."""
     emu = make_emulation("h100-pcie4", SHAPE.expert_bytes(2), SHAPE.hidden, SHAPE.intermediate)

@@ -56,6 +56,10 @@ class AdapMoEConfig:
     # Extension: emulate a named machine's link, device and host on CPU ("h100-pcie4",
     # "rtx4090-pcie4": engine/emulation.py); results are labelled "emulated <preset>".
     emulate: str | None = None
+    # Extension: the emulation's scale (this machine's time for one expert on the device ÷ the
+    # preset's), pinned instead of measured at start-up: two servers compared side by side then
+    # run on one clock (a measurement of ~0.02 ms varies between starts). Logged as "(x<scale>:".
+    emulate_scale: float | None = None
     # Extension (CUDA, hybrid): torch threads computing on the host (None: torch's default).
     host_threads: int | None = None
     # Extension: seconds a step waits for an expert copy beyond the link's queue before it fails
@@ -188,6 +192,13 @@ class AdapMoEConfig:
             raise AdapMoEConfigError(
                 f'adapmoe: emulate="{self.emulate}" sets the link from its preset; drop '
                 '"link_gbps" (or drop "emulate" to emulate the link alone)')
+        if self.emulate_scale is not None and self.emulate is None:
+            raise AdapMoEConfigError('adapmoe: emulate_scale pins an emulation\'s clock; set '
+                                     '"emulate" too (or drop "emulate_scale")')
+        if self.emulate_scale is not None and not (
+                self.emulate_scale > 0 and math.isfinite(self.emulate_scale)):
+            raise AdapMoEConfigError(
+                f"adapmoe: emulate_scale must be a number > 0, got {self.emulate_scale}")
         if not (self.copy_timeout_s > 0 and math.isfinite(self.copy_timeout_s)):
             raise AdapMoEConfigError(
                 f"adapmoe: copy_timeout_s must be a number of seconds > 0, got {self.copy_timeout_s}")
@@ -247,7 +258,8 @@ class AdapMoEConfig:
                               prefetch_lookahead=self.prefetch_lookahead,
                               link_gbps=self.link_gbps, link_layers=self.link_layers,
                               hybrid=self.hybrid, hybrid_costs=self.hybrid_costs,
-                              emulate=self.emulate, host_threads=self.host_threads,
+                              emulate=self.emulate, emulate_scale=self.emulate_scale,
+                              host_threads=self.host_threads,
                               copy_timeout_s=self.copy_timeout_s,
                               quantize_at_load=self.expert_dtype is not None,
                               prefill_rows=self.prefill_rows)
@@ -455,7 +467,7 @@ def _normalise(key: str, value: Any) -> Any:
             raise bad("an integer")
         return value
     if key in ("cache_gib", "threshold", "link_gbps", "link_layers", "copy_timeout_s",
-               "max_prompt_hold_ms"):
+               "max_prompt_hold_ms", "emulate_scale"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         return float(value)

@@ -58,11 +58,13 @@ class Emulation:
     """The preset's durations on this machine's clock for experts of ``expert_bytes`` bytes and
     ``expert_flops`` flops per token (2 · 3 · hidden · intermediate for a SwiGLU expert)."""
 
-    def __init__(self, preset: HardwarePreset, expert_bytes: int, expert_flops: int) -> None:
+    def __init__(self, preset: HardwarePreset, expert_bytes: int, expert_flops: int,
+                 scale: float | None = None) -> None:
         self.preset = preset
         self.expert_bytes, self.expert_flops = expert_bytes, expert_flops
-        self.scale: float | None = None
-        self.device_expert_s: float | None = None  # this machine's, measured
+        # pinned (two runs compared on one clock), else measured by ``calibrate``
+        self.scale: float | None = scale
+        self.device_expert_s: float | None = None if scale is None else scale * self.preset_device_s()
 
     @property
     def label(self) -> str:
@@ -120,7 +122,7 @@ class Emulation:
 
 
 def make_emulation(name: str | None, expert_bytes: int, hidden: int,
-                   intermediate: int) -> Emulation | None:
+                   intermediate: int, scale: float | None = None) -> Emulation | None:
     if name is None:
         return None
-    return Emulation(PRESETS[name], expert_bytes, 6 * hidden * intermediate)
+    return Emulation(PRESETS[name], expert_bytes, 6 * hidden * intermediate, scale)

@@ -21,6 +21,7 @@ class EngineSettings:
     prefetch_lookahead: int = 1       # how many layers ahead the prefetcher guesses
     link_gbps: float | None = None    # emulated host→device bandwidth, GB/s (CPU experiments)
     emulate: str | None = None        # a hardware preset of emulation.PRESETS (CPU experiments)
+    emulate_scale: float | None = None  # the emulation's scale, pinned (None: measured)
     link_layers: float | None = None  # one load in decode layers, pinned (None: measured)
     hybrid: str = "off"               # where a cold expert runs: "off" (loaded), "auto", "host-only"
     # pinned (load_s, host_fixed_s, host_token_s) for hybrid decisions (None: measured)

@@ -64,7 +64,7 @@ class ExpertStack:
         self.step_info = StepInfo(counted=True)
         if emulation is None:
             emulation = make_emulation(settings.emulate, shape.expert_bytes(dtype.itemsize),
-                                       shape.hidden, shape.intermediate)
+                                       shape.hidden, shape.intermediate, settings.emulate_scale)
         self.link = Link(device, settings.link_gbps, settings.link_layers, emulation,
                          settings.copy_timeout_s)
         self.staging = StagingArea.for_plan(slots, shape.top_k,

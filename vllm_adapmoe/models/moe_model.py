@@ -74,7 +74,8 @@ class MoEBlocks:
         rank_expert_bytes = shape.expert_bytes(self.dtype.itemsize) // self.shard[1]
         self.link = Link(self.device, config.link_gbps, config.link_layers,
                          make_emulation(config.emulate, rank_expert_bytes, shape.hidden_size,
-                                        shape.intermediate_size // self.shard[1]),
+                                        shape.intermediate_size // self.shard[1],
+                                        config.emulate_scale),
                          config.copy_timeout_s)
         self.placement = config.placement(shape.num_layers, hf_config)
         # shared by this pipeline stage's layers (the ones this process builds)
