@@ -25,9 +25,16 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
 from tiny_model import build_tiny_mixtral  # noqa: E402
 
 import vllm_adapmoe  # noqa: E402
+
+# The tests' own in-process work (tiny engine stacks, calibration) on one torch thread, whether
+# the whole suite runs or one file: with two on 2 cores, OpenMP's hand-offs make these tiny
+# layers several times slower, and timing-based decisions (a load in layers) shift with it.
+# Engines run in processes of their own and set their threads themselves.
+torch.set_num_threads(1)
 
 BUNDLED = Path(vllm_adapmoe.bundled_model_path())
 

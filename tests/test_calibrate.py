@@ -14,8 +14,6 @@ from vllm_adapmoe.cli import main
 from vllm_adapmoe.offline.profile import (FORMAT_VERSION, Profile, ProfileError, config_hash,
                                   load_profile, save_profile)
 
-torch.set_num_threads(1)
-
 KW = dict(window=48, max_tokens=288, seed=0, progress=False)
 
 

@@ -135,18 +135,6 @@ def test_prefetch_pays_for_itself_from_the_measured_link_cost():
     # Small batches only: a layer's measured compute is a moving average over steps, and a
     # 16-token step's waves (2 slots) make it ~20 ms here, so r would swing toward 4 -- the
     # break-even of the guesses' ~0.8 precision -- which is the rule working, not a test.
-    # One torch thread, as in the full suite (test_calibrate.py sets it at collection): with
-    # two, OpenMP's hand-offs make these tiny layers several times slower on 2 cores, and run
-    # alone the measured layers per load fell to 4.4-5.8.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _check_prefetch_pays()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _check_prefetch_pays() -> None:
     batches = [1, 1, 3, 1, 2, 1, 1]
     expected = _decode(_stack("cpu", None), batches, "cpu")
     stack = _stack("cpu", 2, prefetch=True, gbps=1e-3)  # ~150 ms per copy, layers 2-16 ms
