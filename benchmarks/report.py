@@ -289,12 +289,12 @@ def scheduling_section(data: dict) -> list[str]:
     if any(r.get("recovered") for r in data["rows"]):
         out += ["", "Rows without held steps or tokens per prompt step: "
                 + next(r["recovered"] for r in data["rows"] if r.get("recovered")) + "."]
-    earlier: dict[tuple[str, str], list[str]] = {}  # (model, note) → concurrencies
+    notes: dict[tuple[str, str], list[str]] = {}  # (model, note) → concurrencies
     for r in rows:
         for note in (r.get("earlier"), r.get("note")):  # from an earlier run; about this one
             if note:
-                earlier.setdefault((r["model"], note), []).append(str(r["concurrency"]))
-    for (model, note), cs in earlier.items():
+                notes.setdefault((r["model"], note), []).append(str(r["concurrency"]))
+    for (model, note), cs in notes.items():
         out += ["", f"{model} at concurrency {' / '.join(cs)}: {note}."]
     return out
 
