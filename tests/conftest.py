@@ -75,6 +75,47 @@ def pytest_collection_modifyitems(items: list) -> None:
     items.sort(key=rank)  # stable: within a file, and among the other files, order is kept
 
 
+def _machine_counters() -> dict[str, float]:
+    """Seconds some task stalled on CPU / memory / I/O (Linux PSI) and major page faults: a
+    slow run shows here whether it waited for cores, for memory or for the disk."""
+    counters: dict[str, float] = {}
+    for kind in ("cpu", "memory", "io"):
+        with contextlib.suppress(OSError):
+            first = Path(f"/proc/pressure/{kind}").read_text().splitlines()[0]
+            counters[f"{kind} stall s"] = int(first.rsplit("total=", 1)[1]) / 1e6
+    with contextlib.suppress(OSError), open("/proc/vmstat") as f:
+        for line in f:
+            if line.startswith("pgmajfault "):
+                counters["major faults"] = int(line.split()[1])
+    return counters
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+SESSION = {"started": time.perf_counter(), "counters": _machine_counters(),
+           "starts": [], "lowest_gib": float("inf")}  # starts: (seconds, key)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One block on where a session's time went (engine starts, machine stalls), so a slow CI
+    run can be read from its log."""
+    starts, now = SESSION["starts"], _machine_counters()
+    deltas = ", ".join(f"{k} {v - SESSION['counters'].get(k, 0):,.0f}" for k, v in now.items())
+    longest = max(starts, default=(0.0, ""))
+    lowest = f"{SESSION['lowest_gib']:.1f} GiB" if starts else "n/a"
+    terminalreporter.write_line(
+        f"[engines] {len(starts)} starts, {sum(t for t, _ in starts):.0f} s of "
+        f"{time.perf_counter() - SESSION['started']:.0f} s (longest {longest[0]:.0f} s); lowest "
+        f"MemAvailable after a start {lowest}; {os.cpu_count()} x {_cpu_model()}; "
+        f"during the session: {deltas}")
+
+
 def _available_gib() -> float:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -122,10 +163,12 @@ class Engines:
                                          kv_cache_memory_bytes=64 * 2**20,
                                          tensor_parallel_size=tp, pipeline_parallel_size=pp,
                                          **kwargs)
+            seconds, free = time.perf_counter() - started, _available_gib()
+            SESSION["starts"].append((seconds, key))
+            SESSION["lowest_gib"] = min(SESSION["lowest_gib"], free)
             if os.environ.get("ADAPMOE_TEST_ENGINE_LOG"):  # which engines start, and how often
                 with open(os.environ["ADAPMOE_TEST_ENGINE_LOG"], "a") as log:
-                    log.write(f"{time.perf_counter() - started:.1f}s {key} "
-                              f"{_available_gib():.1f} GiB free\n")
+                    log.write(f"{seconds:.1f}s {key} {free:.1f} GiB free\n")
         return self._engines[key]
 
     def forget(self, llm: object) -> None:
