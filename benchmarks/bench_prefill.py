@@ -110,7 +110,7 @@ def serve(concurrency: list[int], rows: int, rounds: int, out: Path,
     import tempfile
 
     from bench_parity import alternate
-    from bench_serve import start, wait_ready
+    from bench_serve import emulation_scale, start_on_one_clock
 
     directory, description, slots = SERVE_MODELS[model_name]
     model = str(HERE.parent / "vllm_adapmoe" / "bundled" / directory)
@@ -123,16 +123,16 @@ def serve(concurrency: list[int], rows: int, rounds: int, out: Path,
                                         "emulate": "h100-pcie4"}}
     work = Path(tempfile.mkdtemp(prefix="adapmoe-prefill-"))
     load = ("--random-range-ratio", "0.5")
-    servers = {name: start(model, cfg, work / f"{i}.log", eager=False)
-               for i, (name, cfg) in enumerate(configs.items())}
+    logs = {name: work / f"{i}.log" for i, name in enumerate(configs)}
     result = {"model": description, "model_arg": model_name, "slots": slots, "experts": experts,
               "configs": configs,
               "rounds": rounds, "compiled": True, "emulated": "emulated h100-pcie4",
               "load": "vllm bench serve, random 128 in / 64 out (each 0.5x-1.5x), ignore_eos, "
                       "max-concurrency C, 4C prompts (>= 8)", "rows": []}
+    servers: dict[str, tuple] = {}
     try:
-        for i, (proc, url) in enumerate(servers.values()):
-            wait_ready(proc, url, work / f"{i}.log")
+        servers = start_on_one_clock(model, configs, logs, eager=False)
+        result["emulation_scales"] = {name: emulation_scale(log) for name, log in logs.items()}
         for c in concurrency:
             n = max(8, 4 * c)
             samples = alternate(servers, model, c, n, rounds, work, load)

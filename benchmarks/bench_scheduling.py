@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_parity import alternate  # noqa: E402
-from bench_serve import emulation_scale, start, wait_ready  # noqa: E402
+from bench_serve import emulation_scale, start_on_one_clock  # noqa: E402
 
 BUNDLED = HERE.parent / "vllm_adapmoe" / "bundled"
 EMULATED_25 = {"cache_slots": 2, "emulate": "h100-pcie4"}
@@ -79,16 +79,8 @@ def run_model(name: str, concurrency: list[int], rounds: int, work: Path,
     servers: dict[str, tuple] = {}
     rows = done
     try:
-        for c, s in configs.items():
-            if servers and "emulate" in s:
-                # one emulation clock for both: each server would measure its own at start-up
-                # (one expert's device time, ~0.02 ms, varies between starts; 1.49x apart once)
-                scale = emulation_scale(logs["stock scheduling"])
-                if scale is None:
-                    raise RuntimeError(f"no emulation scale in {logs['stock scheduling']}")
-                s = {**s, "emulate_scale": scale}
-            servers[c] = start(str(model), s, logs[c], eager=False, extra=list(flags))
-            wait_ready(*servers[c], logs[c])
+        # stock first: the expert-aware server runs on its emulation clock
+        servers = start_on_one_clock(str(model), configs, logs, eager=False, extra=list(flags))
         scales = {c: emulation_scale(log) for c, log in logs.items()}
         for c in concurrency:
             n = max(8, 4 * c)
