@@ -110,7 +110,7 @@ def serve(concurrency: list[int], rows: int, rounds: int, out: Path,
     import tempfile
 
     from bench_parity import alternate
-    from bench_serve import emulation_scale, start_on_one_clock
+    from bench_serve import cpu_model, emulation_scale, start_on_one_clock
 
     directory, description, slots = SERVE_MODELS[model_name]
     model = str(HERE.parent / "vllm_adapmoe" / "bundled" / directory)
@@ -133,6 +133,7 @@ def serve(concurrency: list[int], rows: int, rounds: int, out: Path,
     try:
         servers = start_on_one_clock(model, configs, logs, eager=False)
         result["emulation_scales"] = {name: emulation_scale(log) for name, log in logs.items()}
+        result["cpu"] = cpu_model()
         for c in concurrency:
             n = max(8, 4 * c)
             samples = alternate(servers, model, c, n, rounds, work, load)

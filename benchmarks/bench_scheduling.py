@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_parity import alternate  # noqa: E402
-from bench_serve import emulation_scale, start_on_one_clock  # noqa: E402
+from bench_serve import cpu_model, emulation_scale, start_on_one_clock  # noqa: E402
 
 BUNDLED = HERE.parent / "vllm_adapmoe" / "bundled"
 EMULATED_25 = {"cache_slots": 2, "emulate": "h100-pcie4"}
@@ -100,7 +100,7 @@ def run_model(name: str, concurrency: list[int], rounds: int, work: Path,
                          "stock": stock, "expert_aware": ours,
                          "ratio": {key: ours[key] / stock[key] if stock[key] else None
                                    for key in KEYS},
-                         "scheduler": decided, "emulation_scales": scales,
+                         "scheduler": decided, "emulation_scales": scales, "cpu": cpu_model(),
                          "samples": {k: [{key: s[key] for key in KEYS} for s in ss]
                                      for k, ss in samples.items()}})
             ratio = rows[-1]["ratio"]

@@ -259,6 +259,18 @@ def _rounds(data: dict) -> str:
     return " or ".join(str(n) for n in per_row) + " (per row: the column rounds)"
 
 
+def _clocks(row: dict) -> str:
+    """The two servers' emulation scales (one clock when pinned), and the CPU where recorded."""
+    if not row["settings"].get("emulate"):
+        return "—"
+    scales = row.get("emulation_scales")
+    if not scales:
+        return "not recorded"
+    stock, ours = scales["stock scheduling"], scales["expert-aware"]
+    clocks = f"x{stock:g}, one clock" if stock == ours else f"x{stock:g} / x{ours:g}"
+    return f"{clocks}; {row['cpu']}" if row.get("cpu") else clocks
+
+
 def scheduling_section(data: dict) -> list[str]:
     out = ["**Expert-aware scheduling** (`benchmarks/bench_scheduling.py`: stock scheduling vs "
            '`"scheduling": "expert-aware"`, both servers compiled, '
@@ -266,8 +278,8 @@ def scheduling_section(data: dict) -> list[str]:
            f"{data['emulated']}):", "",
            "| model | budget | concurrency | output tok/s stock → expert-aware | × | p50 TPOT × | "
            "p99 TPOT × | p50 TTFT × | p99 TTFT × | held (requests / steps) | prompt steps | "
-           "tokens per prompt step | rounds |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "tokens per prompt step | rounds | emulation clocks |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = ["mixtral", "qwen3moe", "resident", "mixtral+ngram", "mixtral+rows", "qwen3moe+rows"]
     rows = sorted(data["rows"], key=lambda r: (order.index(r["model"]) if r["model"] in order
                                                else len(order), r["concurrency"]))
@@ -285,7 +297,7 @@ def scheduling_section(data: dict) -> list[str]:
                    f"{x['output_throughput']:.2f} | {x['median_tpot_ms']:.2f} | "
                    f"{x['p99_tpot_ms']:.2f} | {x['median_ttft_ms']:.2f} | {x['p99_ttft_ms']:.2f} | "
                    f"{d['requests_held']:.0f} / {held_steps} | {d['prompt_steps']:.0f} | {per} | "
-                   f"{r.get('rounds', data['rounds'])} |")
+                   f"{r.get('rounds', data['rounds'])} | {_clocks(r)} |")
     if any(r.get("recovered") for r in data["rows"]):
         out += ["", "Rows without held steps or tokens per prompt step: "
                 + next(r["recovered"] for r in data["rows"] if r.get("recovered")) + "."]
