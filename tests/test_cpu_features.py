@@ -64,10 +64,11 @@ def qwen3_bf16(tmp_path_factory):
 @needs_amx
 def test_fine_grained_model_serves_on_amx_stock_and_plugin(engines, qwen3_bf16):
     """bf16 Qwen3-MoE shape (top-4 of 16): vLLM-CPU's MoE kernel takes its AMX path. Both stock
-    (the plugin loaded, not selected) and the plugin at 4 slots + prefetch survive and agree."""
-    stock = engines.get(qwen3_bf16, dtype="bfloat16")
+    (the plugin loaded, not selected) and the plugin at 4 slots + prefetch survive and agree, in
+    worker processes as users run them (where the SIGILL was)."""
+    stock = engines.get(qwen3_bf16, dtype="bfloat16", processes=True)
     llm = engines.get(qwen3_bf16, "adapmoe", dtype="bfloat16", cache_slots=4, prefetch=True,
-                      link_layers=1)
+                      link_layers=1, processes=True)
     vllm_adapmoe.reset_stats(llm)
     assert_same(greedy(stock), greedy(llm))
     total = vllm_adapmoe.stats(llm)["total"]

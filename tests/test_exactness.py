@@ -38,6 +38,16 @@ def test_tiny_small_cache_matches_stock(engines, tiny_model, tiny_stock, slots):
     assert_same(tiny_stock, greedy(llm))
 
 
+def test_worker_processes_match_in_process_stock(engines, tiny_model, tiny_stock):
+    """The shared engines run inside the test process; users' ``LLM(...)`` spawns an EngineCore
+    and a worker. The plugin there, at 1 slot, gives the same tokens (and it offloaded)."""
+    llm = engines.get(tiny_model, "adapmoe", cache_slots=1, processes=True)
+    vllm_adapmoe.reset_stats(llm)
+    assert_same(tiny_stock, greedy(llm))
+    assert vllm_adapmoe.stats(llm)["total"]["misses"] > 0
+    assert type(llm.llm_engine.engine_core).__name__ == "SyncMPClient"
+
+
 def test_tiny_batch_of_one_small_cache_matches_stock(engines, tiny_model):
     llm = engines.get(tiny_model, "adapmoe", cache_slots=1)
     for i in (0, 5, 8):

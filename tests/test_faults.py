@@ -127,7 +127,9 @@ def test_a_stuck_copy_in_vllm_fails_the_requests_within_the_timeout(engines, tin
 
     from conftest import PROMPTS
 
-    llm = engines.get(tiny_model, "adapmoe", cache_slots=1, copy_timeout_s=1.0, link_gbps=100.0)
+    # in processes: an engine that dies in-process takes the test process's vLLM state with it
+    llm = engines.get(tiny_model, "adapmoe", cache_slots=1, copy_timeout_s=1.0, link_gbps=100.0,
+                      processes=True)
     engines.forget(llm)  # this engine will not survive the test
     try:
         llm.collective_rpc("adapmoe_inject_copy_fault", args=("stuck", 0, 60.0))
