@@ -132,6 +132,16 @@ def prefill_section(data: dict) -> list[str]:
     return out
 
 
+def _served_clocks(data: dict) -> str:
+    """Whether a served run's emulated servers shared one emulation clock, and where it ran."""
+    scales = set((data.get("emulation_scales") or {}).values())
+    if not scales:
+        return "emulation clocks not recorded: each server measured its own"
+    clocks = (f"one emulation clock, x{scales.pop():g}" if len(scales) == 1
+              else "emulation clocks " + " / ".join(f"x{x:g}" for x in sorted(scales)))
+    return f"{clocks}, {data['cpu']}" if data.get("cpu") else clocks
+
+
 def prefill_serve_section(data: dict) -> list[str]:
     rows = next(k for k in data["configs"] if not k.startswith("no rows"))
     slots, experts = data.get("slots", 2), data.get("experts", 8)
@@ -142,7 +152,7 @@ def prefill_serve_section(data: dict) -> list[str]:
            f"{experts} slots per layer vs no rows at {slots} of {experts} and vs no rows with the "
            "rows' memory as own slots "
            f"(same memory); {data['load']}; {data['rounds']} alternating rounds, medians, one "
-           "run):", "",
+           f"run; {_served_clocks(data)}):", "",
            "| concurrency | vs | output tok/s → with rows | × | p50 TTFT × | p99 TTFT × "
            "| p50 TPOT × | p99 TPOT × |", "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
