@@ -45,6 +45,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_engine import SHAPES, synthetic_routing  # noqa: E402
 
+from vllm_adapmoe.cpu_features import cpu_model  # noqa: E402
 from vllm_adapmoe.engine.cache_plan import uniform_split  # noqa: E402
 from vllm_adapmoe.engine.emulation import PRESETS, make_emulation  # noqa: E402
 from vllm_adapmoe.engine.settings import EngineSettings  # noqa: E402
@@ -110,7 +111,7 @@ def serve(concurrency: list[int], rows: int, rounds: int, out: Path,
     import tempfile
 
     from bench_parity import alternate
-    from bench_serve import cpu_model, emulation_scale, start_on_one_clock
+    from bench_serve import emulation_scale, start_on_one_clock
 
     directory, description, slots = SERVE_MODELS[model_name]
     model = str(HERE.parent / "vllm_adapmoe" / "bundled" / directory)

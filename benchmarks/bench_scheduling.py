@@ -38,7 +38,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_parity import alternate  # noqa: E402
-from bench_serve import cpu_model, emulation_scale, start_on_one_clock  # noqa: E402
+from bench_serve import emulation_scale, start_on_one_clock  # noqa: E402
+
+from vllm_adapmoe.cpu_features import cpu_model  # noqa: E402
 
 BUNDLED = HERE.parent / "vllm_adapmoe" / "bundled"
 EMULATED_25 = {"cache_slots": 2, "emulate": "h100-pcie4"}

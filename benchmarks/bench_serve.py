@@ -47,15 +47,6 @@ def start(model: str, settings: dict | None, log: Path, eager: bool = True,
     return proc, f"http://127.0.0.1:{port}"
 
 
-def cpu_model() -> str:
-    """This machine's CPU, for result rows (the kind varies between machines of one name)."""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def emulation_scale(log: Path) -> float | None:
     """The scale an ``emulate`` server measured (or was pinned to) at start-up, from its log."""
     found = re.search(r"emulated [\w.-]+ \(x([0-9.]+):", log.read_text(errors="replace"))

@@ -35,11 +35,12 @@ import torch  # noqa: E402
 from tiny_model import build_tiny_mixtral  # noqa: E402
 
 import vllm_adapmoe  # noqa: E402
+from vllm_adapmoe.cpu_features import cpu_model  # noqa: E402
 
 # The tests' own in-process work (tiny engine stacks, calibration) on one torch thread, whether
 # the whole suite runs or one file: with two on 2 cores, OpenMP's hand-offs make these tiny
 # layers several times slower, and timing-based decisions (a load in layers) shift with it.
-# Engines run in processes of their own and set their threads themselves.
+# In-process engines run on this thread count too; engines in processes set their own.
 torch.set_num_threads(1)
 
 BUNDLED = Path(vllm_adapmoe.bundled_model_path())
@@ -96,14 +97,6 @@ def _machine_counters() -> dict[str, float]:
     return counters
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 SESSION = {"started": time.perf_counter(), "counters": _machine_counters(),
            "starts": [], "lowest_gib": float("inf")}  # starts: (seconds, key)
 
@@ -118,7 +111,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
     terminalreporter.write_line(
         f"[engines] {len(starts)} starts, {sum(t for t, _ in starts):.0f} s of "
         f"{time.perf_counter() - SESSION['started']:.0f} s (longest {longest[0]:.0f} s); lowest "
-        f"MemAvailable after a start {lowest}; {os.cpu_count()} x {_cpu_model()}; "
+        f"MemAvailable after a start {lowest}; {os.cpu_count()} x {cpu_model()}; "
         f"during the session: {deltas}")
 
 

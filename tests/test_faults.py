@@ -90,6 +90,7 @@ def test_a_slow_emulated_link_never_trips_the_timeout():
             waits.append(time.perf_counter() - start)
         block.cache.wait = timed
     assert torch.equal(_decode(stack, BATCHES[:4], "cpu"), expected)
+    assert stack.stats()["total"]["stall_s"] > 0.2
     assert max(waits) > 0.15  # one wait outlasted the bare timeout: the queue's time counted
 
 
