@@ -12,7 +12,7 @@ the ratios that matter instead, from published figures of a real machine:
     bandwidth), a host computation (bytes ÷ host bandwidth + flops ÷ host flop rate, per expert
     and summed over the step's host experts: they share one memory bus). The engine pads the
     real work with sleeps to those durations (the link in ``link.py``, the host in
-    ``execute.py``).
+    ``execute.py``). Two runs to be compared should share one clock: ``emulate_scale`` pins it.
 
 The host's real work still runs on these cores, inside the device's time: a pessimistic detail
 for hybrid rows (a few % at the presets' ratios). Results measured this way are labelled
@@ -74,17 +74,34 @@ class Emulation:
         p = self.preset
         return self.expert_bytes / (p.device_gbps * 1e9) + self.expert_flops * tokens / (p.device_tflops * 1e12)
 
-    def calibrate(self, run_one_expert: Callable[[], None], repeats: int = 21) -> None:
-        """``run_one_expert()`` computes one expert for one token on the device slots; the
-        median of ``repeats`` timings after a few warm-up calls (one call is short and noisy)."""
-        for _ in range(3):
+    def calibrate(self, run_one_expert: Callable[[], None], seconds: float = 2.0,
+                  warmup_s: float = 0.2, batch_s: float = 0.002) -> None:
+        """``run_one_expert()`` computes one expert for one token on the device slots. After
+        ``warmup_s`` of calls, batches of calls lasting ~``batch_s`` are timed for ``seconds``;
+        the device time is the fastest batch's mean call.
+
+        Why the fastest, over seconds: one call is short (~0.02 ms here) and the machines these
+        runs share swing between phases ~1.4x apart that last from a fraction of a second to
+        several. The median of 21 single calls, taken within a few milliseconds, put the same
+        model on the same machine at x484 and at x261 in two starts; the fastest batch over two
+        seconds lands in a fast phase nearly every time."""
+        deadline = time.perf_counter() + warmup_s
+        while time.perf_counter() < deadline:
             run_one_expert()
-        samples = []
-        for _ in range(repeats):
+        start = time.perf_counter()
+        run_one_expert()
+        per_batch = max(1, int(batch_s / max(time.perf_counter() - start, 1e-7)))
+        best = float("inf")
+        deadline = time.perf_counter() + seconds
+        while True:
             start = time.perf_counter()
-            run_one_expert()
-            samples.append(time.perf_counter() - start)
-        self.device_expert_s = sorted(samples)[len(samples) // 2]
+            for _ in range(per_batch):
+                run_one_expert()
+            now = time.perf_counter()
+            best = min(best, (now - start) / per_batch)
+            if now >= deadline:
+                break
+        self.device_expert_s = best
         self.scale = self.device_expert_s / self.preset_device_s()
 
     @property
