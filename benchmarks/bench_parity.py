@@ -73,9 +73,12 @@ def bench_serve(base: str, model: str, concurrency: int, prompts: int, out_dir: 
            "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
            "--seed", str(seed), "--save-result", "--result-dir", str(out_dir),
            "--result-filename", name, "--disable-tqdm", *extra]
+    # a slow emulated server takes seconds per request at concurrency 16 (one round of 64 prompts
+    # passed 300 s once): the limit grows with the prompts
+    limit = max(300, 10 * prompts)
     for attempt in range(2):  # the client itself once hung before sending anything: retry once
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
             break
         except subprocess.TimeoutExpired:
             if attempt:
