@@ -10,12 +10,14 @@ as an H100 over PCIe Gen4 (``emulate: "h100-pcie4"``), concurrency 1 / 4 / 16; a
 Mixtral-shaped model with every expert resident (where the scheduler must hold nothing); the
 Mixtral-shaped model at 25% with vLLM's n-gram speculative decoding (verify steps of up to 4
 tokens per request; `--models mixtral+ngram`); both models at 25% with ``prefill_rows`` on both
-servers (`--models mixtral+rows qwen3moe+rows`). Reports
+servers (`--models mixtral+rows qwen3moe+rows`) or with ``hybrid: "auto"`` on both (`--models
+mixtral+hybrid qwen3moe+hybrid`). Reports
 output tok/s, p50 / p99 TTFT and TPOT, the ratios expert-aware ÷ stock, and what the scheduler
 decided (its counters from /metrics).
 
     python benchmarks/bench_scheduling.py [--rounds 3] [--concurrency 1 4 16]
-        [--models mixtral qwen3moe resident mixtral+ngram mixtral+rows qwen3moe+rows]
+        [--models mixtral qwen3moe resident mixtral+ngram mixtral+rows qwen3moe+rows
+                  mixtral+hybrid qwen3moe+hybrid]
         [--out benchmarks/results/scheduling.json] [--append]
 """
 
@@ -59,6 +61,11 @@ MODELS = {
     "mixtral+rows": (BUNDLED / "shakespeare_moe", {**EMULATED_25, "prefill_rows": 6}, ()),
     "qwen3moe+rows": (BUNDLED / "shakespeare_qwen3moe",
                       {"cache_slots": 16, "emulate": "h100-pcie4", "prefill_rows": 48}, ()),
+    # both servers computing cold experts' decode tokens on the (emulated) host, as a user of
+    # this hardware would run: decode steps stop loading, prompt steps still load
+    "mixtral+hybrid": (BUNDLED / "shakespeare_moe", {**EMULATED_25, "hybrid": "auto"}, ()),
+    "qwen3moe+hybrid": (BUNDLED / "shakespeare_qwen3moe",
+                        {"cache_slots": 16, "emulate": "h100-pcie4", "hybrid": "auto"}, ()),
 }
 # requests of different lengths (prompts and outputs 0.5x-1.5x the mean), so they finish at
 # different steps and arrivals meet running decodes, as they do in real traffic

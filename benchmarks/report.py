@@ -290,7 +290,8 @@ def scheduling_section(data: dict) -> list[str]:
            "p99 TPOT × | p50 TTFT × | p99 TTFT × | held (requests / steps) | prompt steps | "
            "tokens per prompt step | rounds | emulation clocks |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    order = ["mixtral", "qwen3moe", "resident", "mixtral+ngram", "mixtral+rows", "qwen3moe+rows"]
+    order = ["mixtral", "qwen3moe", "resident", "mixtral+ngram", "mixtral+rows", "qwen3moe+rows",
+             "mixtral+hybrid", "qwen3moe+hybrid"]
     rows = sorted(data["rows"], key=lambda r: (order.index(r["model"]) if r["model"] in order
                                                else len(order), r["concurrency"]))
     for r in rows:
@@ -301,7 +302,8 @@ def scheduling_section(data: dict) -> list[str]:
                if d.get("prompt_tokens") is not None and d["prompt_steps"] else "—")
         held_steps = "—" if d.get("held_steps") is None else f"{d['held_steps']:.0f}"
         model = r["model"].replace("+ngram", " + n-gram speculation (3 tokens)").replace(
-            "+rows", f" + {r['settings'].get('prefill_rows')} prefill rows (both servers)")
+            "+rows", f" + {r['settings'].get('prefill_rows')} prefill rows (both servers)").replace(
+            "+hybrid", ' + hybrid "auto" (both servers)')
         out.append(f"| {model} | {budget} | {r['concurrency']} | "
                    f"{s['output_throughput']:.1f} → {e['output_throughput']:.1f} | "
                    f"{x['output_throughput']:.2f} | {x['median_tpot_ms']:.2f} | "

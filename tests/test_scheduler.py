@@ -223,3 +223,25 @@ def test_with_every_expert_resident_nothing_is_held(engines, bundled_model):
     counters = vllm_adapmoe.scheduler_stats(llm)
     assert counters["steps"] > 0 and counters["prompt_steps"] > 0  # it ran, and saw the prompts
     assert counters["requests_held"] == 0 and counters["prompt_step_cost_s"] == 0
+
+
+def test_with_hybrid_decode_misses_on_the_host_prompts_still_held_and_exact(engines, bundled_model):
+    """Hybrid as a user of offloading hardware runs it: a decode token's cold expert is cheaper
+    on the host (pinned costs: 5 ms against a 20 ms load), a prompt's experts, wanted by several
+    tokens, load. Prompt steps still cost more traffic than decode steps, so arrivals are held,
+    and the staggered outputs are the serial ones."""
+    from tests.conftest import greedy
+
+    llm = engines.get(bundled_model, impl="adapmoe", hybrid="auto",
+                      hybrid_costs={"load_s": 0.02, "host_fixed_s": 0.001, "host_token_s": 0.004},
+                      **SETTINGS)
+    before = vllm_adapmoe.scheduler_stats(llm)
+    served = _staggered(llm, PROMPTS * 2, every=1)
+    after = vllm_adapmoe.scheduler_stats(llm)
+    serial = [greedy(llm, [p], max_tokens=16)[0][0] for p in PROMPTS]
+    assert [served[f"r{i}"] for i in range(2 * len(PROMPTS))] == serial * 2
+    layers = vllm_adapmoe.stats(llm)["layers"]
+    assert sum(layer["host_tokens"] for layer in layers) > 0   # decode misses went to the host
+    assert sum(layer["loads"] for layer in layers) > 0         # and prompt steps loaded
+    assert after["requests_held"] > before["requests_held"]
+    assert after["prompt_step_cost_s"] > 0
