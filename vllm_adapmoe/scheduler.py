@@ -77,7 +77,9 @@ class ExpertAwareMixin:
             self.admission.cost.observe(seconds - self._traffic_mark, carried)
         self._traffic_mark = seconds
         if self._report is not None:
-            self._report.publish(self.admission.stats, force=not self.has_requests())
+            # not has_requests(): that stays true until the next step hands the finished ids
+            # to the workers, and an engine stepped by its caller (in-process) takes no next step
+            self._report.publish(self.admission.stats, force=not self.has_unfinished_requests())
         return outputs
 
     def _waiting_prompts(self, now: float) -> list[Waiting]:
