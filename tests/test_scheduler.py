@@ -76,13 +76,36 @@ def test_nothing_is_held_with_nothing_to_delay_a_prompt_started_or_the_bound_rea
 
 def test_the_prompt_step_cost_is_measured_above_decode_traffic():
     cost = PromptStepCost(prior_s=5.0)
-    cost.observe(0.30, carried_prompt=True)
-    assert cost.seconds == 5.0  # the prior until both kinds of step were seen
-    cost.observe(0.02, carried_prompt=False)
-    cost.observe(-1.0, carried_prompt=False)  # counters reset mid-step: ignored
+    cost.observe(0.30, prompt_tokens=128)
+    assert cost.seconds == 5.0 and cost.shared_s == 5.0  # the prior until both kinds were seen
+    cost.observe(0.02, prompt_tokens=0)
+    cost.observe(-1.0, prompt_tokens=0)  # counters reset mid-step: ignored
+    # prompt steps of one size: the split cannot be seen, all of it is shared (loads)
     assert cost.measured and cost.seconds == pytest.approx(0.28)
-    cost.observe(0.01, carried_prompt=True)   # prompts that found their experts resident
-    assert cost.seconds == 0.0 or cost.seconds < 0.28
+    assert cost.shared_s == pytest.approx(0.28) and cost.per_token_s == 0.0
+    cost.observe(0.01, prompt_tokens=128)  # prompts that found their experts resident
+    assert cost.seconds < 0.28
+
+
+def test_only_the_fixed_part_of_a_prompt_step_counts_as_shared():
+    """Hybrid: host work is paid per token as well, and a step carrying five prompts pays five
+    prompts' worth of it. Hand-worked: traffic = 0.1 s + 1 ms per prompt token, decode 0.02 s."""
+    cost = PromptStepCost(prior_s=5.0)
+    cost.observe(0.02, prompt_tokens=0)
+    for tokens in (100, 300, 200, 500, 100, 400):
+        cost.observe(0.1 + 0.001 * tokens, prompt_tokens=tokens)
+    assert cost.per_token_s == pytest.approx(0.001)
+    assert cost.shared_s == pytest.approx(0.08)
+    assert cost.seconds > 0.25  # at the mean size (~240 tokens): 0.1 + 0.24 - 0.02
+    # the decision weighs what sharing saves: the same arrivals hold with the loads' cost only
+    waiting, now = [Waiting("a", 0.0)], 0.05
+    per_token = PromptAdmission(cost, 1.0)
+    loads_only = PromptAdmission(PromptStepCost(prior_s=cost.seconds), 1.0)
+    for a in (per_token, loads_only):
+        for i in range(4):  # 1.5 arrivals per second besides the waiting prompt's own
+            a.arrivals.arrived(-i * 0.5)
+    assert loads_only.hold(now, waiting, decoding=3, prompt_in_progress=False)
+    assert not per_token.hold(now, waiting, decoding=3, prompt_in_progress=False)
 
 
 def test_workers_traffic_reaches_the_scheduler_after_each_step():

@@ -45,7 +45,7 @@ class ExpertAwareMixin:
         prior = float(additional.get(SCHEDULING_KEY, {}).get("prompt_step_prior_s", 0.0))
         self.admission = PromptAdmission(PromptStepCost(prior), cfg.max_prompt_hold_ms / 1000)
         self._first_seen: dict[str, float] = {}
-        self._carried_prompt: dict[int, bool] = {}  # id(scheduler output) → it had prompt tokens
+        self._carried_prompt: dict[int, int] = {}  # id(scheduler output) → its prompt tokens
         self._traffic = TrafficReader()
         self._traffic_mark = self._traffic.seconds()
         self._report = metrics.SchedulerReport.for_this_process()
@@ -66,7 +66,7 @@ class ExpertAwareMixin:
             self._first_seen.pop(rid, None)
         prompt_tokens = self._prompt_tokens(out)
         self.admission.scheduled(admitted, gone, prompt_tokens, time.monotonic())
-        self._carried_prompt[id(out)] = prompt_tokens > 0
+        self._carried_prompt[id(out)] = prompt_tokens
         return out
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any):

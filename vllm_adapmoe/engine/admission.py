@@ -2,8 +2,9 @@
 
 With experts offloaded, a step that carries a prompt needs nearly every expert of every layer, so
 it pays a round of loads (or host work) that a decode step of a few tokens does not, and every
-decoding request in that step waits for it. That part is about the same whether the step carries
-one prompt or five, so holding prompts back a little and taking them together pays it once.
+decoding request in that step waits for it. The loads are about the same whether the step carries
+one prompt or five, so holding prompts back a little and taking them together pays them once;
+host work is also paid per token, and only its fixed part is shared.
 
 Holding is paid in lost throughput: a held request's batch slot idles while the others decode.
 With ``n`` requests decoding and ``k`` prompts waiting, holding for ``h`` seconds idles
@@ -19,8 +20,9 @@ vLLM's behaviour.
 
 The expert cost of a prompt step (``PromptStepCost``): the expert traffic time of prompt steps
 above that of decode steps (the layers' stall + host seconds per step, as the workers report
-them), and before both were seen, or without reports, the plan's prior: the experts a prompt
-step must load × one load's time.
+them), fitted as a fixed part + a part per prompt token; the decision weighs the fixed part
+(``c`` above). Before both kinds of step were seen, or without reports, the plan's prior: the
+experts a prompt step must load × one load's time.
 """
 
 from __future__ import annotations
@@ -39,38 +41,71 @@ class AdmissionStats:
     held_s: float = 0.0            # total time requests were held (until admitted or gone)
     held_max_s: float = 0.0        # the longest one request was held
     prompt_step_cost_s: float = 0.0  # the current estimate of a prompt step's expert cost
+    prompt_step_shared_cost_s: float = 0.0  # the part of it one more prompt in the step saves
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
 
 class PromptStepCost:
-    """A prompt step's expert cost in seconds: the prior until both kinds of step were seen with
-    a traffic meter, then (EWMA of prompt steps' traffic) − (EWMA of decode steps')."""
+    """A prompt step's expert cost in seconds, and the part of it that sharing a step saves.
 
-    def __init__(self, prior_s: float, decay: float = 0.2) -> None:
+    ``seconds``: the prior until both kinds of step were seen with a traffic meter, then the
+    prompt steps' traffic at their mean size − the decode steps' (EWMA). ``shared_s``: what
+    one more prompt in the step would *not* add. Loads are paid per distinct expert, nearly the
+    same for one prompt or five; host work (hybrid) is paid per token too, and a consolidated
+    step carries all of it. So prompt steps' traffic is fitted as ``fixed + per_token·tokens``
+    (exponentially weighted least squares over the last ~1/``fit_decay`` prompt steps), and
+    ``shared_s`` = fixed − decode traffic, within [0, ``seconds``]. Where the prompt steps'
+    sizes barely differ (spread under 10%) the split cannot be seen and all of it counts as
+    fixed, as does the prior (loads)."""
+
+    def __init__(self, prior_s: float, decay: float = 0.2, fit_decay: float = 0.05) -> None:
         self.prior_s = prior_s
-        self.decay = decay
-        self._prompt: float | None = None
+        self.decay, self.fit_decay = decay, fit_decay
         self._decode: float | None = None
+        # weighted sums of 1, tokens, traffic, tokens², tokens·traffic over prompt steps
+        self._sums = [0.0] * 5
 
-    def observe(self, traffic_s: float, carried_prompt: bool) -> None:
+    def observe(self, traffic_s: float, prompt_tokens: int) -> None:
+        """One step's expert traffic and the prompt tokens it carried (0: a decode step)."""
         if traffic_s < 0:  # the counters were reset mid-step: nothing to learn
             return
-        if carried_prompt:
-            self._prompt = _ewma(self._prompt, traffic_s, self.decay)
+        if prompt_tokens > 0:
+            x, y = float(prompt_tokens), traffic_s
+            keep = 1.0 - self.fit_decay
+            self._sums = [keep * s + v for s, v in zip(self._sums, (1.0, x, y, x * x, x * y))]
         else:
             self._decode = _ewma(self._decode, traffic_s, self.decay)
 
     @property
     def measured(self) -> bool:
-        return self._prompt is not None and self._decode is not None
+        return self._sums[0] > 0 and self._decode is not None
+
+    def _fit(self) -> tuple[float, float, float]:
+        """(mean prompt-step traffic, its fixed part, per token) from the weighted sums."""
+        w, sx, sy, sxx, sxy = self._sums
+        mx, my = sx / w, sy / w
+        var = sxx / w - mx * mx
+        per_token = (sxy / w - mx * my) / var if var > (0.1 * mx) ** 2 else 0.0
+        per_token = min(max(per_token, 0.0), my / mx)
+        return my, my - per_token * mx, per_token
 
     @property
     def seconds(self) -> float:
         if not self.measured:
             return self.prior_s
-        return max(self._prompt - self._decode, 0.0)
+        return max(self._fit()[0] - self._decode, 0.0)
+
+    @property
+    def shared_s(self) -> float:
+        if not self.measured:
+            return self.prior_s
+        return min(max(self._fit()[1] - self._decode, 0.0), self.seconds)
+
+    @property
+    def per_token_s(self) -> float:
+        return self._fit()[2] if self.measured else 0.0
 
 
 class ArrivalRate:
@@ -123,7 +158,8 @@ class PromptAdmission:
         if not waiting or decoding == 0 or prompt_in_progress:
             return False
         slots = decoding + len(waiting)
-        release_cost = self.cost.seconds * slots       # slot-seconds a prompt step costs
+        # slot-seconds a prompt step costs that the next prompt sharing it does not add
+        release_cost = self.cost.shared_s * slots
         if self.arrivals.after_first(now, waiting) * release_cost <= len(waiting):
             return False                               # too few arrivals to share it with
         waits = [now - w.since for w in waiting]
@@ -150,6 +186,7 @@ class PromptAdmission:
             self.stats.prompt_steps += 1
             self.stats.prompt_tokens += prompt_tokens
         self.stats.prompt_step_cost_s = self.cost.seconds
+        self.stats.prompt_step_shared_cost_s = self.cost.shared_s
 
     @property
     def held(self) -> set[str]:
