@@ -26,31 +26,31 @@ _XFEATURE_XTILEDATA = 18
 _REPORTED = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
-@lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The flags of the first CPU in /proc/cpuinfo (empty where there is none)."""
+def _first_cpu_field(names: tuple[str, ...]) -> str | None:
+    """The value of the first /proc/cpuinfo line starting with one of ``names`` (the first
+    CPU's), or None where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.startswith(names):
+                    return line.split(":", 1)[1]
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The flags of the first CPU in /proc/cpuinfo (empty where there is none)."""
+    return frozenset((_first_cpu_field(("flags", "Features")) or "").split())
 
 
 @lru_cache(maxsize=1)
 def cpu_model() -> str:
     """The first CPU's model name in /proc/cpuinfo, for benchmark rows and test logs (machines
     of one name come with different CPUs)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+    found = _first_cpu_field(("model name",))
+    return found.strip() if found is not None else "unknown CPU"
 
 
 def _linux_x86() -> bool:

@@ -101,7 +101,8 @@ class PromptStepCost:
     def shared_s(self) -> float:
         if not self.measured:
             return self.prior_s
-        return min(max(self._fit()[1] - self._decode, 0.0), self.seconds)
+        mean, fixed, _ = self._fit()
+        return min(max(fixed - self._decode, 0.0), max(mean - self._decode, 0.0))
 
     @property
     def per_token_s(self) -> float:
