@@ -15,7 +15,12 @@ mixtral+hybrid qwen3moe+hybrid`). Reports
 output tok/s, p50 / p99 TTFT and TPOT, the ratios expert-aware ÷ stock, and what the scheduler
 decided (its counters from /metrics).
 
-    python benchmarks/bench_scheduling.py [--rounds 3] [--concurrency 1 4 16]
+By default the load is a closed loop (`--max-concurrency C`: a request starts when one ends).
+`--request-rate R` makes it open: requests arrive as a Poisson process at R per second (vLLM's
+`--request-rate`), still at most C at once, as a public endpoint sees them; such rows are their
+own grid points (`request_rate` in the JSON).
+
+    python benchmarks/bench_scheduling.py [--rounds 3] [--concurrency 1 4 16] [--request-rate R]
         [--models mixtral qwen3moe resident mixtral+ngram mixtral+rows qwen3moe+rows
                   mixtral+hybrid qwen3moe+hybrid]
         [--out benchmarks/results/scheduling.json] [--append]
@@ -80,7 +85,7 @@ def scheduler_counters(base: str) -> dict[str, float]:
 
 
 def run_model(name: str, concurrency: list[int], rounds: int, work: Path,
-              done: list[dict], save: Callable[[], None]) -> None:
+              done: list[dict], save: Callable[[], None], request_rate: float | None) -> None:
     model, settings, flags = MODELS[name]
     configs = {"stock scheduling": settings,
                "expert-aware": {**settings, "scheduling": "expert-aware"}}
@@ -94,7 +99,8 @@ def run_model(name: str, concurrency: list[int], rounds: int, work: Path,
         for c in concurrency:
             n = max(8, 4 * c)
             before = scheduler_counters(servers["expert-aware"][1])
-            samples = alternate(servers, str(model), c, n, rounds, work, LOAD)
+            load = LOAD if request_rate is None else (*LOAD, "--request-rate", str(request_rate))
+            samples = alternate(servers, str(model), c, n, rounds, work, load)
             after = scheduler_counters(servers["expert-aware"][1])
             decided = {k: after.get(k, 0.0) - before.get(k, 0.0)
                        for k in ("prompt_steps", "prompt_tokens", "held_steps", "requests_held",
@@ -105,7 +111,8 @@ def run_model(name: str, concurrency: list[int], rounds: int, work: Path,
                    for k, ss in samples.items()}
             stock, ours = med["stock scheduling"], med["expert-aware"]
             rows.append({"model": name, "settings": settings, "flags": list(flags),
-                         "concurrency": c, "prompts": n, "rounds": rounds,
+                         "concurrency": c, "request_rate": request_rate, "prompts": n,
+                         "rounds": rounds,
                          "stock": stock, "expert_aware": ours,
                          "ratio": {key: ours[key] / stock[key] if stock[key] else None
                                    for key in KEYS},
@@ -113,7 +120,8 @@ def run_model(name: str, concurrency: list[int], rounds: int, work: Path,
                          "samples": {k: [{key: s[key] for key in KEYS} for s in ss]
                                      for k, ss in samples.items()}})
             ratio = rows[-1]["ratio"]
-            print(f"{name:<9} c={c:<3} tok/s {stock['output_throughput']:7.1f} -> "
+            arrivals = "" if request_rate is None else f" Poisson {request_rate:g}/s"
+            print(f"{name:<9} c={c:<3}{arrivals} tok/s {stock['output_throughput']:7.1f} -> "
                   f"{ours['output_throughput']:7.1f} (x{ratio['output_throughput']:.2f})  "
                   f"p50 TPOT x{ratio['median_tpot_ms']:.2f}  p99 TTFT x{ratio['p99_ttft_ms']:.2f}  "
                   f"held {decided['requests_held']:.0f} req, prompt steps "
@@ -132,6 +140,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--request-rate", type=float, default=None,
+                    help="open loop: Poisson arrivals at this many requests per second "
+                         "(default: closed loop, a request starts when one ends)")
     ap.add_argument("--out", default="benchmarks/results/scheduling.json")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows --out already has for grid points not rerun (noted per row)")
@@ -142,7 +153,8 @@ def main() -> None:
     if args.append and out.exists():
         before = json.loads(out.read_text())
         rows = [{"rounds": before["rounds"], **r} for r in before["rows"]
-                if r["model"] not in args.models or r["concurrency"] not in args.concurrency]
+                if r["model"] not in args.models or r["concurrency"] not in args.concurrency
+                or r.get("request_rate") != args.request_rate]
     result = {"rounds": args.rounds, "load": "vllm bench serve, random 128 in / 64 out "
               "(each 0.5x-1.5x: --random-range-ratio 0.5), ignore_eos, max-concurrency C, 4C "
               "prompts (>= 8)", "compiled": True,
@@ -153,7 +165,7 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=1))
 
     for name in args.models:
-        run_model(name, args.concurrency, args.rounds, work, rows, save)
+        run_model(name, args.concurrency, args.rounds, work, rows, save, args.request_rate)
     save()
     print(f"wrote {out}")
 

@@ -281,6 +281,13 @@ def _clocks(row: dict) -> str:
     return f"{clocks}; {row['cpu']}" if row.get("cpu") else clocks
 
 
+def _arrivals(row: dict) -> str:
+    """A scheduling row's load: its concurrency, and its arrival rate where arrivals were open."""
+    if row.get("request_rate") is None:
+        return str(row["concurrency"])
+    return f"{row['concurrency']}, Poisson arrivals {row['request_rate']:g}/s"
+
+
 def scheduling_section(data: dict) -> list[str]:
     out = ["**Expert-aware scheduling** (`benchmarks/bench_scheduling.py`: stock scheduling vs "
            '`"scheduling": "expert-aware"`, both servers compiled, '
@@ -293,7 +300,8 @@ def scheduling_section(data: dict) -> list[str]:
     order = ["mixtral", "qwen3moe", "resident", "mixtral+ngram", "mixtral+rows", "qwen3moe+rows",
              "mixtral+hybrid", "qwen3moe+hybrid"]
     rows = sorted(data["rows"], key=lambda r: (order.index(r["model"]) if r["model"] in order
-                                               else len(order), r["concurrency"]))
+                                               else len(order), r.get("request_rate") is not None,
+                                               r["concurrency"]))
     for r in rows:
         s, e, x, d = r["stock"], r["expert_aware"], r["ratio"], r["scheduler"]
         budget = (f"{r['settings']['cache_slots']} slots/layer, emulated h100-pcie4"
@@ -304,7 +312,7 @@ def scheduling_section(data: dict) -> list[str]:
         model = r["model"].replace("+ngram", " + n-gram speculation (3 tokens)").replace(
             "+rows", f" + {r['settings'].get('prefill_rows')} prefill rows (both servers)").replace(
             "+hybrid", ' + hybrid "auto" (both servers)')
-        out.append(f"| {model} | {budget} | {r['concurrency']} | "
+        out.append(f"| {model} | {budget} | {_arrivals(r)} | "
                    f"{s['output_throughput']:.1f} → {e['output_throughput']:.1f} | "
                    f"{x['output_throughput']:.2f} | {x['median_tpot_ms']:.2f} | "
                    f"{x['p99_tpot_ms']:.2f} | {x['median_ttft_ms']:.2f} | {x['p99_ttft_ms']:.2f} | "
@@ -317,7 +325,7 @@ def scheduling_section(data: dict) -> list[str]:
     for r in rows:
         for note in (r.get("earlier"), r.get("note")):  # from an earlier run; about this one
             if note:
-                notes.setdefault((r["model"], note), []).append(str(r["concurrency"]))
+                notes.setdefault((r["model"], note), []).append(_arrivals(r))
     for (model, note), cs in notes.items():
         out += ["", f"{model} at concurrency {' / '.join(cs)}: {note}."]
     return out
