@@ -18,9 +18,12 @@ decided (its counters from /metrics).
 By default the load is a closed loop (`--max-concurrency C`: a request starts when one ends).
 `--request-rate R` makes it open: requests arrive as a Poisson process at R per second (vLLM's
 `--request-rate`), still at most C at once, as a public endpoint sees them; such rows are their
-own grid points (`request_rate` in the JSON).
+own grid points (`request_rate` in the JSON). `--max-prompt-hold-ms X` sets the expert-aware
+server's TTFT bound (its default otherwise), the knob that trades TTFT for TPOT; also its own
+grid point (`max_prompt_hold_ms`).
 
     python benchmarks/bench_scheduling.py [--rounds 3] [--concurrency 1 4 16] [--request-rate R]
+        [--max-prompt-hold-ms X]
         [--models mixtral qwen3moe resident mixtral+ngram mixtral+rows qwen3moe+rows
                   mixtral+hybrid qwen3moe+hybrid]
         [--out benchmarks/results/scheduling.json] [--append]
@@ -85,10 +88,12 @@ def scheduler_counters(base: str) -> dict[str, float]:
 
 
 def run_model(name: str, concurrency: list[int], rounds: int, work: Path,
-              done: list[dict], save: Callable[[], None], request_rate: float | None) -> None:
+              done: list[dict], save: Callable[[], None], request_rate: float | None,
+              hold_ms: float | None) -> None:
     model, settings, flags = MODELS[name]
     configs = {"stock scheduling": settings,
-               "expert-aware": {**settings, "scheduling": "expert-aware"}}
+               "expert-aware": {**settings, "scheduling": "expert-aware",
+                                **({} if hold_ms is None else {"max_prompt_hold_ms": hold_ms})}}
     logs = {c: work / f"{name}-{i}.log" for i, c in enumerate(configs)}
     servers: dict[str, tuple] = {}
     rows = done
@@ -111,7 +116,8 @@ def run_model(name: str, concurrency: list[int], rounds: int, work: Path,
                    for k, ss in samples.items()}
             stock, ours = med["stock scheduling"], med["expert-aware"]
             rows.append({"model": name, "settings": settings, "flags": list(flags),
-                         "concurrency": c, "request_rate": request_rate, "prompts": n,
+                         "concurrency": c, "request_rate": request_rate,
+                         "max_prompt_hold_ms": hold_ms, "prompts": n,
                          "rounds": rounds,
                          "stock": stock, "expert_aware": ours,
                          "ratio": {key: ours[key] / stock[key] if stock[key] else None
@@ -121,6 +127,7 @@ def run_model(name: str, concurrency: list[int], rounds: int, work: Path,
                                      for k, ss in samples.items()}})
             ratio = rows[-1]["ratio"]
             arrivals = "" if request_rate is None else f" Poisson {request_rate:g}/s"
+            arrivals += "" if hold_ms is None else f" hold<={hold_ms:g}ms"
             print(f"{name:<9} c={c:<3}{arrivals} tok/s {stock['output_throughput']:7.1f} -> "
                   f"{ours['output_throughput']:7.1f} (x{ratio['output_throughput']:.2f})  "
                   f"p50 TPOT x{ratio['median_tpot_ms']:.2f}  p99 TTFT x{ratio['p99_ttft_ms']:.2f}  "
@@ -143,6 +150,8 @@ def main() -> None:
     ap.add_argument("--request-rate", type=float, default=None,
                     help="open loop: Poisson arrivals at this many requests per second "
                          "(default: closed loop, a request starts when one ends)")
+    ap.add_argument("--max-prompt-hold-ms", type=float, default=None,
+                    help="the expert-aware server's max_prompt_hold_ms (default: its default)")
     ap.add_argument("--out", default="benchmarks/results/scheduling.json")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows --out already has for grid points not rerun (noted per row)")
@@ -154,7 +163,8 @@ def main() -> None:
         before = json.loads(out.read_text())
         rows = [{"rounds": before["rounds"], **r} for r in before["rows"]
                 if r["model"] not in args.models or r["concurrency"] not in args.concurrency
-                or r.get("request_rate") != args.request_rate]
+                or r.get("request_rate") != args.request_rate
+                or r.get("max_prompt_hold_ms") != args.max_prompt_hold_ms]
     result = {"rounds": args.rounds, "load": "vllm bench serve, random 128 in / 64 out "
               "(each 0.5x-1.5x: --random-range-ratio 0.5), ignore_eos, max-concurrency C, 4C "
               "prompts (>= 8)", "compiled": True,
@@ -165,7 +175,8 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=1))
 
     for name in args.models:
-        run_model(name, args.concurrency, args.rounds, work, rows, save, args.request_rate)
+        run_model(name, args.concurrency, args.rounds, work, rows, save, args.request_rate,
+                  args.max_prompt_hold_ms)
     save()
     print(f"wrote {out}")
 

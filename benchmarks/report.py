@@ -282,10 +282,14 @@ def _clocks(row: dict) -> str:
 
 
 def _arrivals(row: dict) -> str:
-    """A scheduling row's load: its concurrency, and its arrival rate where arrivals were open."""
-    if row.get("request_rate") is None:
-        return str(row["concurrency"])
-    return f"{row['concurrency']}, Poisson arrivals {row['request_rate']:g}/s"
+    """A scheduling row's load: its concurrency, its arrival rate where arrivals were open, and
+    the expert-aware server's hold bound where it was set."""
+    label = str(row["concurrency"])
+    if row.get("request_rate") is not None:
+        label += f", Poisson arrivals {row['request_rate']:g}/s"
+    if row.get("max_prompt_hold_ms") is not None:
+        label += f", expert-aware holds ≤ {row['max_prompt_hold_ms']:g} ms"
+    return label
 
 
 def scheduling_section(data: dict) -> list[str]:
@@ -301,7 +305,8 @@ def scheduling_section(data: dict) -> list[str]:
              "mixtral+hybrid", "qwen3moe+hybrid"]
     rows = sorted(data["rows"], key=lambda r: (order.index(r["model"]) if r["model"] in order
                                                else len(order), r.get("request_rate") is not None,
-                                               r["concurrency"]))
+                                               r["concurrency"],
+                                               -(r.get("max_prompt_hold_ms") or 1e9)))
     for r in rows:
         s, e, x, d = r["stock"], r["expert_aware"], r["ratio"], r["scheduler"]
         budget = (f"{r['settings']['cache_slots']} slots/layer, emulated h100-pcie4"
