@@ -74,6 +74,18 @@ def test_nothing_is_held_with_nothing_to_delay_a_prompt_started_or_the_bound_rea
     assert not _admission(0.0).hold(0.0, one, decoding=9, prompt_in_progress=False)  # resident
 
 
+def test_the_bound_counts_the_decode_step_a_held_prompt_would_wait_through():
+    """A prompt held at a step waits until the next one: with decode steps of 0.15 s measured, a
+    prompt 0.4 s into a 0.5 s bound goes now rather than leaving the held step at 0.55 s."""
+    a = _admission(0.1, max_hold_s=0.5)
+    one = [Waiting("a", 0.0)]
+    assert a.hold(0.4, one, decoding=9, prompt_in_progress=False)  # nothing measured yet
+    for seconds in (0.15, 0.15):
+        a.decode_step.observe(seconds)
+    assert a.hold(0.3, one, decoding=9, prompt_in_progress=False)      # 0.3 + 0.15 < 0.5
+    assert not a.hold(0.4, one, decoding=9, prompt_in_progress=False)  # 0.4 + 0.15 past it
+
+
 def test_the_prompt_step_cost_is_measured_above_decode_traffic():
     cost = PromptStepCost(prior_s=5.0)
     cost.observe(0.30, prompt_tokens=128)

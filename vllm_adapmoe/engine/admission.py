@@ -14,7 +14,8 @@ the step (``λ·h`` of them at arrival rate ``λ``, not counting the arrival tha
 question: ``ArrivalRate.after_first``). So holding pays while ``λ·c·(n + k) > k``, and is a
 rent-or-buy decision beyond that (ski rental, 2-competitive): once the held prompts' waits
 add up to ``c·(n + k)`` they all go at once. A prompt is never held past ``max_hold_s`` (the
-TTFT bound), never when nothing decodes (there is nobody to delay), and a prompt whose chunks
+TTFT bound: a held step lasts a decode step, so a prompt is not held into a step that would end
+past it), never when nothing decodes (there is nobody to delay), and a prompt whose chunks
 have started is never paused. With every expert resident ``c`` is 0 and nothing is held: stock
 vLLM's behaviour.
 
@@ -136,6 +137,22 @@ class ArrivalRate:
         return self.per_s(now, int(first is not None and first >= now - self.window_s))
 
 
+class DecodeStepTime:
+    """How long a decode-only step runs (EWMA, from its scheduling to its output): a prompt held
+    now waits at least that long, and the TTFT bound must count it."""
+
+    def __init__(self, decay: float = 0.2) -> None:
+        self.decay = decay
+        self._seconds: float | None = None
+
+    def observe(self, seconds: float) -> None:
+        self._seconds = _ewma(self._seconds, seconds, self.decay)
+
+    @property
+    def seconds(self) -> float:
+        return self._seconds or 0.0
+
+
 @dataclass
 class Waiting:
     """A prompt waiting to be admitted, as the policy sees it."""
@@ -151,6 +168,7 @@ class PromptAdmission:
     max_hold_s: float
     stats: AdmissionStats = field(default_factory=AdmissionStats)
     arrivals: ArrivalRate = field(default_factory=ArrivalRate)
+    decode_step: DecodeStepTime = field(default_factory=DecodeStepTime)
     _held: dict[str, float] = field(default_factory=dict)   # request → first held at
 
     def hold(self, now: float, waiting: list[Waiting], decoding: int,
@@ -164,7 +182,7 @@ class PromptAdmission:
         if self.arrivals.after_first(now, waiting) * release_cost <= len(waiting):
             return False                               # too few arrivals to share it with
         waits = [now - w.since for w in waiting]
-        if max(waits) >= self.max_hold_s or sum(waits) >= release_cost:
+        if max(waits) + self.decode_step.seconds >= self.max_hold_s or sum(waits) >= release_cost:
             return False
         for w in waiting:
             if w.request_id not in self._held:
