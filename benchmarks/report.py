@@ -336,6 +336,42 @@ def scheduling_section(data: dict) -> list[str]:
     return out
 
 
+def hybrid_served_section(data: dict) -> list[str]:
+    """Served with and without ``hybrid`` under stock scheduling: the stock-scheduling servers of
+    the scheduling grid's ``<model>`` and ``<model>+hybrid`` points, closed loop (separate runs,
+    so each row gives both clocks)."""
+    closed = {(r["model"], r["concurrency"]): r for r in data["rows"]
+              if r.get("request_rate") is None and r.get("max_prompt_hold_ms") is None}
+    out = ["**Served with and without `hybrid`** (the stock-scheduling servers of the grid above, "
+           "both compiled, 25% of the experts in slots, emulated h100-pcie4, closed loop; the two "
+           "columns come from separate runs, so their clocks differ — the last column gives both):",
+           "", "| model | concurrency | output tok/s load on miss → hybrid \"auto\" | × | "
+           "p50 TPOT × | p50 TTFT × | p99 TTFT × | clocks (load on miss / hybrid) |",
+           "|---|---|---|---|---|---|---|---|"]
+    left_out: list[str] = []
+    for (model, c), base in sorted(closed.items()):
+        hybrid = closed.get((model + "+hybrid", c))
+        if "+" in model or hybrid is None or not base.get("emulation_scales"):
+            continue
+        s, h = base["stock"], hybrid["stock"]
+        x_base = base["emulation_scales"]["stock scheduling"]
+        x_hybrid = hybrid["emulation_scales"]["stock scheduling"]
+        clocks = f"x{x_base:g} / x{x_hybrid:g}"
+        if max(x_base, x_hybrid) > 1.05 * min(x_base, x_hybrid):  # not comparable
+            left_out.append(f"{model} at concurrency {c} ({clocks})")
+            continue
+        out.append(f"| {model} | {c} | {s['output_throughput']:.1f} → {h['output_throughput']:.1f} | "
+                   f"{h['output_throughput'] / s['output_throughput']:.2f} | "
+                   f"{h['median_tpot_ms'] / s['median_tpot_ms']:.2f} | "
+                   f"{h['median_ttft_ms'] / s['median_ttft_ms']:.2f} | "
+                   f"{h['p99_ttft_ms'] / s['p99_ttft_ms']:.2f} | {clocks} |")
+    if len(out) == 4:
+        return []
+    if left_out:
+        out += ["", "Left out, their clocks more than 5% apart: " + "; ".join(left_out) + "."]
+    return out
+
+
 def parity_section(data: dict) -> list[str]:
     out = [f"**Parity, every expert resident** (`benchmarks/bench_parity.py`, {data['model']}; "
            f"{data['baseline']}; {data['rounds']} alternating rounds, medians, one run"
@@ -439,6 +475,9 @@ def render() -> str:
     data = _load("scheduling.json")
     if data:
         parts.append(scheduling_section(data))
+        served = hybrid_served_section(data)
+        if served:
+            parts.append(served)
     soaks = [d for d in (_load("soak_stock.json"), _load("soak_adapmoe.json"),
                          _load("soak_adapmoe_nogating.json")) if d]
     if soaks:
