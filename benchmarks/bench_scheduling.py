@@ -111,7 +111,8 @@ def run_model(name: str, concurrency: list[int], rounds: int, work: Path,
                        for k in ("prompt_steps", "prompt_tokens", "held_steps", "requests_held",
                                  "held_s")}
             decided["held_max_s"] = after.get("held_max_s", 0.0)
-            decided["prompt_step_cost_s"] = after.get("prompt_step_cost_s", 0.0)
+            for key in ("prompt_step_cost_s", "prompt_step_shared_cost_s"):  # last estimates
+                decided[key] = after.get(key, 0.0)
             med = {k: {key: statistics.median(s[key] for s in ss) for key in KEYS}
                    for k, ss in samples.items()}
             stock, ours = med["stock scheduling"], med["expert-aware"]
