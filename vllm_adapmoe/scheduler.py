@@ -45,8 +45,8 @@ class ExpertAwareMixin:
         prior = float(additional.get(SCHEDULING_KEY, {}).get("prompt_step_prior_s", 0.0))
         self.admission = PromptAdmission(PromptStepCost(prior), cfg.max_prompt_hold_ms / 1000)
         self._first_seen: dict[str, float] = {}
-        # id(scheduler output) → (its prompt tokens, whether it carries any, when scheduled)
-        self._in_flight: dict[int, tuple[int, bool, float]] = {}
+        # id(scheduler output) → (its prompt tokens, when it was scheduled)
+        self._in_flight: dict[int, tuple[int, float]] = {}
         self._traffic = TrafficReader()
         self._traffic_mark = self._traffic.seconds()
         self._report = metrics.SchedulerReport.for_this_process()
@@ -67,7 +67,7 @@ class ExpertAwareMixin:
             self._first_seen.pop(rid, None)
         prompt_tokens = self._prompt_tokens(out)
         self.admission.scheduled(admitted, gone, prompt_tokens, time.monotonic())
-        self._in_flight[id(out)] = (prompt_tokens, out.total_num_scheduled_tokens > 0, now)
+        self._in_flight[id(out)] = (prompt_tokens, now)
         return out
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any):
@@ -75,8 +75,9 @@ class ExpertAwareMixin:
         step = self._in_flight.pop(id(scheduler_output), None)
         seconds = self._traffic.seconds()
         if step is not None:
-            carried, busy, scheduled_at = step
-            if busy and not carried:  # how long a held prompt waits for the next decision
+            carried, scheduled_at = step
+            decode_only = scheduler_output.total_num_scheduled_tokens > 0 and not carried
+            if decode_only:  # how long a held prompt waits for the next decision
                 self.admission.decode_step.observe(time.monotonic() - scheduled_at)
             if seconds is not None and self._traffic_mark is not None:
                 self.admission.cost.observe(seconds - self._traffic_mark, carried)
