@@ -24,11 +24,13 @@ layers. Settings, one run each, the same experts and routing:
   * ``uniform + hybrid`` / ``hybrid AdapMoE`` — the uniform / AdapMoE rows with hybrid "auto"
                          (a cold expert's tokens computed on the host when that shortens the
                          layer's critical path); hybrid AdapMoE's budget split is the DP over
-                         this batch's host curves (``cache_plan.plan_hybrid``), not miss curves
+                         this batch's host curves (``cache_plan.plan_hybrid``), not miss curves,
+                         gated as the row gates (``DP + hybrid``'s: ungated)
                          (on CPU without ``--link-gbps`` or ``--emulate``: whole layers only, as
                          the engine plans there);
-  * ``DP + hybrid``    — that split and hybrid "auto" without gating and prefetch: what the
-                         hybrid setting and its plan do alone (gating trades accuracy for speed).
+  * ``DP + hybrid``    — the DP over the ungated host curves and hybrid "auto" without gating
+                         and prefetch: what the hybrid setting and its plan do alone (gating
+                         trades accuracy for speed).
 
 Also measured: host→device GB/s of one expert copy through the engine's link (pinned memory on
 CUDA), compute time per layer, and the ratio "one expert load ≈ N layers of compute".
@@ -69,7 +71,8 @@ from vllm_adapmoe.engine.settings import EngineSettings  # noqa: E402
 from vllm_adapmoe.engine.cache_plan import plan_dp, plan_hybrid, plan_uniform  # noqa: E402
 from vllm_adapmoe.engine.costs import MeasuredCosts, PinnedCosts, StepTimes  # noqa: E402
 from vllm_adapmoe.engine.execute import HostExecutor  # noqa: E402
-from vllm_adapmoe.engine.routing import Routing  # noqa: E402
+from vllm_adapmoe.engine.gating import AdaptiveGate  # noqa: E402
+from vllm_adapmoe.engine.routing import Routing, route  # noqa: E402
 from vllm_adapmoe.engine.stats import LayerStats  # noqa: E402
 from vllm_adapmoe.offline.simulator import simulate  # noqa: E402
 from vllm_adapmoe.offline.trace import FORMAT, Trace  # noqa: E402
@@ -382,15 +385,34 @@ def _median_run(runs: list[dict]) -> dict:
     return {**ordered[len(ordered) // 2], "tok_s_rounds": [r["tok_s"] for r in runs]}
 
 
+def expert_sets(steps: list, top_k: int, threshold: float = 0.0,
+                sensitivity: list[float] | None = None) -> list[list[torch.Tensor]]:
+    """Per layer, each step's [T, k] experts as the engine routes the replayed logits, gated by
+    ``threshold`` and the layers' ``sensitivity`` when given (−1 where gating dropped one):
+    the input of the host curves."""
+    out = []
+    for n in range(len(steps[0][0])):
+        gate = AdaptiveGate(threshold, sensitivity[n] if sensitivity else 0.0, gate_prefill=False)
+        layer = []
+        for actual, _ in steps:
+            weights, ids = route(actual[n], top_k)
+            sets = (Routing.gated(ids, weights, gate, None).expert_sets if gate.active else ids)
+            layer.append(sets.long())
+        out.append(layer)
+    return out
+
+
 def tile(values: list, n: int) -> list:
     return [values[i % len(values)] for i in range(n)]
 
 
 def settings(shape: LayerShape, layers: int, profile: dict, threshold: float,
              link: float | None, emulate: str | None,
-             host: list[list[float]], device_type: str) -> dict[str, tuple]:
+             host: list[list[float]], gated: list[list[float]],
+             device_type: str) -> dict[str, tuple]:
     """name → (slots per layer, engine config, streaming, placement per layer or None).
-    ``host``: the host curves of this batch's routing (the hybrid DP plan's input)."""
+    ``host`` / ``gated``: the host curves of this batch's routing, without / with the AdapMoE
+    rows' gating (the hybrid DP plans' input: each plans for the routing it will serve)."""
     E, k = shape.experts, shape.top_k
     curves = tile(profile["miss_curves"], layers)
     sens = tuple(tile(profile["sensitivity"], layers))
@@ -411,10 +433,10 @@ def settings(shape: LayerShape, layers: int, profile: dict, threshold: float,
                                       AdapMoEConfig(**base, hybrid="host-only"), False, None)
         out[f"uniform + hybrid {pct}%"] = (uniform, AdapMoEConfig(**base, hybrid="auto"), False, None)
         # the engine's own choice: whole layers where the host is the device's own memory
-        split = plan_hybrid(host, total, k,
-                            whole_layers=AdapMoEConfig(**base).same_memory(device_type))
+        whole = AdapMoEConfig(**base).same_memory(device_type)
+        split = plan_hybrid(host, total, k, whole_layers=whole)
         out[f"DP + hybrid {pct}%"] = (split, AdapMoEConfig(**base, hybrid="auto"), False, None)
-        out[f"hybrid AdapMoE {pct}%"] = (split,
+        out[f"hybrid AdapMoE {pct}%"] = (plan_hybrid(gated, total, k, whole_layers=whole),
                                          AdapMoEConfig(**base, **full, hybrid="auto"), False, None)
     out["layer streaming"] = ([k] * layers, AdapMoEConfig(**base), True, None)
     return out
@@ -483,10 +505,12 @@ def main() -> None:
                    else trace_routing(args.trace, layers, batch, steps, shape.experts))
         held_out = held_out_routing(args, layers, batch, steps, shape.experts)
         steps_ = held_out or routing
-        host = host_work_curves([[a[n].topk(shape.top_k, dim=1).indices for a, _ in steps_]
-                                 for n in range(layers)], shape.experts)
+        host = host_work_curves(expert_sets(steps_, shape.top_k), shape.experts)
+        sens = tile(profile["sensitivity"], layers)
+        gated = host_work_curves(expert_sets(steps_, shape.top_k, args.threshold, sens),
+                                 shape.experts)
         plan = settings(shape, layers, profile, args.threshold, args.link_gbps, args.emulate, host,
-                        args.device)
+                        gated, args.device)
         fits = overhead_fits(plan, shape.experts, shape.top_k, layers) if replayed else {}
         runs: dict[str, list[dict]] = {name: [] for name in {**plan, **fits}}
         bar = tqdm(total=len(runs) * args.rounds, desc=f"batch {batch}", unit="run")
@@ -529,7 +553,8 @@ def main() -> None:
                     if f"{other} {pct}%" in rows:
                         key = "vs_" + other.replace(" ", "_").replace("-", "_").lower()
                         row[key] = row["tok_s"] / rows[f"{other} {pct}%"]["tok_s"]
-        result["batches"][str(batch)] = {"steps": measured, "host_curves": host, "host_curves_from":
+        result["batches"][str(batch)] = {"steps": measured, "host_curves": host,
+                                         "host_curves_gated": gated, "host_curves_from":
                                          "held-out trace steps" if held_out else "measured steps",
                                          "layer_compute_ms": layer_ms, "load_ms": load_ms,
                                          "load_in_layers": load_ms / layer_ms,

@@ -186,8 +186,9 @@ def engine_section(data: dict) -> list[str]:
            f"{link['copy_ms']:.2f} ms = {link['measured_gbps']:.1f} GB/s measured{emulated}; "
            + (f"{rounds} alternating rounds, medians, one run):" if rounds > 1 else "one run):")]
     for batch, b in data["batches"].items():
-        split = (f"; hybrid AdapMoE's split: the DP over the host curves of "
-                 f"{b['host_curves_from']}" if b.get("host_curves_from") else "")
+        split = (f"; hybrid AdapMoE's split: the DP over the "
+                 + ("gated " if b.get("host_curves_gated") else "")
+                 + f"host curves of {b['host_curves_from']}" if b.get("host_curves_from") else "")
         replay = b.get("time_replay")
         replayed = (f"; simulator time replay (kernel call {replay['call_ms']:.3f} ms + "
                     f"{replay['expert_ms']:.3f} ms per expert + {replay['pair_ms']:.4f} ms per "
@@ -239,16 +240,22 @@ def _whole_token_bound(b: dict, data: dict) -> str:
     curves = b.get("host_curves")
     if not curves or not data.get("emulation"):
         return ""
+    gated = b.get("host_curves_gated")
     layers, experts = len(curves), len(curves[0]) - 1
-    parts = []
+    parts, gated_parts = [], []
     for pct in (50, 25):
         total = layers * experts * pct // 100
         even = sum(c[min(total // layers, experts)] for c in curves)
         parts.append(f"{pct}%: {even / _best_split(curves, total):.2f}×")
+        if gated:
+            gated_parts.append(f"{pct}%: {even / _best_split(gated, total):.2f}×")
     return ("; whole-token bound, ungated (host work of the even split ÷ that of the best "
             "split of the budget, from the host curves: what placement alone can gain over "
             "host-only where the host's reads set the pace; gating gains beyond it): "
-            + ", ".join(parts))
+            + ", ".join(parts)
+            + (f"; with the AdapMoE rows' gating (T = {data['threshold']}; the even split "
+               "ungated, as host-only runs; the best split of the gated curves): "
+               + ", ".join(gated_parts) if gated_parts else ""))
 
 
 def serve_section(data: dict) -> list[str]:

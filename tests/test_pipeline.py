@@ -25,6 +25,12 @@ def test_cli_workflow_and_dp_prefetch_engine_is_exact(engines, tiny_model, tmp_p
     assert len(profile.miss_curves) == 3 and all(len(c) == 8 for c in profile.miss_curves)
     assert all(c[-1] <= c[0] for c in profile.miss_curves)  # all 8 resident: fewest misses
     assert profile.prediction[0]["top1"] is None and profile.prediction[1]["top1"] is not None
+    # --threshold gates the host curves as it gates the miss curves: every decode token top-1
+    gated = tmp_path / "gated.json"
+    assert main(["profile", str(prof), "--trace", str(trace), "--threshold", "1e9",
+                 "--out", str(gated)]) == 0
+    gated_curves = load_profile(gated, tiny_model).host_curves
+    assert all(g[0] < u[0] for g, u in zip(gated_curves, profile.host_curves))
 
     assert main(["plan", str(prof), "--total-slots", "9", "--out", str(plan)]) == 0
     planned = json.loads(plan.read_text())

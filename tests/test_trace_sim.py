@@ -11,7 +11,7 @@ import torch
 import vllm_adapmoe
 from conftest import PROMPTS, greedy
 from vllm_adapmoe.engine.costs import PinnedCosts, StepTimes
-from vllm_adapmoe.offline.simulator import simulate
+from vllm_adapmoe.offline.simulator import host_curves, simulate
 from vllm_adapmoe.offline.trace import Trace, TraceRecorder
 
 COUNTERS = ("tokens", "decode_tokens", "activated_experts", "top1_tokens", "hits", "misses",
@@ -20,14 +20,17 @@ COUNTERS = ("tokens", "decode_tokens", "activated_experts", "top1_tokens", "hits
             "prefill_step_loads")
 
 
-def make_trace(tmp_path, steps, num_experts=8, name="t.npz"):
-    """``steps``: per step, a list of per-token top-2 pairs (one layer, all decode tokens)."""
+def make_trace(tmp_path, steps, num_experts=8, name="t.npz", weights=None):
+    """``steps``: per step, a list of per-token top-2 pairs (one layer, all decode tokens);
+    ``weights``: per step, the tokens' router weights (default 0.5 each)."""
     rec = TraceRecorder({"model": "synthetic", "num_layers": 1, "num_experts": num_experts,
                          "top_k": 2, "expert_bytes": 100})
-    for pairs in steps:
+    for i, pairs in enumerate(steps):
         rec.begin_step(torch.ones(len(pairs), dtype=torch.int64))
         ids = torch.tensor(pairs, dtype=torch.int32)
-        rec.record(0, ids, torch.full(ids.shape, 0.5), torch.ones(len(pairs), dtype=torch.bool))
+        w = (torch.full(ids.shape, 0.5) if weights is None
+             else torch.tensor(weights[i], dtype=torch.float32))
+        rec.record(0, ids, w, torch.ones(len(pairs), dtype=torch.bool))
     return Trace.load(rec.save(tmp_path / name))
 
 
@@ -202,6 +205,21 @@ def test_simulator_reproduces_live_counters_with_gating(engines, tiny_model, tmp
                    gate_prefill=True)
     _assert_counters_equal(vllm_adapmoe.stats(llm), sim)
     assert json.loads(json.dumps(sim))  # JSON-serialisable
+
+
+def test_host_curves_gate_the_trace_as_served(tmp_path):
+    """With T = 0.05 and S = 1 a second expert of weight 0.1 is dropped (0.01 < T), one of 0.4
+    or 0.5 kept. Step 0: (0,1)@(.9,.1) → {0}, (0,2)@(.6,.4) → {0,2}; step 1: (0,3)@(.9,.1) →
+    {0}, (1,0)@(.5,.5) → {1,0}. With no own slot every needed expert runs on the host: 2 + 2
+    over 4 tokens gated, 3 + 3 ungated; with every expert resident, none."""
+    trace = make_trace(tmp_path, [[(0, 1), (0, 2)], [(0, 3), (1, 0)]], num_experts=4,
+                       weights=[[(0.9, 0.1), (0.6, 0.4)], [(0.9, 0.1), (0.5, 0.5)]])
+    ungated = host_curves(trace, progress=False)[0]
+    gated = host_curves(trace, progress=False, threshold=0.05, sensitivity=[1.0])[0]
+    assert ungated[0] == pytest.approx(6 / 4) and gated[0] == pytest.approx(4 / 4)
+    assert ungated[4] == gated[4] == 0.0
+    assert all(g <= u for g, u in zip(gated, ungated))
+    assert host_curves(trace, progress=False, threshold=0.0, sensitivity=[1.0]) == [ungated]
 
 
 def test_mrs_keeps_the_expert_the_router_favours(tmp_path):

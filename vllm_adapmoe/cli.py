@@ -180,7 +180,9 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     settings = {"prefetch": not args.no_prefetch, "threshold": args.threshold,
                 "sensitivity": profile.sensitivity}
     profile.miss_curves = miss_curves(trace, args.policy, **settings)
-    profile.host_curves = host_curves(trace, args.policy)  # what plan "dp" uses with hybrid on
+    # what plan "dp" uses with hybrid on; gated as the miss curves are
+    profile.host_curves = host_curves(trace, args.policy, threshold=args.threshold,
+                                      sensitivity=profile.sensitivity)
     profile.prediction = prediction_accuracy(trace)
     profile.trace_settings = {"trace": str(args.trace), "policy": args.policy,
                               "prefetch": settings["prefetch"], "threshold": args.threshold,

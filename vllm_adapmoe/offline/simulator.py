@@ -198,14 +198,22 @@ def miss_curves(trace: Trace, policy: str = "lru", progress: bool = True,
     return curves
 
 
-def host_curves(trace: Trace, policy: str = "lru", progress: bool = True) -> list[list[float]]:
+def host_curves(trace: Trace, policy: str = "lru", progress: bool = True, *,
+                threshold: float = 0.0,
+                sensitivity: list[float] | None = None) -> list[list[float]]:
     """``h_l(s)`` for s = 0..E: experts computed on the host per decoded token of layer l with
     ``s`` own slots under hybrid execution, over the trace's pure-decode steps (see
-    ``host_work_curves``); what ``plan: "dp"`` minimises when ``hybrid`` is on."""
+    ``host_work_curves``); what ``plan: "dp"`` minimises when ``hybrid`` is on. With gating
+    (``threshold`` > 0 and the layers' ``sensitivity``) the steps are gated first, as served: a
+    token gated to fewer experts is more often wholly resident, and how much gating drops
+    differs by layer, so the best split of the slots differs too."""
+    sensitivity = sensitivity or [0.0] * trace.num_layers
+    gates = [AdaptiveGate(threshold, s, gate_prefill=False) for s in sensitivity]
     per_layer: list[list[torch.Tensor]] = [[] for _ in range(trace.num_layers)]
     for block in trace:
         if len(block.ids) and block.decode.all():
-            per_layer[block.layer].append(torch.from_numpy(block.ids.astype(np.int64)))
+            sets = _routing(block, gates[block.layer]).expert_sets
+            per_layer[block.layer].append(sets.to(torch.int64))
     return host_work_curves(per_layer, int(trace.meta["num_experts"]), policy, progress)
 
 
