@@ -254,6 +254,27 @@ def test_where_host_is_device_memory_the_plan_keeps_whole_layers(tmp_path):
             assert config.slots_per_layer(2, 4, 1, None, 2, device) == slots, (extra, device)
 
 
+def test_a_plan_from_curves_gated_otherwise_than_served_is_named(tmp_path):
+    """plan "dp" over a profile whose curves were replayed at another gating T still plans,
+    and ``curves_threshold`` names the T they assume (the start-up warning's input)."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from vllm_adapmoe.config import AdapMoEConfig
+
+    prof = tmp_path / "p.json"
+    prof.write_text("{}")  # read through the patched _profile below
+    profile = SimpleNamespace(trace_settings={"threshold": 0.0})
+    raw = {"profile": str(prof), "cache_total_slots": 6, "plan": "dp", "hybrid": "auto"}
+    with mock.patch.object(AdapMoEConfig, "_profile", lambda self, hf: profile):
+        assert AdapMoEConfig.from_dict({**raw, "threshold": 0.01}).curves_threshold(None) == 0.0
+        assert AdapMoEConfig.from_dict(raw).curves_threshold(None) is None
+        assert AdapMoEConfig.from_dict({**raw, "plan": "uniform", "threshold": 0.01}
+                                       ).curves_threshold(None) is None
+        profile.trace_settings = None  # a profile without curves' settings: nothing to name
+        assert AdapMoEConfig.from_dict({**raw, "threshold": 0.01}).curves_threshold(None) is None
+
+
 def test_a_layer_wholly_on_the_host_equals_all_resident():
     """llama.cpp's --n-cpu-moe form: layers 0 and 1 keep no expert on the device. Host-only
     never loads, so it allocates no staging rows: its device memory is its own slots alone."""

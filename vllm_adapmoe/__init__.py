@@ -275,6 +275,13 @@ def validate_budget(vllm_config: Any) -> list[int]:
     slots = cfg.slots_per_layer(shape.num_layers, shape.num_experts,
                                 shape.expert_bytes(model_config.dtype.itemsize) // tp,
                                 model_config.hf_config, shape.top_k, current_platform.device_type)
+    recorded = cfg.curves_threshold(model_config.hf_config)
+    if recorded is not None:  # still a valid plan, for other routing than is served
+        logger.warning(
+            'adapmoe: plan "dp" splits the budget by curves %s recorded with gating T=%s, but '
+            "this server gates at T=%s; for a split planned for the routing served, run "
+            "`adapmoe profile %s --trace T.npz --threshold %s`", cfg.profile, recorded,
+            cfg.threshold, cfg.profile, cfg.threshold)
     from vllm_adapmoe.engine.cache_plan import staging_rows
     from vllm_adapmoe.engine.plan import never_loads
 

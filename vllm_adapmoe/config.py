@@ -311,6 +311,17 @@ class AdapMoEConfig:
 
         return fitted_maps(self._profile(hf_config).predictor)
 
+    def curves_threshold(self, hf_config: Any) -> float | None:
+        """The gating T the profile's curves were replayed with, where ``plan: "dp"`` splits the
+        budget by them and that T is not this configuration's (else None): the split is then
+        planned for other routing than is served (``adapmoe profile --threshold``)."""
+        if self.plan != "dp" or not self.profile:
+            return None
+        recorded = (self._profile(hf_config).trace_settings or {}).get("threshold")
+        if recorded is None or float(recorded) == self.threshold:
+            return None
+        return float(recorded)
+
     def _profile(self, hf_config: Any) -> Any:
         """The profile, read and checked against ``hf_config`` once per process (again if the
         file changes); budgets, sensitivities and fitted maps all come from it."""
