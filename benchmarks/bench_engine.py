@@ -30,7 +30,9 @@ layers. Settings, one run each, the same experts and routing:
                          the engine plans there);
   * ``DP + hybrid``    — the DP over the ungated host curves and hybrid "auto" without gating
                          and prefetch: what the hybrid setting and its plan do alone (gating
-                         trades accuracy for speed).
+                         trades accuracy for speed);
+  * ``hybrid AdapMoE, ungated split`` — hybrid AdapMoE on ``DP + hybrid``'s split: what planning
+                         over the gated curves buys, within one run.
 
 Also measured: host→device GB/s of one expert copy through the engine's link (pinned memory on
 CUDA), compute time per layer, and the ratio "one expert load ≈ N layers of compute".
@@ -438,6 +440,9 @@ def settings(shape: LayerShape, layers: int, profile: dict, threshold: float,
         out[f"DP + hybrid {pct}%"] = (split, AdapMoEConfig(**base, hybrid="auto"), False, None)
         out[f"hybrid AdapMoE {pct}%"] = (plan_hybrid(gated, total, k, whole_layers=whole),
                                          AdapMoEConfig(**base, **full, hybrid="auto"), False, None)
+        # the same row on the ungated curves' split: what planning for the gated routing buys
+        out[f"hybrid AdapMoE, ungated split {pct}%"] = (
+            split, AdapMoEConfig(**base, **full, hybrid="auto"), False, None)
     out["layer streaming"] = ([k] * layers, AdapMoEConfig(**base), True, None)
     return out
 
