@@ -394,8 +394,12 @@ def test_bench_engine_runs_without_vllm(tmp_path):
         expected = {"all resident", "layer streaming"} | {
             f"{name} {pct}" for pct in ("50%", "25%")
             for name in ("uniform LRU", "AdapMoE", "host-only", "layer split", "uniform + hybrid",
-                         "DP + hybrid", "hybrid AdapMoE")}
+                         "DP + hybrid", "hybrid AdapMoE", "hybrid AdapMoE, ungated split")}
         assert set(rows) == expected
+        # hybrid AdapMoE plans over the curves of its gated routing: with no slot, every needed
+        # expert runs on the host, and gating only ever drops experts
+        ungated, gated = (result["batches"][batch][k] for k in ("host_curves", "host_curves_gated"))
+        assert all(g[0] <= u[0] and g[-1] == 0.0 for g, u in zip(gated, ungated))
         assert rows["all resident"]["loads_per_token"] == 0 and rows["all resident"]["hit_rate"] == 1
         assert rows["layer streaming"]["hit_rate"] == 0 and rows["layer streaming"]["loads_per_token"] > 0
         assert rows["AdapMoE 25%"]["activated_per_token_layer"] < 2
