@@ -493,6 +493,7 @@ def render() -> str:
     if data:
         parts.append(gating_section(data, "Adaptive gating, fine-grained model (64 experts, top-8)"))
     for name in ("engine_cuda.json", "engine_cpu_h100-pcie4.json", "engine_cpu_mixtral-8x7b_h100-pcie4.json",
+                 "engine_cpu_mixtral-8x7b_b16_h100-pcie4.json",
                  "engine_cpu_free_hybrid.json", "engine_cpu_mixtral-8x7b.json", "engine_cpu.json"):
         data = _load(name)
         if data:
