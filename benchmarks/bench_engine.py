@@ -73,12 +73,11 @@ from vllm_adapmoe.engine.settings import EngineSettings  # noqa: E402
 from vllm_adapmoe.engine.cache_plan import plan_dp, plan_hybrid, plan_uniform  # noqa: E402
 from vllm_adapmoe.engine.costs import MeasuredCosts, PinnedCosts, StepTimes  # noqa: E402
 from vllm_adapmoe.engine.execute import HostExecutor  # noqa: E402
-from vllm_adapmoe.engine.gating import AdaptiveGate  # noqa: E402
-from vllm_adapmoe.engine.routing import Routing, route  # noqa: E402
+from vllm_adapmoe.engine.routing import Routing  # noqa: E402
 from vllm_adapmoe.engine.stats import LayerStats  # noqa: E402
 from vllm_adapmoe.offline.simulator import simulate  # noqa: E402
 from vllm_adapmoe.offline.trace import FORMAT, Trace  # noqa: E402
-from vllm_adapmoe.offline.simulator import host_work_curves  # noqa: E402
+from vllm_adapmoe.offline.simulator import host_curves  # noqa: E402
 from vllm_adapmoe.engine.stack import ExpertStack, LayerShape, ReplayRouter  # noqa: E402
 
 BUNDLED_PROFILE = HERE.parent / "vllm_adapmoe" / "bundled" / "shakespeare_moe.profile.json"
@@ -387,23 +386,6 @@ def _median_run(runs: list[dict]) -> dict:
     return {**ordered[len(ordered) // 2], "tok_s_rounds": [r["tok_s"] for r in runs]}
 
 
-def expert_sets(steps: list, top_k: int, threshold: float = 0.0,
-                sensitivity: list[float] | None = None) -> list[list[torch.Tensor]]:
-    """Per layer, each step's [T, k] experts as the engine routes the replayed logits, gated by
-    ``threshold`` and the layers' ``sensitivity`` when given (−1 where gating dropped one):
-    the input of the host curves."""
-    out = []
-    for n in range(len(steps[0][0])):
-        gate = AdaptiveGate(threshold, sensitivity[n] if sensitivity else 0.0, gate_prefill=False)
-        layer = []
-        for actual, _ in steps:
-            weights, ids = route(actual[n], top_k)
-            sets = (Routing.gated(ids, weights, gate, None).expert_sets if gate.active else ids)
-            layer.append(sets.long())
-        out.append(layer)
-    return out
-
-
 def tile(values: list, n: int) -> list:
     return [values[i % len(values)] for i in range(n)]
 
@@ -510,10 +492,11 @@ def main() -> None:
                    else trace_routing(args.trace, layers, batch, steps, shape.experts))
         held_out = held_out_routing(args, layers, batch, steps, shape.experts)
         steps_ = held_out or routing
-        host = host_work_curves(expert_sets(steps_, shape.top_k), shape.experts)
-        sens = tile(profile["sensitivity"], layers)
-        gated = host_work_curves(expert_sets(steps_, shape.top_k, args.threshold, sens),
-                                 shape.experts)
+        # the simulator's host curves of these steps, ungated and gated as the AdapMoE rows gate
+        held = as_trace(steps_, shape.top_k, shape.experts, shape.expert_bytes(2))
+        host = host_curves(held, progress=False)
+        gated = host_curves(held, progress=False, threshold=args.threshold,
+                            sensitivity=tile(profile["sensitivity"], layers))
         plan = settings(shape, layers, profile, args.threshold, args.link_gbps, args.emulate, host,
                         gated, args.device)
         fits = overhead_fits(plan, shape.experts, shape.top_k, layers) if replayed else {}
