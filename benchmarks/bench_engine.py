@@ -370,14 +370,17 @@ def steps_for(args, batch: int) -> int:
 
 
 def held_out_routing(args, layers: int, batch: int, steps: int, experts: int):
-    """Routing of the trace steps after the measured ones (the hybrid plan's "profile"), or
-    None when the trace is too short (or synthetic): then the measured steps themselves."""
+    """Routing of the trace steps after the measured ones (the hybrid plan's "profile"):
+    ``--held-out`` of them (default: as many as measured, at least 48, since a DP over a few
+    steps fits their noise), fewer where the trace ends; None when it has none left (or the
+    routing is synthetic): then the measured steps themselves."""
     if args.synthetic:
         return None
-    try:
-        return trace_routing(args.trace, layers, batch, 2 * steps, experts)[steps:]
-    except SystemExit:
+    available = min(len(v[0]) for v in _decode_rows(args.trace).values()) // batch - 1
+    held = min(args.held_out or max(steps, 48), available - steps)
+    if held < 1:
         return None
+    return trace_routing(args.trace, layers, batch, steps + held, experts)[steps:]
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -434,11 +437,17 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="bundled")
     ap.add_argument("--layers", type=int, default=None,
                     help="MoE layers (default: 32 for bundled, 4 for mixtral-8x7b on cpu, 16 on cuda)")
+    ap.add_argument("--host-layers", type=int, default=None,
+                    help="distinct layers of random host experts, tiled over --layers (default: "
+                         "all distinct); fewer let a deep large-shape stack fit host memory")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--steps", type=int, default=40,
                     help="measured decode steps per setting (fewer where the trace is short)")
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--held-out", type=int, default=None,
+                    help="trace steps after the measured ones that the hybrid plans are made "
+                         "from (default: as many as measured, at least 48)")
     ap.add_argument("--trace", type=Path, default=HERE / "results" / "trace_bundled_b1.npz")
     ap.add_argument("--synthetic", action="store_true", help="seeded synthetic routing, no trace")
     ap.add_argument("--profile", type=Path, default=BUNDLED_PROFILE,
@@ -462,10 +471,13 @@ def main() -> None:
     # One set of host experts, shared by every setting (random bf16, pinned on CUDA); with
     # --emulate one measured scale, shared too (each row's durations on the same clock).
     emulation = make_emulation(args.emulate, shape.expert_bytes(2), shape.hidden, shape.intermediate)
-    base = ExpertStack(shape, [shape.top_k] * layers, EngineSettings(emulate=args.emulate), device,
-                       emulation=emulation)
+    # Layers sharing one store read the same bytes; an expert far larger than the CPU's caches
+    # (a Mixtral expert: 352 MB) is read from DRAM each time, so the timing is a deep stack's.
+    host_layers = min(args.host_layers or layers, layers)
+    base = ExpertStack(shape, [shape.top_k] * host_layers, EngineSettings(emulate=args.emulate),
+                       device, emulation=emulation)
     base.load_random(seed=0, progress=True)
-    stores = [b.store for b in base.blocks]
+    stores = tile([b.store for b in base.blocks], layers)
     per_copy, gbps = link_gbps(base)
     # the time replay's unit costs (CPU, free link: the device kernel is the host's)
     replayed = args.device == "cpu" and not args.emulate and not args.link_gbps
@@ -474,7 +486,8 @@ def main() -> None:
     del base
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "shape": args.shape, "layer_shape": vars(shape), "layers": layers,
-              "expert_bytes": shape.expert_bytes(2), "routing": "synthetic" if args.synthetic
+              "host_layers": host_layers, "expert_bytes": shape.expert_bytes(2),
+              "routing": "synthetic" if args.synthetic
               else str(args.trace.name), "threshold": args.threshold, "rounds": args.rounds,
               "link": {"measured_gbps": gbps, "copy_ms": per_copy * 1e3,
                        "emulated_gbps": args.link_gbps},
@@ -543,7 +556,8 @@ def main() -> None:
                         row[key] = row["tok_s"] / rows[f"{other} {pct}%"]["tok_s"]
         result["batches"][str(batch)] = {"steps": measured, "host_curves": host,
                                          "host_curves_gated": gated, "host_curves_from":
-                                         "held-out trace steps" if held_out else "measured steps",
+                                         f"{len(held_out)} held-out trace steps" if held_out
+                                         else "measured steps",
                                          "layer_compute_ms": layer_ms, "load_ms": load_ms,
                                          "load_in_layers": load_ms / layer_ms,
                                          "time_replay": replay, "settings": rows}

@@ -181,7 +181,8 @@ def engine_section(data: dict) -> list[str]:
     out = [f"**The vLLM-free engine on {data['device']}** (`benchmarks/bench_engine.py --device "
            f"{'cpu' if data['device'] == 'cpu' else 'cuda'} --shape {data['shape']}"
            f"{' --emulate ' + emu['preset']['name'] if emu else ''}`: {data['layers']} "
-           f"MoE layers, residual stream only, bf16 random experts, routing `{data['routing']}`, "
+           f"MoE layers{_host_layers(data)}, residual stream only, bf16 random experts, "
+           f"routing `{data['routing']}`, "
            f"gating T={data['threshold']}; one expert copy through the engine's link "
            f"{link['copy_ms']:.2f} ms = {link['measured_gbps']:.1f} GB/s measured{emulated}; "
            + (f"{rounds} alternating rounds, medians, one run):" if rounds > 1 else "one run):")]
@@ -230,6 +231,13 @@ def _best_split(curves: list[list[float]], total: int) -> float:
 
     slots = [k - 1 for k in plan_dp(curves, total + len(curves), lo=1)]
     return sum(curve[s] for curve, s in zip(curves, slots))
+
+
+def _host_layers(data: dict) -> str:
+    """Where the run tiled fewer layers of host experts over its stack (``--host-layers``)."""
+    n = data.get("host_layers", data["layers"])
+    return (f" (the host experts of {n} distinct layers tiled over them, to fit host memory)"
+            if n < data["layers"] else "")
 
 
 def _whole_token_bound(b: dict, data: dict) -> str:

@@ -380,7 +380,8 @@ def test_bench_engine_runs_without_vllm(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "engine_cpu.json"
     argv = ["bench_engine.py", "--device", "cpu", "--shape", "bundled", "--layers", "2",
-            "--steps", "6", "--warmup", "2", "--batch", "1", "4", "--out", str(out)]
+            "--steps", "6", "--warmup", "2", "--batch", "1", "4", "--host-layers", "1",
+            "--out", str(out)]
     code = ("import runpy, sys; sys.modules['vllm'] = None; "
             f"sys.argv = {argv!r}; "
             f"runpy.run_path({str(root / 'benchmarks' / 'bench_engine.py')!r}, run_name='__main__')")
@@ -389,7 +390,10 @@ def test_bench_engine_runs_without_vllm(tmp_path):
     import json
 
     result = json.loads(out.read_text())
+    assert (result["layers"], result["host_layers"]) == (2, 1)  # one layer's experts, tiled
     for batch in ("1", "4"):
+        # the hybrid plans come from at least 48 trace steps after the 8 run
+        assert result["batches"][batch]["host_curves_from"] == "48 held-out trace steps"
         rows = result["batches"][batch]["settings"]
         expected = {"all resident", "layer streaming"} | {
             f"{name} {pct}" for pct in ("50%", "25%")
