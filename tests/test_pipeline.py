@@ -14,13 +14,16 @@ from vllm_adapmoe.cli import main
 from vllm_adapmoe.offline.profile import load_profile
 
 
-def test_cli_workflow_and_dp_prefetch_engine_is_exact(engines, tiny_model, tmp_path):
+def test_cli_workflow_and_dp_prefetch_engine_is_exact(engines, tiny_model, tmp_path, capsys):
     prof, trace, plan = tmp_path / "p.json", tmp_path / "t.npz", tmp_path / "plan.json"
     assert main(["calibrate", str(tiny_model), "--out", str(prof), "--window", "64",
                  "--max-tokens", "512", "--quiet"]) == 0
     assert main(["trace", str(tiny_model), "--out", str(trace), "--prompts", "6",
                  "--prompt-tokens", "16", "--max-tokens", "24", "--batch", "1"]) == 0
+    capsys.readouterr()
     assert main(["profile", str(prof), "--trace", str(trace)]) == 0
+    # 6 requests of 24 tokens: the curves are that trace's noise, and the user is told
+    assert "decoded tokens per layer; curves from under 512" in capsys.readouterr().err
     profile = load_profile(prof, tiny_model)
     assert len(profile.miss_curves) == 3 and all(len(c) == 8 for c in profile.miss_curves)
     assert all(c[-1] <= c[0] for c in profile.miss_curves)  # all 8 resident: fewest misses
@@ -101,3 +104,16 @@ def test_family_workflow_calibrate_trace_profile_serve(engines, family_models, f
     assert all(len(t) == 8 for t in tokens)
     stats = vllm_adapmoe.stats(llm)["total"]
     assert stats["activated_experts"] < shape.top_k * stats["tokens"] and stats["misses"] > 0
+
+
+def test_a_trace_long_enough_for_its_curves_is_not_warned_about(capsys):
+    """The bundled trace (1,520 decoded tokens per layer) profiles without the short-trace
+    warning that a few requests' trace gets (the workflow test above)."""
+    from pathlib import Path
+
+    from vllm_adapmoe.cli import _warn_if_short
+    from vllm_adapmoe.offline.trace import Trace
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "trace_bundled_b1.npz"
+    _warn_if_short(Trace.load(path), str(path))
+    assert capsys.readouterr().err == ""

@@ -177,6 +177,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     trace = Trace.load(args.trace)
     if trace.num_layers != profile.num_layers:
         raise ValueError(f"trace has {trace.num_layers} layers, profile {profile.num_layers}")
+    _warn_if_short(trace, args.trace)
     settings = {"prefetch": not args.no_prefetch, "threshold": args.threshold,
                 "sensitivity": profile.sensitivity}
     profile.miss_curves = miss_curves(trace, args.policy, **settings)
@@ -195,6 +196,21 @@ def _cmd_profile(args: argparse.Namespace) -> int:
               + " ".join(f"{v:.2f}" for v in curve))
     print(f"wrote {save_profile(profile, args.out or args.profile)}")
     return 0
+
+
+SHORT_TRACE_TOKENS = 512  # decoded tokens per layer below which the curves are mostly noise
+
+
+def _warn_if_short(trace, path: str) -> None:
+    """plan "dp" follows the curves exactly, so curves from a few hundred tokens plan for that
+    trace's accidents (which experts a handful of requests happened to use), not for the
+    model's routing: say so, with the command that records more."""
+    decoded = int(trace.decode.sum()) // max(trace.num_layers, 1)
+    if decoded < SHORT_TRACE_TOKENS:
+        print(f"adapmoe profile: warning: {path} has {decoded} decoded tokens per layer; curves "
+              f"from under {SHORT_TRACE_TOKENS} follow that trace's noise and plan 'dp' with "
+              "them. Record a longer one: adapmoe trace MODEL_DIR --out TRACE --prompts 64 "
+              "--max-tokens 64 (the defaults)", file=sys.stderr)
 
 
 # -- quantize --------------------------------------------------------------------------------
