@@ -2,6 +2,8 @@
 
     python benchmarks/bench_engine.py --device cuda --shape mixtral-8x7b --layers 8
     python benchmarks/bench_engine.py --device cpu --shape bundled --layers 24
+    python benchmarks/bench_engine.py --device cpu --shape mixtral-8x7b --emulate h100-pcie4 \
+        --layers 4 --host-layers 2 --batch 16 --steps 2 --warmup 1 --rounds 3
 
 N MoE layers (``vllm_adapmoe.engine.stack.ExpertStack``: residual stream, no attention) with random
 bf16 experts; routing replayed from a trace recorded by ``adapmoe trace`` (layers tiled to N), or
