@@ -146,6 +146,31 @@ def test_a_stuck_copy_in_vllm_fails_the_requests_within_the_timeout(engines, tin
     assert "has not finished after" in out + err and "copy_timeout_s = 1" in out + err
 
 
+def test_a_failing_host_computation_in_vllm_fails_the_requests(engines, tiny_model, capfd):
+    """Hybrid "host-only" with 1 slot a layer: every step computes tokens on the host. When that
+    computation raises, the step fails, the caller gets vLLM's EngineDeadError within seconds and
+    the worker's log names the error — never a hang, never a silently wrong token."""
+    from vllm import SamplingParams
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from conftest import PROMPTS
+
+    llm = engines.get(tiny_model, "adapmoe", cache_slots=1, hybrid="host-only", processes=True)
+    engines.forget(llm)  # this engine will not survive the test
+    try:
+        llm.collective_rpc("adapmoe_inject_host_fault", args=(True,))
+        start = time.perf_counter()
+        with pytest.raises(EngineDeadError):
+            llm.generate(PROMPTS[:4], SamplingParams(temperature=0.0, max_tokens=8),
+                         use_tqdm=False)
+        assert time.perf_counter() - start < 30
+        assert llm.llm_engine.engine_core.resources.engine_dead
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    out, err = capfd.readouterr()
+    assert "injected host kernel error" in out + err
+
+
 def test_aborts_under_load_leave_no_slot_held(engines, tiny_model):
     """Sixteen requests with prefetch and a staging row; half are aborted mid-decode. The rest
     complete, no layer holds a staging row or an unlanded copy after, the prefetch counters

@@ -454,7 +454,15 @@ def _hook_worker() -> None:
 
         inject_copy_faults([b.cache for b in self.get_model().moe_blocks()], mode, count, seconds)
 
+    def adapmoe_inject_host_fault(self, on: bool = True) -> None:
+        """Test-only (``engine/fault_injection.py``): make this worker's host computation fail."""
+        from vllm_adapmoe.engine.fault_injection import inject_host_faults
+
+        inject_host_faults([b.executor.host for b in self.get_model().moe_blocks()
+                            if b.executor.host is not None], on)
+
     WorkerBase.adapmoe_idle_problems = adapmoe_idle_problems
+    WorkerBase.adapmoe_inject_host_fault = adapmoe_inject_host_fault
     WorkerBase.adapmoe_inject_copy_fault = adapmoe_inject_copy_fault
     WorkerBase.adapmoe_trace_start = adapmoe_trace_start
     WorkerBase.adapmoe_trace_stop = adapmoe_trace_stop

@@ -1,6 +1,7 @@
-"""Test-only: make the host→device expert copies fail, so the fault paths can be exercised end to
-end (engine tests patch a stack; vLLM tests reach the workers through ``collective_rpc
-("adapmoe_inject_copy_fault", ...)``). Never set by any user-facing setting.
+"""Test-only: make the host→device expert copies (or the host's expert computation) fail, so the
+fault paths can be exercised end to end (engine tests patch a stack; vLLM tests reach the workers
+through ``collective_rpc("adapmoe_inject_copy_fault", ...)`` / ``("adapmoe_inject_host_fault",
+...)``). Never set by any user-facing setting.
 
 Modes: ``"off"``; ``"transient"`` (the first copy of each of ``count`` distinct experts per layer
 raises once: the retry must absorb it); ``"persistent"`` (every copy raises); ``"stuck"`` (every
@@ -18,6 +19,10 @@ MODES = ("off", "transient", "persistent", "stuck")
 
 class InjectedCopyFault(RuntimeError):
     """What an injected failing copy raises."""
+
+
+class InjectedHostFault(RuntimeError):
+    """What an injected failing host computation raises."""
 
 
 def inject_copy_faults(caches: Iterable[Any], mode: str, count: int = 3,
@@ -45,3 +50,15 @@ def _faulty(copy: Callable[[int, int], None], mode: str, count: int,
             time.sleep(seconds)
         copy(expert, slot)
     return faulty_copy
+
+
+def inject_host_faults(executors: Iterable[Any], on: bool = True) -> None:
+    """Make (or, with ``on=False``, stop making) each ``HostExecutor``'s kernel raise."""
+    for executor in executors:
+        original = getattr(executor, "_kernel_without_faults", None) or executor.kernel
+        executor._kernel_without_faults = original
+        executor.kernel = _failing if on else original
+
+
+def _failing(*args: Any, **kwargs: Any) -> None:
+    raise InjectedHostFault("injected host kernel error")
