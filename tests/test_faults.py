@@ -119,21 +119,19 @@ def test_a_transient_copy_fault_in_vllm_is_retried(engines, tiny_model):
     assert llm.collective_rpc("adapmoe_idle_problems") == [[]]
 
 
-def test_a_stuck_copy_in_vllm_fails_the_requests_within_the_timeout(engines, tiny_model, capfd):
-    """A copy that hangs (on the link's thread) ends the step after ``copy_timeout_s``: the caller gets vLLM's
-    EngineDeadError (its requests fail, the engine reports itself dead) within seconds, the
-    worker's log names the stuck copy — never a hang."""
+def _dies_with_its_requests(engines, model, fault: tuple, capfd, **settings) -> str:
+    """Start an engine in processes (one that dies in-process takes the test process's vLLM
+    state with it), inject ``fault`` (a worker call and its args), generate: vLLM's
+    EngineDeadError within 30 s and the engine reporting itself dead. Returns the log."""
     from vllm import SamplingParams
     from vllm.v1.engine.exceptions import EngineDeadError
 
     from conftest import PROMPTS
 
-    # in processes: an engine that dies in-process takes the test process's vLLM state with it
-    llm = engines.get(tiny_model, "adapmoe", cache_slots=1, copy_timeout_s=1.0, link_gbps=100.0,
-                      processes=True)
+    llm = engines.get(model, "adapmoe", processes=True, **settings)
     engines.forget(llm)  # this engine will not survive the test
     try:
-        llm.collective_rpc("adapmoe_inject_copy_fault", args=("stuck", 0, 60.0))
+        llm.collective_rpc(fault[0], args=fault[1:])
         start = time.perf_counter()
         with pytest.raises(EngineDeadError):
             llm.generate(PROMPTS[:4], SamplingParams(temperature=0.0, max_tokens=8),
@@ -143,32 +141,26 @@ def test_a_stuck_copy_in_vllm_fails_the_requests_within_the_timeout(engines, tin
     finally:
         llm.llm_engine.engine_core.shutdown()
     out, err = capfd.readouterr()
-    assert "has not finished after" in out + err and "copy_timeout_s = 1" in out + err
+    return out + err
+
+
+def test_a_stuck_copy_in_vllm_fails_the_requests_within_the_timeout(engines, tiny_model, capfd):
+    """A copy that hangs (on the link's thread) ends the step after ``copy_timeout_s``: the caller
+    gets vLLM's EngineDeadError (its requests fail, the engine reports itself dead) within
+    seconds, the worker's log names the stuck copy — never a hang."""
+    stuck = ("adapmoe_inject_copy_fault", "stuck", 0, 60.0)
+    log = _dies_with_its_requests(engines, tiny_model, stuck, capfd, cache_slots=1,
+                                  copy_timeout_s=1.0, link_gbps=100.0)
+    assert "has not finished after" in log and "copy_timeout_s = 1" in log
 
 
 def test_a_failing_host_computation_in_vllm_fails_the_requests(engines, tiny_model, capfd):
     """Hybrid "host-only" with 1 slot a layer: every step computes tokens on the host. When that
     computation raises, the step fails, the caller gets vLLM's EngineDeadError within seconds and
     the worker's log names the error — never a hang, never a silently wrong token."""
-    from vllm import SamplingParams
-    from vllm.v1.engine.exceptions import EngineDeadError
-
-    from conftest import PROMPTS
-
-    llm = engines.get(tiny_model, "adapmoe", cache_slots=1, hybrid="host-only", processes=True)
-    engines.forget(llm)  # this engine will not survive the test
-    try:
-        llm.collective_rpc("adapmoe_inject_host_fault", args=(True,))
-        start = time.perf_counter()
-        with pytest.raises(EngineDeadError):
-            llm.generate(PROMPTS[:4], SamplingParams(temperature=0.0, max_tokens=8),
-                         use_tqdm=False)
-        assert time.perf_counter() - start < 30
-        assert llm.llm_engine.engine_core.resources.engine_dead
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-    out, err = capfd.readouterr()
-    assert "injected host kernel error" in out + err
+    log = _dies_with_its_requests(engines, tiny_model, ("adapmoe_inject_host_fault", True), capfd,
+                                  cache_slots=1, hybrid="host-only")
+    assert "injected host kernel error" in log
 
 
 def test_aborts_under_load_leave_no_slot_held(engines, tiny_model):
