@@ -103,7 +103,7 @@ def trace_routing(path: Path, layers: int, batch: int, steps: int, experts: int)
     previous layer's input); where the trace has none (its first layer, reached from the last
     one when tiling) the previous step's routing of that layer stands in."""
     cat = _decode_rows(path)
-    available = min(len(v[0]) for v in cat.values())
+    available = _rows_per_layer(path)
     need = batch * (steps + 1)
     if available < need:
         raise SystemExit(f"the trace has {available} decode rows per layer; {need} needed "
@@ -359,12 +359,17 @@ def _decode_rows(path: Path) -> dict[int, list[np.ndarray]]:
             for layer, rows in sorted(per_layer.items())}
 
 
+def _rows_per_layer(path: Path) -> int:
+    """Decode rows every trace layer has (the most any routing drawn from it can use)."""
+    return min(len(v[0]) for v in _decode_rows(path).values())
+
+
 def steps_for(args, batch: int) -> int:
     """``--steps``, or fewer where the trace is too short for them and as many held-out steps
     (the hybrid plan's input) at this batch."""
     if args.synthetic:
         return args.steps
-    available = min(len(v[0]) for v in _decode_rows(args.trace).values())
+    available = _rows_per_layer(args.trace)
     fit = (available // batch - 1) // 2 - args.warmup
     if fit < 1:
         raise SystemExit(f"the trace has {available} decode rows per layer: too few for batch {batch}")
@@ -378,7 +383,7 @@ def held_out_routing(args, layers: int, batch: int, steps: int, experts: int):
     routing is synthetic): then the measured steps themselves."""
     if args.synthetic:
         return None
-    available = min(len(v[0]) for v in _decode_rows(args.trace).values()) // batch - 1
+    available = _rows_per_layer(args.trace) // batch - 1
     held = min(args.held_out or max(steps, 48), available - steps)
     if held < 1:
         return None

@@ -190,13 +190,11 @@ def test_large_experts_on_a_cpu_add_their_copies_to_the_host_work():
 
 
 def test_a_failing_host_computation_raises():
-    stack = _stack("cpu", 2, hybrid="host-only")
+    from vllm_adapmoe.engine.fault_injection import InjectedHostFault, inject_host_faults
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("host kernel failed")
-    for block in stack.blocks:
-        block.executor.host.kernel = broken
-    with pytest.raises(RuntimeError, match="host kernel failed"):
+    stack = _stack("cpu", 2, hybrid="host-only")
+    inject_host_faults([block.executor.host for block in stack.blocks])
+    with pytest.raises(InjectedHostFault, match="injected host kernel error"):
         _decode(stack, [4], "cpu")
 
 
