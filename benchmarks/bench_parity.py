@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -89,11 +90,15 @@ def bench_serve(base: str, model: str, concurrency: int, prompts: int, out_dir: 
 
 
 def alternate(servers: dict[str, tuple], model: str, concurrency: int, prompts: int, rounds: int,
-              out_dir: Path, extra: tuple[str, ...] = ()) -> dict[str, list[dict]]:
-    """One warm-up run per server (the shapes this load brings), then ``rounds`` rounds of one
-    `vllm bench serve` run per server in turn; ``servers``: name → (process, base URL)."""
+              out_dir: Path, extra: tuple[str, ...] = (),
+              after_warmup: Callable[[], None] | None = None) -> dict[str, list[dict]]:
+    """One warm-up run per server (the shapes this load brings; then ``after_warmup()``), then
+    ``rounds`` rounds of one `vllm bench serve` run per server in turn; ``servers``: name →
+    (process, base URL)."""
     for _, base in servers.values():
         bench_serve(base, model, concurrency, prompts, out_dir, seed=0, extra=extra)
+    if after_warmup is not None:
+        after_warmup()
     samples: dict[str, list[dict]] = {name: [] for name in servers}
     for r in range(rounds):
         for name, (_, base) in servers.items():

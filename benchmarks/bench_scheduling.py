@@ -15,6 +15,13 @@ mixtral+hybrid qwen3moe+hybrid`). Reports
 output tok/s, p50 / p99 TTFT and TPOT, the ratios expert-aware ÷ stock, and what the scheduler
 decided (its counters from /metrics).
 
+Each row also gives the **ceiling** for scheduling prompts (``prompt_step_ceiling``, per server):
+from the layers' counters over the measured rounds, the expert traffic (stall + host seconds) of
+the steps that carried prompt tokens beyond what as many decode steps cost, as a share of the run,
+and the output tok/s ratio the run would reach if every prompt step cost only a decode step's
+traffic: more than any admission policy can give, since merged prompt steps still pay their
+shared part once and their per-token part in full.
+
 By default the load is a closed loop (`--max-concurrency C`: a request starts when one ends).
 `--request-rate R` makes it open: requests arrive as a Poisson process at R per second (vLLM's
 `--request-rate`), still at most C at once, as a public endpoint sees them; such rows are their
@@ -38,6 +45,7 @@ import re
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,6 +95,37 @@ def scheduler_counters(base: str) -> dict[str, float]:
             for m in re.finditer(r"^adapmoe_scheduler_(\w+) ([0-9.eE+-]+)$", text, re.M)}
 
 
+def layer_counters(base: str) -> dict[str, float]:
+    """The MoE layers' counters on /metrics (``adapmoe_<name>_total{layer=...}``), summed over
+    the layers (they run one after another, so a step's traffic is their sum)."""
+    time.sleep(0.5)  # the workers rewrite their counters every 0.25 s
+    totals: dict[str, float] = {}
+    for m in re.finditer(r"^adapmoe_(\w+)_total\{[^}]*\} ([0-9.eE+-]+)$",
+                         httpx.get(f"{base}/metrics", timeout=10).text, re.M):
+        totals[m.group(1)] = totals.get(m.group(1), 0.0) + float(m.group(2))
+    return totals
+
+
+def prompt_step_ceiling(before: dict[str, float], after: dict[str, float],
+                        seconds: float) -> dict[str, float]:
+    """What prompt steps' expert traffic cost a run of ``seconds`` beyond what as many decode
+    steps cost (the layers' stall + host seconds in steps carrying prompt tokens, less those
+    steps' count × a decode step's mean traffic), and the output tok/s ratio a scheduler could
+    reach at most by changing prompt steps alone: ``seconds / (seconds − extra)``, as if every
+    prompt step cost no more traffic than a decode step. Generous: a scheduler only merges prompt
+    steps (each merged step still pays its shared part once, its per-token part in full)."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0)
+         for k in ("steps", "prefill_steps", "stall_s", "host_s", "prefill_step_traffic_s")}
+    traffic = d["stall_s"] + d["host_s"]
+    decode_steps = d["steps"] - d["prefill_steps"]
+    per_decode_step = (traffic - d["prefill_step_traffic_s"]) / decode_steps if decode_steps else 0.0
+    extra = max(0.0, d["prefill_step_traffic_s"] - d["prefill_steps"] * per_decode_step)
+    return {"run_s": seconds, "traffic_s": traffic,
+            "prompt_step_traffic_s": d["prefill_step_traffic_s"],
+            "prompt_step_extra_s": extra, "extra_share": extra / seconds if seconds else 0.0,
+            "tok_s_ceiling": seconds / (seconds - extra) if seconds > extra else float("inf")}
+
+
 def run_model(name: str, concurrency: list[int], rounds: int, work: Path,
               done: list[dict], save: Callable[[], None], request_rate: float | None,
               hold_ms: float | None) -> None:
@@ -105,8 +144,17 @@ def run_model(name: str, concurrency: list[int], rounds: int, work: Path,
             n = max(8, 4 * c)
             before = scheduler_counters(servers["expert-aware"][1])
             load = LOAD if request_rate is None else (*LOAD, "--request-rate", str(request_rate))
-            samples = alternate(servers, str(model), c, n, rounds, work, load)
+            marks: dict[str, dict[str, float]] = {}
+
+            def mark() -> None:
+                marks.update({k: layer_counters(base) for k, (_, base) in servers.items()})
+
+            samples = alternate(servers, str(model), c, n, rounds, work, load, after_warmup=mark)
             after = scheduler_counters(servers["expert-aware"][1])
+            # over the measured rounds (after the warm-up): the ceiling for prompt scheduling
+            ceilings = {k: prompt_step_ceiling(marks[k], layer_counters(base),
+                                               sum(s["duration"] for s in samples[k]))
+                        for k, (_, base) in servers.items()}
             decided = {k: after.get(k, 0.0) - before.get(k, 0.0)
                        for k in ("prompt_steps", "prompt_tokens", "held_steps", "requests_held",
                                  "held_s")}
@@ -123,7 +171,8 @@ def run_model(name: str, concurrency: list[int], rounds: int, work: Path,
                          "stock": stock, "expert_aware": ours,
                          "ratio": {key: ours[key] / stock[key] if stock[key] else None
                                    for key in KEYS},
-                         "scheduler": decided, "emulation_scales": scales, "cpu": cpu_model(),
+                         "scheduler": decided, "prompt_step_ceiling": ceilings,
+                         "emulation_scales": scales, "cpu": cpu_model(),
                          "samples": {k: [{key: s[key] for key in KEYS} for s in ss]
                                      for k, ss in samples.items()}})
             ratio = rows[-1]["ratio"]
@@ -133,7 +182,9 @@ def run_model(name: str, concurrency: list[int], rounds: int, work: Path,
                   f"{ours['output_throughput']:7.1f} (x{ratio['output_throughput']:.2f})  "
                   f"p50 TPOT x{ratio['median_tpot_ms']:.2f}  p99 TTFT x{ratio['p99_ttft_ms']:.2f}  "
                   f"held {decided['requests_held']:.0f} req, prompt steps "
-                  f"{decided['prompt_steps']:.0f}", flush=True)
+                  f"{decided['prompt_steps']:.0f}; prompt steps' extra traffic "
+                  f"{ceilings['stock scheduling']['extra_share']:.0%} of stock's run "
+                  f"(ceiling x{ceilings['stock scheduling']['tok_s_ceiling']:.2f})", flush=True)
             save()  # after every grid point: a run cut short keeps what it measured
     finally:
         for proc, _ in servers.values():

@@ -307,6 +307,13 @@ def _arrivals(row: dict) -> str:
     return label
 
 
+def _ceiling(row: dict) -> str:
+    """The most any prompt scheduling could give this row's stock server (output tok/s, as if
+    its prompt steps cost a decode step's expert traffic) and those steps' extra share of the run."""
+    c = row.get("prompt_step_ceiling", {}).get("stock scheduling")
+    return "not recorded" if c is None else f"{c['tok_s_ceiling']:.2f} ({c['extra_share']:.0%})"
+
+
 def scheduling_section(data: dict) -> list[str]:
     out = ["**Expert-aware scheduling** (`benchmarks/bench_scheduling.py`: stock scheduling vs "
            '`"scheduling": "expert-aware"`, both servers compiled, '
@@ -314,8 +321,9 @@ def scheduling_section(data: dict) -> list[str]:
            f"{data['emulated']}):", "",
            "| model | budget | concurrency | output tok/s stock → expert-aware | × | p50 TPOT × | "
            "p99 TPOT × | p50 TTFT × | p99 TTFT × | held (requests / steps) | prompt steps | "
-           "tokens per prompt step | rounds | emulation clocks |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "tokens per prompt step | ceiling × (prompt steps' extra traffic) | rounds | "
+           "emulation clocks |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = ["mixtral", "qwen3moe", "resident", "mixtral+ngram", "mixtral+rows", "qwen3moe+rows",
              "mixtral+hybrid", "qwen3moe+hybrid"]
     rows = sorted(data["rows"], key=lambda r: (order.index(r["model"]) if r["model"] in order
@@ -337,7 +345,12 @@ def scheduling_section(data: dict) -> list[str]:
                    f"{x['output_throughput']:.2f} | {x['median_tpot_ms']:.2f} | "
                    f"{x['p99_tpot_ms']:.2f} | {x['median_ttft_ms']:.2f} | {x['p99_ttft_ms']:.2f} | "
                    f"{d['requests_held']:.0f} / {held_steps} | {d['prompt_steps']:.0f} | {per} | "
-                   f"{r.get('rounds', data['rounds'])} | {_clocks(r)} |")
+                   f"{_ceiling(r)} | {r.get('rounds', data['rounds'])} | {_clocks(r)} |")
+    out += ["", "Ceiling ×: the output tok/s the stock server's run would reach if its prompt "
+            "steps had cost no more expert traffic (stall + host time) than a decode step, "
+            "measured over the same rounds; in brackets that extra traffic's share of the run. "
+            "No admission policy can exceed it: merging prompt steps saves their shared part "
+            "only."]
     if any(r.get("recovered") for r in data["rows"]):
         out += ["", "Rows without held steps or tokens per prompt step: "
                 + next(r["recovered"] for r in data["rows"] if r.get("recovered")) + "."]

@@ -292,6 +292,20 @@ def test_prefill_rows_load_a_prompt_steps_experts_once(device):
     assert loads[6] <= 2 * 4 * 6 < loads[0]
 
 
+def test_prompt_steps_expert_traffic_is_counted_apart():
+    """``prefill_steps`` / ``prefill_step_traffic_s``: the steps that carried prompt tokens and
+    the time their layers waited for copies, apart from decode steps' (what a scheduler could
+    save by changing prompt steps at most), over a throttled link where both kinds stall."""
+    g = torch.Generator().manual_seed(5)
+    stack = _stack("cpu", 2, gbps=1.0)
+    stack.prompt_step(torch.randn(64, SHAPE.hidden, generator=g).to(torch.bfloat16))
+    for _ in range(6):
+        stack.decode_step(torch.randn(4, SHAPE.hidden, generator=g).to(torch.bfloat16))
+    total = stack.stats()["total"]
+    assert total["prefill_steps"] == 4 and total["steps"] == 7 * 4  # per layer
+    assert 0 < total["prefill_step_traffic_s"] < total["stall_s"] + total["host_s"]
+
+
 def _cache(device: str, slots: int, gbps: float | None) -> ExpertCache:
     store = _store(ReferenceKernel(), pin=device == "cuda")
     link = Link(torch.device(device), gbps)

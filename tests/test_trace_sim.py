@@ -17,7 +17,7 @@ from vllm_adapmoe.offline.trace import Trace, TraceRecorder
 COUNTERS = ("tokens", "decode_tokens", "activated_experts", "top1_tokens", "hits", "misses",
             "loads", "evictions", "steps", "prefetch_issued", "prefetch_correct",
             "prefetch_wasted", "prefetch_dropped", "promotions", "prefill_tokens",
-            "prefill_step_loads")
+            "prefill_steps", "prefill_step_loads")
 
 
 def make_trace(tmp_path, steps, num_experts=8, name="t.npz", weights=None):

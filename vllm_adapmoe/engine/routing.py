@@ -177,5 +177,6 @@ def count_routing(stats: LayerStats, routing: Routing, decode_tokens: int) -> No
     stats.tokens += routing.ids.shape[0]
     stats.decode_tokens += decode_tokens
     stats.prefill_tokens += routing.ids.shape[0] - decode_tokens
+    stats.prefill_steps += int(routing.ids.shape[0] > decode_tokens)
     stats.activated_experts += routing.activated()
     stats.top1_tokens += routing.single_expert_tokens()

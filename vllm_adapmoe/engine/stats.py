@@ -11,7 +11,9 @@ class LayerStats:
     tokens: int = 0              # tokens through the layer
     decode_tokens: int = 0       # of which decode tokens (query length 1)
     prefill_tokens: int = 0      # of which prompt tokens (tokens − decode_tokens)
+    prefill_steps: int = 0       # steps that carried prompt tokens (mixed steps included)
     prefill_step_loads: int = 0  # loads this layer's steps that carried prompt tokens issued
+    prefill_step_traffic_s: float = 0.0  # stall_s + host_s of those steps
     activated_experts: int = 0   # token-expert pairs computed
     top1_tokens: int = 0         # tokens computed with a single expert (adaptive gating)
     hits: int = 0                # distinct needed experts already resident, per step
