@@ -20,7 +20,9 @@ from the layers' counters over the measured rounds, the expert traffic (stall + 
 the steps that carried prompt tokens beyond what as many decode steps cost, as a share of the run,
 and the output tok/s ratio the run would reach if every prompt step cost only a decode step's
 traffic: more than any admission policy can give, since merged prompt steps still pay their
-shared part once and their per-token part in full.
+shared part once and their per-token part in full. With ``hybrid`` the host computes beside the
+link, so stall + host seconds can add up to more than the wall time they took (more so in prompt
+steps, which load and compute on the host at once): there the ceiling is looser still.
 
 By default the load is a closed loop (`--max-concurrency C`: a request starts when one ends).
 `--request-rate R` makes it open: requests arrive as a Poisson process at R per second (vLLM's
@@ -100,9 +102,12 @@ def layer_counters(base: str) -> dict[str, float]:
     the layers (they run one after another, so a step's traffic is their sum)."""
     time.sleep(0.5)  # the workers rewrite their counters every 0.25 s
     totals: dict[str, float] = {}
-    for m in re.finditer(r"^adapmoe_(\w+)_total\{[^}]*\} ([0-9.eE+-]+)$",
+    layers: set[str] = set()
+    for m in re.finditer(r'^adapmoe_(\w+)_total\{layer="(\d+)"[^}]*\} ([0-9.eE+-]+)$',
                          httpx.get(f"{base}/metrics", timeout=10).text, re.M):
-        totals[m.group(1)] = totals.get(m.group(1), 0.0) + float(m.group(2))
+        totals[m.group(1)] = totals.get(m.group(1), 0.0) + float(m.group(3))
+        layers.add(m.group(2))
+    totals["layers"] = len(layers)
     return totals
 
 
@@ -120,7 +125,9 @@ def prompt_step_ceiling(before: dict[str, float], after: dict[str, float],
     decode_steps = d["steps"] - d["prefill_steps"]
     per_decode_step = (traffic - d["prefill_step_traffic_s"]) / decode_steps if decode_steps else 0.0
     extra = max(0.0, d["prefill_step_traffic_s"] - d["prefill_steps"] * per_decode_step)
-    return {"run_s": seconds, "traffic_s": traffic,
+    layers = after.get("layers") or 1
+    return {"run_s": seconds, "steps": d["steps"] / layers,
+            "prompt_steps": d["prefill_steps"] / layers, "traffic_s": traffic,
             "prompt_step_traffic_s": d["prefill_step_traffic_s"],
             "prompt_step_extra_s": extra, "extra_share": extra / seconds if seconds else 0.0,
             "tok_s_ceiling": seconds / (seconds - extra) if seconds > extra else float("inf")}

@@ -350,7 +350,8 @@ def scheduling_section(data: dict) -> list[str]:
             "steps had cost no more expert traffic (stall + host time) than a decode step, "
             "measured over the same rounds; in brackets that extra traffic's share of the run. "
             "No admission policy can exceed it: merging prompt steps saves their shared part "
-            "only."]
+            "only. With `hybrid` the host computes beside the link and stall + host time can "
+            "exceed the wall time it took, so those ceilings are looser still."]
     if any(r.get("recovered") for r in data["rows"]):
         out += ["", "Rows without held steps or tokens per prompt step: "
                 + next(r["recovered"] for r in data["rows"] if r.get("recovered")) + "."]
