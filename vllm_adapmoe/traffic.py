@@ -37,7 +37,7 @@ class TrafficWriter:
         atexit.register(self.path.unlink, missing_ok=True)
 
     def write(self) -> None:
-        self._value[0] = sum(s.stall_s + s.host_s for s in self.stats)
+        self._value[0] = sum(s.traffic_s for s in self.stats)
 
 
 class TrafficReader:

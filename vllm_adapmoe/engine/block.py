@@ -233,7 +233,7 @@ class AdapMoEBlock(nn.Module):
         """One step through this layer from ``prepare``'s tensors: ``x`` [T, H] → [T, H]."""
         step, clock = self.step, self.executor.clock
         step.enter(self.layer_idx, x.shape[0], self.cache.link.cost)
-        loads_before, traffic_before = self.stats.loads, self._traffic_s()
+        loads_before, traffic_before = self.stats.loads, self.stats.traffic_s
         if step.trace is not None and step.counted:
             step.trace.record(self.layer_idx, ids, weights, step.decode_mask)
         counts = summary.tolist()  # the step's one device→host transfer of routing
@@ -256,13 +256,9 @@ class AdapMoEBlock(nn.Module):
                                 step.counted)
         if step.counted and x.shape[0] > step.decode_tokens:  # the step carried prompt tokens
             self.stats.prefill_step_loads += self.stats.loads - loads_before
-            self.stats.prefill_step_traffic_s += self._traffic_s() - traffic_before
+            self.stats.prefill_step_traffic_s += self.stats.traffic_s - traffic_before
         step.leave(self.last)
         return out
-
-    def _traffic_s(self) -> float:
-        """This layer's expert traffic so far: time waiting for copies + computing on the host."""
-        return self.stats.stall_s + self.stats.host_s
 
     def _routing(self, weights: torch.Tensor, ids: torch.Tensor, gated_weights: torch.Tensor,
                  gated_ids: torch.Tensor, keep: torch.Tensor | None, counts: list[int]) -> Routing:

@@ -13,7 +13,7 @@ class LayerStats:
     prefill_tokens: int = 0      # of which prompt tokens (tokens − decode_tokens)
     prefill_steps: int = 0       # steps that carried prompt tokens (mixed steps included)
     prefill_step_loads: int = 0  # loads this layer's steps that carried prompt tokens issued
-    prefill_step_traffic_s: float = 0.0  # stall_s + host_s of those steps
+    prefill_step_traffic_s: float = 0.0  # traffic_s (stall_s + host_s) of those steps
     activated_experts: int = 0   # token-expert pairs computed
     top1_tokens: int = 0         # tokens computed with a single expert (adaptive gating)
     hits: int = 0                # distinct needed experts already resident, per step
@@ -32,6 +32,11 @@ class LayerStats:
     host_s: float = 0.0          # time spent computing on the host (emulated: the preset's)
     promotions: int = 0          # host-computed experts then copied into an idle slot (loads too)
     steps: int = 0
+
+    @property
+    def traffic_s(self) -> float:
+        """Expert traffic time so far: waiting for copies + computing on the host."""
+        return self.stall_s + self.host_s
 
     def reset(self) -> None:
         for f in fields(self):
